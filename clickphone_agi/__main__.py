@@ -1,0 +1,5 @@
+"""Allow ``python -m clickphone_agi``."""
+
+from clickphone_agi.cli import entry
+
+entry()

@@ -1,0 +1,82 @@
+"""Time as an injected dependency, so no test waits on the wall clock.
+
+Services take a :class:`Clock`; production wires :class:`SystemClock`, tests wire
+:class:`FakeClock` and move time with :meth:`FakeClock.advance`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Wall time for records, monotonic time for timeouts, and a sleep that obeys both."""
+
+    def now(self) -> datetime:
+        """Aware UTC wall-clock time."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin; never goes backwards."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep in this clock's time."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock:
+    """A clock that only moves when a test advances it; sleepers wake in order."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._wall = start or datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+        self._mono = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> datetime:
+        return self._wall + timedelta(seconds=self._mono)
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, waking every sleeper whose deadline has passed, in order."""
+        target = self._mono + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, fut = heapq.heappop(self._sleepers)
+            self._mono = max(self._mono, deadline)
+            if not fut.done():
+                fut.set_result(None)
+            # let the woken task run before waking the next one
+            for _ in range(5):
+                await asyncio.sleep(0)
+        self._mono = target
+        for _ in range(5):
+            await asyncio.sleep(0)
