@@ -1,0 +1,511 @@
+"""SQLite storage: the embedded default behind :class:`clickphone_agi.ports.Store`.
+
+Durability settings follow ``shared/NOTES.md``: WAL, ``synchronous=FULL`` (money and the outbox
+must survive power loss, not only a crash), ``secure_delete=ON`` (deleted mail bodies are
+overwritten). Exactly one writer: a single task owns the writer connection and runs each batch
+of queued units of work in one thread hop — one ``BEGIN IMMEDIATE``, a ``SAVEPOINT`` per unit so
+one failing unit rolls back alone, one ``COMMIT`` (one fsync) for the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+import structlog
+
+from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
+from clickphone_agi.clock import Clock
+from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
+from clickphone_agi.ports import WriteTx
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 256
+
+
+class StorageError(Exception):
+    """A storage problem the operator has to act on; the message says what to do."""
+
+
+class SchemaTooNew(StorageError):
+    def __init__(self, path: Path | str, found: int) -> None:
+        super().__init__(
+            f"{path}: database schema version {found} is newer than this clickphone-agi supports "
+            f"({LATEST_VERSION}); it was written by a newer release. Upgrade clickphone-agi or "
+            "restore a backup made by this version — refusing to touch it."
+        )
+        self.found = found
+
+
+class WriterBusy(StorageError):
+    """Another process holds the writer role for this database."""
+
+
+def to_db(moment: datetime) -> str:
+    """UTC, fixed width, so text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def from_db(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def configure_connection(conn: sqlite3.Connection, busy_timeout: float = 5.0) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StorageError(f"cannot switch the database to WAL mode (got {mode!r})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = False) -> sqlite3.Connection:
+    """A configured connection in autocommit mode (we issue BEGIN ourselves)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        return conn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+    configure_connection(conn, busy_timeout)
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """0 for an empty database; raises nothing for a foreign one (that shows as version 0)."""
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if row is None:
+        return 0
+    found = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+    return int(found or 0)
+
+
+def migrate(conn: sqlite3.Connection, now: datetime, path: Path | str = "database") -> list[int]:
+    """Apply pending migrations, each in its own transaction; refuse a newer database."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    INTEGER PRIMARY KEY,
+                   name       TEXT NOT NULL,
+                   applied_at TEXT NOT NULL
+               )"""
+        )
+        current = schema_version(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if current > LATEST_VERSION:
+        raise SchemaTooNew(path, current)
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migration.statements:
+                params = {"now": to_db(now)} if ":now" in statement else {}
+                conn.execute(statement, params)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, to_db(now)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(migration.version)
+    return applied
+
+
+def check_version(conn: sqlite3.Connection, path: Path | str) -> int:
+    version = schema_version(conn)
+    if version > LATEST_VERSION:
+        raise SchemaTooNew(path, version)
+    return version
+
+
+class WriterLock:
+    """An advisory ``flock`` on ``<db>.lock``: whoever holds it is the database's one writer.
+
+    The daemon holds it for its lifetime; a CLI verb that writes while the daemon is down takes
+    it for the verb's duration. The kernel drops it if the holder dies, so a crash never leaves
+    a stale lock behind.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise WriterBusy(
+                f"{self.path}: another process (pid {holder}) is the database writer; "
+                "is clickphone-agi running? Stop it or use its control socket."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class SqliteTx:
+    """:class:`WriteTx` over the writer connection, valid only inside one unit of work."""
+
+    def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
+        self._conn = conn
+        self.now = now
+
+    def claim_event(self, key: str, kind: str) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO processed_events (key, kind, processed_at) VALUES (?, ?, ?)",
+            (key, kind, to_db(self.now)),
+        )
+        return cur.rowcount == 1
+
+    def enqueue(self, message: OutboxMessage) -> bool:
+        cur = self._conn.execute(
+            """INSERT OR IGNORE INTO outbox
+                   (idempotency_key, kind, recipient, account, message, created_at, expires_at,
+                    next_attempt_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                message.idempotency_key, message.kind, message.recipient, message.account,
+                message.mime, to_db(message.created_at), to_db(message.expires_at),
+                to_db(message.created_at),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def mark_sent(self, row_id: int, smtp_reply: str) -> None:
+        self._conn.execute(
+            """UPDATE outbox SET status = 'sent', attempts = attempts + 1, smtp_reply = ?,
+                   sent_at = ?, last_error = NULL WHERE id = ?""",
+            (smtp_reply[:500], to_db(self.now), row_id),
+        )
+
+    def mark_failed(self, row_id: int, error: str, next_attempt_at: datetime, *, dead: bool) -> None:
+        self._conn.execute(
+            """UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
+                   status = CASE WHEN ? THEN 'dead' ELSE status END WHERE id = ?""",
+            (error[:500], to_db(next_attempt_at), dead, row_id),
+        )
+
+    def mark_expired(self, row_id: int) -> None:
+        self._conn.execute("UPDATE outbox SET status = 'expired' WHERE id = ? AND status = 'pending'", (row_id,))
+
+
+@dataclass
+class _Job:
+    work: Callable[[WriteTx], Any]
+    future: asyncio.Future[Any]
+
+
+def _run_batch(conn: sqlite3.Connection, jobs: list[_Job], now: datetime) -> list[tuple[bool, Any]]:
+    """One transaction for the batch, a savepoint per job; runs on the writer's thread."""
+    outcomes: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            conn.execute("SAVEPOINT unit")
+            try:
+                result = job.work(SqliteTx(conn, now))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO unit")
+                conn.execute("RELEASE unit")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE unit")
+                outcomes.append((True, result))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+class SqliteStore:
+    """The SQLite :class:`~clickphone_agi.ports.Store`.
+
+    Open with :meth:`open` (migrates unless told not to), start the writer with :meth:`start`
+    inside the event loop that will use it, and :meth:`close` to drain queued writes.
+    """
+
+    def __init__(self, path: Path, clock: Clock, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self.path = path
+        self._clock = clock
+        self._writer = writer
+        self._reader = reader
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+        self.units = 0
+
+    @classmethod
+    async def open(cls, path: Path, clock: Clock, *, busy_timeout: float = 5.0, do_migrate: bool = True) -> SqliteStore:
+        def factory() -> sqlite3.Connection:
+            return connect_sync(path, busy_timeout)
+
+        writer = aiosqlite.Connection(factory, iter_chunk_size=64)
+        await writer
+        try:
+            version = await _call(writer, schema_version)
+            if version > LATEST_VERSION:
+                raise SchemaTooNew(path, version)
+            if do_migrate:
+                applied = await _call(writer, migrate, clock.now(), path)
+                if applied:
+                    log.info("db.migrated", path=str(path), applied=applied)
+            elif version < LATEST_VERSION:
+                raise StorageError(f"{path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
+            reader = aiosqlite.Connection(lambda: connect_sync(path, busy_timeout, readonly=True), iter_chunk_size=64)
+            await reader
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, clock, writer, reader)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._writer_loop(), name="db-writer")
+
+    async def write(self, work: Callable[[WriteTx], T]) -> T:
+        if self._task is None:
+            raise StorageError("store writer is not running")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(work, future))
+        return await future
+
+    async def _writer_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            stop_after = False
+            while len(jobs) < MAX_BATCH and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop_after = True
+                    break
+                jobs.append(nxt)
+            try:
+                outcomes = await _call(self._writer, _run_batch, jobs, self._clock.now())
+            except Exception as exc:
+                log.error("db.commit_failed", error=str(exc), units=len(jobs))
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(StorageError(f"commit failed: {exc}"))
+            else:
+                self.commits += 1
+                self.units += len(jobs)
+                for job, (ok, value) in zip(jobs, outcomes, strict=True):
+                    if job.future.done():
+                        continue
+                    if ok:
+                        job.future.set_result(value)
+                    else:
+                        job.future.set_exception(value)
+            if stop_after:
+                return
+
+    async def close(self) -> None:
+        """Finish every queued write, then close both connections."""
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+        await self._reader.close()
+        await self._writer.close()
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        async with self._reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def went_live_at(self) -> datetime:
+        rows = await self._fetchall("SELECT value FROM meta WHERE key = 'went_live_at'")
+        return from_db(rows[0][0])
+
+    async def due_outbox(self, now: datetime, limit: int) -> list[tuple[OutboxRow, bytes]]:
+        rows = await self._fetchall(
+            f"SELECT {_OUTBOX_COLUMNS}, message FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at, id LIMIT ?",
+            (to_db(now), limit),
+        )
+        return [(_outbox_row(r), bytes(r[-1] or b"")) for r in rows]
+
+    async def outbox_rows(self, limit: int = 100) -> list[OutboxRow]:
+        rows = await self._fetchall(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,))
+        return [_outbox_row(r) for r in rows]
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def event_count(self, kind: str | None = None) -> int:
+        if kind is None:
+            rows = await self._fetchall("SELECT COUNT(*) FROM processed_events")
+        else:
+            rows = await self._fetchall("SELECT COUNT(*) FROM processed_events WHERE kind = ?", (kind,))
+        return int(rows[0][0])
+
+    async def event_counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+
+_OUTBOX_COLUMNS = (
+    "id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"
+    " next_attempt_at, last_error, smtp_reply, sent_at"
+)
+
+
+def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        id=int(r[0]), idempotency_key=r[1], kind=r[2], recipient=r[3], account=r[4],
+        status=OutboxStatus(r[5]), attempts=int(r[6]), created_at=from_db(r[7]),
+        expires_at=from_db(r[8]), next_attempt_at=from_db(r[9]), last_error=r[10],
+        smtp_reply=r[11], sent_at=from_db(r[12]) if r[12] else None,
+    )
+
+
+async def _call(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(sqlite3_connection, *args)`` on the connection's own thread: one hop.
+
+    aiosqlite has no public API for this; ``_execute`` is how its own methods do it (pinned
+    to aiosqlite < 0.23 in pyproject.toml, covered by the storage tests).
+    """
+    raw = conn._conn
+    execute = cast(Callable[..., Any], conn._execute)
+    return cast(T, await execute(fn, raw, *args))
+
+
+# ---- offline maintenance (CLI) ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _closing(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def integrity_check(path: Path) -> str:
+    with _closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def backup(db_path: Path, target: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
+    """Online, consistent copy through SQLite's backup API, safe while the daemon writes.
+
+    All pages are copied in one step inside one read transaction, so the copy is a snapshot of
+    one commit; it is written beside the target and renamed into place only once it passes
+    ``PRAGMA integrity_check``.
+    """
+    if not db_path.exists():
+        raise StorageError(f"{db_path}: no such database")
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.unlink(missing_ok=True)
+    with _closing(connect_sync(db_path, busy_timeout, readonly=True)) as src:
+        version = check_version(src, db_path)
+        with _closing(sqlite3.connect(tmp)) as dst:
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA journal_mode = DELETE")
+    result = integrity_check(tmp)
+    if result != "ok":
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{target}: backup failed its integrity check: {result}")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    return {"path": str(target), "schema_version": version, "bytes": target.stat().st_size}
+
+
+def restore(source: Path, db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
+    """Replace the database with ``source`` — the caller must hold the :class:`WriterLock`.
+
+    ``source`` is integrity-checked and version-checked before anything is touched; the copy
+    goes through the backup API into the live file, so the WAL is handled by SQLite itself.
+    """
+    if not source.exists():
+        raise StorageError(f"{source}: no such backup file")
+    try:
+        result = integrity_check(source)
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{source}: not a usable SQLite database: {exc}") from None
+    if result != "ok":
+        raise StorageError(f"{source}: integrity check failed, nothing restored: {result}")
+    with _closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src:
+        version = schema_version(src)
+        if version == 0:
+            raise StorageError(f"{source}: not a clickphone-agi database (no schema version)")
+        if version > LATEST_VERSION:
+            raise SchemaTooNew(source, version)
+        with _closing(connect_sync(db_path, busy_timeout)) as dst:
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return {"path": str(db_path), "from": str(source), "schema_version": version}
+
+
+def info(db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
+    if not db_path.exists():
+        raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
+    with _closing(connect_sync(db_path, busy_timeout, readonly=True)) as conn:
+        version = schema_version(conn)
+        out: dict[str, Any] = {
+            "path": str(db_path),
+            "schema_version": version,
+            "code_schema_version": LATEST_VERSION,
+            "sqlite_version": sqlite3.sqlite_version,
+            "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+            "bytes": db_path.stat().st_size,
+        }
+        if version >= 1:
+            out["went_live_at"] = conn.execute("SELECT value FROM meta WHERE key='went_live_at'").fetchone()[0]
+            out["processed_events"] = conn.execute("SELECT COUNT(*) FROM processed_events").fetchone()[0]
+            out["outbox"] = dict(conn.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+        if version > LATEST_VERSION:
+            out["warning"] = str(SchemaTooNew(db_path, version))
+        return out

@@ -1,0 +1,216 @@
+"""Command line: ``main(argv) -> int`` maps every known failure to a distinct exit code.
+
+Exit codes (sysexits.h): 0 ok, 1 unexpected error or a component died, 2 usage,
+65 data error (database from a newer release, corrupt backup), 69 daemon unreachable,
+75 writer busy (another process holds the database), 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from clickphone_agi import __version__
+
+EX_OK = 0
+EX_ERROR = 1
+EX_USAGE = 2
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, help="main YAML file (default /etc/clickphone-agi/clickphone-agi.yaml)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set logging.level=debug (highest layer)",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(prog="clickphone-agi", description="ClickPhone's Asterisk companion daemon.")
+    parser.add_argument("--version", action="version", version=f"clickphone-agi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon (what systemd starts)")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    sub.add_parser("status", parents=[common], help="ask the running daemon for its status")
+    mt = sub.add_parser("mail-test", parents=[common], help="queue a test e-mail to ADDRESS")
+    mt.add_argument("address")
+    db = sub.add_parser("db", help="database maintenance")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbsub.add_parser("migrate", parents=[common], help="create or upgrade the schema")
+    dbsub.add_parser("info", parents=[common], help="schema version, size, counts")
+    b = dbsub.add_parser("backup", parents=[common], help="online, consistent copy to FILE")
+    b.add_argument("file", type=Path)
+    r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
+    r.add_argument("file", type=Path)
+    demo = sub.add_parser("demo", help="run the built-in demo on loopback")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
+    demo.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help/--version
+        return int(exc.code or 0)
+    debug = bool(getattr(args, "debug", False))
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _cmd_run, "check-config": _cmd_check_config, "status": _cmd_status,
+        "mail-test": _cmd_mail_test, "db": _cmd_db, "demo": _cmd_demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return _report(exc, debug)
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    from clickphone_agi.adapters.control import CommandError, ControlUnavailable
+    from clickphone_agi.adapters.storage.sqlite import SchemaTooNew, StorageError, WriterBusy
+    from clickphone_agi.config.loader import ConfigError
+
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, ConfigError):
+        for problem in exc.problems:
+            print(f"clickphone-agi: config error: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    if isinstance(exc, SchemaTooNew):
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if isinstance(exc, WriterBusy):
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    if isinstance(exc, StorageError):
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if isinstance(exc, ControlUnavailable):
+        print(f"clickphone-agi: the daemon is not running (no control socket at {exc})", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if isinstance(exc, CommandError):
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_ERROR
+    print(f"clickphone-agi: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if not debug:
+        print("clickphone-agi: run again with --debug for the traceback", file=sys.stderr)
+    return EX_ERROR
+
+
+def _load(args: argparse.Namespace, *, require_secrets: bool = True) -> Any:
+    from clickphone_agi.config.loader import load_config
+
+    return load_config(args.config, overrides=tuple(args.overrides), require_secrets=require_secrets)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from clickphone_agi.app import Daemon, configure_from
+
+    loaded = _load(args)
+    configure_from(loaded.config)
+    daemon = Daemon(loaded, config_path=args.config, overrides=tuple(args.overrides))
+    return asyncio.run(daemon.run())
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args, require_secrets=False)
+    print(f"clickphone-agi: configuration OK ({', '.join(loaded.files)})")
+    for note in loaded.notes:
+        print(f"clickphone-agi: note: {note}")
+    return EX_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters import control
+
+    loaded = _load(args, require_secrets=False)
+    _print(control.call(loaded.config.daemon.control_socket, "status"))
+    return EX_OK
+
+
+def _as_writer(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
+    """Run a writing verb through the daemon if it runs, else as the writer under the lock."""
+    from clickphone_agi.adapters import control
+    from clickphone_agi.adapters.storage.sqlite import WriterLock
+
+    loaded = _load(args, require_secrets=False)
+    try:
+        return control.call(loaded.config.daemon.control_socket, cmd, cmd_args)
+    except control.ControlUnavailable:
+        pass
+    with WriterLock(loaded.config.database.path):
+        return asyncio.run(local(loaded))
+
+
+def _cmd_mail_test(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters.storage.sqlite import SqliteStore
+    from clickphone_agi.app import enqueue_test_mail
+    from clickphone_agi.clock import SystemClock
+
+    async def local(loaded: Any) -> dict[str, Any]:
+        clock = SystemClock()
+        store = await SqliteStore.open(loaded.config.database.path, clock, busy_timeout=loaded.config.database.busy_timeout)
+        store.start()
+        try:
+            key = await enqueue_test_mail(store, clock, loaded.config.smtp, args.address)
+        finally:
+            await store.close()
+        return {"queued": key, "by": "cli (daemon not running: the mail stays pending until it starts)"}
+
+    _print(_as_writer(args, "mail-test", {"to": args.address}, local))
+    return EX_OK
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters.storage import sqlite as db
+    from clickphone_agi.clock import SystemClock
+
+    if args.db_command == "migrate":
+        async def local(loaded: Any) -> dict[str, Any]:
+            path = loaded.config.database.path
+            conn = db.connect_sync(path, loaded.config.database.busy_timeout)
+            try:
+                applied = db.migrate(conn, SystemClock().now(), path)
+                return {"path": str(path), "applied": applied, "schema_version": db.schema_version(conn), "by": "cli"}
+            finally:
+                conn.close()
+
+        _print(_as_writer(args, "db.migrate", {}, local))
+        return EX_OK
+    loaded = _load(args, require_secrets=False)
+    dbc = loaded.config.database
+    if args.db_command == "info":
+        _print(db.info(dbc.path, dbc.busy_timeout))
+    elif args.db_command == "backup":
+        _print(db.backup(dbc.path, args.file, dbc.busy_timeout))
+    elif args.db_command == "restore":
+        with db.WriterLock(dbc.path):
+            _print(db.restore(args.file, dbc.path, dbc.busy_timeout))
+    return EX_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from clickphone_agi.sim.demo import run_demo
+
+    return asyncio.run(run_demo(args.output))
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Layered YAML configuration with errors that name the file and the key path.
+
+Layers, lowest first: packaged ``defaults.yaml`` < the main file (``-c FILE``, default
+``/etc/clickphone-agi/clickphone-agi.yaml``) < ``conf.d/*.yaml`` beside it (sorted) < CLI
+overrides. Every leaf remembers which layer set it, so a validation error points at the file a
+human has to edit, not at the merged result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from clickphone_agi.config.schema import Config
+
+DEFAULT_CONFIG_PATH = Path("/etc/clickphone-agi/clickphone-agi.yaml")
+DEFAULTS_SOURCE = "<packaged defaults>"
+CLI_SOURCE = "<command line>"
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; each line names file, key path and expectation."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secret values, read from files or systemd credentials; never from the YAML itself."""
+
+    ami_secret: str | None
+    smtp_password: str | None
+    api_token: str | None
+
+    def __repr__(self) -> str:  # never print secrets, even in a traceback
+        def shown(v: str | None) -> str:
+            return "None" if v is None else "'***'"
+
+        return (
+            f"Secrets(ami_secret={shown(self.ami_secret)}, smtp_password={shown(self.smtp_password)},"
+            f" api_token={shown(self.api_token)})"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated configuration plus where it came from."""
+
+    config: Config
+    secrets: Secrets
+    main_file: Path
+    files: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+def format_path(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: YAML would silently keep the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}"])
+    return data
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: configuration file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return _parse_yaml(text, str(path))
+
+
+def _merge(
+    base: dict[str, Any], layer: Mapping[Any, Any], source: str, origin: dict[KeyPath, str], prefix: KeyPath = ()
+) -> None:
+    """Deep-merge ``layer`` into ``base``; mappings merge, everything else replaces."""
+    for key, value in layer.items():
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, source, origin, path)
+        else:
+            base[key] = _plain(value)
+            for known in [p for p in origin if p[: len(path)] == path]:
+                del origin[known]
+            origin[path] = source
+            if isinstance(value, Mapping):
+                _mark(value, source, origin, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _mark(value: Mapping[Any, Any], source: str, origin: dict[KeyPath, str], prefix: KeyPath) -> None:
+    for key, sub in value.items():
+        origin[(*prefix, key)] = source
+        if isinstance(sub, Mapping):
+            _mark(sub, source, origin, (*prefix, key))
+
+
+def parse_override(text: str) -> tuple[KeyPath, Any]:
+    """``section.key=value`` from the command line; the value is read as YAML (``10``, ``true``)."""
+    key, sep, raw = text.partition("=")
+    parts = tuple(p for p in key.strip().split("."))
+    if not sep or not key.strip() or any(not p for p in parts):
+        raise ConfigError([f"{CLI_SOURCE}: --set {text!r}: expected section.key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _source_for(origin: Mapping[KeyPath, str], path: KeyPath, main_file: str) -> str:
+    for cut in range(len(path), 0, -1):
+        if path[:cut] in origin:
+            return origin[path[:cut]]
+    return main_file
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel], path: KeyPath) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, path[:-1])
+        hint = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+        msg = "unknown key"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        elif allowed:
+            msg += f" (expected one of: {', '.join(allowed)})"
+        return msg
+    if kind == "missing":
+        return "required key is missing"
+    got = error.get("input")
+    if isinstance(got, dict):
+        got_text = "a mapping"
+    elif isinstance(got, list):
+        got_text = "a list"
+    else:
+        got_text = repr(got)
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = re.sub(r"a valid dictionary or instance of \w+", "a mapping of settings", message)
+    if message.startswith("Input should be "):
+        message = "expected " + message.removeprefix("Input should be ")
+    elif message and not message.startswith("expected"):
+        message = message[0].lower() + message[1:]
+    if got_text in message:
+        return message
+    return f"{message}, got {got_text}"
+
+
+def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _read_secret(
+    explicit: Path | None, key: KeyPath, credential: str, environ: Mapping[str, str],
+    origin: Mapping[KeyPath, str], main_file: str, problems: list[str],
+) -> str | None:
+    """A secret from the ``*_file`` key if set, else from systemd's credential directory."""
+    if explicit is not None:
+        source = _source_for(origin, key, main_file)
+        try:
+            value = explicit.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} does not exist")
+            return None
+        except OSError as exc:
+            problems.append(f"{source}: {format_path(key)}: cannot read secret file {str(explicit)!r}: {exc.strerror}")
+            return None
+        except UnicodeDecodeError:
+            problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} is not UTF-8 text")
+            return None
+        if not value:
+            problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} is empty")
+            return None
+        return value
+    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        candidate = Path(cred_dir) / credential
+        try:
+            value = candidate.read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        return value or None
+    return None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    require_secrets: bool = True,
+) -> LoadedConfig:
+    """Read, merge and validate every layer; raise :class:`ConfigError` listing all problems.
+
+    ``require_secrets=False`` (``check-config`` outside systemd) reports a secret that would
+    come from a systemd credential as a note instead of an error; an explicit ``*_file`` that
+    is missing is an error either way.
+    """
+    env = os.environ if environ is None else environ
+    main = path or DEFAULT_CONFIG_PATH
+    origin: dict[KeyPath, str] = {}
+    merged: dict[str, Any] = {}
+    defaults_text = resources.files("clickphone_agi.config").joinpath("defaults.yaml").read_text("utf-8")
+    _merge(merged, _parse_yaml(defaults_text, DEFAULTS_SOURCE), DEFAULTS_SOURCE, origin)
+    files = [str(main)]
+    _merge(merged, _read_file(main), str(main), origin)
+    conf_d = main.parent / "conf.d"
+    if conf_d.is_dir():
+        for extra in sorted(conf_d.glob("*.yaml")):
+            files.append(str(extra))
+            _merge(merged, _read_file(extra), str(extra), origin)
+    for text in overrides:
+        key, value = parse_override(text)
+        layer: dict[Any, Any] = {}
+        node = layer
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+        _merge(merged, layer, CLI_SOURCE, origin)
+
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as exc:
+        found = []
+        for err in exc.errors():
+            loc: KeyPath = tuple(err["loc"])
+            source = _source_for(origin, loc, str(main))
+            found.append(f"{source}: {format_path(loc)}: {_describe(err, Config, loc)}")
+        raise ConfigError(found) from None
+
+    problems: list[str] = []
+    notes: list[str] = []
+    ami_secret = _read_secret(config.ami.secret_file, ("ami", "secret_file"), "ami-secret", env, origin, str(main), problems)
+    smtp_password = None
+    if config.smtp.username:
+        smtp_password = _read_secret(
+            config.smtp.password_file, ("smtp", "password_file"), "smtp-password", env, origin, str(main), problems
+        )
+    api_token = _read_secret(config.api.token_file, ("api", "token_file"), "api-token", env, origin, str(main), problems)
+
+    def missing(enabled: bool, value: str | None, key: KeyPath, credential: str) -> None:
+        if not enabled or value is not None or any(format_path(key) in p for p in problems):
+            return
+        source = _source_for(origin, key, str(main))
+        text = (
+            f"{str(main) if source == DEFAULTS_SOURCE else source}: {format_path(key)}: no secret configured: set "
+            f"{format_path(key)} or provide the systemd credential {credential!r} (LoadCredential=)"
+        )
+        (problems if require_secrets else notes).append(text)
+
+    missing(config.ami.enabled, ami_secret, ("ami", "secret_file"), "ami-secret")
+    missing(config.smtp.enabled and bool(config.smtp.username), smtp_password, ("smtp", "password_file"), "smtp-password")
+    missing(config.api.enabled, api_token, ("api", "token_file"), "api-token")
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(
+        config=config,
+        secrets=Secrets(ami_secret=ami_secret, smtp_password=smtp_password, api_token=api_token),
+        main_file=main,
+        files=tuple(files),
+        notes=tuple(notes),
+    )

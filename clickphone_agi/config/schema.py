@@ -1,0 +1,194 @@
+"""The typed, immutable shape of the configuration.
+
+Each section is a frozen pydantic model that forbids unknown keys, so a typo'd key is an error
+and not a silently ignored setting. Adding a section means: a model here, a field on
+:class:`Config`, its defaults in ``defaults.yaml`` and its documentation in
+``etc/clickphone-agi.yaml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+def _check_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r} (expected an IANA name such as Europe/Bucharest)") from exc
+    return name
+
+
+def _check_host(host: str) -> str:
+    host = host.strip()
+    if not host or any(c.isspace() for c in host):
+        raise ValueError("expected a host name or IP address")
+    return host
+
+
+def _check_mailbox(value: str) -> str:
+    name, addr = parseaddr(value)
+    if "@" not in addr or any(ord(c) < 32 for c in value):
+        raise ValueError("expected an e-mail address such as 'ClickPhone <no-reply@example.ro>'")
+    local, _, domain = addr.rpartition("@")
+    Address(display_name=name, username=local, domain=domain)  # raises on header-unsafe input
+    return value
+
+
+def _check_domain(value: str) -> str:
+    if not value or any(c in value for c in " <>@\r\n\t") or "." not in value:
+        raise ValueError("expected a DNS domain such as clickphone.ro")
+    return value
+
+
+def _check_events(value: str) -> str:
+    allowed = {"system", "call", "cdr", "user", "dtmf", "agent", "log", "verbose", "command"}
+    forbidden = {"dialplan", "reporting", "on", "all"}
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    for part in parts:
+        if part in forbidden:
+            raise ValueError(
+                f"event class {part!r} is not allowed: dialplan events are unescaped and can forge "
+                "frames, reporting floods the link"
+            )
+        if part not in allowed:
+            raise ValueError(f"unknown AMI event class {part!r}")
+    if not parts:
+        raise ValueError("expected a comma-separated list of AMI event classes")
+    return ",".join(parts)
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
+class Section(BaseModel):
+    """Base of every section: immutable, no unknown keys, no silent coercion of bools."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AmiConfig(Section):
+    enabled: StrictBool = True
+    host: Host = "127.0.0.1"
+    port: Port = 5038
+    username: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")] = (
+        "clickphone"
+    )
+    secret_file: Path | None = None
+    events: Annotated[str, AfterValidator(_check_events)] = "system,call,cdr,user"
+    connect_timeout: PositiveSeconds = 10
+    ping_interval: PositiveSeconds = 20
+    ping_timeout: PositiveSeconds = 10
+    backoff_initial: PositiveSeconds = 1
+    backoff_max: PositiveSeconds = 60
+    auth_backoff: PositiveSeconds = 300
+
+
+class AgiConfig(Section):
+    enabled: StrictBool = False
+    host: Host = "127.0.0.1"
+    port: Port = 4573
+    max_connections: Annotated[int, Field(ge=1, le=10_000)] = 200
+
+
+class SmtpConfig(Section):
+    enabled: StrictBool = True
+    host: Host = "127.0.0.1"
+    port: Port = 25
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_file: Path | None = None
+    from_address: Annotated[str, AfterValidator(_check_mailbox)] = (
+        "ClickPhone <no-reply@clickphone.example>"
+    )
+    message_id_domain: Annotated[str, AfterValidator(_check_domain)] = "clickphone.example"
+    timeout: PositiveSeconds = 30
+    max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    rate_limit_per_second: Annotated[float, Field(gt=0)] | None = None
+
+
+class DatabaseConfig(Section):
+    path: Path = Path("/var/lib/clickphone-agi/clickphone-agi.db")
+    busy_timeout: PositiveSeconds = 5
+
+
+class AsteriskConfig(Section):
+    system_name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = (
+        "pbx1"
+    )
+    timezone: TimeZoneName = "Europe/Bucharest"
+    voicemail_spool: Path = Path("/var/spool/asterisk/voicemail")
+    fax_spool: Path = Path("/var/spool/asterisk/fax")
+
+
+class BillingConfig(Section):
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "RON"
+    timezone: TimeZoneName = "Europe/Bucharest"
+    tariffs_file: Path | None = None
+
+
+class NotificationsConfig(Section):
+    default_language: Literal["ro", "en"] = "ro"
+    templates_dir: Path | None = None
+
+
+class ApiConfig(Section):
+    enabled: StrictBool = False
+    host: Host = "127.0.0.1"
+    port: Port = 8089
+    token_file: Path | None = None
+    public_base_url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/[^\s]*)?$")] | None = None
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 65536
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    mask_personal_data: StrictBool = True
+
+
+class PrivacyConfig(Section):
+    cdr_retention_days: Annotated[int, Field(ge=1, le=3650)] = 180
+    outbox_body_retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
+class DaemonConfig(Section):
+    control_socket: Path = Path("/run/clickphone-agi/control.sock")
+    drain_timeout: PositiveSeconds = 10
+
+
+class Config(Section):
+    """The whole configuration, one attribute per YAML section."""
+
+    ami: AmiConfig = AmiConfig()
+    agi: AgiConfig = AgiConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    asterisk: AsteriskConfig = AsteriskConfig()
+    billing: BillingConfig = BillingConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    api: ApiConfig = ApiConfig()
+    logging: LoggingConfig = LoggingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    daemon: DaemonConfig = DaemonConfig()
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names this machine only (used to warn about exposed listeners)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,150 @@
+"""``clickphone-agi demo``: the real daemon against a simulated Asterisk and a local mail sink.
+
+Everything runs in one process on loopback: the AMI replay server plays call scenarios
+recorded from a real Asterisk 22, an aiosmtpd sink writes each mail as an ``.eml`` file, and
+the daemon — the same :class:`~clickphone_agi.app.Daemon` that systemd runs — uses a throwaway
+database in the output folder. At the end it prints what happened and where it went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clickphone_agi.adapters import control
+from clickphone_agi.adapters.logging import configure_logging
+from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.app import Daemon
+from clickphone_agi.config.loader import load_config
+from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
+from clickphone_agi.sim.smtp_sink import SmtpSink
+
+SCENARIOS = (
+    "answered_call", "missed_call", "busy_call", "voicemail", "fax", "fax_failed", "user_event", "long_call",
+)
+DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
+
+
+def _config_text(out: Path, ami_port: int, smtp_port: int, socket_path: Path) -> str:
+    return f"""# Written by `clickphone-agi demo`: the daemon's configuration for this run.
+ami:
+  host: 127.0.0.1
+  port: {ami_port}
+  secret_file: {out / "ami-secret"}
+  ping_interval: 5
+  backoff_initial: 0.2
+  backoff_max: 1
+smtp:
+  host: 127.0.0.1
+  port: {smtp_port}
+database:
+  path: {out / "demo.db"}
+asterisk:
+  system_name: demo-pbx
+logging:
+  level: info
+  format: json
+daemon:
+  control_socket: {socket_path}
+  drain_timeout: 5
+"""
+
+
+async def _settle(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
+    """Wait until the daemon has processed everything it received (backlog empty twice)."""
+    quiet = 0
+    async with asyncio.timeout(timeout):
+        while quiet < 3:
+            status = await daemon._cmd_status({})
+            quiet = quiet + 1 if status["ingest_backlog"] == 0 else 0
+            await asyncio.sleep(0.05)
+    return status
+
+
+async def run_demo(output: Path) -> int:
+    out = output.resolve()
+    for stale in ("mail", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db.lock", "daemon.log", "report.json"):
+        target = out / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
+    runtime = Path(tempfile.mkdtemp(prefix="cpagi-demo-"))
+    log_file = (out / "daemon.log").open("w", encoding="utf-8")
+    configure_logging(level="info", fmt="json", mask_personal_data=True, stream=log_file)
+
+    sink = SmtpSink(out / "mail")
+    ami = AmiReplayServer("clickphone", DEMO_SECRET)
+    await sink.start()
+    await ami.start()
+    config_file = out / "clickphone-agi.yaml"
+    config_file.write_text(_config_text(out, ami.port, sink.port, runtime / "control.sock"), encoding="utf-8")
+    loaded = load_config(config_file)
+    daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
+    print("clickphone-agi demo: simulated Asterisk on 127.0.0.1:%d, mail sink on 127.0.0.1:%d" % (ami.port, sink.port))
+    run = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await ami.wait_for_login(10)
+        print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {loaded.config.ami.events})")
+        scenarios = packaged_scenarios()
+        for name in SCENARIOS:
+            frames = await ami.play(scenarios[name])
+            print(f"  replayed {name:<14} {frames:3d} AMI frames")
+        first = await _settle(daemon)
+        frames = await ami.play(scenarios["answered_call"])
+        again = await _settle(daemon)
+        print(
+            f"  replayed answered_call again ({frames} frames): "
+            f"{again['cdrs']['duplicates'] - first['cdrs']['duplicates']} CDRs recognised as duplicates, "
+            f"{again['cdrs']['recorded'] - first['cdrs']['recorded']} recorded twice"
+        )
+        queued = await asyncio.to_thread(
+            control.call, loaded.config.daemon.control_socket, "mail-test", {"to": "ion.popescu@example.ro"}
+        )
+        await sink.wait_for(1)
+        print(f"  'clickphone-agi mail-test' went through the control socket: {queued['queued']}")
+        await ami.play(scenarios["shutdown"])
+        await ami.wait_for_login(15, logins=2)
+        print("  Asterisk said 'Shutdown' and closed the link; the daemon reconnected and logged in again")
+        status = await _settle(daemon)
+    finally:
+        daemon.request_stop()
+        code = await run
+        await ami.close()
+        await sink.close()
+        log_file.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+    info = db.info(loaded.config.database.path)
+    report = {
+        "exit_code": code,
+        "ami": status["ami"],
+        "events_by_type": dict(sorted(status["events"].items())),
+        "cdrs": status["cdrs"],
+        "database": info,
+        "mail": [str(m.path) for m in sink.messages],
+        "log": str(out / "daemon.log"),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    events = report["events_by_type"]
+    print()
+    print(f"Events seen: {sum(events.values())} ({', '.join(f'{k} {v}' for k, v in events.items())})")
+    print(f"CDRs stored once each: {status['cdrs']['recorded']} (duplicates ignored: {status['cdrs']['duplicates']})")
+    print(
+        f"Database: {info['path']} (schema v{info['schema_version']}, WAL, went live {info['went_live_at']},"
+        f" outbox {info['outbox']})"
+    )
+    print(f"E-mails written: {len(sink.messages)} in {out / 'mail'}")
+    for m in sink.messages:
+        print(f"  {m.path}  to {', '.join(m.rcpt_tos)}")
+    print(f"Daemon log (JSON, personal data masked): {out / 'daemon.log'}")
+    print(f"Report: {out / 'report.json'}")
+    print(f"Demo finished; daemon exit code {code}. Output in {out}")
+    return code

@@ -1,0 +1,76 @@
+"""Fixtures shared by the suites: config files on disk, a real SMTP sink, a fake Asterisk."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from clickphone_agi.sim.ami_server import AmiReplayServer
+from clickphone_agi.sim.smtp_sink import SmtpSink
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "etc" / "clickphone-agi.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: AF_UNIX socket paths are limited to 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="cpagi-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def write_config(short_tmp: Path) -> Callable[..., Path]:
+    """Write a daemon config into ``short_tmp`` (database, secret, control socket inside it)."""
+
+    def write(extra: str = "", *, ami_port: int = 5038, smtp_port: int = 25, ami_enabled: bool = False) -> Path:
+        (short_tmp / "ami-secret").write_text("labsecret\n")
+        path = short_tmp / "clickphone-agi.yaml"
+        path.write_text(
+            f"""
+ami:
+  enabled: {"true" if ami_enabled else "false"}
+  port: {ami_port}
+  secret_file: {short_tmp / "ami-secret"}
+  backoff_initial: 0.05
+  backoff_max: 0.2
+smtp:
+  port: {smtp_port}
+database:
+  path: {short_tmp / "db" / "test.db"}
+logging:
+  format: json
+daemon:
+  control_socket: {short_tmp / "run" / "control.sock"}
+  drain_timeout: 3
+"""
+            + extra
+        )
+        return path
+
+    return write
+
+
+@pytest.fixture
+async def smtp_sink(tmp_path: Path) -> AsyncIterator[SmtpSink]:
+    sink = SmtpSink(tmp_path / "mail")
+    await sink.start()
+    yield sink
+    await sink.close()
+
+
+@pytest.fixture
+async def ami_server() -> AsyncIterator[AmiReplayServer]:
+    async with AmiReplayServer("clickphone", "labsecret") as server:
+        yield server

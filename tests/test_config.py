@@ -1,0 +1,151 @@
+"""Configuration: layering, typed validation, errors naming file and key path, secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.cli import EX_CONFIG, main
+from clickphone_agi.config.loader import ConfigError, load_config
+from clickphone_agi.config.schema import Config
+from tests.conftest import SHIPPED_CONFIG
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _problems(path: Path, **kw: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={}, **kw)  # type: ignore[arg-type]
+    return info.value.problems
+
+
+def test_shipped_config_checks_ok_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "-c", str(SHIPPED_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    assert "configuration OK" in out
+    assert "ami-secret" in out  # the note says where the secret will come from
+
+
+def test_shipped_config_documents_every_key() -> None:
+    """Every key of every section appears (commented or set) in etc/clickphone-agi.yaml."""
+    text = SHIPPED_CONFIG.read_text()
+    for section, model in Config.model_fields.items():
+        assert f"\n{section}:" in text, section
+        sub = model.annotation
+        for key in sub.model_fields:  # type: ignore[union-attr]
+            assert f"  {key}:" in text or f"  # {key}:" in text, f"{section}.{key}"
+
+
+def test_layers_defaults_main_confd_cli(tmp_path: Path) -> None:
+    main_file = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  port: 5039\nsmtp:\n  port: 2525\n")
+    _write(tmp_path / "conf.d" / "20-b.yaml", "smtp:\n  port: 2626\n")
+    _write(tmp_path / "conf.d" / "10-a.yaml", "smtp:\n  port: 9999\n  host: relay.local\n")
+    loaded = load_config(main_file, overrides=["logging.level=debug"], environ={})
+    cfg = loaded.config
+    assert cfg.ami.port == 5039  # main file over defaults
+    assert cfg.smtp.port == 2626  # conf.d sorted: 20-b wins over 10-a
+    assert cfg.smtp.host == "relay.local"  # merged, not replaced
+    assert cfg.logging.level == "debug"  # CLI on top
+    assert cfg.database.busy_timeout == 5  # packaged default
+    assert loaded.files[1].endswith("10-a.yaml")
+
+
+def test_config_is_immutable(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path / "c.yaml", "ami:\n  enabled: false\n"), environ={}).config
+    with pytest.raises(Exception, match="frozen"):
+        cfg.ami.port = 1  # type: ignore[misc]
+
+
+def test_typo_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  prot: 5038\n")
+    assert _problems(f) == [f"{f}: ami.prot: unknown key (did you mean 'port'?)"]
+
+
+def test_wrong_type_in_conf_d_names_that_file(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n")
+    extra = _write(tmp_path / "conf.d" / "50-smtp.yaml", "smtp:\n  port: abc\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{extra}: smtp.port: expected a valid integer")
+    assert "got 'abc'" in problem
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "c.yaml",
+        "ami:\n  enabled: maybe\nbilling:\n  timezone: Europe/Bucuresti\nlogging:\n  level: loud\nfoo: 1\n",
+    )
+    problems = _problems(f)
+    assert len(problems) == 4
+    joined = "\n".join(problems)
+    assert "ami.enabled: expected a valid boolean" in joined
+    assert "billing.timezone: unknown time zone 'Europe/Bucuresti'" in joined
+    assert "logging.level: expected 'debug', 'info', 'warning' or 'error', got 'loud'" in joined
+    assert "foo: unknown key" in joined
+
+
+def test_dangerous_ami_event_class_refused(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  events: call,dialplan\n")
+    (problem,) = _problems(f)
+    assert "ami.events" in problem
+    assert "dialplan" in problem
+
+
+def test_missing_secret_file_names_key_and_file(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {tmp_path}/nope\n")
+    assert _problems(f) == [f"{f}: ami.secret_file: secret file '{tmp_path}/nope' does not exist"]
+
+
+def test_secret_from_systemd_credential(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    _write(creds / "ami-secret", "s3cret\n")
+    loaded = load_config(_write(tmp_path / "c.yaml", "{}\n"), environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert loaded.secrets.ami_secret == "s3cret"
+    assert "s3cret" not in repr(loaded.secrets)
+
+
+def test_no_secret_at_all_is_an_error_for_run(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "{}\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}: ami.secret_file: no secret configured")
+    assert "'ami-secret'" in problem
+
+
+def test_invalid_yaml_and_duplicate_keys(tmp_path: Path) -> None:
+    bad = _write(tmp_path / "bad.yaml", "ami:\n  port: [1\n")
+    assert _problems(bad)[0].startswith(f"{bad}:")
+    dup = _write(tmp_path / "dup.yaml", "smtp:\n  port: 1\n  port: 2\n")
+    assert "duplicate key 'port'" in _problems(dup)[0]
+    top = _write(tmp_path / "top.yaml", "- a\n")
+    assert "expected a mapping of sections" in _problems(top)[0]
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n")
+    assert "expected section.key=value" in _problems(f, overrides=["ami.port"])[0]
+    assert _problems(f, overrides=["ami.port=70000"])[0].startswith("<command line>: ami.port:")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("ami:\n  enabled: false\n  prot: 5038\n", "ami.prot: unknown key"),
+        ("ami:\n  enabled: false\n  port: high\n", "ami.port: expected a valid integer"),
+        ("ami:\n  secret_file: /nonexistent/secret\n", "ami.secret_file: secret file '/nonexistent/secret' does not exist"),
+    ],
+)
+def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: str, needle: str) -> None:
+    f = _write(tmp_path / "c.yaml", content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clickphone_agi", "check-config", "-c", str(f)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == EX_CONFIG
+    assert f"{f}: {needle}" in proc.stderr
+    assert "Traceback" not in proc.stderr
