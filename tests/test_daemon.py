@@ -1,0 +1,176 @@
+"""The real daemon as a subprocess: READY only when ready, drain on SIGTERM, reload on SIGHUP,
+the single-writer rule across processes, and the CLI's database verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.adapters import control
+from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
+from clickphone_agi.cli import EX_DATAERR, EX_TEMPFAIL
+from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
+from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _db(cfg: Path) -> Path:
+    return cfg.parent / "db" / "test.db"
+
+
+async def test_ready_then_work_then_sigterm_drains_and_exits_0(
+    write_config: Callable[..., Path], ami_server: AmiReplayServer, short_tmp: Path
+) -> None:
+    cfg = write_config(ami_port=ami_server.port, ami_enabled=True)
+    notify = NotifySocket(short_tmp / "notify")
+    daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"})
+    await daemon.start()
+    try:
+        ready = await notify.wait_for("READY=1")
+        assert "STATUS=" in ready
+        # READY came after the database was migrated and the control socket listens
+        conn = sqlite3.connect(_db(cfg))
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == LATEST_VERSION
+        conn.close()
+        assert (short_tmp / "run" / "control.sock").is_socket()
+        assert (short_tmp / "run" / "control.sock").stat().st_mode & 0o777 == 0o600
+        await notify.wait_for("WATCHDOG=1")
+
+        await ami_server.wait_for_login(10)
+        scenarios = packaged_scenarios()
+        for name in ("answered_call", "voicemail", "long_call"):
+            await ami_server.play(scenarios[name])
+        await ami_server.play(scenarios["answered_call"])  # a replay: must not be recorded twice
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=15) == 0
+        await notify.wait_for("STOPPING=1")
+    finally:
+        await daemon.kill()
+        notify.close()
+    stopped = [e for e in daemon.lines if e.get("event") == "daemon.stopped"]
+    assert stopped, daemon.raw[-20:]
+    assert stopped[0]["drained"] is True
+    assert stopped[0]["left_in_queue"] == 0
+    conn = sqlite3.connect(_db(cfg))
+    cdrs = conn.execute("SELECT COUNT(*) FROM processed_events WHERE kind = 'cdr'").fetchone()[0]
+    conn.close()
+    assert cdrs == 3 + 4 + 3  # answered (3 CDRs), voicemail (4), long call (3); the replay added none
+    assert not (short_tmp / "run" / "control.sock").exists()
+
+
+async def test_sighup_with_broken_config_keeps_old_and_logs_why(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    cfg = write_config()
+    notify = NotifySocket(short_tmp / "notify")
+    daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    await daemon.start()
+    try:
+        await notify.wait_for("READY=1")
+        good = cfg.read_text()
+        cfg.write_text(good + "notifications:\n  langauge: en\n")
+        daemon.signal(signal.SIGHUP)
+        failed = await daemon.wait_log(lambda e: e.get("event") == "config.reload_failed")
+        assert any("notifications.langauge: unknown key" in p for p in failed["problems"])
+        await notify.wait_for("RELOADING=1")
+        # still serving on the old config (the CLI itself cannot read the broken file, so ask the socket)
+        status = await asyncio.to_thread(control.call, short_tmp / "run" / "control.sock", "status")
+        assert status["reloads"] == {"ok": 0, "failed": 1}
+
+        cfg.write_text(good.replace("format: json", "format: json\n  level: debug").replace("port: 5038", "port: 5040"))
+        daemon.signal(signal.SIGHUP)
+        reloaded = await daemon.wait_log(lambda e: e.get("event") == "config.reloaded")
+        assert reloaded["applied"] == ["logging"]
+        assert reloaded["restart_required"] == ["ami"]
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.kill()
+        notify.close()
+
+
+async def test_one_writer_cli_goes_through_daemon_or_takes_the_lock(
+    write_config: Callable[..., Path], smtp_sink: SmtpSink, short_tmp: Path
+) -> None:
+    cfg = write_config(smtp_port=smtp_sink.port)
+    notify = NotifySocket(short_tmp / "notify")
+    daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    await daemon.start()
+    try:
+        await notify.wait_for("READY=1")
+        code, out, err = await run_cli("mail-test", "ion.popescu@example.ro", "-c", str(cfg))
+        assert code == 0, err
+        assert json.loads(out)["by"] == "daemon"
+        await smtp_sink.wait_for(1)
+        assert smtp_sink.messages[0].rcpt_tos == ("ion.popescu@example.ro",)
+        assert b"Auto-Submitted: auto-generated" in smtp_sink.messages[0].data
+
+        code, out, _ = await run_cli("db", "migrate", "-c", str(cfg))
+        assert code == 0
+        assert json.loads(out)["by"] == "daemon"
+
+        second = DaemonProcess(cfg)
+        await second.start()
+        assert await second.wait() == EX_TEMPFAIL
+        assert any("another process" in line for line in second.raw)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.kill()
+        notify.close()
+
+    code, out, err = await run_cli("mail-test", "ion.popescu@example.ro", "-c", str(cfg))
+    assert code == 0, err
+    assert json.loads(out)["by"].startswith("cli")
+    conn = sqlite3.connect(_db(cfg))
+    rows = conn.execute("SELECT status FROM outbox ORDER BY id").fetchall()
+    conn.close()
+    assert rows == [("sent",), ("pending",)]
+
+
+async def test_cli_db_verbs_and_newer_schema_refused(write_config: Callable[..., Path], short_tmp: Path) -> None:
+    cfg = write_config()
+    code, out, err = await run_cli("db", "migrate", "-c", str(cfg))
+    assert code == 0, err
+    assert json.loads(out)["applied"] == list(range(1, LATEST_VERSION + 1))
+    code, out, _ = await run_cli("db", "info", "-c", str(cfg))
+    assert json.loads(out)["schema_version"] == LATEST_VERSION
+    backup = short_tmp / "backup.db"
+    code, out, err = await run_cli("db", "backup", str(backup), "-c", str(cfg))
+    assert code == 0, err
+    code, out, err = await run_cli("db", "restore", str(backup), "-c", str(cfg))
+    assert code == 0, err
+
+    conn = sqlite3.connect(_db(cfg))
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'x')", (LATEST_VERSION + 5,))
+    conn.commit()
+    conn.close()
+    daemon = DaemonProcess(cfg)
+    await daemon.start()
+    assert await daemon.wait() == EX_DATAERR
+    assert any(f"schema version {LATEST_VERSION + 5} is newer" in line for line in daemon.raw)
+    code, _, err = await run_cli("db", "migrate", "-c", str(cfg))
+    assert code == EX_DATAERR
+    assert "newer than this clickphone-agi supports" in err
+
+
+async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    code, out, err = await run_cli("demo", "--output", str(out_dir), timeout=90)
+    assert code == 0, err
+    assert f"Output in {out_dir}" in out
+    emls = sorted((out_dir / "mail").glob("*.eml"))
+    assert emls
+    assert str(emls[0]) in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["cdrs"]["duplicates"] == 3
+    assert report["events_by_type"]["Cdr"] > 0
+    assert "0721000001" not in (out_dir / "daemon.log").read_text()  # caller numbers masked

@@ -1,0 +1,194 @@
+"""SQLite storage: migrations, the go-live baseline, one writer, idempotent units, backup/restore."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
+from clickphone_agi.clock import FakeClock
+from clickphone_agi.domain.outbox import OutboxMessage, OutboxStatus
+from clickphone_agi.ports import WriteTx
+
+NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def _message(key: str, clock: FakeClock) -> OutboxMessage:
+    return OutboxMessage.build(
+        key=key, kind="test", recipient="ion.popescu@example.ro", account="acct1001",
+        mime=b"Subject: x\r\n\r\nbody\r\n", now=clock.now(), lifetime=timedelta(days=1),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> db.SqliteStore:
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    yield s  # type: ignore[misc]
+    await s.close()
+
+
+async def test_fresh_database_is_migrated_with_durable_pragmas(store: db.SqliteStore) -> None:
+    conn = sqlite3.connect(store.path)
+    try:
+        assert db.schema_version(conn) == LATEST_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    # synchronous and secure_delete are per connection: check the writer's own settings
+    assert await db._call(store._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    assert await db._call(store._writer, lambda c: c.execute("PRAGMA secure_delete").fetchone()[0]) == 1
+
+
+async def test_go_live_baseline_recorded_once(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    s = await db.SqliteStore.open(tmp_path / "t.db", clock)
+    first = await s.went_live_at()
+    await s.close()
+    await clock.advance(86_400)
+    s = await db.SqliteStore.open(tmp_path / "t.db", clock)
+    try:
+        assert await s.went_live_at() == first == NOW
+    finally:
+        await s.close()
+
+
+async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    await s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'from the future', 'x')", (LATEST_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(db.SchemaTooNew, match=f"schema version {LATEST_VERSION + 1} is newer"):
+        await db.SqliteStore.open(path, FakeClock(NOW))
+    assert path.read_bytes() == before
+
+
+async def test_claim_event_is_idempotent(store: db.SqliteStore) -> None:
+    assert await store.write(lambda tx: tx.claim_event("cdr:pbx1:1.0:x", "cdr")) is True
+    assert await store.write(lambda tx: tx.claim_event("cdr:pbx1:1.0:x", "cdr")) is False
+    assert await store.event_count("cdr") == 1
+
+
+async def test_outbox_row_commits_with_its_cause_or_not_at_all(store: db.SqliteStore) -> None:
+    clock = FakeClock(NOW)
+
+    def decide_and_fail(tx: WriteTx) -> None:
+        tx.claim_event("vm:100@default:1", "voicemail")
+        tx.enqueue(_message("vm:100@default:1", clock))
+        raise RuntimeError("rendering bug discovered mid-transaction")
+
+    with pytest.raises(RuntimeError):
+        await store.write(decide_and_fail)
+    assert await store.event_count() == 0
+    assert await store.outbox_counts() == {}
+
+    def decide(tx: WriteTx) -> bool:
+        return tx.claim_event("vm:100@default:1", "voicemail") and tx.enqueue(_message("vm:100@default:1", clock))
+
+    assert await store.write(decide) is True
+    assert await store.write(decide) is False  # duplicate event: nothing doubled
+    assert await store.outbox_counts() == {"pending": 1}
+
+
+async def test_concurrent_units_batch_but_fail_alone(store: db.SqliteStore) -> None:
+    """Many queued units share commits; one failing unit rolls back only its own changes."""
+
+    def ok(i: int):  # type: ignore[no-untyped-def]
+        return lambda tx: tx.claim_event(f"k{i}", "t")
+
+    def bad(tx: WriteTx) -> None:
+        tx.claim_event("bad", "t")
+        raise ValueError("boom")
+
+    results = await asyncio.gather(*[store.write(ok(i)) for i in range(200)], store.write(bad), return_exceptions=True)
+    assert results[:200] == [True] * 200
+    assert isinstance(results[200], ValueError)
+    assert await store.event_count() == 200
+    assert store.units == 201
+    assert store.commits < 201  # batched: fewer fsyncs than units
+
+
+async def test_due_outbox_and_status_updates(store: db.SqliteStore) -> None:
+    clock = FakeClock(NOW)
+    await store.write(lambda tx: tx.enqueue(_message("a", clock)))
+    await store.write(lambda tx: tx.enqueue(_message("b", clock)))
+    due = await store.due_outbox(NOW, 10)
+    assert [r.idempotency_key for r, _ in due] == ["a", "b"]
+    assert due[0][1].startswith(b"Subject: x")
+    a, b = due[0][0], due[1][0]
+    await store.write(lambda tx: tx.mark_sent(a.id, "250 2.0.0 Ok"))
+    later = NOW + timedelta(minutes=5)
+    await store.write(lambda tx: tx.mark_failed(b.id, "421 busy", later, dead=False))
+    assert [r.idempotency_key for r, _ in await store.due_outbox(NOW, 10)] == []
+    assert [r.idempotency_key for r, _ in await store.due_outbox(later, 10)] == ["b"]
+    rows = {r.idempotency_key: r for r in await store.outbox_rows()}
+    assert rows["a"].status is OutboxStatus.SENT
+    assert rows["a"].smtp_reply == "250 2.0.0 Ok"
+    assert rows["b"].attempts == 1
+    assert rows["b"].last_error == "421 busy"
+
+
+def test_writer_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with db.WriterLock(path), pytest.raises(db.WriterBusy, match="another process"):
+        db.WriterLock(path).acquire()
+    with db.WriterLock(path) as again:  # released: can be taken again
+        assert again.held
+
+
+async def test_backup_while_writing_is_consistent_and_restores(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    s.start()
+    stop = asyncio.Event()
+
+    async def writer() -> int:
+        n = 0
+        while not stop.is_set():
+            await s.write(lambda tx, n=n: tx.claim_event(f"e{n}", "t"))
+            n += 1
+        return n
+
+    task = asyncio.create_task(writer())
+    await asyncio.sleep(0.05)
+    result = await asyncio.to_thread(db.backup, path, tmp_path / "backup.db")
+    stop.set()
+    written = await task
+    await s.close()
+    assert db.integrity_check(tmp_path / "backup.db") == "ok"
+    assert result["schema_version"] == LATEST_VERSION
+    conn = sqlite3.connect(tmp_path / "backup.db")
+    in_backup = conn.execute("SELECT COUNT(*) FROM processed_events").fetchone()[0]
+    conn.close()
+    assert 0 < in_backup <= written
+
+    # restore brings exactly the backed-up data back
+    with db.WriterLock(path):
+        db.restore(tmp_path / "backup.db", path)
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    try:
+        assert await s.event_count() == in_backup
+    finally:
+        await s.close()
+
+
+def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:
+    target = tmp_path / "t.db"
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database" * 100)
+    with pytest.raises(db.StorageError, match="not a usable SQLite database|integrity"):
+        db.restore(junk, target)
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).close()
+    with pytest.raises(db.StorageError, match="not a clickphone-agi database"):
+        db.restore(foreign, target)
+    assert not target.exists()
