@@ -49,7 +49,8 @@ LIVE_SECTIONS = frozenset({"logging", "smtp", "notifications", "billing", "priva
 
 def configure_from(config: Config) -> None:
     configure_logging(
-        level=config.logging.level, fmt=config.logging.format,
+        level=config.logging.level,
+        fmt=config.logging.format,
         mask_personal_data=config.logging.mask_personal_data,
     )
 
@@ -63,11 +64,19 @@ async def enqueue_test_mail(store: Store, clock: Clock, smtp: SmtpConfig, to: st
     key = f"mailtest:{uuid.uuid4().hex}"
     now = clock.now()
     mime = build_test_mail(
-        sender=smtp.from_address, to=str(recipient), message_id=message_id(key, smtp.message_id_domain), now=now,
+        sender=smtp.from_address,
+        to=str(recipient),
+        message_id=message_id(key, smtp.message_id_domain),
+        now=now,
     )
     message = OutboxMessage.build(
-        key=key, kind="mail_test", recipient=recipient.addr_spec, account=None, mime=mime,
-        now=now, lifetime=timedelta(hours=1),
+        key=key,
+        kind="mail_test",
+        recipient=recipient.addr_spec,
+        account=None,
+        mime=mime,
+        now=now,
+        lifetime=timedelta(hours=1),
     )
     await store.write(lambda tx: tx.enqueue(message))
     return key
@@ -126,9 +135,13 @@ class Ingest:
         if await self._store.write(record):
             self.cdrs_recorded += 1
             log.info(
-                "cdr.recorded", key=key, account=message.get("AccountCode"),
-                src=message.get("Source"), dst=message.get("Destination"),
-                disposition=message.get("Disposition"), billsec=message.get("BillableSeconds"),
+                "cdr.recorded",
+                key=key,
+                account=message.get("AccountCode"),
+                src=message.get("Source"),
+                dst=message.get("Destination"),
+                disposition=message.get("Disposition"),
+                billsec=message.get("BillableSeconds"),
             )
         else:
             self.cdrs_duplicate += 1
@@ -181,10 +194,14 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        store = self._store = await SqliteStore.open(cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout)
+        store = self._store = await SqliteStore.open(
+            cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout
+        )
         store.start()
         ingest = self._ingest = Ingest(store, cfg.asterisk.system_name)
-        sender = self._sender = OutboxSender(store, self.clock, lambda: self.config.smtp, self.loaded.secrets.smtp_password)
+        sender = self._sender = OutboxSender(
+            store, self.clock, config=lambda: self.config.smtp, password=self.loaded.secrets.smtp_password
+        )
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
 
@@ -196,19 +213,32 @@ class Daemon:
         }
         if cfg.ami.enabled:
             self._ami = AmiClient(
-                cfg.ami.host, cfg.ami.port, cfg.ami.username, self.loaded.secrets.ami_secret or "",
-                cfg.ami.events, self.clock, ingest.offer,
-                ping_interval=cfg.ami.ping_interval, ping_timeout=cfg.ami.ping_timeout,
-                connect_timeout=cfg.ami.connect_timeout, backoff_initial=cfg.ami.backoff_initial,
-                backoff_max=cfg.ami.backoff_max, auth_backoff=cfg.ami.auth_backoff,
+                cfg.ami.host,
+                cfg.ami.port,
+                cfg.ami.username,
+                self.loaded.secrets.ami_secret or "",
+                cfg.ami.events,
+                self.clock,
+                ingest.offer,
+                ping_interval=cfg.ami.ping_interval,
+                ping_timeout=cfg.ami.ping_timeout,
+                connect_timeout=cfg.ami.connect_timeout,
+                backoff_initial=cfg.ami.backoff_initial,
+                backoff_max=cfg.ami.backoff_max,
+                auth_backoff=cfg.ami.auth_backoff,
             )
             tasks["ami"] = asyncio.create_task(self._ami.run(intake_stop), name="ami")
-        helpers = [asyncio.create_task(self._watchdog(), name="watchdog"),
-                   asyncio.create_task(self._status_loop(), name="status")]
+        helpers = [
+            asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._status_loop(), name="status"),
+        ]
 
         log.info(
-            "daemon.ready", version=__version__, database=str(cfg.database.path),
-            control_socket=str(cfg.daemon.control_socket), ami=f"{cfg.ami.host}:{cfg.ami.port}" if cfg.ami.enabled else None,
+            "daemon.ready",
+            version=__version__,
+            database=str(cfg.database.path),
+            control_socket=str(cfg.daemon.control_socket),
+            ami=f"{cfg.ami.host}:{cfg.ami.port}" if cfg.ami.enabled else None,
         )
         self.notifier.ready(self._status_text())
         self.ready.set()
@@ -235,8 +265,11 @@ class Daemon:
         await control.close()
         await store.close()
         log.info(
-            "daemon.stopped", drained=ingest_done, left_in_queue=ingest.backlog,
-            cdrs_recorded=ingest.cdrs_recorded, mails_sent=sender.sent,
+            "daemon.stopped",
+            drained=ingest_done,
+            left_in_queue=ingest.backlog,
+            cdrs_recorded=ingest.cdrs_recorded,
+            mails_sent=sender.sent,
             seconds=round(time.monotonic() - started, 3),
         )
         return 1 if crashed else 0
@@ -304,34 +337,45 @@ class Daemon:
         table.register("db.migrate", self._cmd_migrate)
         return table
 
-    async def _cmd_status(self, _: dict[str, Any]) -> dict[str, Any]:
-        assert self._store is not None and self._ingest is not None and self._sender is not None
+    def _parts(self) -> tuple[SqliteStore, Ingest, OutboxSender]:
+        if self._store is None or self._ingest is None or self._sender is None:
+            raise CommandError("the daemon is still starting")
+        return self._store, self._ingest, self._sender
+
+    async def _cmd_status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        store, ingest, _sender = self._parts()
         ami = self._ami
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
-            "database": str(self._store.path),
-            "went_live_at": (await self._store.went_live_at()).isoformat(),
-            "ami": None if ami is None else {
-                "state": ami.state, "connects": ami.connects, "auth_failures": ami.auth_failures,
-                "pings_missed": ami.pings_missed, "messages": ami.messages_received,
-                "asterisk_version": ami.asterisk_version, "last_error": ami.last_error,
+            "database": str(store.path),
+            "went_live_at": (await store.went_live_at()).isoformat(),
+            "ami": None
+            if ami is None
+            else {
+                "state": ami.state,
+                "connects": ami.connects,
+                "auth_failures": ami.auth_failures,
+                "pings_missed": ami.pings_missed,
+                "messages": ami.messages_received,
+                "asterisk_version": ami.asterisk_version,
+                "last_error": ami.last_error,
             },
-            "events": dict(self._ingest.events),
-            "cdrs": {"recorded": self._ingest.cdrs_recorded, "duplicates": self._ingest.cdrs_duplicate},
-            "ingest_backlog": self._ingest.backlog,
-            "outbox": await self._store.outbox_counts(),
+            "events": dict(ingest.events),
+            "cdrs": {"recorded": ingest.cdrs_recorded, "duplicates": ingest.cdrs_duplicate},
+            "ingest_backlog": ingest.backlog,
+            "outbox": await store.outbox_counts(),
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
-            "storage": {"commits": self._store.commits, "units": self._store.units},
+            "storage": {"commits": store.commits, "units": store.units},
         }
 
     async def _cmd_mail_test(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self._store is not None and self._sender is not None
+        store, _ingest, sender = self._parts()
         to = args.get("to")
         if not isinstance(to, str):
             raise CommandError("to: expected an e-mail address")
-        key = await enqueue_test_mail(self._store, self.clock, self.config.smtp, to)
-        self._sender.wake()
+        key = await enqueue_test_mail(store, self.clock, self.config.smtp, to)
+        sender.wake()
         return {"queued": key, "by": "daemon"}
 
     async def _cmd_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -351,7 +395,3 @@ async def _bounded(task: Awaitable[Any], seconds: float) -> bool:
     except Exception:
         return True
     return True
-
-
-def load_or_die(path: Path | None, overrides: tuple[str, ...]) -> LoadedConfig:
-    return load_config(path, overrides=overrides)

@@ -29,9 +29,15 @@ EX_CONFIG = 78
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", type=Path, help="main YAML file (default /etc/clickphone-agi/clickphone-agi.yaml)")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "-c", "--config", type=Path, help="main YAML file (default /etc/clickphone-agi/clickphone-agi.yaml)"
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set logging.level=debug (highest layer)",
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -66,8 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     debug = bool(getattr(args, "debug", False))
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "run": _cmd_run, "check-config": _cmd_check_config, "status": _cmd_status,
-        "mail-test": _cmd_mail_test, "db": _cmd_db, "demo": _cmd_demo,
+        "run": _cmd_run,
+        "check-config": _cmd_check_config,
+        "status": _cmd_status,
+        "mail-test": _cmd_mail_test,
+        "db": _cmd_db,
+        "demo": _cmd_demo,
     }
     try:
         return handlers[args.command](args)
@@ -165,7 +175,9 @@ def _cmd_mail_test(args: argparse.Namespace) -> int:
 
     async def local(loaded: Any) -> dict[str, Any]:
         clock = SystemClock()
-        store = await SqliteStore.open(loaded.config.database.path, clock, busy_timeout=loaded.config.database.busy_timeout)
+        store = await SqliteStore.open(
+            loaded.config.database.path, clock, busy_timeout=loaded.config.database.busy_timeout
+        )
         store.start()
         try:
             key = await enqueue_test_mail(store, clock, loaded.config.smtp, args.address)
@@ -182,6 +194,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from clickphone_agi.clock import SystemClock
 
     if args.db_command == "migrate":
+
         async def local(loaded: Any) -> dict[str, Any]:
             path = loaded.config.database.path
             conn = db.connect_sync(path, loaded.config.database.busy_timeout)

@@ -137,14 +137,20 @@ def test_bad_override_syntax(tmp_path: Path) -> None:
     [
         ("ami:\n  enabled: false\n  prot: 5038\n", "ami.prot: unknown key"),
         ("ami:\n  enabled: false\n  port: high\n", "ami.port: expected a valid integer"),
-        ("ami:\n  secret_file: /nonexistent/secret\n", "ami.secret_file: secret file '/nonexistent/secret' does not exist"),
+        (
+            "ami:\n  secret_file: /nonexistent/secret\n",
+            "ami.secret_file: secret file '/nonexistent/secret' does not exist",
+        ),
     ],
 )
 def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: str, needle: str) -> None:
     f = _write(tmp_path / "c.yaml", content)
     proc = subprocess.run(
         [sys.executable, "-m", "clickphone_agi", "check-config", "-c", str(f)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == EX_CONFIG
     assert f"{f}: {needle}" in proc.stderr

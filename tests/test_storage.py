@@ -20,8 +20,13 @@ NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
 def _message(key: str, clock: FakeClock) -> OutboxMessage:
     return OutboxMessage.build(
-        key=key, kind="test", recipient="ion.popescu@example.ro", account="acct1001",
-        mime=b"Subject: x\r\n\r\nbody\r\n", now=clock.now(), lifetime=timedelta(days=1),
+        key=key,
+        kind="test",
+        recipient="ion.popescu@example.ro",
+        account="acct1001",
+        mime=b"Subject: x\r\n\r\nbody\r\n",
+        now=clock.now(),
+        lifetime=timedelta(days=1),
     )
 
 
@@ -185,7 +190,7 @@ def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:
     target = tmp_path / "t.db"
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database" * 100)
-    with pytest.raises(db.StorageError, match="not a usable SQLite database|integrity"):
+    with pytest.raises(db.StorageError, match=r"not a usable SQLite database|integrity"):
         db.restore(junk, target)
     foreign = tmp_path / "foreign.db"
     sqlite3.connect(foreign).close()

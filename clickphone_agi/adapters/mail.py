@@ -29,7 +29,6 @@ def build_test_mail(*, sender: str, to: str, message_id: str, now: datetime) -> 
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(
-        "Acesta este un mesaj de test trimis de clickphone-agi.\n"
-        "This is a test message sent by clickphone-agi.\n"
+        "Acesta este un mesaj de test trimis de clickphone-agi.\nThis is a test message sent by clickphone-agi.\n"
     )
     return msg.as_bytes()

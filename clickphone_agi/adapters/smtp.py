@@ -26,8 +26,14 @@ log = structlog.get_logger(__name__)
 
 class OutboxSender:
     def __init__(
-        self, store: Store, clock: Clock, config: Callable[[], SmtpConfig], password: str | None,
-        policy: RetryPolicy | None = None, batch: int = 50,
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        config: Callable[[], SmtpConfig],
+        password: str | None,
+        policy: RetryPolicy | None = None,
+        batch: int = 50,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -67,8 +73,11 @@ class OutboxSender:
         if not due:
             return False
         smtp = aiosmtplib.SMTP(
-            hostname=cfg.host, port=cfg.port, timeout=cfg.timeout,
-            use_tls=cfg.security == "tls", start_tls=cfg.security == "starttls",
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            use_tls=cfg.security == "tls",
+            start_tls=cfg.security == "starttls",
             tls_context=self._tls if cfg.security != "none" else None,
         )
         try:
@@ -96,7 +105,7 @@ class OutboxSender:
             return
         sender = self._config().from_address
         try:
-            errors, reply = await smtp.sendmail(_bare(sender), [row.recipient], mime)
+            _errors, reply = await smtp.sendmail(_bare(sender), [row.recipient], mime)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             first = exc.recipients[0] if exc.recipients else None
             await self._failed(row, first.code if first else 550, str(exc))
@@ -124,8 +133,13 @@ class OutboxSender:
 
         await self._store.write(record)
         log.warning(
-            "mail.failed", key=row.idempotency_key, kind=row.kind, code=code, error=error,
-            attempt=row.attempts + 1, dead=decision.dead,
+            "mail.failed",
+            key=row.idempotency_key,
+            kind=row.kind,
+            code=code,
+            error=error,
+            attempt=row.attempts + 1,
+            dead=decision.dead,
         )
 
 

@@ -87,9 +87,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
         key = loader.construct_object(key_node, deep=True)
         if key in result:
             mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
         result[key] = loader.construct_object(value_node, deep=True)
     return result
 
@@ -220,11 +218,22 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
     return sorted(fields) if fields else []
 
 
+@dataclass(frozen=True)
+class _SecretContext:
+    environ: Mapping[str, str]
+    origin: Mapping[KeyPath, str]
+    main_file: str
+    problems: list[str]
+
+
 def _read_secret(
-    explicit: Path | None, key: KeyPath, credential: str, environ: Mapping[str, str],
-    origin: Mapping[KeyPath, str], main_file: str, problems: list[str],
+    explicit: Path | None,
+    key: KeyPath,
+    credential: str,
+    where: _SecretContext,
 ) -> str | None:
     """A secret from the ``*_file`` key if set, else from systemd's credential directory."""
+    environ, origin, main_file, problems = where.environ, where.origin, where.main_file, where.problems
     if explicit is not None:
         source = _source_for(origin, key, main_file)
         try:
@@ -300,13 +309,12 @@ def load_config(
 
     problems: list[str] = []
     notes: list[str] = []
-    ami_secret = _read_secret(config.ami.secret_file, ("ami", "secret_file"), "ami-secret", env, origin, str(main), problems)
+    where = _SecretContext(env, origin, str(main), problems)
+    ami_secret = _read_secret(config.ami.secret_file, ("ami", "secret_file"), "ami-secret", where)
     smtp_password = None
     if config.smtp.username:
-        smtp_password = _read_secret(
-            config.smtp.password_file, ("smtp", "password_file"), "smtp-password", env, origin, str(main), problems
-        )
-    api_token = _read_secret(config.api.token_file, ("api", "token_file"), "api-token", env, origin, str(main), problems)
+        smtp_password = _read_secret(config.smtp.password_file, ("smtp", "password_file"), "smtp-password", where)
+    api_token = _read_secret(config.api.token_file, ("api", "token_file"), "api-token", where)
 
     def missing(enabled: bool, value: str | None, key: KeyPath, credential: str) -> None:
         if not enabled or value is not None or any(format_path(key) in p for p in problems):
@@ -319,7 +327,9 @@ def load_config(
         (problems if require_secrets else notes).append(text)
 
     missing(config.ami.enabled, ami_secret, ("ami", "secret_file"), "ami-secret")
-    missing(config.smtp.enabled and bool(config.smtp.username), smtp_password, ("smtp", "password_file"), "smtp-password")
+    missing(
+        config.smtp.enabled and bool(config.smtp.username), smtp_password, ("smtp", "password_file"), "smtp-password"
+    )
     missing(config.api.enabled, api_token, ("api", "token_file"), "api-token")
     if problems:
         raise ConfigError(problems)

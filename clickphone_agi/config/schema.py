@@ -82,9 +82,7 @@ class AmiConfig(Section):
     enabled: StrictBool = True
     host: Host = "127.0.0.1"
     port: Port = 5038
-    username: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")] = (
-        "clickphone"
-    )
+    username: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")] = "clickphone"
     secret_file: Path | None = None
     events: Annotated[str, AfterValidator(_check_events)] = "system,call,cdr,user"
     connect_timeout: PositiveSeconds = 10
@@ -109,9 +107,7 @@ class SmtpConfig(Section):
     security: Literal["none", "starttls", "tls"] = "none"
     username: str | None = None
     password_file: Path | None = None
-    from_address: Annotated[str, AfterValidator(_check_mailbox)] = (
-        "ClickPhone <no-reply@clickphone.example>"
-    )
+    from_address: Annotated[str, AfterValidator(_check_mailbox)] = "ClickPhone <no-reply@clickphone.example>"
     message_id_domain: Annotated[str, AfterValidator(_check_domain)] = "clickphone.example"
     timeout: PositiveSeconds = 30
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
@@ -124,9 +120,7 @@ class DatabaseConfig(Section):
 
 
 class AsteriskConfig(Section):
-    system_name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = (
-        "pbx1"
-    )
+    system_name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = "pbx1"
     timezone: TimeZoneName = "Europe/Bucharest"
     voicemail_spool: Path = Path("/var/spool/asterisk/voicemail")
     fax_spool: Path = Path("/var/spool/asterisk/fax")

@@ -29,9 +29,7 @@ def is_permanent(code: int | None) -> bool:
     return code is not None and 500 <= code <= 599
 
 
-def after_failure(
-    policy: RetryPolicy, *, now: datetime, created_at: datetime, code: int | None
-) -> Failure:
+def after_failure(policy: RetryPolicy, *, now: datetime, created_at: datetime, code: int | None) -> Failure:
     if is_permanent(code) or now - created_at >= policy.lifetime:
         return Failure(dead=True, next_attempt_at=now)
     gap = min(max(now - created_at, policy.min_gap), policy.max_gap)

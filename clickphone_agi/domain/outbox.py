@@ -41,8 +41,15 @@ class OutboxMessage:
 
     @classmethod
     def build(
-        cls, *, key: str, kind: str, recipient: str, account: str | None, mime: bytes,
-        now: datetime, lifetime: timedelta,
+        cls,
+        *,
+        key: str,
+        kind: str,
+        recipient: str,
+        account: str | None,
+        mime: bytes,
+        now: datetime,
+        lifetime: timedelta,
     ) -> OutboxMessage:
         return cls(key, kind, recipient, account, mime, now, now + lifetime)
 

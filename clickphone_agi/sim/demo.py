@@ -24,7 +24,14 @@ from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
 
 SCENARIOS = (
-    "answered_call", "missed_call", "busy_call", "voicemail", "fax", "fax_failed", "user_event", "long_call",
+    "answered_call",
+    "missed_call",
+    "busy_call",
+    "voicemail",
+    "fax",
+    "fax_failed",
+    "user_event",
+    "long_call",
 )
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
 
@@ -65,7 +72,8 @@ async def _settle(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
     return status
 
 
-async def run_demo(output: Path) -> int:
+def _prepare(output: Path) -> Path:
+    """A clean output folder (previous demo files removed) holding the simulator's secret."""
     out = output.resolve()
     for stale in ("mail", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db.lock", "daemon.log", "report.json"):
         target = out / stale
@@ -75,65 +83,50 @@ async def run_demo(output: Path) -> int:
             target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
-    runtime = Path(tempfile.mkdtemp(prefix="cpagi-demo-"))
-    log_file = (out / "daemon.log").open("w", encoding="utf-8")
-    configure_logging(level="info", fmt="json", mask_personal_data=True, stream=log_file)
+    return out
 
-    sink = SmtpSink(out / "mail")
-    ami = AmiReplayServer("clickphone", DEMO_SECRET)
-    await sink.start()
-    await ami.start()
-    config_file = out / "clickphone-agi.yaml"
-    config_file.write_text(_config_text(out, ami.port, sink.port, runtime / "control.sock"), encoding="utf-8")
-    loaded = load_config(config_file)
-    daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
-    print("clickphone-agi demo: simulated Asterisk on 127.0.0.1:%d, mail sink on 127.0.0.1:%d" % (ami.port, sink.port))
-    run = asyncio.create_task(daemon.run())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
-        await ami.wait_for_login(10)
-        print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {loaded.config.ami.events})")
-        scenarios = packaged_scenarios()
-        for name in SCENARIOS:
-            frames = await ami.play(scenarios[name])
-            print(f"  replayed {name:<14} {frames:3d} AMI frames")
-        first = await _settle(daemon)
-        frames = await ami.play(scenarios["answered_call"])
-        again = await _settle(daemon)
-        print(
-            f"  replayed answered_call again ({frames} frames): "
-            f"{again['cdrs']['duplicates'] - first['cdrs']['duplicates']} CDRs recognised as duplicates, "
-            f"{again['cdrs']['recorded'] - first['cdrs']['recorded']} recorded twice"
-        )
-        queued = await asyncio.to_thread(
-            control.call, loaded.config.daemon.control_socket, "mail-test", {"to": "ion.popescu@example.ro"}
-        )
-        await sink.wait_for(1)
-        print(f"  'clickphone-agi mail-test' went through the control socket: {queued['queued']}")
-        await ami.play(scenarios["shutdown"])
-        await ami.wait_for_login(15, logins=2)
-        print("  Asterisk said 'Shutdown' and closed the link; the daemon reconnected and logged in again")
-        status = await _settle(daemon)
-    finally:
-        daemon.request_stop()
-        code = await run
-        await ami.close()
-        await sink.close()
-        log_file.close()
-        shutil.rmtree(runtime, ignore_errors=True)
 
-    info = db.info(loaded.config.database.path)
+async def _script(daemon: Daemon, ami: AmiReplayServer, sink: SmtpSink) -> dict[str, Any]:
+    """What the simulated Asterisk and operator do, narrated as it happens."""
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    await ami.wait_for_login(10)
+    print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {daemon.config.ami.events})")
+    scenarios = packaged_scenarios()
+    for name in SCENARIOS:
+        frames = await ami.play(scenarios[name])
+        print(f"  replayed {name:<14} {frames:3d} AMI frames")
+    first = await _settle(daemon)
+    frames = await ami.play(scenarios["answered_call"])
+    again = await _settle(daemon)
+    print(
+        f"  replayed answered_call again ({frames} frames): "
+        f"{again['cdrs']['duplicates'] - first['cdrs']['duplicates']} CDRs recognised as duplicates, "
+        f"{again['cdrs']['recorded'] - first['cdrs']['recorded']} recorded twice"
+    )
+    queued = await asyncio.to_thread(
+        control.call, daemon.config.daemon.control_socket, "mail-test", {"to": "ion.popescu@example.ro"}
+    )
+    await sink.wait_for(1)
+    print(f"  'clickphone-agi mail-test' went through the control socket: {queued['queued']}")
+    await ami.play(scenarios["shutdown"])
+    await ami.wait_for_login(15, logins=2)
+    print("  Asterisk said 'Shutdown' and closed the link; the daemon reconnected and logged in again")
+    return await _settle(daemon)
+
+
+def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: SmtpSink) -> None:
+    info = db.info(db_path)
+    events = dict(sorted(status["events"].items()))
     report = {
         "exit_code": code,
         "ami": status["ami"],
-        "events_by_type": dict(sorted(status["events"].items())),
+        "events_by_type": events,
         "cdrs": status["cdrs"],
         "database": info,
         "mail": [str(m.path) for m in sink.messages],
         "log": str(out / "daemon.log"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    events = report["events_by_type"]
     print()
     print(f"Events seen: {sum(events.values())} ({', '.join(f'{k} {v}' for k, v in events.items())})")
     print(f"CDRs stored once each: {status['cdrs']['recorded']} (duplicates ignored: {status['cdrs']['duplicates']})")
@@ -147,4 +140,30 @@ async def run_demo(output: Path) -> int:
     print(f"Daemon log (JSON, personal data masked): {out / 'daemon.log'}")
     print(f"Report: {out / 'report.json'}")
     print(f"Demo finished; daemon exit code {code}. Output in {out}")
+
+
+async def run_demo(output: Path) -> int:
+    out = await asyncio.to_thread(_prepare, output)
+    runtime = Path(tempfile.mkdtemp(prefix="cpagi-demo-"))
+    with (out / "daemon.log").open("w", encoding="utf-8") as log_file:
+        configure_logging(level="info", fmt="json", mask_personal_data=True, stream=log_file)
+        sink = SmtpSink(out / "mail")
+        ami = AmiReplayServer("clickphone", DEMO_SECRET)
+        await sink.start()
+        await ami.start()
+        config_file = out / "clickphone-agi.yaml"
+        config_file.write_text(_config_text(out, ami.port, sink.port, runtime / "control.sock"), encoding="utf-8")
+        loaded = load_config(config_file)
+        daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
+        print(f"clickphone-agi demo: simulated Asterisk on 127.0.0.1:{ami.port}, mail sink on 127.0.0.1:{sink.port}")
+        run = asyncio.create_task(daemon.run())
+        try:
+            status = await _script(daemon, ami, sink)
+        finally:
+            daemon.request_stop()
+            code = await run
+            await ami.close()
+            await sink.close()
+            shutil.rmtree(runtime, ignore_errors=True)
+    _report(out, code, status, loaded.config.database.path, sink)
     return code

@@ -85,9 +85,7 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
 
 def schema_version(conn: sqlite3.Connection) -> int:
     """0 for an empty database; raises nothing for a foreign one (that shows as version 0)."""
-    row = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-    ).fetchone()
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone()
     if row is None:
         return 0
     found = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
@@ -208,8 +206,13 @@ class SqliteTx:
                     next_attempt_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
             (
-                message.idempotency_key, message.kind, message.recipient, message.account,
-                message.mime, to_db(message.created_at), to_db(message.expires_at),
+                message.idempotency_key,
+                message.kind,
+                message.recipient,
+                message.account,
+                message.mime,
+                to_db(message.created_at),
+                to_db(message.expires_at),
                 to_db(message.created_at),
             ),
         )
@@ -320,33 +323,34 @@ class SqliteStore:
             first = await self._queue.get()
             if first is None:
                 return
-            jobs = [first]
-            stop_after = False
-            while len(jobs) < MAX_BATCH and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stop_after = True
-                    break
-                jobs.append(nxt)
+            jobs, stop_after = self._take_batch(first)
             try:
                 outcomes = await _call(self._writer, _run_batch, jobs, self._clock.now())
             except Exception as exc:
+                # COMMIT itself failed: every unit of the batch failed with it
                 log.error("db.commit_failed", error=str(exc), units=len(jobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(StorageError(f"commit failed: {exc}"))
+                outcomes = [(False, StorageError(f"commit failed: {exc}"))] * len(jobs)
             else:
                 self.commits += 1
                 self.units += len(jobs)
-                for job, (ok, value) in zip(jobs, outcomes, strict=True):
-                    if job.future.done():
-                        continue
+            for job, (ok, value) in zip(jobs, outcomes, strict=True):
+                if not job.future.done():
                     if ok:
                         job.future.set_result(value)
                     else:
                         job.future.set_exception(value)
             if stop_after:
                 return
+
+    def _take_batch(self, first: _Job) -> tuple[list[_Job], bool]:
+        """Everything already queued (up to MAX_BATCH) joins ``first`` in one transaction."""
+        jobs = [first]
+        while len(jobs) < MAX_BATCH and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if nxt is None:
+                return jobs, True
+            jobs.append(nxt)
+        return jobs, False
 
     async def close(self) -> None:
         """Finish every queued write, then close both connections."""
@@ -369,14 +373,15 @@ class SqliteStore:
 
     async def due_outbox(self, now: datetime, limit: int) -> list[tuple[OutboxRow, bytes]]:
         rows = await self._fetchall(
-            f"SELECT {_OUTBOX_COLUMNS}, message FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at, id LIMIT ?",
+            f"SELECT {_OUTBOX_COLUMNS}, message FROM outbox"  # noqa: S608 - constant column list
+            " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
             (to_db(now), limit),
         )
         return [(_outbox_row(r), bytes(r[-1] or b"")) for r in rows]
 
     async def outbox_rows(self, limit: int = 100) -> list[OutboxRow]:
-        rows = await self._fetchall(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,))
+        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?"  # noqa: S608 - constant column list
+        rows = await self._fetchall(sql, (limit,))
         return [_outbox_row(r) for r in rows]
 
     async def outbox_counts(self) -> dict[str, int]:
@@ -403,10 +408,19 @@ _OUTBOX_COLUMNS = (
 
 def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
     return OutboxRow(
-        id=int(r[0]), idempotency_key=r[1], kind=r[2], recipient=r[3], account=r[4],
-        status=OutboxStatus(r[5]), attempts=int(r[6]), created_at=from_db(r[7]),
-        expires_at=from_db(r[8]), next_attempt_at=from_db(r[9]), last_error=r[10],
-        smtp_reply=r[11], sent_at=from_db(r[12]) if r[12] else None,
+        id=int(r[0]),
+        idempotency_key=r[1],
+        kind=r[2],
+        recipient=r[3],
+        account=r[4],
+        status=OutboxStatus(r[5]),
+        attempts=int(r[6]),
+        created_at=from_db(r[7]),
+        expires_at=from_db(r[8]),
+        next_attempt_at=from_db(r[9]),
+        last_error=r[10],
+        smtp_reply=r[11],
+        sent_at=from_db(r[12]) if r[12] else None,
     )
 
 
