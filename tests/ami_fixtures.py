@@ -38,6 +38,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.002)
+    await _let_tasks_reach_their_next_await()
+
+
+async def _let_tasks_reach_their_next_await() -> None:
+    # e.g. a client that just entered 'backoff' registers its sleep with the FakeClock one
+    # loop iteration later; advancing the clock before that would not wake it
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 async def advance_until(
@@ -61,6 +69,10 @@ class Harness:
     stop: asyncio.Event
     task: asyncio.Task[None]
     received: list[AmiMessage] = field(default_factory=list)
+
+    async def connected(self, connects: int = 1) -> None:
+        """Wait until the client itself reports its ``connects``-th login as done."""
+        await wait_for(lambda: self.client.state == "connected" and self.client.connects >= connects)
 
     def events(self, name: str | None = None) -> list[AmiMessage]:
         return [m for m in self.received if m.is_event and (name is None or m.event == name)]

@@ -63,7 +63,7 @@ async def test_logs_in_and_receives_the_answered_call_events_in_order(
 ) -> None:
     transcript = load_transcript(FIXTURES / "answered_call.ami")
     async with running_client(server, clock=clock) as h:
-        await server.wait_for_login()
+        await h.connected()
         sent = await server.play(transcript)
         await wait_for(lambda: len(h.received) == 1 + sent)
 
@@ -83,23 +83,19 @@ async def test_logs_in_and_receives_the_answered_call_events_in_order(
     assert login["Username"] == USERNAME
     assert login["Events"] == "system,call,cdr,user"
     assert login["ActionID"]
-    assert h.client.state == "stopped"
+    assert h.client.snapshot()["state"] == "stopped"
 
 
-async def test_stop_while_connected_sends_logoff(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_stop_while_connected_sends_logoff(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock) as h:
-        await wait_for(lambda: h.client.state == "connected")
+        await h.connected()
     await server.wait_until(lambda: any(a["Action"] == "Logoff" for a in server.actions_received))
     assert [a["Action"] for a in server.actions_received] == ["Login", "Logoff"]
 
 
-async def test_play_by_packaged_name_reaches_the_client(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_play_by_packaged_name_reaches_the_client(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock) as h:
-        await server.wait_for_login()
+        await h.connected()
         await server.play("user_event")
         await wait_for(lambda: bool(h.events("UserEvent")))
         (event,) = h.events("UserEvent")
@@ -107,13 +103,11 @@ async def test_play_by_packaged_name_reaches_the_client(
         assert event.get("Account") == "acct1001"
 
 
-async def test_split_utf8_and_latin1_bytes_arrive_intact(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
-    frame = "Event: Cdr\r\nCallerID: \"Ion Ștefan\" <0721000001>\r\n\r\n".encode()
+async def test_split_utf8_and_latin1_bytes_arrive_intact(server: AmiReplayServer, clock: FakeClock) -> None:
+    frame = 'Event: Cdr\r\nCallerID: "Ion Ștefan" <0721000001>\r\n\r\n'.encode()
     cut = frame.index("Ș".encode()) + 1
     async with running_client(server, clock=clock) as h:
-        await server.wait_for_login()
+        await h.connected()
         await server.send_raw(frame[:cut])
         await settle()
         await server.send_raw(frame[cut:])
@@ -126,9 +120,7 @@ async def test_split_utf8_and_latin1_bytes_arrive_intact(
 # -- authentication ---------------------------------------------------------------------------
 
 
-async def test_wrong_secret_waits_auth_backoff_before_trying_again(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_wrong_secret_waits_auth_backoff_before_trying_again(server: AmiReplayServer, clock: FakeClock) -> None:
     with capture_logs() as logs:
         async with running_client(
             server, clock=clock, secret="wrong-secret", auth_backoff=300.0, backoff_initial=1.0
@@ -153,9 +145,7 @@ async def test_wrong_secret_waits_auth_backoff_before_trying_again(
     assert "wrong-secret" not in repr(logs), "the secret must never be logged"
 
 
-async def test_stop_during_auth_backoff_ends_run_promptly(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_stop_during_auth_backoff_ends_run_promptly(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock, secret="nope", auth_backoff=3600.0) as h:
         await wait_for(lambda: h.client.state == "auth_failed")
         h.stop.set()
@@ -171,7 +161,7 @@ async def test_half_open_link_is_detected_by_ping_timeout_and_reconnected(
 ) -> None:
     server.answer_pings = False
     async with running_client(server, clock=clock, ping_interval=20.0, ping_timeout=10.0) as h:
-        await server.wait_for_login()
+        await h.connected()
 
         await clock.advance(20.0)  # first ping goes out
         await server.wait_until(lambda: any(a["Action"] == "Ping" for a in server.actions_received))
@@ -187,7 +177,8 @@ async def test_half_open_link_is_detected_by_ping_timeout_and_reconnected(
             await advance_until(clock, lambda: server.logins_ok >= 2, step=0.25)
         assert server.pings_answered == 0
         assert h.client.disconnects == 1
-        assert h.client.last_error is not None and "Ping" in h.client.last_error
+        assert h.client.last_error is not None
+        assert "Ping" in h.client.last_error
         assert any(e["event"] == "ami.ping_timeout" for e in logs)
         await wait_for(lambda: h.client.connects == 2)
 
@@ -201,16 +192,14 @@ async def test_half_open_link_is_detected_by_ping_timeout_and_reconnected(
         assert server.logins_ok == 2
 
 
-async def test_callback_error_does_not_drop_the_connection(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_callback_error_does_not_drop_the_connection(server: AmiReplayServer, clock: FakeClock) -> None:
     def explode_on_newchannel(message: AmiMessage) -> None:
         if message.event == "Newchannel":
             raise RuntimeError("consumer bug")
 
     transcript = load_transcript(FIXTURES / "answered_call.ami")
     async with running_client(server, clock=clock, on_message=explode_on_newchannel) as h:
-        await server.wait_for_login()
+        await h.connected()
         sent = await server.play(transcript)
         await wait_for(lambda: len(h.received) == 1 + sent)
         assert h.client.callback_errors == 4  # four Newchannel events in the recording
@@ -221,11 +210,9 @@ async def test_callback_error_does_not_drop_the_connection(
         assert server.connections_accepted == 1
 
 
-async def test_dropped_connection_reconnects_with_backoff(
-    server: AmiReplayServer, clock: FakeClock
-) -> None:
+async def test_dropped_connection_reconnects_with_backoff(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock, backoff_initial=1.0, rng=MaxJitter()) as h:
-        await server.wait_for_login()
+        await h.connected()
         assert await server.drop_clients() == 1
         await wait_for(lambda: h.client.state == "backoff")
         assert h.client.disconnects == 1
@@ -270,9 +257,7 @@ async def test_backoff_doubles_up_to_the_cap_while_asterisk_is_down(clock: FakeC
                 delay = [e for e in logs if e["event"] == "ami.backoff"][-1]["seconds"]
                 delays.append(delay)
                 await clock.advance(delay)
-                await wait_for(lambda: len(delays) < len(
-                    [e for e in logs if e["event"] == "ami.backoff"]
-                ))
+                await wait_for(lambda: len(delays) < len([e for e in logs if e["event"] == "ami.backoff"]))
             assert h.client.connects == 0
             assert h.client.last_error is not None
             assert "ConnectionRefusedError" in h.client.last_error
@@ -283,12 +268,14 @@ async def test_full_jitter_stays_within_the_exponential_bound(clock: FakeClock) 
     port = await unused_port()
     with capture_logs() as logs:
         async with running_client(
-            None, port=port, clock=clock, rng=random.Random(7), backoff_initial=1.0,
+            None,
+            port=port,
+            clock=clock,
+            rng=random.Random(7),
+            backoff_initial=1.0,
             backoff_max=4.0,
         ):
-            await advance_until(
-                clock, lambda: len([e for e in logs if e["event"] == "ami.backoff"]) >= 6
-            )
+            await advance_until(clock, lambda: len([e for e in logs if e["event"] == "ami.backoff"]) >= 6)
     seconds = [e["seconds"] for e in logs if e["event"] == "ami.backoff"][:6]
     bounds = [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
     assert all(0.0 <= s <= b for s, b in zip(seconds, bounds, strict=True))
@@ -323,7 +310,8 @@ async def test_silent_server_is_bounded_by_connect_timeout(clock: FakeClock) -> 
             assert h.client.state == "connecting"
             await clock.advance(1.5)
             await wait_for(lambda: h.client.state == "backoff")
-            assert h.client.last_error is not None and "TimeoutError" in h.client.last_error
+            assert h.client.last_error is not None
+            assert "TimeoutError" in h.client.last_error
     finally:
         for w in accepted:
             w.close()
@@ -333,7 +321,7 @@ async def test_silent_server_is_bounded_by_connect_timeout(clock: FakeClock) -> 
 
 async def test_run_twice_at_once_is_refused(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock) as h:
-        await server.wait_for_login()
+        await h.connected()
         with pytest.raises(RuntimeError, match="already running"):
             await h.client.run(asyncio.Event())
 
@@ -346,9 +334,7 @@ def test_credentials_with_crlf_are_refused_at_construction(clock: FakeClock) -> 
 # -- the fake server itself --------------------------------------------------------------------
 
 
-async def _raw_session(
-    server: AmiReplayServer, actions: bytes, frames: int
-) -> tuple[bytes, list[AmiMessage]]:
+async def _raw_session(server: AmiReplayServer, actions: bytes, frames: int) -> tuple[bytes, list[AmiMessage]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     parser = FrameParser()
     items: list[object] = []
@@ -387,9 +373,13 @@ async def test_server_speaks_like_asterisk(server: AmiReplayServer) -> None:
     assert msgs[2].get("Ping") == "Pong"
     assert float(msgs[2].get("Timestamp") or "0") > 0
     assert msgs[3].get("Message") == "Invalid/unknown command"
-    assert server.logins_ok == 1 and server.pings_answered == 1
+    assert server.logins_ok == 1
+    assert server.pings_answered == 1
     assert [a["Action"] for a in server.actions_received] == [
-        "Login", "Ping", "Originate", "Logoff",
+        "Login",
+        "Ping",
+        "Originate",
+        "Logoff",
     ]
 
 
@@ -404,3 +394,40 @@ async def test_server_refuses_a_wrong_secret_and_closes(server: AmiReplayServer)
 async def test_play_without_a_logged_in_client_fails_loudly(server: AmiReplayServer) -> None:
     with pytest.raises(LookupError):
         await server.play("answered_call")
+
+
+async def test_oversized_frame_drops_the_link_and_the_client_reconnects(
+    server: AmiReplayServer, clock: FakeClock
+) -> None:
+    async with running_client(server, clock=clock, max_frame_bytes=1024) as h:
+        await h.connected()
+        await server.send_raw(b"Event: Flood\r\nData: " + b"a" * 2000)
+        await wait_for(lambda: h.client.disconnects == 1)
+        assert h.client.last_error is not None
+        assert h.client.last_error.startswith("AmiProtocolError")
+        assert not h.events("Flood")
+        await advance_until(clock, lambda: h.client.connects == 2)
+        assert h.client.state == "connected"
+
+
+async def test_queued_scenarios_play_to_the_next_client_that_logs_in(server: AmiReplayServer, clock: FakeClock) -> None:
+    server.queue_scenarios("user_event", FIXTURES / "shutdown.ami")
+    async with running_client(server, clock=clock) as h:
+        await wait_for(lambda: bool(h.events("Shutdown")))
+        assert [m.event for m in h.received] == ["FullyBooted", "UserEvent", "Shutdown"]
+        await advance_until(clock, lambda: h.client.connects == 2)
+        assert [m.event for m in h.received][3:] == ["FullyBooted"]  # the queue was used once
+
+
+async def test_play_to_one_connection_only(server: AmiReplayServer, clock: FakeClock) -> None:
+    async with running_client(server, clock=clock) as first, running_client(server, clock=clock) as second:
+        await first.connected()
+        await second.connected()
+        ids = server.logged_in
+        assert len(ids) == 2
+        await server.play("user_event", connection=ids[-1])
+        await wait_for(lambda: len(first.events("UserEvent")) + len(second.events("UserEvent")) == 1)
+        await settle()
+        assert len(first.events("UserEvent")) + len(second.events("UserEvent")) == 1
+        with pytest.raises(LookupError):
+            await server.play("user_event", connection=999)

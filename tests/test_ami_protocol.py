@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from pathlib import Path
@@ -95,7 +96,8 @@ def test_originate_response_and_user_event_count_as_events_not_replies() -> None
     originate = next(m for m in answered if m.event == "OriginateResponse")
     assert originate.response == "Success"
     assert originate.action_id == "answered_call-3"
-    assert originate.is_event and not originate.is_response
+    assert originate.is_event
+    assert not originate.is_response
 
     user = messages(FrameParser().feed((FIXTURES / "user_event.ami").read_bytes()))
     user_event = next(m for m in user if m.event == "UserEvent")
@@ -108,7 +110,8 @@ def test_empty_value_of_the_last_header_is_kept() -> None:
     parser = FrameParser(expect_banner=False)
     (with_space,) = parser.feed(b"Event: Cdr\r\nUniqueID: 1.1\r\nUserField: \r\n\r\n")
     (no_space,) = parser.feed(b"Event: Cdr\r\nUserField:\r\n\r\n")
-    assert isinstance(with_space, AmiMessage) and isinstance(no_space, AmiMessage)
+    assert isinstance(with_space, AmiMessage)
+    assert isinstance(no_space, AmiMessage)
     assert with_space.headers[-1] == ("UserField", "")
     assert with_space.get("UserField") == ""
     assert no_space.get("UserField", "missing") == ""
@@ -130,7 +133,7 @@ def test_only_one_space_after_the_colon_is_removed() -> None:
     [("Ion Ștefan Bălănescu", "Ș"), ("Jörg Müller", "ö"), ("Vasile Ionescu ș", "ș")],
 )
 def test_utf8_character_split_between_reads_survives(text: str, cut: str) -> None:
-    frame = f"Event: Cdr\r\nCallerID: \"{text}\" <0744123456>\r\n\r\n".encode()
+    frame = f'Event: Cdr\r\nCallerID: "{text}" <0744123456>\r\n\r\n'.encode()
     split_at = frame.index(cut.encode()) + 1  # inside the multi-byte sequence
     parser = FrameParser(expect_banner=False)
     assert parser.feed(frame[:split_at]) == []
@@ -145,15 +148,15 @@ def test_non_utf8_value_decodes_as_latin1_without_losing_bytes() -> None:
     assert isinstance(msg, AmiMessage)
     value = msg.get("CallerIDName")
     assert value == "Andr\xe9 \xff\x80"
-    assert value is not None and value.encode("latin-1") == b"Andr\xe9 \xff\x80"
+    assert value is not None
+    assert value.encode("latin-1") == b"Andr\xe9 \xff\x80"
     assert msg.get("Exten") == "100"  # other headers still UTF-8
 
 
 def test_bare_lf_or_cr_inside_a_value_does_not_split_the_frame() -> None:
     """A hostile caller name reaches the Cdr CallerID raw; it must not forge an Event line."""
     payload = (
-        b'Event: Cdr\r\nCallerID: "Evil\\\nEvent: Forged\\\rX: y\\\r\\\nZ: w" <1>\r\n'
-        b"Disposition: ANSWERED\r\n\r\n"
+        b'Event: Cdr\r\nCallerID: "Evil\\\nEvent: Forged\\\rX: y\\\r\\\nZ: w" <1>\r\nDisposition: ANSWERED\r\n\r\n'
     )
     items = FrameParser(expect_banner=False).feed(payload)
     assert len(items) == 1
@@ -229,14 +232,13 @@ def test_banner_split_across_reads() -> None:
     assert parser.feed(b"Asterisk Call Man") == []
     items = parser.feed(b"ager/11.0.0\r\nResponse: Success\r\n\r\n")
     assert items[0] == Banner(version="11.0.0", raw=b"Asterisk Call Manager/11.0.0\r\n")
-    assert isinstance(items[1], AmiMessage) and items[1].response == "Success"
+    assert isinstance(items[1], AmiMessage)
+    assert items[1].response == "Success"
 
 
 def test_encode_action_reproduces_the_recorded_login_and_ping() -> None:
     sent = (FIXTURES / "shutdown.sent").read_bytes()
-    login = encode_action(
-        "Login", "shutdown-1", Username="clickphone", Secret="labsecret", Events="on"
-    )
+    login = encode_action("Login", "shutdown-1", Username="clickphone", Secret="labsecret", Events="on")
     ping = encode_action("Ping", "shutdown-2")
     assert sent == login + ping
 
@@ -269,7 +271,7 @@ def test_any_chunking_yields_the_same_messages(scenario: str, cuts: list[int]) -
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     parser = FrameParser()
     chunked: list[AmiMessage | Banner] = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         chunked.extend(parser.feed(data[start:end]))
     assert chunked == FrameParser().feed(data)
 
@@ -281,9 +283,7 @@ def test_load_transcript_classifies_frames_and_keeps_bytes() -> None:
         assert transcript.banner == b"Asterisk Call Manager/11.0.0\r\n"
         assert len(transcript.frames) == expected["message_count"]
         assert len(transcript.events) == expected["event_count"]
-        assert transcript.banner + b"".join(f.raw for f in transcript.frames) == (
-            path.read_bytes()
-        )
+        assert transcript.banner + b"".join(f.raw for f in transcript.frames) == (path.read_bytes())
         # replay skips the responses and the login's FullyBooted
         replay = transcript.replay_frames
         assert len(replay) == expected["event_count"] - 1

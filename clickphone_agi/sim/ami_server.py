@@ -41,8 +41,7 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 DEFAULT_BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 #: The event Asterisk sends right after a successful Login (copied from the recordings).
 DEFAULT_FULLY_BOOTED = (
-    b"Event: FullyBooted\r\nPrivilege: system,all\r\nUptime: 1\r\nLastReload: 1\r\n"
-    b"Status: Fully Booted\r\n\r\n"
+    b"Event: FullyBooted\r\nPrivilege: system,all\r\nUptime: 1\r\nLastReload: 1\r\nStatus: Fully Booted\r\n\r\n"
 )
 
 _END = b"\r\n\r\n"
@@ -200,9 +199,7 @@ class AmiReplayServer:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("AmiReplayServer already started")
-        self._server = await asyncio.start_server(
-            self._handle, self._host, self._requested_port
-        )
+        self._server = await asyncio.start_server(self._handle, self._host, self._requested_port)
         log.info("ami_sim.listening", host=self._host, port=self.port)
 
     async def close(self) -> None:
@@ -260,8 +257,7 @@ class AmiReplayServer:
             await self.wait_until(lambda: bool(self.logged_in), timeout)
         else:
             target = logins
-            await self.wait_until(lambda: self.logins_ok >= target and bool(self.logged_in),
-                                  timeout)
+            await self.wait_until(lambda: self.logins_ok >= target and bool(self.logged_in), timeout)
         return self.logged_in[-1]
 
     def _notify(self) -> None:
@@ -274,9 +270,7 @@ class AmiReplayServer:
         """Play these, in order, to the next client that logs in (the demo's script)."""
         self._queued.extend(_resolve(s) for s in scenarios)
 
-    async def play(
-        self, scenario: Transcript | Path | str, *, connection: int | None = None
-    ) -> int:
+    async def play(self, scenario: Transcript | Path | str, *, connection: int | None = None) -> int:
         """Send the scenario's event frames, byte for byte, to the logged-in client(s).
 
         After an ``Event: Shutdown`` frame the connection is closed, as Asterisk does.
@@ -287,8 +281,7 @@ class AmiReplayServer:
         frames = transcript.replay_frames
         for conn in targets:
             await self._send_frames(conn, frames)
-        log.info("ami_sim.played", scenario=transcript.name, frames=len(frames),
-                 connections=[c.ident for c in targets])
+        log.info("ami_sim.played", scenario=transcript.name, frames=len(frames), connections=[c.ident for c in targets])
         return len(frames)
 
     async def send_raw(self, data: bytes, *, connection: int | None = None) -> None:
@@ -371,15 +364,10 @@ class AmiReplayServer:
         self.actions_received.append(message.as_dict())
         self._notify()
         if action == "login":
-            if (
-                message.get("Username") == self._username
-                and message.get("Secret") == self._secret
-            ):
+            if message.get("Username") == self._username and message.get("Secret") == self._secret:
                 conn.logged_in = True
                 self.logins_ok += 1
-                conn.write(
-                    _response("Success", action_id, ("Message", "Authentication accepted"))
-                )
+                conn.write(_response("Success", action_id, ("Message", "Authentication accepted")))
                 conn.write(self._fully_booted)
                 log.info("ami_sim.login_ok", connection=conn.ident)
                 self._notify()
@@ -396,11 +384,7 @@ class AmiReplayServer:
         elif action == "ping":
             if self.answer_pings:
                 self.pings_answered += 1
-                conn.write(
-                    _response(
-                        "Success", action_id, ("Ping", "Pong"), ("Timestamp", f"{time.time():.6f}")
-                    )
-                )
+                conn.write(_response("Success", action_id, ("Ping", "Pong"), ("Timestamp", f"{time.time():.6f}")))
         elif action == "logoff":
             conn.write(_response("Goodbye", action_id, ("Message", "Thanks for all the fish.")))
             conn.close()

@@ -202,16 +202,12 @@ class AmiClient:
                     break
                 if outcome is _Outcome.AUTH_FAILED:
                     self._state = "auth_failed"
-                    log.warning(
-                        "ami.auth_retry_wait", seconds=self._auth_backoff, user=self._username
-                    )
+                    log.warning("ami.auth_retry_wait", seconds=self._auth_backoff, user=self._username)
                     await self._sleep_or_stop(self._auth_backoff, stop_waiter)
                     continue
                 if self._connects != connects_before:
                     attempt = 0
-                delay = self._rng.uniform(
-                    0.0, min(self._backoff_max, self._backoff_initial * 2.0**attempt)
-                )
+                delay = self._rng.uniform(0.0, min(self._backoff_max, self._backoff_initial * 2.0**attempt))
                 attempt = min(attempt + 1, 62)
                 self._state = "backoff"
                 log.info("ami.backoff", seconds=round(delay, 3), attempt=attempt)
@@ -248,10 +244,13 @@ class AmiClient:
             try:
                 await self._login(writer, reading)
             except AmiAuthError as exc:
+                self._state = "auth_failed"
                 self._auth_failures += 1
                 self._last_error = str(exc)
                 log.error(
-                    "ami.auth_failed", user=self._username, reason=str(exc),
+                    "ami.auth_failed",
+                    user=self._username,
+                    reason=str(exc),
                     failures=self._auth_failures,
                 )
                 return _Outcome.AUTH_FAILED
@@ -262,28 +261,23 @@ class AmiClient:
             self._state = "connected"
             self._connects += 1
             log.info(
-                "ami.connected", host=self._host, port=self._port,
-                asterisk_version=self._asterisk_version, connects=self._connects,
+                "ami.connected",
+                host=self._host,
+                port=self._port,
+                asterisk_version=self._asterisk_version,
+                connects=self._connects,
             )
             pinging = asyncio.ensure_future(self._ping_loop(writer))
             await asyncio.wait({reading, pinging}, return_when=asyncio.FIRST_COMPLETED)
             if not self._stopping:
                 self._disconnects += 1
-                if reading.done() and not reading.cancelled() and reading.exception():
-                    self._note_error("ami.disconnected", reading.exception())
-                elif reading.done():
-                    self._last_error = "connection closed by Asterisk"
-                    log.warning("ami.disconnected", reason=self._last_error)
-                else:
-                    log.warning("ami.disconnected", reason=self._last_error)
+                self._note_disconnect(reading, pinging)
             return _Outcome.LOST
         finally:
             for task in (reading, pinging):
                 if task is not None:
                     task.cancel()
-            await asyncio.gather(
-                *(t for t in (reading, pinging) if t is not None), return_exceptions=True
-            )
+            await asyncio.gather(*(t for t in (reading, pinging) if t is not None), return_exceptions=True)
             for fut in self._pending.values():
                 fut.cancel()
             self._pending.clear()
@@ -299,7 +293,10 @@ class AmiClient:
             banner = await banner_fut
             self._asterisk_version = banner.version
             return await self._request(
-                writer, "Login", Username=self._username, Secret=self._secret,
+                writer,
+                "Login",
+                Username=self._username,
+                Secret=self._secret,
                 Events=self._events,
             )
 
@@ -323,9 +320,7 @@ class AmiClient:
         if (response.response or "").lower() != "success":
             raise AmiAuthError(response.get("Message") or response.response or "login refused")
 
-    async def _request(
-        self, writer: asyncio.StreamWriter, action: str, **fields: str
-    ) -> AmiMessage:
+    async def _request(self, writer: asyncio.StreamWriter, action: str, **fields: str) -> AmiMessage:
         action_id = f"{self._id_prefix}-{next(self._ids)}"
         fut: asyncio.Future[AmiMessage] = asyncio.get_running_loop().create_future()
         self._pending[action_id] = fut
@@ -359,14 +354,17 @@ class AmiClient:
         if message.event == "Shutdown":
             log.warning(
                 "ami.asterisk_shutdown",
-                shutdown=message.get("Shutdown"), restart=message.get("Restart"),
+                shutdown=message.get("Shutdown"),
+                restart=message.get("Restart"),
             )
         try:
             self._on_message(message)
         except Exception as exc:
             self._callback_errors += 1
             log.exception(
-                "ami.callback_error", ami_event=message.event, error=repr(exc),
+                "ami.callback_error",
+                ami_event=message.event,
+                error=repr(exc),
                 callback_errors=self._callback_errors,
             )
 
@@ -380,7 +378,8 @@ class AmiClient:
                 self._pings_missed += 1
                 self._last_error = f"no Ping response within {self._ping_timeout:g} s"
                 log.warning(
-                    "ami.ping_timeout", timeout=self._ping_timeout,
+                    "ami.ping_timeout",
+                    timeout=self._ping_timeout,
                     pings_missed=self._pings_missed,
                 )
                 writer.transport.abort()
@@ -422,6 +421,17 @@ class AmiClient:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         raise TimeoutError(f"timed out after {seconds:g} s")
+
+    def _note_disconnect(self, reading: asyncio.Future[None], pinging: asyncio.Future[None]) -> None:
+        """Record why a logged-in link ended. The ping watchdog's verdict wins: its abort also
+        ends the reader, which would otherwise look like an ordinary close."""
+        for task in (pinging, reading):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self._note_error("ami.disconnected", task.exception())
+                return
+        if not pinging.done():
+            self._last_error = "connection closed by Asterisk"
+        log.warning("ami.disconnected", reason=self._last_error, disconnects=self._disconnects)
 
     def _note_error(self, event: str, exc: BaseException | None) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}" if exc is not None else None

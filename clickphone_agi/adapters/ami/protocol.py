@@ -134,9 +134,7 @@ class FrameParser:
     be dropped.
     """
 
-    def __init__(
-        self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, expect_banner: bool = True
-    ) -> None:
+    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, expect_banner: bool = True) -> None:
         if max_frame_bytes < 4:
             raise ValueError("max_frame_bytes must be at least 4")
         self._max = max_frame_bytes
@@ -161,9 +159,7 @@ class FrameParser:
             end = self._buf.find(_END, self._scan_from)
             if end < 0:
                 if len(self._buf) > self._max:
-                    raise AmiProtocolError(
-                        f"AMI frame exceeds {self._max} bytes without an end (CRLF CRLF)"
-                    )
+                    raise AmiProtocolError(f"AMI frame exceeds {self._max} bytes without an end (CRLF CRLF)")
                 # the terminator may straddle this read and the next
                 self._scan_from = max(0, len(self._buf) - 3)
                 return out
