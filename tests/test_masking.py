@@ -154,9 +154,7 @@ _SEPARATORS = st.sampled_from([" ", ", ", "\n", "\t", "=", ":", "(", ")", "/", "
     st.lists(st.tuples(_FILLER, _SEPARATORS, _PHONES, _SEPARATORS), min_size=1, max_size=5),
     _FILLER,
 )
-def test_mask_text_never_lets_a_full_phone_number_through(
-    parts: list[tuple[str, str, str, str]], tail: str
-) -> None:
+def test_mask_text_never_lets_a_full_phone_number_through(parts: list[tuple[str, str, str, str]], tail: str) -> None:
     text = "".join(f"{filler}{left}{phone}{right}" for filler, left, phone, right in parts) + tail
     masked = mask_text(text)
     for _, _, phone, _ in parts:
@@ -229,9 +227,7 @@ def test_secret_keys_are_recognised(key: str) -> None:
     assert is_secret_key(key)
 
 
-@pytest.mark.parametrize(
-    "key", ["caller", "ping_interval", "mapping", "shipping", "spinner", "opinion", "event"]
-)
+@pytest.mark.parametrize("key", ["caller", "ping_interval", "mapping", "shipping", "spinner", "opinion", "event"])
 def test_ordinary_keys_are_not_secret(key: str) -> None:
     assert not is_secret_key(key)
 

@@ -116,9 +116,7 @@ def test_watchdog_for_another_pid_is_not_ours(manager: tuple[socket.socket, str]
 
 
 @pytest.mark.parametrize("usec", [None, "", "0", "-5", "soon"])
-def test_no_usable_watchdog_usec_means_no_watchdog(
-    manager: tuple[socket.socket, str], usec: str | None
-) -> None:
+def test_no_usable_watchdog_usec_means_no_watchdog(manager: tuple[socket.socket, str], usec: str | None) -> None:
     _, path = manager
     env = {"NOTIFY_SOCKET": path}
     if usec is not None:

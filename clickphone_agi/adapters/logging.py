@@ -119,10 +119,7 @@ def configure_logging(
     # else: ConsoleRenderer renders exc_info itself.
 
     renderer: Processor
-    if use_json:
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=tty)
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=tty)
     processors.append(renderer)
 
     structlog.configure(

@@ -195,10 +195,7 @@ def is_secret_key(key: str) -> bool:
 
 def _redact(v: object) -> object:
     if isinstance(v, Mapping):
-        return {
-            k: REDACTED if isinstance(k, str) and is_secret_key(k) else _redact(item)
-            for k, item in v.items()
-        }
+        return {k: REDACTED if isinstance(k, str) and is_secret_key(k) else _redact(item) for k, item in v.items()}
     if isinstance(v, list):
         return [_redact(item) for item in v]
     if isinstance(v, tuple):
