@@ -14,18 +14,18 @@ import os
 import signal
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from clickphone_agi import __version__
 from clickphone_agi.adapters.ami.client import AmiClient
-from clickphone_agi.adapters.ami.protocol import AmiMessage
+from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
@@ -35,10 +35,12 @@ from clickphone_agi.adapters.systemd import SdNotifier
 from clickphone_agi.clock import Clock, SystemClock
 from clickphone_agi.config.loader import ConfigError, LoadedConfig, load_config
 from clickphone_agi.config.schema import Config, SmtpConfig
+from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.delivery import message_id
-from clickphone_agi.domain.keys import cdr_key
 from clickphone_agi.domain.outbox import OutboxMessage
-from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.ports import Store
+from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
+from clickphone_agi.services.reconcile import CdrReconciler
 
 log = structlog.get_logger(__name__)
 
@@ -82,70 +84,17 @@ async def enqueue_test_mail(store: Store, clock: Clock, smtp: SmtpConfig, to: st
     return key
 
 
-class Ingest:
-    """Takes AMI messages from the reader (which only enqueues) and records their effects.
+@dataclass
+class Components:
+    """Everything the running daemon built, for status, drain and reload."""
 
-    At this stage every CDR is recorded under its idempotency key, so a replayed or duplicated
-    CDR is stored once; later issues hang rating and notices on the same path.
-    """
-
-    def __init__(self, store: Store, system_name: str) -> None:
-        self._store = store
-        self._system = system_name
-        self._queue: asyncio.Queue[AmiMessage | None] = asyncio.Queue()
-        self.events: Counter[str] = Counter()
-        self.cdrs_recorded = 0
-        self.cdrs_duplicate = 0
-        self.errors = 0
-        self.high_water = 0
-
-    def offer(self, message: AmiMessage) -> None:
-        """The reader's callback: never blocks, never drops."""
-        self._queue.put_nowait(message)
-        self.high_water = max(self.high_water, self._queue.qsize())
-
-    @property
-    def backlog(self) -> int:
-        return self._queue.qsize()
-
-    def close(self) -> None:
-        """No more input: :meth:`run` returns once everything queued so far is recorded."""
-        self._queue.put_nowait(None)
-
-    async def run(self) -> None:
-        while (message := await self._queue.get()) is not None:
-            try:
-                await self._handle(message)
-            except Exception:
-                self.errors += 1
-                log.exception("ingest.failed", ami_event=message.event)
-
-    async def _handle(self, message: AmiMessage) -> None:
-        name = message.event
-        if name is None:
-            return
-        self.events[name] += 1
-        if name != "Cdr":
-            return
-        key = cdr_key(self._system, message.get("UniqueID") or "", message.get("DestinationChannel") or "")
-
-        def record(tx: WriteTx) -> bool:
-            return tx.claim_event(key, "cdr")
-
-        if await self._store.write(record):
-            self.cdrs_recorded += 1
-            log.info(
-                "cdr.recorded",
-                key=key,
-                account=message.get("AccountCode"),
-                src=message.get("Source"),
-                dst=message.get("Destination"),
-                disposition=message.get("Disposition"),
-                billsec=message.get("BillableSeconds"),
-            )
-        else:
-            self.cdrs_duplicate += 1
-            log.info("cdr.duplicate", key=key)
+    store: SqliteStore
+    queue: EventQueue
+    processor: EventProcessor
+    worker: IngestWorker
+    sender: OutboxSender
+    reconciler: CdrReconciler | None
+    ami: AmiClient | None
 
 
 @dataclass
@@ -166,10 +115,7 @@ class Daemon:
         self.reloads = 0
         self.reload_failures = 0
         self._started = time.monotonic()
-        self._store: SqliteStore | None = None
-        self._ingest: Ingest | None = None
-        self._sender: OutboxSender | None = None
-        self._ami: AmiClient | None = None
+        self._parts: Components | None = None
 
     @property
     def config(self) -> Config:
@@ -187,39 +133,44 @@ class Daemon:
         finally:
             lock.release()
 
-    async def _run_locked(self) -> int:
+    async def _build(self, store: SqliteStore) -> Components:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        if self.install_signal_handlers:
-            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-            loop.add_signal_handler(signal.SIGINT, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        store = self._store = await SqliteStore.open(
-            cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout
+        zone = ZoneInfo(cfg.asterisk.timezone)
+        processor = EventProcessor(store, await store.went_live_at())
+        reconciler = None
+        if cfg.asterisk.master_csv is not None:
+            tailer = MasterCsvTailer(
+                cfg.asterisk.master_csv,
+                system_name=cfg.asterisk.system_name,
+                timezone=zone,
+                gmt=cfg.asterisk.master_csv_gmt,
+            )
+            reconciler = CdrReconciler(store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval)
+
+        def gap(reason: str) -> None:
+            if reconciler is not None:
+                reconciler.request(reason)
+
+        queue = EventQueue(cfg.ami.queue_size, on_overflow=lambda: gap("ingest queue overflow"))
+        worker = IngestWorker(
+            queue,
+            processor,
+            TranslateContext(cfg.asterisk.system_name, zone),
+            on_connected=lambda: gap("AMI connected"),
         )
-        store.start()
-        ingest = self._ingest = Ingest(store, cfg.asterisk.system_name)
-        sender = self._sender = OutboxSender(
+        sender = OutboxSender(
             store, self.clock, config=lambda: self.config.smtp, password=self.loaded.secrets.smtp_password
         )
-        control = ControlServer(cfg.daemon.control_socket, self._commands())
-        await control.start()
-
-        intake_stop = asyncio.Event()
-        sender_stop = asyncio.Event()
-        tasks: dict[str, asyncio.Task[Any]] = {
-            "ingest": asyncio.create_task(ingest.run(), name="ingest"),
-            "sender": asyncio.create_task(sender.run(sender_stop), name="sender"),
-        }
+        ami = None
         if cfg.ami.enabled:
-            self._ami = AmiClient(
+            ami = AmiClient(
                 cfg.ami.host,
                 cfg.ami.port,
                 cfg.ami.username,
                 self.loaded.secrets.ami_secret or "",
                 cfg.ami.events,
                 self.clock,
-                ingest.offer,
+                queue.offer,
                 ping_interval=cfg.ami.ping_interval,
                 ping_timeout=cfg.ami.ping_timeout,
                 connect_timeout=cfg.ami.connect_timeout,
@@ -227,18 +178,42 @@ class Daemon:
                 backoff_max=cfg.ami.backoff_max,
                 auth_backoff=cfg.ami.auth_backoff,
             )
-            tasks["ami"] = asyncio.create_task(self._ami.run(intake_stop), name="ami")
+        return Components(store, queue, processor, worker, sender, reconciler, ami)
+
+    async def _run_locked(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if self.install_signal_handlers:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        store = await SqliteStore.open(cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout)
+        store.start()
+        parts = self._parts = await self._build(store)
+        control = ControlServer(cfg.daemon.control_socket, self._commands())
+        await control.start()
+
+        intake_stop = asyncio.Event()
+        background_stop = asyncio.Event()
+        tasks: dict[str, asyncio.Task[Any]] = {
+            "ingest": asyncio.create_task(parts.worker.run(), name="ingest"),
+            "sender": asyncio.create_task(parts.sender.run(background_stop), name="sender"),
+        }
+        if parts.reconciler is not None:
+            tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
+        if parts.ami is not None:
+            tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
         helpers = [
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._status_loop(), name="status"),
         ]
-
         log.info(
             "daemon.ready",
             version=__version__,
             database=str(cfg.database.path),
             control_socket=str(cfg.daemon.control_socket),
             ami=f"{cfg.ami.host}:{cfg.ami.port}" if cfg.ami.enabled else None,
+            master_csv=str(cfg.asterisk.master_csv) if cfg.asterisk.master_csv else None,
         )
         self.notifier.ready(self._status_text())
         self.ready.set()
@@ -246,19 +221,25 @@ class Daemon:
         stop_wait = asyncio.create_task(self.stop_requested.wait())
         crashed = await self._wait_stop_or_crash(stop_wait, tasks)
 
-        # ---- drain ------------------------------------------------------------------------
+        # ---- drain: stop intake, finish what was received, then the background tasks -------
         self.notifier.stopping()
         started = time.monotonic()
         bound = cfg.daemon.drain_timeout
-        log.info("daemon.stopping", backlog=ingest.backlog, drain_timeout=bound)
+
+        def left() -> float:
+            return max(0.1, bound - (time.monotonic() - started))
+
+        log.info("daemon.stopping", backlog=parts.queue.depth, drain_timeout=bound)
         intake_stop.set()
         if "ami" in tasks:
             await _bounded(tasks["ami"], bound / 4)
-        ingest.close()
-        ingest_done = await _bounded(tasks["ingest"], max(0.1, bound - (time.monotonic() - started)))
-        sender_stop.set()
-        sender.wake()
-        await _bounded(tasks["sender"], max(0.1, bound - (time.monotonic() - started)))
+        parts.queue.close()
+        drained = await _bounded(tasks["ingest"], left())
+        background_stop.set()
+        parts.sender.wake()
+        for name in ("sender", "reconcile"):
+            if name in tasks:
+                await _bounded(tasks[name], left())
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
@@ -266,10 +247,10 @@ class Daemon:
         await store.close()
         log.info(
             "daemon.stopped",
-            drained=ingest_done,
-            left_in_queue=ingest.backlog,
-            cdrs_recorded=ingest.cdrs_recorded,
-            mails_sent=sender.sent,
+            drained=drained,
+            left_in_queue=parts.queue.depth,
+            cdrs_recorded=parts.processor.applied["cdr"],
+            mails_sent=parts.sender.sent,
             seconds=round(time.monotonic() - started, 3),
         )
         return 1 if crashed else 0
@@ -288,10 +269,14 @@ class Daemon:
         return True
 
     def _status_text(self) -> str:
-        ami = self._ami.state if self._ami else "disabled"
-        ingest = self._ingest
-        cdrs = ingest.cdrs_recorded if ingest else 0
-        return f"AMI {ami}; {cdrs} CDRs recorded; {self._sender.sent if self._sender else 0} mails sent"
+        parts = self._parts
+        if parts is None:
+            return "starting"
+        ami = parts.ami.state if parts.ami else "disabled"
+        return (
+            f"AMI {ami}; {parts.processor.applied['cdr']} CDRs recorded; queue {parts.queue.depth};"
+            f" {parts.sender.sent} mails sent"
+        )
 
     async def _status_loop(self) -> None:
         while True:
@@ -337,45 +322,56 @@ class Daemon:
         table.register("db.migrate", self._cmd_migrate)
         return table
 
-    def _parts(self) -> tuple[SqliteStore, Ingest, OutboxSender]:
-        if self._store is None or self._ingest is None or self._sender is None:
+    def _running(self) -> Components:
+        if self._parts is None:
             raise CommandError("the daemon is still starting")
-        return self._store, self._ingest, self._sender
+        return self._parts
 
     async def _cmd_status(self, _args: dict[str, Any]) -> dict[str, Any]:
-        store, ingest, _sender = self._parts()
-        ami = self._ami
+        parts = self._running()
+        ami, worker, proc, rec = parts.ami, parts.worker, parts.processor, parts.reconciler
+        last = worker.last_event_monotonic
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
-            "database": str(store.path),
-            "went_live_at": (await store.went_live_at()).isoformat(),
-            "ami": None
-            if ami is None
-            else {
-                "state": ami.state,
-                "connects": ami.connects,
-                "auth_failures": ami.auth_failures,
-                "pings_missed": ami.pings_missed,
-                "messages": ami.messages_received,
-                "asterisk_version": ami.asterisk_version,
-                "last_error": ami.last_error,
+            "database": str(parts.store.path),
+            "went_live_at": (await parts.store.went_live_at()).isoformat(),
+            "ami": None if ami is None else {**ami.snapshot(), "connected": ami.state == "connected"},
+            "last_event_age_seconds": None if last is None else round(time.monotonic() - last, 3),
+            "events": dict(worker.events_by_type),
+            "translated": dict(worker.translated),
+            "translate_errors": worker.translate_errors,
+            "effects": {"applied": dict(proc.applied), "duplicates": dict(proc.duplicates)},
+            "cdrs": {"recorded": proc.applied["cdr"], "duplicates": proc.duplicates["cdr"]},
+            "queue": {
+                "depth": parts.queue.depth,
+                "high_water": parts.queue.high_water,
+                "max": parts.queue.maxsize,
+                "dropped": parts.queue.dropped,
             },
-            "events": dict(ingest.events),
-            "cdrs": {"recorded": ingest.cdrs_recorded, "duplicates": ingest.cdrs_duplicate},
-            "ingest_backlog": ingest.backlog,
-            "outbox": await store.outbox_counts(),
+            "ingest_backlog": parts.queue.depth,
+            "reconcile": None
+            if rec is None
+            else {
+                "passes": rec.passes,
+                "rows_seen": rec.rows_seen,
+                "recovered": rec.recovered,
+                "row_errors": rec.row_errors,
+                "gaps_suspected": rec.gaps_suspected,
+                "last_error": rec.last_error,
+            },
+            "outbox": await parts.store.outbox_counts(),
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
-            "storage": {"commits": store.commits, "units": store.units},
+            "storage": {"commits": parts.store.commits, "units": parts.store.units},
         }
 
     async def _cmd_mail_test(self, args: dict[str, Any]) -> dict[str, Any]:
-        store, _ingest, sender = self._parts()
+        parts = self._running()
         to = args.get("to")
         if not isinstance(to, str):
             raise CommandError("to: expected an e-mail address")
-        key = await enqueue_test_mail(store, self.clock, self.config.smtp, to)
-        sender.wake()
+        key = await enqueue_test_mail(parts.store, self.clock, self.config.smtp, to)
+        parts.sender.wake()
         return {"queued": key, "by": "daemon"}
 
     async def _cmd_migrate(self, _: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
 
 T = TypeVar("T")
@@ -24,6 +25,14 @@ class WriteTx(Protocol):
 
     def claim_event(self, key: str, kind: str) -> bool:
         """Record an event's idempotency key; False if it was already processed."""
+        ...
+
+    def record_call(self, call: CallEnded) -> None:
+        """Store one CDR (call after :meth:`claim_event` succeeded for its key)."""
+        ...
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Small durable state such as the Master.csv read position."""
         ...
 
     def enqueue(self, message: OutboxMessage) -> bool:
@@ -55,3 +64,5 @@ class Store(Protocol):
     async def outbox_counts(self) -> dict[str, int]: ...
 
     async def event_count(self, kind: str | None = None) -> int: ...
+
+    async def get_meta(self, key: str) -> str | None: ...

@@ -91,6 +91,7 @@ class AmiConfig(Section):
     backoff_initial: PositiveSeconds = 1
     backoff_max: PositiveSeconds = 60
     auth_backoff: PositiveSeconds = 300
+    queue_size: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
 
 
 class AgiConfig(Section):
@@ -124,6 +125,9 @@ class AsteriskConfig(Section):
     timezone: TimeZoneName = "Europe/Bucharest"
     voicemail_spool: Path = Path("/var/spool/asterisk/voicemail")
     fax_spool: Path = Path("/var/spool/asterisk/fax")
+    master_csv: Path | None = Path("/var/log/asterisk/cdr-csv/Master.csv")
+    master_csv_gmt: StrictBool = False
+    reconcile_interval: PositiveSeconds = 60
 
 
 class BillingConfig(Section):

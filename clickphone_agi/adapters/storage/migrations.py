@@ -49,6 +49,39 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",
         ),
     ),
+    Migration(
+        2,
+        "call records from AMI Cdr events and Master.csv reconciliation",
+        (
+            # One row per CDR (a Local-channel call has 3-4); the key is the idempotency key
+            # shared by the AMI event and its Master.csv twin. Personal data: purged after
+            # privacy.cdr_retention_days.
+            """CREATE TABLE cdrs (
+                   key                 TEXT PRIMARY KEY,
+                   system_name         TEXT NOT NULL,
+                   account             TEXT NOT NULL,
+                   unique_id           TEXT NOT NULL,
+                   linked_id           TEXT,
+                   sequence            INTEGER,
+                   source              TEXT NOT NULL,
+                   destination         TEXT NOT NULL,
+                   destination_context TEXT NOT NULL,
+                   channel             TEXT NOT NULL,
+                   destination_channel TEXT NOT NULL,
+                   last_application    TEXT NOT NULL,
+                   disposition         TEXT NOT NULL,
+                   duration            INTEGER NOT NULL,
+                   billable_seconds    INTEGER NOT NULL,
+                   start_at            TEXT NOT NULL,
+                   answer_at           TEXT,
+                   end_at              TEXT NOT NULL,
+                   origin              TEXT NOT NULL,
+                   recorded_at         TEXT NOT NULL
+               ) WITHOUT ROWID""",
+            "CREATE INDEX cdrs_account_end ON cdrs (account, end_at)",
+            "CREATE INDEX cdrs_linked ON cdrs (linked_id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -25,6 +25,7 @@ import structlog
 
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.clock import Clock
+from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.ports import WriteTx
 
@@ -198,6 +199,43 @@ class SqliteTx:
             (key, kind, to_db(self.now)),
         )
         return cur.rowcount == 1
+
+    def record_call(self, call: CallEnded) -> None:
+        self._conn.execute(
+            """INSERT OR IGNORE INTO cdrs
+                   (key, system_name, account, unique_id, linked_id, sequence, source, destination,
+                    destination_context, channel, destination_channel, last_application, disposition,
+                    duration, billable_seconds, start_at, answer_at, end_at, origin, recorded_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                call.key,
+                call.system_name,
+                call.account,
+                call.unique_id,
+                call.linked_id,
+                call.sequence,
+                call.source,
+                call.destination,
+                call.destination_context,
+                call.channel,
+                call.destination_channel,
+                call.last_application,
+                str(call.disposition),
+                call.duration,
+                call.billable_seconds,
+                to_db(call.start),
+                to_db(call.answer) if call.answer else None,
+                to_db(call.end),
+                str(call.origin),
+                to_db(self.now),
+            ),
+        )
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def enqueue(self, message: OutboxMessage) -> bool:
         cur = self._conn.execute(
@@ -394,6 +432,17 @@ class SqliteStore:
         else:
             rows = await self._fetchall("SELECT COUNT(*) FROM processed_events WHERE kind = ?", (kind,))
         return int(rows[0][0])
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._fetchall("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def calls(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Stored CDRs, oldest first (tests, export)."""
+        sql = "SELECT * FROM cdrs WHERE ? IS NULL OR account = ? ORDER BY end_at, key"
+        async with self._reader.execute(sql, (account, account)) as cur:
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
     async def event_counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
