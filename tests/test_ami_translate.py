@@ -809,3 +809,27 @@ def test_translate_raises_only_translate_error_on_mutated_real_frames(
         if index and index < len(mutated):  # keep the Event header, change any other value
             mutated[index] = (mutated[index][0], value)
     assert_translates_or_translate_error(mutated)
+
+
+def test_clickphone_voicemail_user_event_carries_the_recorded_file() -> None:
+    """The dialplan snippet's hangup handler publishes VM_MESSAGEFILE; keyed on the file."""
+    from clickphone_agi.domain.events import VoicemailRecorded
+
+    headers = [
+        ("Event", "UserEvent"),
+        ("Privilege", "user,all"),
+        ("Uniqueid", "1795882906.13"),
+        ("Linkedid", "1795882906.12"),
+        ("UserEvent", "ClickPhoneVoicemail"),
+        ("Mailbox", "100@default"),
+        ("MessageFile", "/var/spool/asterisk/voicemail/default/100/INBOX/msg0000"),
+        ("VMStatus", "SUCCESS"),
+        ("AccountCode", "acct1001"),
+    ]
+    ctx = TranslateContext("pbx1", ZoneInfo("Europe/Bucharest"))
+    event = translate(headers, ctx)
+    assert isinstance(event, VoicemailRecorded)
+    assert (event.mailbox, event.context, event.status, event.account) == ("100", "default", "SUCCESS", "acct1001")
+    assert event.message_file.endswith("INBOX/msg0000")
+    assert event.key == translate(headers, ctx).key  # type: ignore[union-attr]
+    assert event.key.startswith("vmfile:pbx1:")

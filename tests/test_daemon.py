@@ -171,6 +171,8 @@ async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     assert emls
     assert str(emls[0]) in out
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["cdrs"]["duplicates"] == 3
+    assert report["cdrs"] == {"recorded": 22, "duplicates": 22}  # 3 replays + 19 Master.csv twins
+    assert report["reconcile"]["recovered"] == 3  # the long call that ended during the AMI gap
+    assert report["domain_events"]["CallEnded"] == 22
     assert report["events_by_type"]["Cdr"] > 0
     assert "0721000001" not in (out_dir / "daemon.log").read_text()  # caller numbers masked

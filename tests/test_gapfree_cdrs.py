@@ -18,25 +18,9 @@ from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.keys import cdr_key
 from clickphone_agi.sim.ami_server import AmiReplayServer, Transcript, load_transcript, packaged_scenarios
+from clickphone_agi.sim.master_csv import csv_record
 
 SYSTEM = "pbx1"
-CSV_COLUMNS = (
-    "AccountCode", "Source", "Destination", "DestinationContext", "CallerID", "Channel", "DestinationChannel",
-    "LastApplication", "LastData", "StartTime", "AnswerTime", "EndTime", "Duration", "BillableSeconds",
-    "Disposition", "AMAFlags", "UniqueID", "UserField",
-)  # fmt: skip
-
-
-def csv_line(cdr: AmiMessage) -> bytes:
-    """The Master.csv record cdr_csv writes for the same CDR (quoted strings, bare numbers/empty times)."""
-    parts = []
-    for name in CSV_COLUMNS:
-        value = cdr.get(name) or ""
-        if name in ("Duration", "BillableSeconds") or (name.endswith("Time") and not value):
-            parts.append(value)
-        else:
-            parts.append('"' + value.replace('"', '""') + '"')
-    return (",".join(parts) + "\n").encode()
 
 
 def cdrs_of(t: Transcript) -> list[AmiMessage]:
@@ -98,7 +82,7 @@ async def test_mid_stream_kill_and_logrotate_lose_nothing_and_double_nothing(
         await ami_server.play(answered)
         await until_recorded(3)
         with master.open("ab") as fh:
-            fh.writelines(csv_line(c) for c in cdrs_of(answered))
+            fh.writelines(csv_record(c) for c in cdrs_of(answered))
 
         # 2. the link dies in the middle of the long call, inside a frame, before its CDRs
         frames = long_call.replay_frames
@@ -111,10 +95,10 @@ async def test_mid_stream_kill_and_logrotate_lose_nothing_and_double_nothing(
         # 3. during the gap Asterisk writes the long call's CDRs, logrotate rotates Master.csv
         #    (create mode), and the busy call and a ring-group call land in the new file
         with master.open("ab") as fh:
-            fh.writelines(csv_line(c) for c in cdrs_of(long_call))
+            fh.writelines(csv_record(c) for c in cdrs_of(long_call))
         os.rename(master, csv_dir / "Master.csv.1")
         with master.open("wb") as fh:
-            fh.writelines(csv_line(c) for c in cdrs_of(busy))
+            fh.writelines(csv_record(c) for c in cdrs_of(busy))
             fh.writelines(ring_group_rows())
 
         # 4. the daemon reconnects (FullyBooted) and reconciles

@@ -13,6 +13,7 @@ Routing (one visible table, :data:`_HANDLERS`, plus the UserEvent names):
 * ``MessageWaiting`` → :class:`VoicemailWaiting`
 * ``ReceiveFAX`` / ``SendFAX`` → :class:`FaxReceived` / :class:`FaxSent`
 * ``UserEvent`` named in :data:`FAX_RESULT_USER_EVENTS` → :class:`FaxResult`
+* ``UserEvent: ClickPhoneVoicemail`` (the dialplan snippet's VM_MESSAGEFILE) → :class:`VoicemailRecorded`
 * ``UserEvent: ClickPhone<Name>``, ``<Name>`` in :data:`ACCOUNT_USER_EVENTS` → :class:`AccountEvent`
 * ``VoicemailPasswordChange`` → :class:`VoicemailPasswordChanged` (the password is never read)
 * ``FullyBooted`` / ``Shutdown`` → :class:`AsteriskLifecycle`
@@ -57,6 +58,7 @@ from clickphone_agi.domain.events import (
     FaxResult,
     FaxSent,
     VoicemailPasswordChanged,
+    VoicemailRecorded,
     VoicemailWaiting,
 )
 
@@ -97,6 +99,7 @@ can detect it with :func:`unsupported_user_event` and count it.
 """
 
 FAX_RESULT_USER_EVENTS: Final[frozenset[str]] = frozenset({"ClickPhoneFaxResult", "LabFaxResult"})
+VOICEMAIL_USER_EVENT: Final = "ClickPhoneVoicemail"
 """UserEvents published by a fax channel's hangup handler with the outcome (FAXSTATUS, FAXERROR,
 FAXOPT_status, FAXOPT_statusstr, FAXOPT_error, FAXPAGES, FAXBITRATE, FAXRESOLUTION,
 LOCALSTATIONID, REMOTESTATIONID, ``Direction: receive|send`` and optionally ``FileName``).
@@ -543,6 +546,22 @@ def _fax_result(f: _Frame, ctx: TranslateContext, linked_id_for: _LinkedIdFor) -
     )
 
 
+def _voicemail_recorded(f: _Frame, ctx: TranslateContext, linked_id_for: _LinkedIdFor) -> VoicemailRecorded:
+    mailbox, context = _split_mailbox(f, "Mailbox", "default")
+    message_file = _ident(f.required("MessageFile"), _MAX_PATH)
+    unique_id = f.get("Uniqueid")
+    return VoicemailRecorded(
+        key=f"vmfile:{_key_part(ctx.system_name)}:{_key_part(message_file)}",
+        mailbox=mailbox,
+        context=context,
+        message_file=message_file,
+        status=clean_text(f.get("VMStatus"), 32),
+        account=_ident(f.get("AccountCode")),
+        unique_id=_ident(unique_id),
+        linked_id=_ident(f.get("Linkedid") or linked_id_for(unique_id) or ""),
+    )
+
+
 def _is_noise(lower_name: str) -> bool:
     return lower_name in _NOISE_NAMES or lower_name.startswith(_NOISE_PREFIXES)
 
@@ -591,7 +610,7 @@ def unsupported_user_event(headers: Sequence[tuple[str, str]]) -> str | None:
     if f.event != "UserEvent":
         return None
     name = _user_event_name(f)
-    if not name.startswith(USER_EVENT_PREFIX) or name in FAX_RESULT_USER_EVENTS:
+    if not name.startswith(USER_EVENT_PREFIX) or name in FAX_RESULT_USER_EVENTS or name == VOICEMAIL_USER_EVENT:
         return None
     return None if name.removeprefix(USER_EVENT_PREFIX) in ACCOUNT_USER_EVENTS else clean_text(name, 64)
 
@@ -666,6 +685,8 @@ def translate(
         name = _user_event_name(f)
         if name in FAX_RESULT_USER_EVENTS:
             return _fax_result(f, ctx, linked_id_for)
+        if name == VOICEMAIL_USER_EVENT:
+            return _voicemail_recorded(f, ctx, linked_id_for)
         short = name.removeprefix(USER_EVENT_PREFIX)
         if name.startswith(USER_EVENT_PREFIX) and short in ACCOUNT_USER_EVENTS:
             return _account_event(short, f, headers, ctx)

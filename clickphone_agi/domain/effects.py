@@ -21,6 +21,7 @@ from clickphone_agi.domain.events import (
     FaxEvent,
     FaxResult,
     VoicemailPasswordChanged,
+    VoicemailRecorded,
     VoicemailWaiting,
 )
 
@@ -44,6 +45,8 @@ def plan(event: DomainEvent, went_live_at: datetime) -> Plan:
         return Plan(None, reason="no durable effect")
     if isinstance(event, VoicemailWaiting):
         return Plan("mwi")
+    if isinstance(event, VoicemailRecorded):
+        return Plan("voicemail")
     if isinstance(event, FaxResult):
         return Plan("fax_result")
     if isinstance(event, FaxEvent):

@@ -144,6 +144,24 @@ class FaxResult:
 
 
 @dataclass(frozen=True)
+class VoicemailRecorded:
+    """``UserEvent: ClickPhoneVoicemail`` from the dialplan snippet: the exact file just recorded.
+
+    ``message_file`` is Asterisk's ``VM_MESSAGEFILE`` (a path without extension); it is only a
+    hint, validated against the spool root before anything reads it.
+    """
+
+    key: str
+    mailbox: str
+    context: str
+    message_file: str
+    status: str
+    account: str
+    unique_id: str
+    linked_id: str
+
+
+@dataclass(frozen=True)
 class VoicemailPasswordChanged:
     """Never carries the new password: it is dropped in the translator."""
 
@@ -181,6 +199,7 @@ DomainEvent = (
     | FaxReceived
     | FaxSent
     | FaxResult
+    | VoicemailRecorded
     | VoicemailPasswordChanged
     | AccountEvent
     | AsteriskLifecycle

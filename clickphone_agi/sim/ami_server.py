@@ -5,6 +5,13 @@ banner on connect, Login checked against one username/secret (``Response: Error`
 wrong one, as Asterisk does), Ping answered with ``Ping: Pong`` and a timestamp, Logoff answered
 with ``Response: Goodbye`` and close. :meth:`AmiReplayServer.play` then sends the event frames of
 a recorded transcript byte for byte to the logged-in clients.
+
+Like Asterisk it does not wait for a client that stops reading: Asterisk writes to each AMI
+session with ``writetimeout`` (default 100 ms) and disconnects a client it cannot write to in
+that time, and the events that client missed are gone. Here every frame (events, raw bytes,
+responses) goes through a small write buffer (64 KiB in user space plus a 64 KiB ``SO_SNDBUF``);
+when it is above its high-water mark the server waits at most ``write_timeout`` for the client
+to take bytes, and aborts the connection if it took none (``slow_client_drops``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +53,17 @@ DEFAULT_FULLY_BOOTED = (
 )
 
 _END = b"\r\n\r\n"
+
+#: User-space write buffer above which the server waits for the client (asyncio's high-water mark).
+DEFAULT_WRITE_BUFFER_HIGH = 64 * 1024
+#: Kernel send buffer per connection, kept small so a client that stops reading fills it quickly.
+DEFAULT_SOCKET_SEND_BUFFER = 64 * 1024
+#: ``send_raw`` writes large payloads in pieces of this size, as Asterisk writes frame by frame.
+_RAW_CHUNK = 16 * 1024
+#: Loop iterations granted after a write timeout before judging the client: a stalled event loop
+#: (GC pause, busy CPU) fires the timer in the same iteration as the client's read, before the
+#: server's transport has pushed the freed space; a live client shows progress by then.
+_GRACE_ITERATIONS = 5
 
 
 @dataclass(frozen=True)
@@ -143,10 +162,6 @@ class _Connection:
     closed: bool = False
     actions: list[dict[str, str]] = field(default_factory=list)
 
-    def write(self, data: bytes) -> None:
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(data)
-
     def close(self) -> None:
         self.closed = True
         self.writer.close()
@@ -155,13 +170,24 @@ class _Connection:
         self.closed = True
         self.writer.transport.abort()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel (asyncio's user-space buffer)."""
+        return self.writer.transport.get_write_buffer_size()
+
 
 class AmiReplayServer:
     """Fake Asterisk AMI on loopback. Use ``async with AmiReplayServer(user, secret) as srv``.
 
     Counters for assertions: ``logins_ok``, ``logins_failed``, ``pings_answered``,
-    ``connections_accepted`` and ``actions_received`` (every action as a dict, in order).
+    ``connections_accepted``, ``slow_client_drops``, ``write_waits`` (times a write had to wait
+    for a client to read) and ``actions_received`` (every action as a dict, in order).
     Set ``answer_pings = False`` to simulate a half-open link.
+
+    ``write_timeout`` is Asterisk's ``writetimeout`` (seconds, real time): a client whose write
+    buffer stays above ``write_buffer_high`` bytes for that long without taking any of it is
+    disconnected, like Asterisk does, and what it missed is not sent again. ``socket_send_buffer``
+    sets the connection's ``SO_SNDBUF`` (``None`` keeps the system default).
     """
 
     def __init__(
@@ -173,13 +199,23 @@ class AmiReplayServer:
         port: int = 0,
         banner: bytes = DEFAULT_BANNER,
         fully_booted: bytes = DEFAULT_FULLY_BOOTED,
+        write_timeout: float = 0.1,
+        write_buffer_high: int = DEFAULT_WRITE_BUFFER_HIGH,
+        socket_send_buffer: int | None = DEFAULT_SOCKET_SEND_BUFFER,
     ) -> None:
+        if write_timeout <= 0:
+            raise ValueError("write_timeout must be > 0")
+        if write_buffer_high < 1:
+            raise ValueError("write_buffer_high must be >= 1")
         self._username = username
         self._secret = secret
         self._host = host
         self._requested_port = port
         self._banner = banner
         self._fully_booted = fully_booted
+        self._write_timeout = write_timeout
+        self._write_high = write_buffer_high
+        self._socket_send_buffer = socket_send_buffer
         self._server: asyncio.Server | None = None
         self._conns: dict[int, _Connection] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -192,6 +228,8 @@ class AmiReplayServer:
         self.logins_failed = 0
         self.pings_answered = 0
         self.connections_accepted = 0
+        self.slow_client_drops = 0
+        self.write_waits = 0
         self.actions_received: list[dict[str, str]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -285,11 +323,14 @@ class AmiReplayServer:
         return len(frames)
 
     async def send_raw(self, data: bytes, *, connection: int | None = None) -> None:
-        """Write arbitrary bytes to the logged-in client(s): split characters, garbage…"""
+        """Write arbitrary bytes to the logged-in client(s): split characters, garbage…
+
+        Bytes are written as given (one write for small payloads, pieces of 16 KiB for large
+        ones) and are subject to ``write_timeout`` like every frame."""
         for conn in self._targets(connection):
-            conn.write(data)
-            with contextlib.suppress(ConnectionError):
-                await conn.writer.drain()
+            for start in range(0, max(len(data), 1), _RAW_CHUNK):
+                if not await self._send(conn, data[start : start + _RAW_CHUNK]):
+                    break
 
     async def drop_clients(self) -> int:
         """Abort every connection without a goodbye (an Asterisk crash or restart)."""
@@ -313,17 +354,53 @@ class AmiReplayServer:
 
     async def _send_frames(self, conn: _Connection, frames: Iterable[TranscriptFrame]) -> None:
         for frame in frames:
-            if conn.closed:
+            if not await self._send(conn, frame.raw):
                 return
-            conn.write(frame.raw)
             if frame.message.event == "Shutdown":
-                with contextlib.suppress(ConnectionError):
-                    await conn.writer.drain()
-                conn.close()
+                conn.close()  # flushes what is buffered, then closes
                 self._notify()
                 return
-        with contextlib.suppress(ConnectionError):
-            await conn.writer.drain()
+
+    async def _send(self, conn: _Connection, data: bytes) -> bool:
+        """Write one frame as Asterisk does; ``False`` if the connection is gone (or dropped now)."""
+        if conn.closed or conn.writer.is_closing():
+            return False
+        conn.writer.write(data)
+        return await self._wait_writable(conn)
+
+    async def _wait_writable(self, conn: _Connection) -> bool:
+        """Asterisk's ``writetimeout``: while the buffer is above the high-water mark, wait for
+        the client to take bytes; abort it if it took none within ``write_timeout``."""
+        while not conn.closed and conn.buffered > self._write_high:
+            before = conn.buffered
+            self.write_waits += 1
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await conn.writer.drain()
+            except TimeoutError:
+                for _ in range(_GRACE_ITERATIONS):
+                    await asyncio.sleep(0)
+                if conn.closed:
+                    return False
+                if conn.buffered < before:
+                    continue  # the client is reading; only the loop was late
+                self._drop_slow_client(conn)
+                return False
+            except OSError:  # ConnectionResetError from drain(): the peer is gone
+                return False
+        return not conn.closed
+
+    def _drop_slow_client(self, conn: _Connection) -> None:
+        self.slow_client_drops += 1
+        log.warning(
+            "ami_sim.slow_client_dropped",
+            connection=conn.ident,
+            write_timeout=self._write_timeout,
+            buffered=conn.buffered,
+            slow_client_drops=self.slow_client_drops,
+        )
+        conn.abort()
+        self._notify()
 
     # -- per connection ---------------------------------------------------------------------
 
@@ -332,12 +409,13 @@ class AmiReplayServer:
         if task is not None:
             self._handlers.add(task)
         conn = _Connection(ident=next(self._ids), writer=writer)
+        self._limit_buffers(writer)
         self._conns[conn.ident] = conn
         self.connections_accepted += 1
         self._notify()
         parser = FrameParser(expect_banner=False)
         try:
-            conn.write(self._banner)
+            await self._send(conn, self._banner)
             while not conn.closed:
                 data = await reader.read(65536)
                 if not data:
@@ -358,6 +436,14 @@ class AmiReplayServer:
                 self._handlers.discard(task)
             self._notify()
 
+    def _limit_buffers(self, writer: asyncio.StreamWriter) -> None:
+        """Small buffers, so a client that stops reading is noticed after ~200 KiB, not megabytes."""
+        writer.transport.set_write_buffer_limits(high=self._write_high)
+        sock = writer.get_extra_info("socket")
+        if self._socket_send_buffer is not None and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._socket_send_buffer)
+
     async def _on_action(self, conn: _Connection, message: AmiMessage) -> None:
         action = (message.get("Action") or "").lower()
         action_id = message.action_id
@@ -367,29 +453,32 @@ class AmiReplayServer:
             if message.get("Username") == self._username and message.get("Secret") == self._secret:
                 conn.logged_in = True
                 self.logins_ok += 1
-                conn.write(_response("Success", action_id, ("Message", "Authentication accepted")))
-                conn.write(self._fully_booted)
                 log.info("ami_sim.login_ok", connection=conn.ident)
                 self._notify()
+                if not await self._send(conn, _response("Success", action_id, ("Message", "Authentication accepted"))):
+                    return
+                if not await self._send(conn, self._fully_booted):
+                    return
                 if self._queued:
                     queued, self._queued = self._queued, []
                     for transcript in queued:
                         await self._send_frames(conn, transcript.replay_frames)
             else:
                 self.logins_failed += 1
-                conn.write(_response("Error", action_id, ("Message", "Authentication failed")))
+                await self._send(conn, _response("Error", action_id, ("Message", "Authentication failed")))
                 log.info("ami_sim.login_failed", connection=conn.ident)
                 conn.close()
                 self._notify()
         elif action == "ping":
             if self.answer_pings:
                 self.pings_answered += 1
-                conn.write(_response("Success", action_id, ("Ping", "Pong"), ("Timestamp", f"{time.time():.6f}")))
+                pong = _response("Success", action_id, ("Ping", "Pong"), ("Timestamp", f"{time.time():.6f}"))
+                await self._send(conn, pong)
         elif action == "logoff":
-            conn.write(_response("Goodbye", action_id, ("Message", "Thanks for all the fish.")))
+            await self._send(conn, _response("Goodbye", action_id, ("Message", "Thanks for all the fish.")))
             conn.close()
             self._notify()
         elif not conn.logged_in:
-            conn.write(_response("Error", action_id, ("Message", "Authentication Required")))
+            await self._send(conn, _response("Error", action_id, ("Message", "Authentication Required")))
         else:
-            conn.write(_response("Error", action_id, ("Message", "Invalid/unknown command")))
+            await self._send(conn, _response("Error", action_id, ("Message", "Invalid/unknown command")))

@@ -12,6 +12,7 @@ import asyncio
 import json
 import shutil
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,14 @@ from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.storage import sqlite as db
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
-from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
+from clickphone_agi.sim.ami_server import AmiReplayServer, Transcript, load_transcript, packaged_scenarios
+from clickphone_agi.sim.master_csv import csv_record
 from clickphone_agi.sim.smtp_sink import SmtpSink
 
-SCENARIOS = (
-    "answered_call",
-    "missed_call",
-    "busy_call",
-    "voicemail",
-    "fax",
-    "fax_failed",
-    "user_event",
-    "long_call",
-)
+SCENARIOS = ("answered_call", "missed_call", "busy_call", "voicemail", "fax", "fax_failed", "user_event")
+GAP_SCENARIO = "long_call"  # happens while the AMI link is down: only Master.csv knows it
+# The recorded calls took place on 2026-11-28; the demo's database "went live" before them.
+DEMO_GO_LIVE = datetime(2026, 11, 27, tzinfo=UTC)
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
 
 
@@ -52,6 +48,8 @@ database:
   path: {out / "demo.db"}
 asterisk:
   system_name: demo-pbx
+  master_csv: {out / "cdr-csv" / "Master.csv"}
+  reconcile_interval: 30
 logging:
   level: info
   format: json
@@ -75,7 +73,16 @@ async def _settle(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
 def _prepare(output: Path) -> Path:
     """A clean output folder (previous demo files removed) holding the simulator's secret."""
     out = output.resolve()
-    for stale in ("mail", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db.lock", "daemon.log", "report.json"):
+    for stale in (
+        "mail",
+        "cdr-csv",
+        "demo.db",
+        "demo.db-wal",
+        "demo.db-shm",
+        "demo.db.lock",
+        "daemon.log",
+        "report.json",
+    ):
         target = out / stale
         if target.is_dir():
             shutil.rmtree(target)
@@ -83,17 +90,32 @@ def _prepare(output: Path) -> Path:
             target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
+    (out / "cdr-csv").mkdir()
+    (out / "cdr-csv" / "Master.csv").write_bytes(b"")
+    conn = db.connect_sync(out / "demo.db")
+    try:
+        db.migrate(conn, DEMO_GO_LIVE, out / "demo.db")
+    finally:
+        conn.close()
     return out
 
 
-async def _script(daemon: Daemon, ami: AmiReplayServer, sink: SmtpSink) -> dict[str, Any]:
+def _write_csv(out: Path, transcript: Transcript) -> None:
+    """Asterisk's cdr_csv writes every CDR to Master.csv too."""
+    with (out / "cdr-csv" / "Master.csv").open("ab") as fh:
+        fh.writelines(csv_record(f.message) for f in transcript.replay_frames if f.message.event == "Cdr")
+
+
+async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSink) -> dict[str, Any]:
     """What the simulated Asterisk and operator do, narrated as it happens."""
     await asyncio.wait_for(daemon.ready.wait(), 10)
     await ami.wait_for_login(10)
     print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {daemon.config.ami.events})")
-    scenarios = packaged_scenarios()
+    scenarios = {name: load_transcript(path) for name, path in packaged_scenarios().items()}
     for name in SCENARIOS:
         frames = await ami.play(scenarios[name])
+        await _settle(daemon)
+        _write_csv(out, scenarios[name])
         print(f"  replayed {name:<14} {frames:3d} AMI frames")
     first = await _settle(daemon)
     frames = await ami.play(scenarios["answered_call"])
@@ -109,18 +131,30 @@ async def _script(daemon: Daemon, ami: AmiReplayServer, sink: SmtpSink) -> dict[
     await sink.wait_for(1)
     print(f"  'clickphone-agi mail-test' went through the control socket: {queued['queued']}")
     await ami.play(scenarios["shutdown"])
+    _write_csv(out, scenarios[GAP_SCENARIO])
+    print(f"  Asterisk said 'Shutdown' and closed the link; meanwhile a {GAP_SCENARIO} ended (only in Master.csv)")
     await ami.wait_for_login(15, logins=2)
-    print("  Asterisk said 'Shutdown' and closed the link; the daemon reconnected and logged in again")
-    return await _settle(daemon)
+    before = first["reconcile"]["recovered"]
+    async with asyncio.timeout(15):
+        while (status := await _settle(daemon))["reconcile"]["recovered"] == before:  # noqa: ASYNC110 - polls status
+            await asyncio.sleep(0.05)
+    print(
+        "  the daemon reconnected and reconciled Master.csv: "
+        f"{status['reconcile']['recovered'] - before} CDRs recovered, none counted twice"
+    )
+    return status
 
 
 def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: SmtpSink) -> None:
     info = db.info(db_path)
     events = dict(sorted(status["events"].items()))
+    translated = dict(sorted(status["translated"].items()))
     report = {
         "exit_code": code,
         "ami": status["ami"],
         "events_by_type": events,
+        "domain_events": translated,
+        "reconcile": status["reconcile"],
         "cdrs": status["cdrs"],
         "database": info,
         "mail": [str(m.path) for m in sink.messages],
@@ -129,7 +163,12 @@ def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: S
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print()
     print(f"Events seen: {sum(events.values())} ({', '.join(f'{k} {v}' for k, v in events.items())})")
-    print(f"CDRs stored once each: {status['cdrs']['recorded']} (duplicates ignored: {status['cdrs']['duplicates']})")
+    print(f"Domain events: {', '.join(f'{k} {v}' for k, v in translated.items())}")
+    rec = status["reconcile"]
+    print(
+        f"CDRs stored once each: {status['cdrs']['recorded']} ({rec['recovered']} recovered from Master.csv);"
+        f" duplicates ignored: {status['cdrs']['duplicates']} (AMI replays and Master.csv twins)"
+    )
     print(
         f"Database: {info['path']} (schema v{info['schema_version']}, WAL, went live {info['went_live_at']},"
         f" outbox {info['outbox']})"
@@ -158,7 +197,7 @@ async def run_demo(output: Path) -> int:
         print(f"clickphone-agi demo: simulated Asterisk on 127.0.0.1:{ami.port}, mail sink on 127.0.0.1:{sink.port}")
         run = asyncio.create_task(daemon.run())
         try:
-            status = await _script(daemon, ami, sink)
+            status = await _script(out, daemon, ami, sink)
         finally:
             daemon.request_stop()
             code = await run
