@@ -26,6 +26,7 @@ test: lint typecheck
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_storage.py
+	$(BIN)/python bench/ami_ingest.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

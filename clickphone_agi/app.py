@@ -24,22 +24,29 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from clickphone_agi import __version__
+from clickphone_agi.adapters.agi import FastAgiServer
 from clickphone_agi.adapters.ami.client import AmiClient
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
 from clickphone_agi.adapters.smtp import OutboxSender
+from clickphone_agi.adapters.storage.codec import account_from_json
 from clickphone_agi.adapters.storage.sqlite import SqliteStore, WriterLock
 from clickphone_agi.adapters.systemd import SdNotifier
+from clickphone_agi.adapters.tariff_file import load_tariffs
 from clickphone_agi.clock import Clock, SystemClock
 from clickphone_agi.config.loader import ConfigError, LoadedConfig, load_config
 from clickphone_agi.config.schema import Config, SmtpConfig
 from clickphone_agi.domain.ami_translate import TranslateContext
+from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.ports import Store
+from clickphone_agi.services.accounts import adjust_unit, import_unit
+from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
+from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.services.reconcile import CdrReconciler
 
 log = structlog.get_logger(__name__)
@@ -84,6 +91,31 @@ async def enqueue_test_mail(store: Store, clock: Clock, smtp: SmtpConfig, to: st
     return key
 
 
+def money_settings(config: Config) -> MoneySettings:
+    """Read the tariff file and the billing section (blocking: run it in a thread)."""
+    billing = config.billing
+    assert billing.tariffs_file is not None
+    zone = ZoneInfo(billing.timezone)
+    rule = billing.billing_cdr
+    return MoneySettings(
+        tariffs=load_tariffs(
+            billing.tariffs_file,
+            timezone=zone,
+            country_code=billing.country_code,
+            national_prefix=billing.national_prefix,
+            international_prefix=billing.international_prefix,
+        ),
+        zone=zone,
+        numbering=Numbering(billing.country_code, billing.national_prefix, billing.international_prefix),
+        rule=BillingRule(rule.last_application, rule.destination_contexts, rule.destination_channel_pattern),
+        limit_percents=tuple(sorted(set(billing.daily_limit_warn_at))),
+        insufficient_funds_period=timedelta(seconds=billing.insufficient_funds_every),
+        ip_alert_period=timedelta(seconds=billing.ip_alert_every),
+        emergency_numbers=billing.emergency_numbers,
+        reservation_margin=timedelta(seconds=billing.reservation_margin),
+    )
+
+
 @dataclass
 class Components:
     """Everything the running daemon built, for status, drain and reload."""
@@ -95,6 +127,8 @@ class Components:
     sender: OutboxSender
     reconciler: CdrReconciler | None
     ami: AmiClient | None
+    money: MoneyService | None
+    agi: FastAgiServer | None
 
 
 @dataclass
@@ -136,7 +170,10 @@ class Daemon:
     async def _build(self, store: SqliteStore) -> Components:
         cfg = self.config
         zone = ZoneInfo(cfg.asterisk.timezone)
-        processor = EventProcessor(store, await store.went_live_at())
+        money = None
+        if cfg.billing.tariffs_file is not None:
+            money = MoneyService(store, self.clock, await asyncio.to_thread(money_settings, cfg))
+        processor = EventProcessor(store, await store.went_live_at(), money)
         reconciler = None
         if cfg.asterisk.master_csv is not None:
             tailer = MasterCsvTailer(
@@ -178,7 +215,12 @@ class Daemon:
                 backoff_max=cfg.ami.backoff_max,
                 auth_backoff=cfg.ami.auth_backoff,
             )
-        return Components(store, queue, processor, worker, sender, reconciler, ami)
+        agi = None
+        if cfg.agi.enabled:
+            agi = FastAgiServer(
+                build_router(money), host=cfg.agi.host, port=cfg.agi.port, max_connections=cfg.agi.max_connections
+            )
+        return Components(store, queue, processor, worker, sender, reconciler, ami, money, agi)
 
     async def _run_locked(self) -> int:
         cfg = self.config
@@ -192,6 +234,8 @@ class Daemon:
         parts = self._parts = await self._build(store)
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
+        if parts.agi is not None:
+            await parts.agi.start()
 
         intake_stop = asyncio.Event()
         background_stop = asyncio.Event()
@@ -231,6 +275,8 @@ class Daemon:
 
         log.info("daemon.stopping", backlog=parts.queue.depth, drain_timeout=bound)
         intake_stop.set()
+        if parts.agi is not None:
+            await parts.agi.close()  # stop accepting; in-flight authorisations finish
         if "ami" in tasks:
             await _bounded(tasks["ami"], bound / 4)
         parts.queue.close()
@@ -310,13 +356,28 @@ class Daemon:
         self.loaded = LoadedConfig(merged, new.secrets, new.main_file, new.files, new.notes)
         if "logging" in live:
             configure_from(merged)
+        await self._reload_tariffs(merged)  # the tariff file may change without the config
         self.reloads += 1
         log.info("config.reloaded", applied=live, restart_required=restart)
         self.notifier.ready(self._status_text())
         return True
 
+    async def _reload_tariffs(self, config: Config) -> None:
+        """SIGHUP re-reads the tariff file; a broken one keeps the running table."""
+        parts = self._parts
+        if parts is None or parts.money is None or config.billing.tariffs_file is None:
+            return
+        try:
+            parts.money.settings = await asyncio.to_thread(money_settings, config)
+        except Exception as exc:
+            log.error("tariffs.reload_failed", error=str(exc), kept="previous tariffs")
+        else:
+            log.info("tariffs.reloaded", entries=len(parts.money.settings.tariffs.entries))
+
     def _commands(self) -> CommandTable:
         table = CommandTable()
+        table.register("accounts.import", self._cmd_accounts_import)
+        table.register("accounts.adjust", self._cmd_accounts_adjust)
         table.register("status", self._cmd_status)
         table.register("mail-test", self._cmd_mail_test)
         table.register("db.migrate", self._cmd_migrate)
@@ -360,10 +421,38 @@ class Daemon:
                 "gaps_suspected": rec.gaps_suspected,
                 "last_error": rec.last_error,
             },
+            "money": None
+            if parts.money is None
+            else {
+                "allowed": parts.money.allowed,
+                "denied": parts.money.denied,
+                "charged": parts.money.charged,
+                "unrated": parts.money.unrated,
+            },
+            "agi": None if parts.agi is None else parts.agi.stats(),
             "outbox": await parts.store.outbox_counts(),
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
             "storage": {"commits": parts.store.commits, "units": parts.store.units},
         }
+
+    async def _cmd_accounts_import(self, args: dict[str, Any]) -> Any:
+        parts = self._running()
+        try:
+            items = [(account_from_json(i["account"]), int(i["opening"])) for i in args["items"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CommandError(f"items: malformed account list: {exc}") from None
+        return {**await parts.store.write(import_unit(items)), "by": "daemon"}
+
+    async def _cmd_accounts_adjust(self, args: dict[str, Any]) -> Any:
+        parts = self._running()
+        try:
+            unit = adjust_unit(str(args["code"]), int(args["amount"]), str(args["reason"]), str(args["ref"]))
+        except (KeyError, ValueError) as exc:
+            raise CommandError(f"malformed adjustment: {exc}") from None
+        try:
+            return {**await parts.store.write(unit), "by": "daemon"}
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
 
     async def _cmd_mail_test(self, args: dict[str, Any]) -> dict[str, Any]:
         parts = self._running()

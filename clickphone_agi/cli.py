@@ -58,6 +58,32 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("file", type=Path)
     r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
     r.add_argument("file", type=Path)
+    acc = sub.add_parser("accounts", help="provision and inspect accounts")
+    accsub = acc.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    imp = accsub.add_parser("import", parents=[common], help="upsert accounts from a YAML or CSV file")
+    imp.add_argument("file", type=Path)
+    shw = accsub.add_parser("show", parents=[common], help="one account: settings, balance, today, ledger")
+    shw.add_argument("code")
+    accsub.add_parser("list", parents=[common], help="every account with its balance")
+    accsub.add_parser("check", parents=[common], help="verify every cached balance equals its ledger sum")
+    adj = accsub.add_parser("adjust", parents=[common], help="manual ledger adjustment (e.g. 12.50 or -3,00)")
+    adj.add_argument("code")
+    adj.add_argument("amount")
+    adj.add_argument("--reason", required=True)
+    exp = sub.add_parser("export", help="export data for the billing system")
+    expsub = exp.add_subparsers(dest="export_command", required=True, metavar="WHAT")
+    calls = expsub.add_parser("calls", parents=[common], help="rated calls as CSV (amounts in bani)")
+    calls.add_argument("--from", dest="start", required=True, help="local date or ISO datetime (inclusive)")
+    calls.add_argument("--to", dest="end", required=True, help="local date or ISO datetime (exclusive)")
+    calls.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    tar = sub.add_parser("tariffs", help="check the tariff file, rate a number")
+    tarsub = tar.add_subparsers(dest="tariffs_command", required=True, metavar="ACTION")
+    tchk = tarsub.add_parser("check", parents=[common], help="validate; report overlapping or shadowed prefixes")
+    tchk.add_argument("file", type=Path, nargs="?", help="default: billing.tariffs_file")
+    trate = tarsub.add_parser("rate", parents=[common], help="normalised number, prefix, billed seconds, cost")
+    trate.add_argument("number")
+    trate.add_argument("seconds", type=int)
+    trate.add_argument("--at", help="ISO datetime of the answer (default: now)")
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
@@ -78,7 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mail-test": _cmd_mail_test,
         "db": _cmd_db,
         "demo": _cmd_demo,
+        "accounts": _cmd_accounts,
+        "export": _cmd_export,
+        "tariffs": _cmd_tariffs,
     }
+    if args.command not in ("run", "demo"):
+        # CLI verbs print their result on stdout; their own logs go to stderr, masked
+        from clickphone_agi.adapters.logging import configure_logging
+
+        configure_logging(level="debug" if debug else "warning", fmt="console", stream=sys.stderr)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -94,6 +128,10 @@ def _report(exc: BaseException, debug: bool) -> int:
 
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    if type(exc).__name__ in ("TariffFileError", "AccountsFileError"):
+        for problem in getattr(exc, "problems", [str(exc)]):
+            print(f"clickphone-agi: {problem}", file=sys.stderr)
+        return EX_CONFIG if type(exc).__name__ == "TariffFileError" else EX_DATAERR
     if isinstance(exc, ConfigError):
         for problem in exc.problems:
             print(f"clickphone-agi: config error: {problem}", file=sys.stderr)
@@ -140,6 +178,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     loaded = _load(args, require_secrets=False)
+    if loaded.config.billing.tariffs_file is not None:
+        from zoneinfo import ZoneInfo
+
+        from clickphone_agi.adapters.tariff_file import load_tariffs
+
+        load_tariffs(loaded.config.billing.tariffs_file, timezone=ZoneInfo(loaded.config.billing.timezone))
     print(f"clickphone-agi: configuration OK ({', '.join(loaded.files)})")
     for note in loaded.notes:
         print(f"clickphone-agi: note: {note}")
@@ -215,6 +259,153 @@ def _cmd_db(args: argparse.Namespace) -> int:
     elif args.db_command == "restore":
         with db.WriterLock(dbc.path):
             _print(db.restore(args.file, dbc.path, dbc.busy_timeout))
+    return EX_OK
+
+
+async def _local_unit(loaded: Any, unit: Any) -> Any:
+    """Run one unit of work as the writer (the caller holds the writer lock)."""
+    from clickphone_agi.adapters.storage.sqlite import SqliteStore
+    from clickphone_agi.clock import SystemClock
+
+    store = await SqliteStore.open(
+        loaded.config.database.path, SystemClock(), busy_timeout=loaded.config.database.busy_timeout
+    )
+    store.start()
+    try:
+        return await store.write(unit)
+    finally:
+        await store.close()
+
+
+def _cmd_accounts(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters.storage import reports
+    from clickphone_agi.adapters.storage.codec import account_to_json
+    from clickphone_agi.domain.accounts import parse_amount
+    from clickphone_agi.domain.thresholds import local_day
+    from clickphone_agi.services.accounts import adjust_unit, import_unit
+
+    action = args.accounts_command
+    if action == "import":
+        from clickphone_agi.adapters.accounts_file import load_accounts
+
+        items = load_accounts(args.file)
+        pairs = [(i.account, i.opening_balance) for i in items]
+        items_payload: dict[str, Any] = {"items": [{"account": account_to_json(a), "opening": o} for a, o in pairs]}
+        _print(
+            _as_writer(args, "accounts.import", items_payload, lambda loaded: _local_unit(loaded, import_unit(pairs)))
+        )
+        return EX_OK
+    if action == "adjust":
+        import uuid
+
+        amount = parse_amount(args.amount, allow_negative=True)
+        ref = f"adjust:{uuid.uuid4().hex}"
+        payload: dict[str, Any] = {"code": args.code, "amount": amount, "reason": args.reason, "ref": ref}
+        unit = adjust_unit(args.code, amount, args.reason, ref)
+        _print(_as_writer(args, "accounts.adjust", payload, lambda loaded: _local_unit(loaded, unit)))
+        return EX_OK
+    loaded = _load(args, require_secrets=False)
+    path = loaded.config.database.path
+    if action == "list":
+        _print(reports.list_accounts(path))
+    elif action == "check":
+        wrong = reports.check_balances(path)
+        _print({"mismatches": wrong})
+        return EX_OK if not wrong else EX_DATAERR
+    else:
+        from datetime import UTC, datetime
+        from zoneinfo import ZoneInfo
+
+        now = datetime.now(UTC)
+        day = local_day(now, ZoneInfo(loaded.config.billing.timezone)).isoformat()
+        shown = reports.show_account(path, args.code, now, day)
+        if shown is None:
+            print(f"clickphone-agi: no account {args.code!r}", file=sys.stderr)
+            return EX_DATAERR
+        _print(shown)
+    return EX_OK
+
+
+def _parse_when(text: str, zone: Any) -> Any:
+    from datetime import date, datetime, time
+
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+    return datetime.combine(day, time(0), tzinfo=zone)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo
+
+    from clickphone_agi.adapters.storage import reports
+
+    loaded = _load(args, require_secrets=False)
+    zone = ZoneInfo(loaded.config.billing.timezone)
+    text = reports.export_calls(loaded.config.database.path, _parse_when(args.start, zone), _parse_when(args.end, zone))
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"clickphone-agi: {text.count(chr(10)) - 1} calls written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return EX_OK
+
+
+def _cmd_tariffs(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from clickphone_agi.adapters.tariff_file import load_tariffs
+    from clickphone_agi.config.loader import ConfigError
+    from clickphone_agi.domain.charging import Numbering
+    from clickphone_agi.domain.money import format_ron
+    from clickphone_agi.domain.rating import billed_seconds, cost
+    from clickphone_agi.domain.tariffs import check
+
+    loaded = _load(args, require_secrets=False)
+    billing = loaded.config.billing
+    zone = ZoneInfo(billing.timezone)
+    path = getattr(args, "file", None) or billing.tariffs_file
+    if path is None:
+        raise ConfigError([f"{loaded.main_file}: billing.tariffs_file: not set (and no FILE given)"])
+    table = load_tariffs(
+        path,
+        timezone=zone,
+        country_code=billing.country_code,
+        national_prefix=billing.national_prefix,
+        international_prefix=billing.international_prefix,
+    )
+    if args.tariffs_command == "check":
+        problems = check(table)
+        for problem in problems:
+            print(f"clickphone-agi: {path}: {problem}")
+        print(f"clickphone-agi: {len(table.entries)} tariff entries, {len(problems)} problems")
+        return EX_OK if not problems else EX_DATAERR
+    numbering = Numbering(billing.country_code, billing.national_prefix, billing.international_prefix)
+    at = _parse_when(args.at, zone) if args.at else datetime.now(UTC)
+    number = numbering.normalise(args.number)
+    entry = table.match(number, at) if number else None
+    result: dict[str, Any] = {"number": args.number, "normalised": number, "at": at.isoformat()}
+    if entry is None:
+        result["tariff"] = None
+        result["decision"] = "no tariff: calls to this number are denied"
+        _print(result)
+        return EX_DATAERR
+    billed = billed_seconds(entry, args.seconds)
+    amount = cost(entry, args.seconds)
+    result.update(
+        prefix=entry.prefix,
+        tariff=entry.name,
+        destination_class=entry.destination_class,
+        rate_per_minute=str(entry.rate_per_minute),
+        seconds=args.seconds,
+        billed_seconds=billed,
+        cost_bani=amount,
+        cost=format_ron(amount, "ro"),
+    )
+    _print(result)
     return EX_OK
 
 

@@ -19,6 +19,7 @@ from clickphone_agi.clock import Clock
 from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.delivery import RetryPolicy, after_failure
 from clickphone_agi.domain.outbox import OutboxRow
+from clickphone_agi.notices.plain import render_notice
 from clickphone_agi.ports import Store, WriteTx
 
 log = structlog.get_logger(__name__)
@@ -99,6 +100,19 @@ class OutboxSender:
 
     async def _deliver(self, smtp: aiosmtplib.SMTP, row: OutboxRow, mime: bytes) -> None:
         now = self._clock.now()
+        if not mime and row.payload is not None:
+            cfg = self._config()
+            mime = render_notice(
+                row.kind,
+                row.payload,
+                key=row.idempotency_key,
+                sender=cfg.from_address,
+                recipient=row.recipient,
+                domain=cfg.message_id_domain,
+                now=row.created_at,
+            )
+            rendered = mime
+            await self._store.write(lambda tx: tx.set_message(row.id, rendered))
         if now >= row.expires_at:
             await self._store.write(lambda tx: tx.mark_expired(row.id))
             log.info("mail.expired", key=row.idempotency_key, kind=row.kind)

@@ -9,6 +9,7 @@ and not a silently ignored setting. Adding a section means: a model here, a fiel
 from __future__ import annotations
 
 import ipaddress
+import re
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -130,10 +131,38 @@ class AsteriskConfig(Section):
     reconcile_interval: PositiveSeconds = 60
 
 
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+Percent = Annotated[int, Field(ge=1, le=100)]
+Digits = Annotated[str, Field(pattern=r"^[0-9]{1,4}$")]
+
+
+class BillingCdrConfig(Section):
+    last_application: str = "Dial"
+    destination_contexts: tuple[str, ...] = ()
+    destination_channel_pattern: Annotated[str | None, AfterValidator(_check_regex)] = None
+
+
 class BillingConfig(Section):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "RON"
     timezone: TimeZoneName = "Europe/Bucharest"
     tariffs_file: Path | None = None
+    country_code: Digits = "40"
+    national_prefix: Annotated[str, Field(pattern=r"^[0-9]{0,4}$")] = "0"
+    international_prefix: Digits = "00"
+    billing_cdr: BillingCdrConfig = BillingCdrConfig()
+    daily_limit_warn_at: Annotated[tuple[Percent, ...], Field(min_length=1, max_length=10)] = (80, 100)
+    insufficient_funds_every: PositiveSeconds = 21600
+    ip_alert_every: PositiveSeconds = 3600
+    emergency_numbers: tuple[Annotated[str, Field(pattern=r"^[0-9]{2,6}$")], ...] = ("112",)
+    reservation_margin: PositiveSeconds = 300
 
 
 class NotificationsConfig(Section):

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from typing import Final, TypeVar
 from zoneinfo import ZoneInfo
 
+from clickphone_agi import dialplan_vars
 from clickphone_agi.domain import keys
 from clickphone_agi.domain.events import (
     AccountEvent,
@@ -98,8 +99,8 @@ UserEvent, so nothing here moves money. Another ``ClickPhone*`` name gives ``Non
 can detect it with :func:`unsupported_user_event` and count it.
 """
 
-FAX_RESULT_USER_EVENTS: Final[frozenset[str]] = frozenset({"ClickPhoneFaxResult", "LabFaxResult"})
-VOICEMAIL_USER_EVENT: Final = "ClickPhoneVoicemail"
+FAX_RESULT_USER_EVENTS: Final[frozenset[str]] = frozenset({dialplan_vars.FAX_RESULT_EVENT, "LabFaxResult"})
+VOICEMAIL_USER_EVENT: Final = dialplan_vars.VOICEMAIL_EVENT
 """UserEvents published by a fax channel's hangup handler with the outcome (FAXSTATUS, FAXERROR,
 FAXOPT_status, FAXOPT_statusstr, FAXOPT_error, FAXPAGES, FAXBITRATE, FAXRESOLUTION,
 LOCALSTATIONID, REMOTESTATIONID, ``Direction: receive|send`` and optionally ``FileName``).

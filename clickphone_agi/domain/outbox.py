@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 
 class OutboxStatus(StrEnum):
@@ -71,3 +72,4 @@ class OutboxRow:
     last_error: str | None
     smtp_reply: str | None
     sent_at: datetime | None
+    payload: dict[str, Any] | None = None  # template data of a notice the sender renders

@@ -22,6 +22,7 @@ from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
 from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
 from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.services.money import MoneyService
 
 log = structlog.get_logger(__name__)
 
@@ -72,9 +73,10 @@ class EventQueue:
 class EventProcessor:
     """Commits each domain event's effects with its idempotency key (one unit of work)."""
 
-    def __init__(self, store: Store, went_live_at: datetime) -> None:
+    def __init__(self, store: Store, went_live_at: datetime, money: MoneyService | None = None) -> None:
         self._store = store
         self._went_live_at = went_live_at
+        self._money = money
         self.applied: Counter[str] = Counter()
         self.duplicates: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
@@ -92,6 +94,8 @@ class EventProcessor:
                 return False
             if decision.record_call and isinstance(event, CallEnded):
                 tx.record_call(event)
+                if self._money is not None and self._money.is_billing_cdr(event):
+                    self._money.charge(tx, event)
             return True
 
         if await self._store.write(unit):

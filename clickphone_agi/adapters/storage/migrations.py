@@ -82,6 +82,78 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX cdrs_linked ON cdrs (linked_id)",
         ),
     ),
+    Migration(
+        3,
+        "money: accounts, append-only ledger, daily spend, reservations, threshold state, rated calls",
+        (
+            # The account's settings as provisioned (JSON of domain.accounts.Account); DIDs and
+            # mailboxes are indexed in their own tables for the notices' lookups.
+            """CREATE TABLE accounts (
+                   code       TEXT PRIMARY KEY,
+                   data       TEXT NOT NULL,
+                   created_at TEXT NOT NULL,
+                   updated_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+            "CREATE TABLE account_dids (did TEXT PRIMARY KEY, account TEXT NOT NULL) WITHOUT ROWID",
+            "CREATE TABLE account_mailboxes (box TEXT PRIMARY KEY, account TEXT NOT NULL) WITHOUT ROWID",
+            # Every money movement, append only; ref is the idempotency key of its cause (a call's
+            # CDR key, a top-up's request key), so a replay cannot move money twice.
+            """CREATE TABLE ledger (
+                   id         INTEGER PRIMARY KEY,
+                   account    TEXT NOT NULL,
+                   amount     INTEGER NOT NULL,
+                   kind       TEXT NOT NULL CHECK (kind IN ('opening','call','topup','adjustment')),
+                   ref        TEXT NOT NULL UNIQUE,
+                   reason     TEXT,
+                   created_at TEXT NOT NULL
+               )""",
+            "CREATE INDEX ledger_account ON ledger (account, id)",
+            """CREATE TRIGGER ledger_append_only_update BEFORE UPDATE ON ledger
+               BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+            """CREATE TRIGGER ledger_append_only_delete BEFORE DELETE ON ledger
+               BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+            # The balance cache: always the ledger's sum (checked by `accounts check`).
+            "CREATE TABLE balances (account TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID",
+            """CREATE TABLE daily_spend (
+                   account TEXT NOT NULL,
+                   day     TEXT NOT NULL,
+                   spent   INTEGER NOT NULL,
+                   PRIMARY KEY (account, day)
+               ) WITHOUT ROWID""",
+            # Budget held by calls in progress (FastAGI ALLOW), released by the call's CDR or expiry.
+            """CREATE TABLE reservations (
+                   call_id    TEXT PRIMARY KEY,
+                   account    TEXT NOT NULL,
+                   amount     INTEGER NOT NULL,
+                   created_at TEXT NOT NULL,
+                   expires_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+            "CREATE INDEX reservations_account ON reservations (account)",
+            """CREATE TABLE notice_state (
+                   account TEXT NOT NULL,
+                   name    TEXT NOT NULL,
+                   value   TEXT NOT NULL,
+                   PRIMARY KEY (account, name)
+               ) WITHOUT ROWID""",
+            """CREATE TABLE rated_calls (
+                   key            TEXT PRIMARY KEY,
+                   account        TEXT NOT NULL,
+                   destination    TEXT NOT NULL,
+                   prefix         TEXT NOT NULL,
+                   tariff         TEXT NOT NULL,
+                   class          TEXT NOT NULL,
+                   answered_at    TEXT NOT NULL,
+                   day            TEXT NOT NULL,
+                   billable       INTEGER NOT NULL,
+                   billed_seconds INTEGER NOT NULL,
+                   cost           INTEGER NOT NULL
+               ) WITHOUT ROWID""",
+            "CREATE INDEX rated_calls_answered ON rated_calls (answered_at)",
+            # Notifications whose body is rendered by the sender (small notices decided inside a
+            # money transaction): the template data travels with the row.
+            "ALTER TABLE outbox ADD COLUMN payload TEXT",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -23,9 +24,12 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import structlog
 
+from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.clock import Clock
+from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.events import CallEnded
+from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.ports import WriteTx
 
@@ -237,6 +241,167 @@ class SqliteTx:
             (key, value),
         )
 
+    # ---- money (all inside the caller's transaction) ----------------------------------------
+
+    def get_account(self, code: str) -> Account | None:
+        row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        return account_from_json(row[0]) if row else None
+
+    def account_for_did(self, did: str) -> Account | None:
+        row = self._conn.execute(
+            "SELECT a.data FROM account_dids d JOIN accounts a ON a.code = d.account WHERE d.did = ?", (did,)
+        ).fetchone()
+        return account_from_json(row[0]) if row else None
+
+    def account_for_mailbox(self, box: str) -> Account | None:
+        row = self._conn.execute(
+            "SELECT a.data FROM account_mailboxes m JOIN accounts a ON a.code = m.account WHERE m.box = ?", (box,)
+        ).fetchone()
+        return account_from_json(row[0]) if row else None
+
+    def upsert_account(self, account: Account, opening_balance: int) -> bool:
+        """Insert or update; the opening balance is booked only for a new account. True if new."""
+        now = to_db(self.now)
+        data = account_to_json(account)
+        is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
+        if is_new:
+            self._conn.execute(
+                "INSERT INTO accounts (code, data, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (account.code, data, now, now),
+            )
+        else:
+            self._conn.execute(
+                "UPDATE accounts SET data = ?, updated_at = ? WHERE code = ? AND data != ?",
+                (data, now, account.code, data),
+            )
+        self._conn.execute("DELETE FROM account_dids WHERE account = ?", (account.code,))
+        self._conn.execute("DELETE FROM account_mailboxes WHERE account = ?", (account.code,))
+        for table, column, values in (
+            ("account_dids", "did", account.dids),
+            ("account_mailboxes", "box", tuple(m.box for m in account.mailboxes)),
+        ):
+            for value in values:
+                owner = self._conn.execute(
+                    f"SELECT account FROM {table} WHERE {column} = ?",  # noqa: S608 - constant names
+                    (value,),
+                ).fetchone()
+                if owner is not None:
+                    raise ValueError(f"{account.code}: {column} {value} already belongs to account {owner[0]}")
+                self._conn.execute(
+                    f"INSERT INTO {table} ({column}, account) VALUES (?, ?)",  # noqa: S608 - constant names
+                    (value, account.code),
+                )
+        self._conn.execute("INSERT OR IGNORE INTO balances (account, balance) VALUES (?, 0)", (account.code,))
+        if is_new and opening_balance:
+            self.post_ledger(account.code, opening_balance, "opening", f"opening:{account.code}", "opening balance")
+        return is_new
+
+    def balance(self, code: str) -> int:
+        row = self._conn.execute("SELECT balance FROM balances WHERE account = ?", (code,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def post_ledger(self, code: str, amount: int, kind: str, ref: str, reason: str | None) -> bool:
+        """Append one money movement and move the cached balance; False if ``ref`` was booked already."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO ledger (account, amount, kind, ref, reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (code, amount, kind, ref, reason, to_db(self.now)),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._conn.execute(
+            "INSERT INTO balances (account, balance) VALUES (?, ?)"
+            " ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance",
+            (code, amount),
+        )
+        return True
+
+    def spent(self, code: str, day: str) -> int:
+        row = self._conn.execute("SELECT spent FROM daily_spend WHERE account = ? AND day = ?", (code, day)).fetchone()
+        return int(row[0]) if row else 0
+
+    def add_spend(self, code: str, day: str, amount: int) -> int:
+        self._conn.execute(
+            "INSERT INTO daily_spend (account, day, spent) VALUES (?, ?, ?)"
+            " ON CONFLICT (account, day) DO UPDATE SET spent = spent + excluded.spent",
+            (code, day, amount),
+        )
+        return self.spent(code, day)
+
+    def reservations(self, code: str) -> tuple[int, int]:
+        """(amount held, calls) by unexpired reservations of the account."""
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM reservations WHERE account = ? AND expires_at > ?",
+            (code, to_db(self.now)),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def reserve(self, call_id: str, code: str, amount: int, expires_at: datetime) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO reservations (call_id, account, amount, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (call_id, code, amount, to_db(self.now), to_db(expires_at)),
+        )
+        return cur.rowcount == 1
+
+    def release(self, call_id: str) -> int | None:
+        row = self._conn.execute("DELETE FROM reservations WHERE call_id = ? RETURNING amount", (call_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def purge_expired_reservations(self) -> int:
+        return self._conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (to_db(self.now),)).rowcount
+
+    def get_state(self, code: str, name: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT value FROM notice_state WHERE account = ? AND name = ?", (code, name)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def set_state(self, code: str, name: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO notice_state (account, name, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (account, name) DO UPDATE SET value = excluded.value",
+            (code, name, value),
+        )
+
+    def record_rated(self, rated: RatedCall) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO rated_calls (key, account, destination, prefix, tariff, class, answered_at, day,"
+            " billable, billed_seconds, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rated.key,
+                rated.account,
+                rated.destination,
+                rated.prefix,
+                rated.tariff,
+                rated.destination_class,
+                to_db(rated.answered_at),
+                rated.day,
+                rated.billable_seconds,
+                rated.billed_seconds,
+                rated.cost,
+            ),
+        )
+
+    def enqueue_notice(self, notice: Notice) -> bool:
+        """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
+        cur = self._conn.execute(
+            """INSERT OR IGNORE INTO outbox
+                   (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
+                    next_attempt_at)
+               VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)""",
+            (
+                notice.key,
+                notice.kind,
+                notice.recipient,
+                notice.account,
+                json.dumps(notice.payload, sort_keys=True),
+                to_db(self.now),
+                to_db(self.now + notice.lifetime),
+                to_db(self.now),
+            ),
+        )
+        return cur.rowcount == 1
+
     def enqueue(self, message: OutboxMessage) -> bool:
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
@@ -255,6 +420,9 @@ class SqliteTx:
             ),
         )
         return cur.rowcount == 1
+
+    def set_message(self, row_id: int, mime: bytes) -> None:
+        self._conn.execute("UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL", (mime, row_id))
 
     def mark_sent(self, row_id: int, smtp_reply: str) -> None:
         self._conn.execute(
@@ -411,11 +579,13 @@ class SqliteStore:
 
     async def due_outbox(self, now: datetime, limit: int) -> list[tuple[OutboxRow, bytes]]:
         rows = await self._fetchall(
-            f"SELECT {_OUTBOX_COLUMNS}, message FROM outbox"  # noqa: S608 - constant column list
+            f"SELECT {_OUTBOX_COLUMNS}, payload, message FROM outbox"  # noqa: S608 - constant column list
             " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
             (to_db(now), limit),
         )
-        return [(_outbox_row(r), bytes(r[-1] or b"")) for r in rows]
+        return [
+            (replace(_outbox_row(r), payload=json.loads(r[-2]) if r[-2] else None), bytes(r[-1] or b"")) for r in rows
+        ]
 
     async def outbox_rows(self, limit: int = 100) -> list[OutboxRow]:
         sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?"  # noqa: S608 - constant column list

@@ -1,0 +1,193 @@
+"""Money: FastAGI call authorisation with reservations, and charging of billing CDRs.
+
+Both run as units of work on the single writer, so the decision and its record (a reservation,
+a ledger row, spend, threshold state, outbox rows) commit together and concurrent calls on one
+account are serialised: 20 simultaneous ``authorize`` requests cannot jointly hold more than the
+budget. The pure decisions live in :mod:`clickphone_agi.domain.authorize` and
+:mod:`clickphone_agi.domain.charging`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from clickphone_agi.clock import Clock
+from clickphone_agi.dialplan_vars import Reason
+from clickphone_agi.domain.authorize import AuthFacts, Decision, decide
+from clickphone_agi.domain.charging import BillingRule, Numbering, rate_call, threshold_notices
+from clickphone_agi.domain.events import CallEnded
+from clickphone_agi.domain.money import Notice, format_ron
+from clickphone_agi.domain.numbers import is_emergency
+from clickphone_agi.domain.tariffs import TariffTable
+from clickphone_agi.domain.thresholds import LowBalanceState, insufficient_funds_due, local_day
+from clickphone_agi.ports import Store, WriteTx
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class MoneySettings:
+    tariffs: TariffTable
+    zone: ZoneInfo
+    numbering: Numbering = field(default_factory=Numbering)
+    rule: BillingRule = field(default_factory=BillingRule)
+    limit_percents: tuple[int, ...] = (80, 100)
+    insufficient_funds_period: timedelta = timedelta(hours=6)
+    ip_alert_period: timedelta = timedelta(hours=1)
+    emergency_numbers: tuple[str, ...] = ("112",)
+    reservation_margin: timedelta = timedelta(minutes=5)  # ringing before the answer, CDR delay
+
+
+class MoneyService:
+    def __init__(self, store: Store, clock: Clock, settings: MoneySettings) -> None:
+        self._store = store
+        self._clock = clock
+        self.settings = settings
+        self.allowed = 0
+        self.denied: dict[str, int] = {}
+        self.charged = 0
+        self.unrated = 0
+
+    # ---- FastAGI authorize ---------------------------------------------------------------
+
+    async def authorize(self, account_code: str, number: str, source_ip: str, call_id: str) -> Decision:
+        s = self.settings
+
+        def unit(tx: WriteTx) -> Decision:
+            now = tx.now
+            account = tx.get_account(account_code)
+            emergency = is_emergency(number, s.emergency_numbers)
+            destination = s.numbering.normalise(number)
+            tariff = s.tariffs.match(destination, now) if destination else None
+            held, active = tx.reservations(account_code)
+            facts = AuthFacts(
+                account=account,
+                emergency=emergency,
+                destination=destination,
+                tariff=tariff,
+                source_ip=source_ip,
+                balance=tx.balance(account_code),
+                spent_today=tx.spent(account_code, local_day(now, s.zone).isoformat()),
+                held=held,
+                active_calls=active,
+            )
+            decision = decide(facts)
+            if decision.allow and not emergency:
+                expires = now + timedelta(seconds=decision.max_seconds) + s.reservation_margin
+                tx.reserve(call_id, account_code, decision.reserve, expires)
+            elif account is not None and decision.reason is Reason.IP_NOT_ALLOWED:
+                self._rate_limited_notice(
+                    tx,
+                    account.code,
+                    "ip_alert_last",
+                    s.ip_alert_period,
+                    Notice(
+                        key=f"ipdeny:{account.code}:{call_id}",
+                        kind="ip_denied",
+                        recipient=account.email,
+                        account=account.code,
+                        payload={
+                            "name": account.name,
+                            "source_ip": source_ip,
+                            "number": number,
+                            "at": now.isoformat(timespec="seconds"),
+                            "language": account.language,
+                        },
+                    ),
+                )
+            elif account is not None and decision.reason in (Reason.NO_CREDIT, Reason.DAILY_LIMIT):
+                self._rate_limited_notice(
+                    tx,
+                    account.code,
+                    "insufficient_last",
+                    s.insufficient_funds_period,
+                    Notice(
+                        key=f"nofunds:{account.code}:{call_id}",
+                        kind="insufficient_funds",
+                        recipient=account.email,
+                        account=account.code,
+                        payload={
+                            "name": account.name,
+                            "reason": str(decision.reason),
+                            "balance": format_ron(facts.balance, account.language),
+                            "number": number,
+                            "language": account.language,
+                        },
+                    ),
+                )
+            return decision
+
+        decision = await self._store.write(unit)
+        if decision.allow:
+            self.allowed += 1
+        else:
+            reason = str(decision.reason)
+            self.denied[reason] = self.denied.get(reason, 0) + 1
+        log.info(
+            "agi.authorize",
+            account=account_code,
+            dst=number,
+            src_ip=source_ip,
+            call_id=call_id,
+            allow=decision.allow,
+            reason=str(decision.reason) if decision.reason else None,
+            maxsec=decision.max_seconds,
+            reserve=decision.reserve,
+        )
+        return decision
+
+    @staticmethod
+    def _rate_limited_notice(tx: WriteTx, account: str, state: str, period: timedelta, notice: Notice) -> None:
+        last = tx.get_state(account, state)
+        if insufficient_funds_due(datetime.fromisoformat(last) if last else None, tx.now, period):
+            tx.enqueue_notice(notice)
+            tx.set_state(account, state, tx.now.isoformat())
+
+    # ---- charging (called inside the CDR's unit of work) ----------------------------------
+
+    def is_billing_cdr(self, call: CallEnded) -> bool:
+        return self.settings.rule.selects(call)
+
+    def charge(self, tx: WriteTx, call: CallEnded) -> int | None:
+        """Charge a billing CDR in the caller's transaction; the cost, or None if unrated."""
+        s = self.settings
+        tx.release(call.unique_id)
+        account = tx.get_account(call.account)
+        if account is None:
+            log.error("charge.unknown_account", key=call.key, account=call.account)
+            self.unrated += 1
+            return None
+        rated = rate_call(call, s.tariffs, s.numbering, s.zone)
+        if rated is None:
+            log.error("charge.no_tariff", key=call.key, account=call.account, dst=call.destination)
+            self.unrated += 1
+            return None
+        balance_before = tx.balance(account.code)
+        spent_before = tx.spent(account.code, rated.day)
+        tx.post_ledger(account.code, -rated.cost, "call", call.key, f"{rated.tariff} {rated.billed_seconds}s")
+        spent_after = tx.add_spend(account.code, rated.day, rated.cost)
+        tx.record_rated(rated)
+        fired_text = tx.get_state(account.code, f"limit_fired:{rated.day}")
+        armed = tx.get_state(account.code, "low_armed")
+        notices, fired, low = threshold_notices(
+            account,
+            rated,
+            balance_before=balance_before,
+            balance_after=balance_before - rated.cost,
+            spent_before=spent_before,
+            spent_after=spent_after,
+            limit_fired=frozenset(json.loads(fired_text)) if fired_text else frozenset(),
+            low_state=LowBalanceState(armed=armed != "0"),
+            percents=s.limit_percents,
+        )
+        for notice in notices:
+            tx.enqueue_notice(notice)
+        tx.set_state(account.code, f"limit_fired:{rated.day}", json.dumps(sorted(fired)))
+        tx.set_state(account.code, "low_armed", "1" if low.armed else "0")
+        self.charged += 1
+        return rated.cost

@@ -1,0 +1,231 @@
+"""Money end to end with real SQLite: authorisation with reservations, charging of recorded calls,
+threshold notices, and the ledger always summing to the balance."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from clickphone_agi.adapters.storage.sqlite import SqliteStore
+from clickphone_agi.clock import FakeClock
+from clickphone_agi.dialplan_vars import Reason
+from clickphone_agi.domain.accounts import Account, Mailbox
+from clickphone_agi.domain.ami_translate import TranslateContext, translate
+from clickphone_agi.domain.charging import BillingRule
+from clickphone_agi.domain.correlation import LinkedIdCorrelator
+from clickphone_agi.domain.events import CallEnded
+from clickphone_agi.domain.rating import cost
+from clickphone_agi.domain.tariffs import TariffEntry, TariffTable
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.ingest import EventProcessor
+from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
+
+TZ = ZoneInfo("Europe/Bucharest")
+NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
+SINCE = datetime(2026, 1, 1, tzinfo=TZ)
+
+
+def entry(
+    prefix: str, rate: str, cls: str = "national", *, step: int = 1, initial: int = 60, **kw: object
+) -> TariffEntry:
+    return TariffEntry(
+        prefix=prefix, name=f"test {prefix}", destination_class=cls, rate_per_minute=Decimal(rate),
+        connection_fee=int(kw.get("fee", 0)), initial_block=initial, step=step, minimum_charge=0,
+        free=bool(kw.get("free", False)), effective_from=SINCE, effective_to=None,
+    )  # fmt: skip
+
+
+TABLE = TariffTable(
+    (
+        entry("40", "0.05"),  # 5 bani/min, 60/1
+        entry("4021", "0.03"),  # Bucharest fixed: 3 bani/min
+        entry("40900", "1.50", "premium"),
+        entry("870", "9.00", "satellite"),
+    )
+)
+ACCOUNT = Account(
+    code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", language="ro",
+    daily_limit=1000, low_balance_threshold=500, allowed_ips=(ipaddress.ip_network("127.0.0.1/32"),),
+    dids=("40212345678",), mailboxes=(Mailbox("100@default", None),), blocked_classes=frozenset({"premium"}),
+    max_concurrent_calls=3, max_call_seconds=3600,
+)  # fmt: skip
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    yield s
+    await s.close()
+
+
+def service(store: SqliteStore, **kw: object) -> MoneyService:
+    settings = MoneySettings(tariffs=TABLE, zone=TZ, rule=BillingRule("Dial", ("lab-outbound",), None))
+    for k, v in kw.items():
+        setattr(settings, k, v)
+    return MoneyService(store, FakeClock(NOW), settings)
+
+
+async def provision(store: SqliteStore, balance: int, account: Account = ACCOUNT) -> None:
+    await store.write(import_unit([(account, balance)]))
+
+
+async def test_import_is_idempotent_and_never_overwrites_a_balance(store: SqliteStore) -> None:
+    assert await store.write(import_unit([(ACCOUNT, 2000)])) == {"created": ["acct1001"], "updated": []}
+    assert await store.write(import_unit([(ACCOUNT, 99999)])) == {"created": [], "updated": ["acct1001"]}
+    assert await store.write(lambda tx: tx.balance("acct1001")) == 2000
+
+
+@pytest.mark.parametrize(
+    ("number", "ip", "reason"),
+    [
+        ("0040212345678", "10.1.1.1", Reason.IP_NOT_ALLOWED),
+        ("0900123456", "127.0.0.1", Reason.BLOCKED_CLASS),
+        ("004412345", "127.0.0.1", Reason.NO_ROUTE),  # no tariff for +44: denied, not free
+        ("abc", "127.0.0.1", Reason.NO_ROUTE),
+    ],
+)
+async def test_denials(store: SqliteStore, number: str, ip: str, reason: Reason) -> None:
+    await provision(store, 2000)
+    decision = await service(store).authorize("acct1001", number, ip, "call-1")
+    assert (decision.allow, decision.reason, decision.max_seconds) == (False, reason, 0)
+
+
+async def test_unknown_and_disabled_accounts(store: SqliteStore) -> None:
+    money = service(store)
+    assert (await money.authorize("nobody", "0212345678", "127.0.0.1", "c")).reason is Reason.NO_ACCOUNT
+    await provision(store, 2000, Account(code="acct9", name="X", email="x@example.ro", enabled=False))
+    assert (await money.authorize("acct9", "0212345678", "127.0.0.1", "c")).reason is Reason.DISABLED
+
+
+async def test_allow_gives_the_longest_affordable_call_and_reserves_it(store: SqliteStore) -> None:
+    await provision(store, 300)  # 3,00 lei; daily limit 10,00 lei
+    decision = await service(store).authorize("acct1001", "0212345678", "127.0.0.1", "call-1")
+    assert decision.allow
+    assert decision.max_seconds == 3600  # 60 min x 3 bani = 180 bani fits: capped by max call length
+    assert decision.reserve == cost(TABLE.entries[1], 3600) == 180
+    decision = await service(store).authorize("acct1001", "0721000001", "127.0.0.1", "call-2")
+    assert decision.allow
+    assert decision.max_seconds == 24 * 60  # 120 bani left at 5 bani/min, 60/1 → 24 min
+    assert cost(TABLE.entries[0], decision.max_seconds) <= 120 < cost(TABLE.entries[0], decision.max_seconds + 1)
+
+
+async def test_emergency_is_always_allowed_and_never_reserved(store: SqliteStore) -> None:
+    decision = await service(store).authorize("nobody", "112", "203.0.113.9", "call-e")
+    assert decision.allow
+    assert decision.reason is Reason.EMERGENCY
+    assert await store.write(lambda tx: tx.reservations("nobody")) == (0, 0)
+
+
+async def test_twenty_concurrent_authorisations_never_exceed_the_budget(tmp_path: Path) -> None:
+    """Each ALLOW holds its worst case; together they fit the balance, also across a restart."""
+    path = tmp_path / "t.db"
+    store = await SqliteStore.open(path, FakeClock(NOW))
+    store.start()
+    wide = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None,
+                   max_concurrent_calls=100, max_call_seconds=600)  # fmt: skip
+    await provision(store, 200, wide)
+    money = service(store)
+    decisions = await asyncio.gather(
+        *(money.authorize("acct1001", "0721000001", "127.0.0.1", f"c{i}") for i in range(20))
+    )
+    held, calls = await store.write(lambda tx: tx.reservations("acct1001"))
+    assert held == sum(d.reserve for d in decisions if d.allow)
+    assert held <= 200
+    assert calls == sum(d.allow for d in decisions) >= 1
+    assert any(d.reason is Reason.NO_CREDIT for d in decisions)
+    await store.close()
+
+    store = await SqliteStore.open(path, FakeClock(NOW))  # a restart does not free the budget
+    store.start()
+    try:
+        again = await service(store).authorize("acct1001", "0721000001", "127.0.0.1", "after-restart")
+        held_after, _ = await store.write(lambda tx: tx.reservations("acct1001"))
+        assert held_after == held + again.reserve
+        assert held_after <= 200
+    finally:
+        await store.close()
+
+
+async def test_too_many_calls(store: SqliteStore) -> None:
+    await provision(store, 5000)
+    money = service(store)
+    results = [await money.authorize("acct1001", "0212345678", "127.0.0.1", f"c{i}") for i in range(4)]
+    assert [r.allow for r in results] == [True, True, True, False]
+    assert results[3].reason is Reason.TOO_MANY_CALLS
+
+
+def _calls(name: str) -> list[CallEnded]:
+    transcript = load_transcript(packaged_scenarios()[name])
+    correlator = LinkedIdCorrelator()
+    ctx = TranslateContext("pbx1", TZ)
+    out = []
+    for frame in transcript.replay_frames:
+        correlator.observe(frame.message.headers)
+        event = translate(frame.message.headers, ctx, correlator.linked_id_for)
+        if isinstance(event, CallEnded):
+            out.append(event)
+    return out
+
+
+async def test_each_recorded_call_is_charged_exactly_once(store: SqliteStore) -> None:
+    await provision(store, 2000)
+    money = service(store)
+    processor = EventProcessor(store, SINCE, money)
+    names = ["answered_call", "long_call", "voicemail", "fax", "fax_failed", "missed_call", "busy_call"]
+    for _ in range(2):  # the second pass is a replay: nothing more may be charged
+        for name in names:
+            for call in _calls(name):
+                await processor.handle(call)
+    assert money.charged == 2
+    # both go to Bucharest fixed (prefix 4021, 3 bani/min, 60/1): 3 s → one 60 s block = 3 bani;
+    # 65 s → 65 x 3 / 60 = 3.25 → 4 bani (rounded up once)
+    balance = await store.write(lambda tx: tx.balance("acct1001"))
+    assert balance == 2000 - 3 - 4
+    conn = sqlite3.connect(store.path)
+    ledger = conn.execute("SELECT kind, amount FROM ledger ORDER BY id").fetchall()
+    rated = conn.execute("SELECT destination, billed_seconds, cost FROM rated_calls ORDER BY answered_at").fetchall()
+    conn.close()
+    assert ledger == [("opening", 2000), ("call", -3), ("call", -4)]
+    assert sum(a for _, a in ledger) == balance
+    assert rated == [("40212345678", 60, 3), ("40216500000", 65, 4)]
+
+
+async def test_limit_and_low_balance_notices_fire_once(store: SqliteStore) -> None:
+    account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=8,
+                      low_balance_threshold=1995)  # fmt: skip
+    await provision(store, 2000, account)
+    money = service(store)
+    processor = EventProcessor(store, SINCE, money)
+    for name in ("answered_call", "long_call", "answered_call"):
+        for call in _calls(name):
+            await processor.handle(call)
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT idempotency_key, kind, recipient, payload FROM outbox ORDER BY id").fetchall()
+    conn.close()
+    kinds = [(k.split(":")[0], kind) for k, kind, _, _ in rows]
+    # spend 3 then 7 of an 8-ban limit: 80 % (7 bani) fires on the second call only, once (the third
+    # is a replay); balance 1997 → 1993 crosses the 1995 threshold once
+    assert kinds == [("limit", "daily_limit"), ("lowbal", "low_balance")]
+    assert all(r[2] == "ion.popescu@example.ro" for r in rows)
+    assert '"percent": 80' in rows[0][3]
+
+
+async def test_expired_reservations_stop_holding_budget(store: SqliteStore) -> None:
+    await provision(store, 300)
+    money = service(store)
+    await money.authorize("acct1001", "0212345678", "127.0.0.1", "c1")
+    held_now = await store.write(lambda tx: tx.reservations("acct1001"))
+    assert held_now[1] == 1
+    future = NOW + timedelta(hours=3)
+    store._clock = FakeClock(future)  # the writer stamps tx.now from the store's clock
+    assert await store.write(lambda tx: tx.reservations("acct1001")) == (0, 0)

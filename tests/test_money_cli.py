@@ -1,0 +1,98 @@
+"""The operator's money verbs: accounts import/show/list/adjust/check, tariffs check/rate, export calls."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.cli import EX_CONFIG, EX_DATAERR
+from tests.conftest import REPO
+from tests.daemon_harness import run_cli
+
+pytestmark = pytest.mark.slow
+TARIFFS = REPO / "etc" / "tariffs.yaml"
+ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
+
+
+def _cfg(write_config: Callable[..., Path]) -> str:
+    return str(write_config(extra=f"billing:\n  tariffs_file: {TARIFFS}\n"))
+
+
+async def test_import_show_adjust_check_and_list(write_config: Callable[..., Path]) -> None:
+    cfg = _cfg(write_config)
+    code, out, err = await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    assert code == 0, err
+    result = json.loads(out)
+    assert "acct1001" in result["created"]
+    code, out, _ = await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)  # idempotent upsert
+    assert json.loads(out)["created"] == []
+
+    code, out, _ = await run_cli("accounts", "show", "acct1001", "-c", cfg)
+    shown = json.loads(out)
+    opening = shown["balance"]
+    assert shown["account"]["email"] == "ion.popescu@example.ro"
+
+    code, out, err = await run_cli(
+        "accounts", "adjust", "-c", cfg, "--reason", "goodwill fix", "--", "acct1001", "-2,50"
+    )  # a negative amount follows "--"
+    assert code == 0, err
+    assert json.loads(out)["balance"] == opening - 250
+    code, out, _ = await run_cli("accounts", "check", "-c", cfg)
+    assert (code, json.loads(out)) == (0, {"mismatches": []})
+    code, out, _ = await run_cli("accounts", "list", "-c", cfg)
+    assert [a["code"] for a in json.loads(out)][:1] == ["acct1001"]
+
+
+async def test_ledger_is_append_only(write_config: Callable[..., Path]) -> None:
+    cfg = _cfg(write_config)
+    await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    conn = sqlite3.connect(Path(cfg).parent / "db" / "test.db")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE ledger SET amount = 0")
+    conn.close()
+
+
+async def test_invalid_import_names_line_and_field(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("code,name,email,daily_limit\nacct1,Ion,ion.popescu@example.ro,abc\n")
+    code, _, err = await run_cli("accounts", "import", str(bad), "-c", _cfg(write_config))
+    assert code == EX_DATAERR
+    assert f"{bad}:2" in err
+    assert "daily_limit" in err
+
+
+async def test_tariffs_check_and_rate(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg = _cfg(write_config)
+    code, out, err = await run_cli("tariffs", "check", "-c", cfg)
+    assert code == 0, out + err
+    code, out, err = await run_cli("tariffs", "rate", "0040212345678", "65", "--at", "2026-12-01T12:00", "-c", cfg)
+    assert code == 0, err
+    rated = json.loads(out)
+    assert rated["normalised"] == "40212345678"
+    assert rated["billed_seconds"] >= 65
+    assert isinstance(rated["cost_bani"], int)
+    assert rated["cost"].endswith(" lei")
+    code, out, _ = await run_cli("tariffs", "rate", "+999123", "10", "-c", cfg)
+    assert code == EX_DATAERR
+    assert json.loads(out)["tariff"] is None
+
+    broken = tmp_path / "t.yaml"
+    broken.write_text("tariffs:\n  - prefix: '+40'\n    rate_per_minute: abc\n")
+    code, _, err = await run_cli("tariffs", "check", str(broken), "-c", cfg)
+    assert code == EX_CONFIG
+    assert "tariffs[0].rate_per_minute" in err
+
+
+async def test_export_calls_is_csv_with_header(write_config: Callable[..., Path]) -> None:
+    cfg = _cfg(write_config)
+    await run_cli("db", "migrate", "-c", cfg)
+    code, out, err = await run_cli("export", "calls", "--from", "2026-11-01", "--to", "2026-12-01", "-c", cfg)
+    assert code == 0, err
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0][:3] == ["key", "account", "destination"]
