@@ -198,6 +198,7 @@ class Daemon:
         sender = OutboxSender(
             store, self.clock, config=lambda: self.config.smtp, password=self.loaded.secrets.smtp_password
         )
+        store.on_outbox = sender.wake
         ami = None
         if cfg.ami.enabled:
             ami = AmiClient(
@@ -325,9 +326,15 @@ class Daemon:
         )
 
     async def _status_loop(self) -> None:
+        """STATUS= for systemctl status, and housekeeping: expired reservations stop counting."""
         while True:
             await self.clock.sleep(10)
             self.notifier.status(self._status_text())
+            if self._parts is not None and self._parts.money is not None:
+                try:
+                    await self._parts.store.write(lambda tx: tx.purge_expired_reservations())
+                except Exception:
+                    log.exception("reservations.purge_failed")
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()

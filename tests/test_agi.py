@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agi_client import AgiCallResult, agi_call, parse_agi_args
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -38,6 +37,7 @@ from clickphone_agi.adapters.agi import (
     quote_value,
 )
 from clickphone_agi.dialplan_vars import Reason
+from clickphone_agi.sim.agi_client import AgiCallResult, agi_call, parse_agi_args
 
 HOST = "127.0.0.1"
 DIALPLAN = Path(__file__).resolve().parent.parent / "dialplan"

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from agi_client import agi_call
 
 from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters.accounts_file import load_accounts
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.sim.agi_client import agi_call
 from tests.conftest import REPO
 
 ACCOUNTS = REPO / "etc" / "accounts.example.yaml"

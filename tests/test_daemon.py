@@ -17,6 +17,7 @@ from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
 from clickphone_agi.cli import EX_DATAERR, EX_TEMPFAIL
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
 
 pytestmark = pytest.mark.slow
@@ -174,5 +175,34 @@ async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     assert report["cdrs"] == {"recorded": 22, "duplicates": 22}  # 3 replays + 19 Master.csv twins
     assert report["reconcile"]["recovered"] == 3  # the long call that ended during the AMI gap
     assert report["domain_events"]["CallEnded"] == 22
+    assert report["money"]["charged"] == 2  # answered_call and the long call recovered from Master.csv
+    assert {a["code"]: a["balance"] for a in report["accounts"]} == {"acct1001": 13, "acct1002": 2500}
+    assert len(emls) == 5  # test mail, 80 % limit, low balance, insufficient funds, IP alert
     assert report["events_by_type"]["Cdr"] > 0
     assert "0721000001" not in (out_dir / "daemon.log").read_text()  # caller numbers masked
+
+
+async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    tariffs = short_tmp / "tariffs.yaml"
+    tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
+    cfg = write_config(extra=f"billing:\n  tariffs_file: {tariffs}\n")
+    notify = NotifySocket(short_tmp / "notify")
+    daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    await daemon.start()
+    try:
+        await notify.wait_for("READY=1")
+        tariffs.write_text("tariffs:\n  - prefix: '+40'\n    rate_per_minute: lots\n")
+        daemon.signal(signal.SIGHUP)
+        failed = await daemon.wait_log(lambda e: e.get("event") == "tariffs.reload_failed")
+        assert "rate_per_minute" in failed["error"]
+        tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
+        daemon.signal(signal.SIGHUP)
+        reloaded = await daemon.wait_log(lambda e: e.get("event") == "tariffs.reloaded")
+        assert reloaded["entries"] > 10
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.kill()
+        notify.close()

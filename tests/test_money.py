@@ -4,6 +4,7 @@ threshold notices, and the ledger always summing to the balance."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import sqlite3
 from collections.abc import AsyncIterator
@@ -229,3 +230,41 @@ async def test_expired_reservations_stop_holding_budget(store: SqliteStore) -> N
     future = NOW + timedelta(hours=3)
     store._clock = FakeClock(future)  # the writer stamps tx.now from the store's clock
     assert await store.write(lambda tx: tx.reservations("acct1001")) == (0, 0)
+
+
+async def test_spend_day_is_the_local_day_of_the_answer_across_dst(store: SqliteStore) -> None:
+    """2026-10-25 is 25 h long in Bucharest: a call answered at 21:30 UTC on the 24th (00:30 local on
+    the 25th, summer time) counts for the 25th, one at 20:59:59 UTC for the 24th."""
+    account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
+    await provision(store, 2000, account)
+    money = service(store)
+    processor = EventProcessor(store, SINCE, money)
+    (template,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    late = datetime(2026, 10, 24, 21, 30, tzinfo=UTC).astimezone(TZ)
+    early = datetime(2026, 10, 24, 20, 59, 59, tzinfo=UTC).astimezone(TZ)
+    for i, at in enumerate((late, early)):
+        call = dataclasses.replace(template, key=f"{template.key}:{i}", start=at, answer=at, end=at)
+        await processor.handle(call)
+    day25 = await store.write(lambda tx: tx.spent("acct1001", "2026-10-25"))
+    day24 = await store.write(lambda tx: tx.spent("acct1001", "2026-10-24"))
+    assert (day24, day25) == (3, 3)
+
+
+async def test_tariff_change_at_midnight_rates_by_answer_time(store: SqliteStore) -> None:
+    """A new rate from 2026-12-01 00:00 local: a call answered 23:59:59 the day before pays the old one."""
+    old = entry("4021", "0.03")
+    new = TariffEntry(
+        prefix="4021", name="new", destination_class="national", rate_per_minute=Decimal("0.60"), connection_fee=0,
+        initial_block=60, step=1, minimum_charge=0, free=False, effective_from=datetime(2026, 12, 1, tzinfo=TZ),
+    )  # fmt: skip
+    old = dataclasses.replace(old, effective_to=datetime(2026, 12, 1, tzinfo=TZ))
+    table = TariffTable((old, new))
+    await provision(store, 2000, Account(code="acct1001", name="Ion", email="ion.popescu@example.ro"))
+    processor = EventProcessor(store, SINCE, service(store, tariffs=table))
+    (template,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    for i, at in enumerate((datetime(2026, 11, 30, 23, 59, 59, tzinfo=TZ), datetime(2026, 12, 1, 0, 0, 1, tzinfo=TZ))):
+        await processor.handle(dataclasses.replace(template, key=f"k{i}", start=at, answer=at, end=at))
+    conn = sqlite3.connect(store.path)
+    costs = [r[0] for r in conn.execute("SELECT cost FROM rated_calls ORDER BY answered_at")]
+    conn.close()
+    assert costs == [3, 60]

@@ -9,18 +9,27 @@ database in the output folder. At the end it prints what happened and where it w
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import shutil
+import socket
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters import control
+from clickphone_agi.adapters.accounts_file import load_accounts
 from clickphone_agi.adapters.logging import configure_logging
+from clickphone_agi.adapters.storage import reports
 from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.adapters.storage.codec import account_to_json
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
+from clickphone_agi.domain.money import format_ron
+from clickphone_agi.sim.agi_client import agi_call
 from clickphone_agi.sim.ami_server import AmiReplayServer, Transcript, load_transcript, packaged_scenarios
 from clickphone_agi.sim.master_csv import csv_record
 from clickphone_agi.sim.smtp_sink import SmtpSink
@@ -32,7 +41,38 @@ DEMO_GO_LIVE = datetime(2026, 11, 27, tzinfo=UTC)
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
 
 
-def _config_text(out: Path, ami_port: int, smtp_port: int, socket_path: Path) -> str:
+DEMO_TARIFFS = """# The demo's tariffs (RON): Bucharest fixed, Romanian mobile, a blocked premium range.
+currency: RON
+tariffs:
+  - {prefix: "+4021", name: Bucharest fixed, class: national, rate_per_minute: "0.03", increments: 60/1,
+     effective_from: 2026-01-01}
+  - {prefix: "+407", name: Romania mobile, class: mobile, rate_per_minute: "0.05", increments: 60/1,
+     effective_from: 2026-01-01}
+  - {prefix: "+40900", name: Premium, class: premium, rate_per_minute: "3.00", increments: 60/60,
+     effective_from: 2026-01-01}
+"""
+DEMO_ACCOUNTS = """# The demo's subscribers (invented). acct1001 is nearly out of budget on purpose.
+accounts:
+  - code: acct1001
+    name: Ion Popescu
+    email: ion.popescu@example.ro
+    daily_limit: "0.08"
+    low_balance_threshold: "0.15"
+    allowed_ips: ["127.0.0.1"]
+    dids: ["+40212345678"]
+    mailboxes: [{box: 100@default}]
+    blocked_classes: [premium]
+    opening_balance: "0.20"
+  - code: acct1002
+    name: Maria Ionescu
+    email: maria.ionescu@example.ro
+    language: en
+    allowed_ips: ["127.0.0.1"]
+    opening_balance: "25.00"
+"""
+
+
+def _config_text(out: Path, ami_port: int, smtp_port: int, socket_path: Path, agi_port: int) -> str:
     return f"""# Written by `clickphone-agi demo`: the daemon's configuration for this run.
 ami:
   host: 127.0.0.1
@@ -46,6 +86,13 @@ smtp:
   port: {smtp_port}
 database:
   path: {out / "demo.db"}
+agi:
+  enabled: true
+  port: {agi_port}
+billing:
+  tariffs_file: {out / "tariffs.yaml"}
+  billing_cdr:
+    destination_contexts: [lab-outbound]
 asterisk:
   system_name: demo-pbx
   master_csv: {out / "cdr-csv" / "Master.csv"}
@@ -57,6 +104,12 @@ daemon:
   control_socket: {socket_path}
   drain_timeout: 5
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _settle(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
@@ -76,6 +129,8 @@ def _prepare(output: Path) -> Path:
     for stale in (
         "mail",
         "cdr-csv",
+        "tariffs.yaml",
+        "accounts.yaml",
         "demo.db",
         "demo.db-wal",
         "demo.db-shm",
@@ -90,6 +145,8 @@ def _prepare(output: Path) -> Path:
             target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
+    (out / "tariffs.yaml").write_text(DEMO_TARIFFS, encoding="utf-8")
+    (out / "accounts.yaml").write_text(DEMO_ACCOUNTS, encoding="utf-8")
     (out / "cdr-csv").mkdir()
     (out / "cdr-csv" / "Master.csv").write_bytes(b"")
     conn = db.connect_sync(out / "demo.db")
@@ -111,6 +168,10 @@ async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSin
     await asyncio.wait_for(daemon.ready.wait(), 10)
     await ami.wait_for_login(10)
     print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {daemon.config.ami.events})")
+    items = await asyncio.to_thread(load_accounts, out / "accounts.yaml")
+    payload = {"items": [{"account": account_to_json(i.account), "opening": i.opening_balance} for i in items]}
+    imported = await asyncio.to_thread(control.call, daemon.config.daemon.control_socket, "accounts.import", payload)
+    print(f"  'accounts import accounts.yaml' through the control socket: created {', '.join(imported['created'])}")
     scenarios = {name: load_transcript(path) for name, path in packaged_scenarios().items()}
     for name in SCENARIOS:
         frames = await ami.play(scenarios[name])
@@ -142,7 +203,26 @@ async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSin
         "  the daemon reconnected and reconciled Master.csv: "
         f"{status['reconcile']['recovered'] - before} CDRs recovered, none counted twice"
     )
-    return status
+    await _authorizations(daemon)
+    await sink.wait_for(5, timeout=20)
+    return await _settle(daemon)
+
+
+async def _authorizations(daemon: Daemon) -> None:
+    """The dialplan asks before each call: AGI(agi://127.0.0.1:PORT/authorize,account,number,ip)."""
+    port = daemon.config.agi.port
+    asks = [
+        ("acct1002", "0721000001", "127.0.0.1", "demo.1"),
+        ("acct1001", "0212345678", "127.0.0.1", "demo.2"),
+        ("acct1001", "0212345678", "203.0.113.7", "demo.3"),
+        ("acct1001", "0900123456", "127.0.0.1", "demo.4"),
+    ]
+    for account, number, ip, uid in asks:
+        result = await agi_call("127.0.0.1", port, "authorize", [account, number, ip], {"uniqueid": uid})
+        v = result.variables
+        verdict = v.get(dv.AUTH, "?")
+        detail = f"MAXSEC={v.get(dv.MAXSEC)}" if verdict == dv.ALLOW else f"reason={v.get(dv.REASON)}"
+        print(f"  FastAGI authorize {account} -> {number} from {ip}: {verdict} {detail}")
 
 
 def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: SmtpSink) -> None:
@@ -156,6 +236,8 @@ def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: S
         "domain_events": translated,
         "reconcile": status["reconcile"],
         "cdrs": status["cdrs"],
+        "money": status["money"],
+        "accounts": reports.list_accounts(db_path),
         "database": info,
         "mail": [str(m.path) for m in sink.messages],
         "log": str(out / "daemon.log"),
@@ -173,9 +255,17 @@ def _report(out: Path, code: int, status: dict[str, Any], db_path: Path, sink: S
         f"Database: {info['path']} (schema v{info['schema_version']}, WAL, went live {info['went_live_at']},"
         f" outbox {info['outbox']})"
     )
+    money = status["money"] or {}
+    print(
+        f"Money: {money.get('charged', 0)} calls charged, authorisations allowed {money.get('allowed', 0)},"
+        f" denied {money.get('denied', {})}"
+    )
+    for acct in reports.list_accounts(db_path):
+        print(f"  {acct['code']}: balance {format_ron(acct['balance'])}")
     print(f"E-mails written: {len(sink.messages)} in {out / 'mail'}")
     for m in sink.messages:
-        print(f"  {m.path}  to {', '.join(m.rcpt_tos)}")
+        subject = email.message_from_bytes(m.data, policy=email.policy.default)["Subject"]
+        print(f"  {m.path}  to {', '.join(m.rcpt_tos)}: {subject}")
     print(f"Daemon log (JSON, personal data masked): {out / 'daemon.log'}")
     print(f"Report: {out / 'report.json'}")
     print(f"Demo finished; daemon exit code {code}. Output in {out}")
@@ -191,7 +281,9 @@ async def run_demo(output: Path) -> int:
         await sink.start()
         await ami.start()
         config_file = out / "clickphone-agi.yaml"
-        config_file.write_text(_config_text(out, ami.port, sink.port, runtime / "control.sock"), encoding="utf-8")
+        agi_port = await asyncio.to_thread(_free_port)
+        config_text = _config_text(out, ami.port, sink.port, runtime / "control.sock", agi_port)
+        config_file.write_text(config_text, encoding="utf-8")
         loaded = load_config(config_file)
         daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
         print(f"clickphone-agi demo: simulated Asterisk on 127.0.0.1:{ami.port}, mail sink on 127.0.0.1:{sink.port}")

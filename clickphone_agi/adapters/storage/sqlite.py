@@ -196,6 +196,7 @@ class SqliteTx:
     def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self.enqueued = 0  # outbox rows added in this transaction: the sender is woken after COMMIT
 
     def claim_event(self, key: str, kind: str) -> bool:
         cur = self._conn.execute(
@@ -400,6 +401,7 @@ class SqliteTx:
                 to_db(self.now),
             ),
         )
+        self.enqueued += cur.rowcount
         return cur.rowcount == 1
 
     def enqueue(self, message: OutboxMessage) -> bool:
@@ -419,6 +421,7 @@ class SqliteTx:
                 to_db(message.created_at),
             ),
         )
+        self.enqueued += cur.rowcount
         return cur.rowcount == 1
 
     def set_message(self, row_id: int, mime: bytes) -> None:
@@ -448,15 +451,20 @@ class _Job:
     future: asyncio.Future[Any]
 
 
-def _run_batch(conn: sqlite3.Connection, jobs: list[_Job], now: datetime) -> list[tuple[bool, Any]]:
-    """One transaction for the batch, a savepoint per job; runs on the writer's thread."""
+def _run_batch(conn: sqlite3.Connection, jobs: list[_Job], now: datetime) -> tuple[list[tuple[bool, Any]], int]:
+    """One transaction for the batch, a savepoint per job; runs on the writer's thread.
+
+    Returns each job's outcome and how many outbox rows the committed jobs enqueued.
+    """
     outcomes: list[tuple[bool, Any]] = []
+    enqueued = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
         for job in jobs:
             conn.execute("SAVEPOINT unit")
+            tx = SqliteTx(conn, now)
             try:
-                result = job.work(SqliteTx(conn, now))
+                result = job.work(tx)
             except Exception as exc:
                 conn.execute("ROLLBACK TO unit")
                 conn.execute("RELEASE unit")
@@ -464,12 +472,13 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[_Job], now: datetime) -> lis
             else:
                 conn.execute("RELEASE unit")
                 outcomes.append((True, result))
+                enqueued += tx.enqueued
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return outcomes
+    return outcomes, enqueued
 
 
 class SqliteStore:
@@ -488,6 +497,7 @@ class SqliteStore:
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         self.units = 0
+        self.on_outbox: Callable[[], None] | None = None
 
     @classmethod
     async def open(cls, path: Path, clock: Clock, *, busy_timeout: float = 5.0, do_migrate: bool = True) -> SqliteStore:
@@ -530,8 +540,9 @@ class SqliteStore:
             if first is None:
                 return
             jobs, stop_after = self._take_batch(first)
+            enqueued = 0
             try:
-                outcomes = await _call(self._writer, _run_batch, jobs, self._clock.now())
+                outcomes, enqueued = await _call(self._writer, _run_batch, jobs, self._clock.now())
             except Exception as exc:
                 # COMMIT itself failed: every unit of the batch failed with it
                 log.error("db.commit_failed", error=str(exc), units=len(jobs))
@@ -539,6 +550,8 @@ class SqliteStore:
             else:
                 self.commits += 1
                 self.units += len(jobs)
+                if enqueued and self.on_outbox is not None:
+                    self.on_outbox()  # committed mail is delivered now, not at the next poll
             for job, (ok, value) in zip(jobs, outcomes, strict=True):
                 if not job.future.done():
                     if ok:
