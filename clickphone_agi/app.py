@@ -30,7 +30,7 @@ from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
-from clickphone_agi.adapters.smtp import OutboxSender
+from clickphone_agi.adapters.smtp import OutboxSender, bounce_command, purge_command, retry_command
 from clickphone_agi.adapters.storage.codec import account_from_json
 from clickphone_agi.adapters.storage.sqlite import SqliteStore, WriterLock
 from clickphone_agi.adapters.systemd import SdNotifier
@@ -41,12 +41,15 @@ from clickphone_agi.config.schema import Config, SmtpConfig
 from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
+from clickphone_agi.domain.events import DomainEvent
 from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
 from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.services.reconcile import CdrReconciler
 
 log = structlog.get_logger(__name__)
@@ -129,6 +132,35 @@ class Components:
     ami: AmiClient | None
     money: MoneyService | None
     agi: FastAgiServer | None
+    notifier: Notifier
+
+
+class NotifyingProcessor(EventProcessor):
+    """The event processor, also showing every domain event to the notifier (which only
+    records what it needs in memory and never blocks)."""
+
+    notifier: Notifier | None = None
+
+    async def handle(self, event: DomainEvent) -> bool:
+        if self.notifier is not None:
+            self.notifier.observe(event)
+        return await super().handle(event)
+
+
+def notice_settings(config: Config) -> NoticeSettings:
+    n, a = config.notifications, config.asterisk
+    return NoticeSettings(
+        system_name=a.system_name,
+        sender=config.smtp.from_address,
+        message_id_domain=config.smtp.message_id_domain,
+        voicemail_root=a.voicemail_spool,
+        fax_root=a.fax_spool,
+        audio_format=n.voicemail_format,
+        max_attachment_bytes=n.max_attachment_bytes,
+        inbound_contexts=n.inbound_contexts,
+        missed_call_grace=timedelta(seconds=n.missed_call_grace),
+        scan_interval=n.scan_interval,
+    )
 
 
 @dataclass
@@ -173,7 +205,11 @@ class Daemon:
         money = None
         if cfg.billing.tariffs_file is not None:
             money = MoneyService(store, self.clock, await asyncio.to_thread(money_settings, cfg))
-        processor = EventProcessor(store, await store.went_live_at(), money)
+        went_live = await store.went_live_at()
+        processor = NotifyingProcessor(store, went_live, money)
+        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
+        notifier = Notifier(store, self.clock, renderer, notice_settings(cfg), went_live)
+        processor.notifier = notifier
         reconciler = None
         if cfg.asterisk.master_csv is not None:
             tailer = MasterCsvTailer(
@@ -221,7 +257,7 @@ class Daemon:
             agi = FastAgiServer(
                 build_router(money), host=cfg.agi.host, port=cfg.agi.port, max_connections=cfg.agi.max_connections
             )
-        return Components(store, queue, processor, worker, sender, reconciler, ami, money, agi)
+        return Components(store, queue, processor, worker, sender, reconciler, ami, money, agi, notifier)
 
     async def _run_locked(self) -> int:
         cfg = self.config
@@ -246,6 +282,7 @@ class Daemon:
         }
         if parts.reconciler is not None:
             tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
+        tasks["notices"] = asyncio.create_task(parts.notifier.run(background_stop), name="notices")
         if parts.ami is not None:
             tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
         helpers = [
@@ -284,7 +321,7 @@ class Daemon:
         drained = await _bounded(tasks["ingest"], left())
         background_stop.set()
         parts.sender.wake()
-        for name in ("sender", "reconcile"):
+        for name in ("notices", "sender", "reconcile"):
             if name in tasks:
                 await _bounded(tasks[name], left())
         for task in helpers:
@@ -388,6 +425,9 @@ class Daemon:
         table.register("status", self._cmd_status)
         table.register("mail-test", self._cmd_mail_test)
         table.register("db.migrate", self._cmd_migrate)
+        table.register("outbox.retry", self._cmd_outbox_retry)
+        table.register("outbox.purge", self._cmd_outbox_purge)
+        table.register("bounce", self._cmd_bounce)
         return table
 
     def _running(self) -> Components:
@@ -438,6 +478,7 @@ class Daemon:
             },
             "agi": None if parts.agi is None else parts.agi.stats(),
             "outbox": await parts.store.outbox_counts(),
+            "mail": await parts.sender.metrics(),
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
             "storage": {"commits": parts.store.commits, "units": parts.store.units},
         }
@@ -472,6 +513,15 @@ class Daemon:
 
     async def _cmd_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
         return {"message": "the running daemon migrated the database when it started", "by": "daemon"}
+
+    async def _cmd_outbox_retry(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {**await retry_command(self._running().store, args), "by": "daemon"}
+
+    async def _cmd_outbox_purge(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {**await purge_command(self._running().store, self.clock, args), "by": "daemon"}
+
+    async def _cmd_bounce(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {**await bounce_command(self._running().store, self.config.smtp, args), "by": "daemon"}
 
 
 async def _bounded(task: Awaitable[Any], seconds: float) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+
+OUTBOX_STATUSES = ("pending", "sent", "dead", "expired", "bounced")
+PURGEABLE_STATUSES = ("sent", "dead", "expired", "bounced")
+MAX_DSN_BYTES = 10 * 1024 * 1024
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,10 +90,37 @@ def _parser() -> argparse.ArgumentParser:
     trate.add_argument("number")
     trate.add_argument("seconds", type=int)
     trate.add_argument("--at", help="ISO datetime of the answer (default: now)")
+    _mail_parsers(sub, common)
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
     return parser
+
+
+def _mail_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``outbox list|show|retry|purge`` and ``bounce`` (part of :func:`_parser`)."""
+    box = sub.add_parser("outbox", help="inspect and replay the mail outbox")
+    boxsub = box.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    blist = boxsub.add_parser("list", parents=[common], help="newest rows first")
+    blist.add_argument("--status", choices=OUTBOX_STATUSES)
+    blist.add_argument("--kind", help="e.g. voicemail, low_balance, mail_test")
+    blist.add_argument("--limit", type=int, default=50)
+    bshow = boxsub.add_parser("show", parents=[common], help="one row: headers, last error, SMTP reply, attempts")
+    bshow.add_argument("id", type=int)
+    bshow.add_argument("--body", action="store_true", help="include the whole MIME message")
+    bretry = boxsub.add_parser("retry", parents=[common], help="dead letters back to pending, due now")
+    bretry.add_argument("ids", type=int, nargs="*", metavar="ID")
+    bretry.add_argument("--all-dead", action="store_true", help="every dead letter (suppressed/expired skipped)")
+    bpurge = boxsub.add_parser("purge", parents=[common], help="delete finished rows past retention, never pending")
+    bpurge.add_argument("--older-than", type=float, metavar="DAYS", help="default: privacy.outbox_body_retention_days")
+    bpurge.add_argument(
+        "--status", action="append", choices=PURGEABLE_STATUSES, help="repeatable (default: all finished ones)"
+    )
+    bpurge.add_argument("--bodies-only", action="store_true", help="clear the bodies, keep the rows as an audit trail")
+    bounce = sub.add_parser(
+        "bounce", parents=[common], help="record a delivery-status report (DSN) read on stdin (MTA pipe transport)"
+    )
+    bounce.add_argument("--recipient", help="the envelope recipient the MTA delivered it to (Postfix ${recipient})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "accounts": _cmd_accounts,
         "export": _cmd_export,
         "tariffs": _cmd_tariffs,
+        "outbox": _cmd_outbox,
+        "bounce": _cmd_bounce,
     }
     if args.command not in ("run", "demo"):
         # CLI verbs print their result on stdout; their own logs go to stderr, masked
@@ -405,6 +440,113 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
         cost_bani=amount,
         cost=format_ron(amount, "ro"),
     )
+    _print(result)
+    return EX_OK
+
+
+async def _with_store(loaded: Any, use: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """Open the store as the writer (the caller holds the writer lock), run ``use(store, clock)``."""
+    from clickphone_agi.adapters.storage.sqlite import SqliteStore
+    from clickphone_agi.clock import SystemClock
+
+    clock = SystemClock()
+    store = await SqliteStore.open(loaded.config.database.path, clock, busy_timeout=loaded.config.database.busy_timeout)
+    store.start()
+    try:
+        return await use(store, clock)
+    finally:
+        await store.close()
+
+
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters.smtp import purge_command, retry_command
+    from clickphone_agi.adapters.storage import sqlite as db
+
+    action = args.outbox_command
+    if action == "retry":
+        if bool(args.ids) == bool(args.all_dead):
+            print("clickphone-agi: outbox retry: give row IDs or --all-dead (not both)", file=sys.stderr)
+            return EX_USAGE
+        retry: dict[str, Any] = {"all_dead": True} if args.all_dead else {"ids": args.ids}
+        local = partial(_with_store, use=lambda store, _clock: retry_command(store, retry))
+        _print(_as_writer(args, "outbox.retry", retry, local))
+        return EX_OK
+    loaded = _load(args, require_secrets=False)
+    dbc = loaded.config.database
+    if action == "purge":
+        days = loaded.config.privacy.outbox_body_retention_days if args.older_than is None else args.older_than
+        purge: dict[str, Any] = {
+            "older_than_days": days,
+            "statuses": sorted(set(args.status or PURGEABLE_STATUSES)),
+            "keep_rows": args.bodies_only,
+        }
+        local = partial(_with_store, use=lambda store, clock: purge_command(store, clock, purge))
+        _print(_as_writer(args, "outbox.purge", purge, local))
+        return EX_OK
+    if action == "list":
+        listed = db.outbox_list(
+            dbc.path, status=args.status, kind=args.kind, limit=args.limit, busy_timeout=dbc.busy_timeout
+        )
+        _print(listed)
+        return EX_OK
+    shown = db.outbox_show(dbc.path, args.id, body=args.body, busy_timeout=dbc.busy_timeout)
+    if shown is None:
+        print(f"clickphone-agi: no outbox row {args.id}", file=sys.stderr)
+        return EX_DATAERR
+    _print(shown)
+    return EX_OK
+
+
+def _cmd_bounce(args: argparse.Namespace) -> int:
+    """An MTA pipe transport's command: exit 0 unless the database is busy or unreachable (75: retry).
+
+    Junk (not a DSN, no VERP token, forged token) is logged and acknowledged with 0 so the MTA
+    does not retry it forever. The DSN is parsed here; only the facts go to the writer.
+    """
+    import sqlite3
+
+    import structlog
+
+    from clickphone_agi.adapters import control
+    from clickphone_agi.adapters.smtp import bounce_command
+    from clickphone_agi.adapters.storage.sqlite import SchemaTooNew, StorageError, WriterBusy
+    from clickphone_agi.config.loader import ConfigError
+    from clickphone_agi.domain.bounce import NotADsn, parse_dsn
+
+    log = structlog.get_logger("clickphone_agi.bounce")
+    stdin = sys.stdin.buffer
+    raw = stdin.read(MAX_DSN_BYTES + 1)
+    truncated = len(raw) > MAX_DSN_BYTES
+    if truncated:
+        raw = raw[:MAX_DSN_BYTES]
+        while stdin.read(1 << 20):  # the MTA expects its pipe read to the end
+            pass
+    try:
+        report = parse_dsn(raw, envelope_recipient=args.recipient)
+        if not report.tokens:
+            raise NotADsn("no VERP token in the envelope recipient or the DSN's headers")
+    except NotADsn as exc:
+        outcome = {"outcome": "ignored", "reason": str(exc), "bytes": len(raw), "truncated": truncated}
+        log.warning("bounce.ignored", **outcome)
+        # into the daemon's journal too when it runs: an MTA discards a pipe command's output on exit 0
+        with contextlib.suppress(control.ControlUnavailable, control.CommandError, ConfigError, OSError):
+            socket_path = _load(args, require_secrets=False).config.daemon.control_socket
+            control.call(socket_path, "bounce", {"ignored": outcome}, timeout=5)
+        _print(outcome)
+        return EX_OK
+    payload = {"report": report.to_json()}
+
+    def local(loaded: Any) -> Awaitable[Any]:
+        return _with_store(loaded, lambda store, _clock: bounce_command(store, loaded.config.smtp, payload))
+
+    try:
+        result = _as_writer(args, "bounce", payload, local)
+    except SchemaTooNew:
+        raise
+    except (WriterBusy, StorageError, sqlite3.Error, control.CommandError, OSError) as exc:
+        log.error("bounce.deferred", error=str(exc), exit_code=EX_TEMPFAIL)
+        print(f"clickphone-agi: bounce not recorded, the MTA should retry: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     _print(result)
     return EX_OK
 

@@ -8,11 +8,12 @@ transaction handling inside the adapter and makes each transaction one hop to th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
@@ -86,11 +87,53 @@ class WriteTx(Protocol):
         """Store the body the sender rendered for a notice row (rendered once)."""
         ...
 
-    def mark_sent(self, row_id: int, smtp_reply: str) -> None: ...
+    def mark_sent(self, row_id: int, smtp_reply: str, *, envelope_from: str | None = None) -> None:
+        """The server answered 250: the row is sent (a pending row only)."""
+        ...
 
-    def mark_failed(self, row_id: int, error: str, next_attempt_at: datetime, *, dead: bool) -> None: ...
+    def mark_failed(
+        self,
+        row_id: int,
+        error: str,
+        next_attempt_at: datetime,
+        *,
+        dead: bool,
+        smtp_reply: str | None = None,
+        envelope_from: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """A failed attempt: deferred to ``next_attempt_at``, or dead (a pending row only)."""
+        ...
 
     def mark_expired(self, row_id: int) -> None: ...
+
+    def outbox_row(self, row_id: int) -> OutboxRow | None:
+        """One outbox row as it is inside this transaction."""
+        ...
+
+    def mark_bounced(self, row_id: int, error: str) -> bool:
+        """A DSN reported the message undeliverable; False if the row was already bounced."""
+        ...
+
+    def suppression(self, address: str) -> str | None:
+        """The reason ``address`` is suppressed (no mail at all goes to it), or None."""
+        ...
+
+    def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
+        """One more hard bounce for ``address``; True if that (or an earlier one) suppressed it."""
+        ...
+
+    def verp_key(self, candidate: bytes | None) -> bytes | None:
+        """The stored VERP HMAC key; ``candidate`` is stored first if there is none yet."""
+        ...
+
+    def retry_outbox(self, row_ids: list[int] | None) -> dict[str, Any]:
+        """Dead letters back to pending, due now (``None``: every dead letter); says which were skipped."""
+        ...
+
+    def purge_outbox(self, before: datetime, statuses: tuple[str, ...], *, keep_rows: bool) -> int:
+        """Delete finished rows created before ``before`` (bodies only with ``keep_rows``); never pending."""
+        ...
 
 
 class Store(Protocol):
@@ -110,6 +153,20 @@ class Store(Protocol):
 
     async def outbox_counts(self) -> dict[str, int]: ...
 
+    async def due_mail(self, now: datetime, limit: int, exclude: Collection[int] = ()) -> list[DueMail]:
+        """Pending rows due at ``now`` (but not ``exclude``), oldest first, with body, suppression and retry time."""
+        ...
+
+    async def next_due_after(self, moment: datetime) -> datetime | None:
+        """The earliest ``next_attempt_at`` of a pending row later than ``moment``."""
+        ...
+
+    async def mail_metrics(self, now: datetime) -> dict[str, Any]:
+        """Outbox figures for the status command (pending, oldest pending age, … by kind)."""
+        ...
+
     async def event_count(self, kind: str | None = None) -> int: ...
 
     async def get_meta(self, key: str) -> str | None: ...
+
+    async def has_event(self, key: str) -> bool: ...

@@ -369,7 +369,7 @@ def test_every_problem_of_every_row_is_reported(tmp_path: Path) -> None:
         f"{path}:6: accounts[1].code: expected 1-40 of A-Z a-z 0-9 _ . -, got 'no spaces allowed'",
         f"{path}:9: accounts[1].colour: unknown key 'colour' (known: code, name, email, language, billing, "
         "daily_limit, low_balance_threshold, allowed_ips, dids, mailboxes, blocked_classes, max_concurrent_calls, "
-        "max_call_seconds, marketing_consent, enabled, opening_balance)",
+        "max_call_seconds, marketing_consent, enabled, opt_out, opening_balance)",
     ]
 
 

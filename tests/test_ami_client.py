@@ -86,6 +86,24 @@ async def test_logs_in_and_receives_the_answered_call_events_in_order(
     assert h.client.snapshot()["state"] == "stopped"
 
 
+async def test_reader_hands_on_events_without_decoding_their_headers(server: AmiReplayServer, clock: FakeClock) -> None:
+    """The reader decodes a frame's Event name only: the rest waits for whoever needs it."""
+    seen_undecoded: list[bool] = []
+
+    def on_message(message: AmiMessage) -> None:
+        seen_undecoded.append(message._headers is None)
+
+    transcript = load_transcript(FIXTURES / "full_noise.ami")
+    async with running_client(server, clock=clock, on_message=on_message) as h:
+        await h.connected()
+        sent = await server.play(transcript)
+        await wait_for(lambda: len(h.received) == 1 + sent)
+        assert all(seen_undecoded)
+        assert h.received[0].event == "FullyBooted"
+        assert all(m.is_event for m in h.received)  # the Login response was consumed, decoded
+        assert [m.headers for m in h.received[1:]] == [f.message.headers for f in transcript.replay_frames]
+
+
 async def test_stop_while_connected_sends_logoff(server: AmiReplayServer, clock: FakeClock) -> None:
     async with running_client(server, clock=clock) as h:
         await h.connected()

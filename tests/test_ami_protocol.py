@@ -18,6 +18,7 @@ from clickphone_agi.adapters.ami.protocol import (
     Banner,
     FrameParser,
     encode_action,
+    parse_frame,
 )
 from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
 
@@ -299,3 +300,172 @@ def test_packaged_scenarios_match_the_fixtures() -> None:
         assert path.read_bytes() == (FIXTURES / f"{name}.ami").read_bytes()
     shutdown = load_transcript(packaged["shutdown"]).replay_frames
     assert [f.message.event for f in shutdown] == ["Shutdown"]
+
+
+# --- lazy parsing against a straightforward eager reference -----------------------------------
+
+
+def reference_headers(frame: bytes) -> tuple[tuple[str, str], ...]:
+    """The parser as it was before headers became lazy: split on CRLF, skip empty lines, name and
+    value each decoded on their own (UTF-8, else latin-1), one space after the colon removed."""
+
+    def decode(data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+
+    headers: list[tuple[str, str]] = []
+    for line in frame.split(b"\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            headers.append(("", decode(line)))
+            continue
+        if value.startswith(b" "):
+            value = value[1:]
+        headers.append((decode(name), decode(value)))
+    return tuple(headers)
+
+
+def reference_frames(data: bytes) -> list[tuple[bytes, tuple[tuple[str, str], ...]]]:
+    """``(raw, headers)`` of every non-empty frame of a banner-less stream, eagerly."""
+    out = []
+    pos = 0
+    while (end := data.find(b"\r\n\r\n", pos)) >= 0:
+        headers = reference_headers(data[pos:end])
+        if headers:
+            out.append((data[pos : end + 4], headers))
+        pos = end + 4
+    return out
+
+
+def assert_matches_reference(message: AmiMessage, raw: bytes, headers: tuple[tuple[str, str], ...]) -> None:
+    event = next((v for k, v in headers if k.lower() == "event"), None)
+    assert message.event == event  # decided at parse time, before any header is decoded
+    assert message.raw == raw
+    assert message.headers == headers
+    assert message.is_event == (event is not None)
+    response = next((v for k, v in headers if k.lower() == "response"), None)
+    assert message.is_response == (event is None and response is not None)
+    assert message == AmiMessage(headers=headers, raw=raw)
+    assert hash(message) == hash(AmiMessage(headers=headers, raw=raw))
+    assert reference_headers(message.frame or b"") == headers
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("chunk", [1, 7, 700, 65536])
+def test_lazy_messages_equal_the_eager_reference_parse(scenario: str, chunk: int) -> None:
+    data = (FIXTURES / f"{scenario}.ami").read_bytes()
+    banner_end = data.index(b"\r\n") + 2
+    items = feed_in_chunks(data, [chunk])
+    expected = reference_frames(data[banner_end:])
+    msgs = messages(items)
+    assert len(msgs) == len(expected)
+    for message, (raw, headers) in zip(msgs, expected, strict=True):
+        assert_matches_reference(message, raw, headers)
+
+
+HOSTILE_FRAMES = [
+    b'Event: Cdr\r\nCallerID: "Evil\\\nUniqueid: 1\\\rX: y" <1>\r\nUserField: \r\n\r\n',  # raw LF/CR
+    b"Event: Hangup\r\nCallerIDName: Andr\xe9 \xff\x80\r\nExten: 100\r\n\r\n",  # latin-1 value
+    b"Event: Hangup\r\nCallerIDName: \xc8\x98tefan\r\n\r\n",  # UTF-8 value
+    b"Event: Hangup\r\nCaller\xe9Name: x\r\nExten: \xe2\x84\xaa\r\n\r\n",  # latin-1 name, UTF-8 value
+    b"Event: Caf\xe9\r\nA: b\r\n\r\n",  # a latin-1 event name
+    b"Event: Cdr\nEvent: Forged\r\nA: b\r\n\r\n",  # a raw LF in the Event line
+    b"Event:  two spaces\r\n\r\n",
+    b"Event:NoSpace\r\nA: b\r\n\r\n",
+    b"event: lower\r\nEvent: Second\r\n\r\n",
+    b"Privilege: call,all\r\nEvent: NotFirst\r\n\r\n",
+    b"\r\n\r\nEvent: AfterBlankLines\r\n\r\n",
+    b"Response: Success\r\nActionID: 1\r\nMessage: x\r\n\r\n",
+    b"garbage line\r\nA: b\r\n\r\n",
+    b"Event: X\r\ngarbage line\r\nA:\r\nB: \r\n\r\n",
+    b"Event: \r\n\r\n",
+    b":\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("frame", HOSTILE_FRAMES)
+def test_hostile_frames_parse_like_the_eager_reference(frame: bytes) -> None:
+    expected = reference_frames(frame)
+    for chunk in (1, 3, len(frame)):
+        parser = FrameParser(expect_banner=False)
+        items = [item for start in range(0, len(frame), chunk) for item in parser.feed(frame[start : start + chunk])]
+        msgs = messages(items)
+        assert len(msgs) == len(expected)
+        for message, (raw, headers) in zip(msgs, expected, strict=True):
+            assert_matches_reference(message, raw, headers)
+        assert parser.buffered == 0
+    # parse_frame (the transcript loader's path) agrees too
+    body = frame.removesuffix(b"\r\n\r\n")
+    single = parse_frame(body)
+    if not reference_headers(body):
+        assert single is None
+    else:
+        assert single is not None
+        assert single.headers == reference_headers(body)
+        assert single.raw == body + b"\r\n\r\n"
+
+
+_LINE_PARTS = st.sampled_from(
+    [b"Event", b"event", b"Response", b"Uniqueid", b": ", b":", b" ", b"\n", b"\r", b"x", b"\xe9", b"\xc8\x98", b"\xff"]
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    lines=st.lists(st.lists(_LINE_PARTS, max_size=8).map(b"".join), min_size=0, max_size=8),
+    first_is_event=st.booleans(),
+    cut=st.integers(min_value=0, max_value=200),
+)
+def test_any_frame_parses_like_the_eager_reference(lines: list[bytes], first_is_event: bool, cut: int) -> None:
+    body = b"\r\n".join([b"Event: Fuzz", *lines] if first_is_event else lines)
+    data = body + b"\r\n\r\n" + b"Event: Next\r\nA: b\r\n\r\n"
+    expected = reference_frames(data)
+    parser = FrameParser(expect_banner=False)
+    cut %= len(data) + 1
+    msgs = messages(parser.feed(data[:cut]) + parser.feed(data[cut:]))
+    assert len(msgs) == len(expected)
+    for message, (raw, headers) in zip(msgs, expected, strict=True):
+        assert_matches_reference(message, raw, headers)
+
+
+def test_an_event_frame_decodes_only_its_event_name_until_asked() -> None:
+    raw = b"Event: Newexten\r\nChannel: PJSIP/100-00000001\r\nAppData: \xff\r\n\r\n"
+    (message,) = FrameParser(expect_banner=False).feed(raw)
+    assert isinstance(message, AmiMessage)
+    assert message.event == "Newexten"
+    assert message.frame is message.raw
+    assert message._headers is None  # nothing decoded yet: the worker skips most frames unread
+    assert message.get("AppData") == "\xff"
+    assert message._headers is not None
+    assert message.headers is message.headers  # parsed once, then cached
+
+
+def test_a_message_built_from_headers_behaves_like_the_dataclass_it_was() -> None:
+    message = AmiMessage(headers=(("Event", "Cdr"), ("UserField", "")))
+    assert message.raw == b""
+    assert message.frame is None
+    assert message.event == "Cdr"
+    assert message == AmiMessage((("Event", "Cdr"), ("UserField", "")), b"")
+    assert message != AmiMessage((("Event", "Cdr"),))
+    assert message != (("Event", "Cdr"), ("UserField", ""))
+    assert len({message, AmiMessage((("Event", "Cdr"), ("UserField", "")))}) == 1
+    assert repr(message) == "AmiMessage(headers=(('Event', 'Cdr'), ('UserField', '')), raw=b'')"
+    with pytest.raises(AttributeError):
+        message.event = "Forged"  # type: ignore[misc]
+    response = AmiMessage([("Response", "Success"), ("ActionID", "a-1")])
+    assert response.is_response
+    assert not response.is_event
+    assert response.headers == (("Response", "Success"), ("ActionID", "a-1"))
+
+
+def test_frame_size_limit_counts_each_frame_not_the_whole_read() -> None:
+    parser = FrameParser(max_frame_bytes=64, expect_banner=False)
+    frame = b"Event: A\r\nX: " + b"a" * 30 + b"\r\n\r\n"  # 47 bytes
+    items = parser.feed(frame * 5)  # five frames in one read: 235 bytes, each under the limit
+    assert [m.event for m in messages(items)] == ["A"] * 5
+    with pytest.raises(AmiProtocolError, match="exceeds 64 bytes"):
+        FrameParser(max_frame_bytes=64, expect_banner=False).feed(frame + b"Event: B\r\nX: " + b"b" * 60 + b"\r\n\r\n")

@@ -6,11 +6,16 @@ through a ``LinkedIdCorrelator`` (observe first) and then ``translate``, as the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
+import re
+import sys
 import unicodedata
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -18,9 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clickphone_agi.adapters.ami.protocol import AmiMessage, FrameParser
-from clickphone_agi.domain import keys
+from clickphone_agi.domain import ami_translate, correlation, keys
 from clickphone_agi.domain.ami_translate import (
     ACCOUNT_USER_EVENTS,
+    HANDLED_EVENTS,
     TranslateContext,
     TranslateError,
     c_unescape,
@@ -833,3 +839,402 @@ def test_clickphone_voicemail_user_event_carries_the_recorded_file() -> None:
     assert event.message_file.endswith("INBOX/msg0000")
     assert event.key == translate(headers, ctx).key  # type: ignore[union-attr]
     assert event.key.startswith("vmfile:pbx1:")
+
+
+# --- the fast paths against the straightforward code they replaced -----------------------------
+#
+# The references below are the translator's helpers and the correlator as they were before the
+# fast paths (per-character category checks, strptime, lower()/endswith() on every header). The
+# old pipeline is: eager parse → observe(every header) → translate with those helpers patched in;
+# the new one is the daemon's: lazy FrameParser message → observe_frame(bytes) → translate only
+# the names in HANDLED_EVENTS. Their outputs must be identical, event for event.
+
+_DROP = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_WHITESPACE = re.compile(r"\s+")
+
+
+def old_clean_text(s: str, max_len: int = 80) -> str:
+    s = s[: max_len * 8]
+    s = "".join(" " if unicodedata.category(c) in _DROP else c for c in s)
+    while "=?" in s:
+        s = s.replace("=?", "")
+    s = _WHITESPACE.sub(" ", s).strip()
+    return s[:max_len].rstrip()
+
+
+def old_ident(s: str, max_len: int = 255) -> str:
+    s = s[: max_len * 2]
+    return "".join(c for c in s if unicodedata.category(c) not in _DROP).strip()[:max_len]
+
+
+def old_key_part(s: str) -> str:
+    return "".join(c for c in s if c.isprintable() and c != ":")[:120]
+
+
+def old_local_time(self: Any, name: str, zone: ZoneInfo) -> datetime:
+    raw = self.get(name)
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}", raw):
+        raise self.error(name, "expected YYYY-MM-DD HH:MM:SS", raw)
+    try:
+        naive = datetime.strptime(raw, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        raise self.error(name, "not a valid date and time", raw) from None
+    return ami_translate._attach_zone(naive, zone)
+
+
+class OldCorrelator(LinkedIdCorrelator):
+    def observe(self, headers: Sequence[tuple[str, str]]) -> None:
+        unique_ids: dict[str, str] = {}
+        linked_ids: dict[str, str] = {}
+        for name, value in headers:
+            lower = name.lower()
+            if lower.endswith("uniqueid"):
+                unique_ids.setdefault(lower[: -len("uniqueid")], value)
+            elif lower.endswith("linkedid"):
+                linked_ids.setdefault(lower[: -len("linkedid")], value)
+        for prefix, unique_id in unique_ids.items():
+            linked_id = linked_ids.get(prefix)
+            if linked_id is not None:
+                self.record(unique_id, linked_id)
+
+
+@contextlib.contextmanager
+def old_helpers() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ami_translate, "clean_text", old_clean_text)
+        patch.setattr(ami_translate, "_ident", old_ident)
+        patch.setattr(ami_translate, "_key_part", old_key_part)
+        patch.setattr(ami_translate._Frame, "local_time", old_local_time)
+        yield
+
+
+Outcome = DomainEvent | str | None
+
+
+def reference_eager_headers(frame: bytes) -> Headers:
+    def decode(data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+
+    out: Headers = []
+    for line in frame.split(b"\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            out.append(("", decode(line)))
+            continue
+        out.append((decode(name), decode(value[1:] if value.startswith(b" ") else value)))
+    return out
+
+
+def old_pipeline(frames: list[bytes], max_entries: int = 50_000) -> tuple[list[Outcome], OldCorrelator]:
+    correlator = OldCorrelator(max_entries)
+    out: list[Outcome] = []
+    with old_helpers():
+        for frame in frames:
+            headers = reference_eager_headers(frame)
+            if not any(k.lower() == "event" for k, _ in headers):
+                continue
+            correlator.observe(headers)
+            try:
+                out.append(translate(headers, CTX, correlator.linked_id_for))
+            except TranslateError as exc:
+                out.append(str(exc))
+    return out, correlator
+
+
+def new_pipeline(data: bytes, chunk: int, max_entries: int = 50_000) -> tuple[list[Outcome], LinkedIdCorrelator]:
+    correlator = LinkedIdCorrelator(max_entries)
+    parser = FrameParser(expect_banner=False)
+    out: list[Outcome] = []
+    for start in range(0, len(data), chunk):
+        for message in parser.feed(data[start : start + chunk]):
+            assert isinstance(message, AmiMessage)
+            if message.event is None:
+                continue
+            assert message.frame is not None
+            if not correlator.observe_frame(message.frame):
+                correlator.observe(message.headers)
+            if message.event not in HANDLED_EVENTS:
+                out.append(None)
+                continue
+            try:
+                out.append(translate(message.headers, CTX, correlator.linked_id_for))
+            except TranslateError as exc:
+                out.append(str(exc))
+    return out, correlator
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    frames = []
+    pos = 0
+    while (end := data.find(b"\r\n\r\n", pos)) >= 0:
+        frames.append(data[pos:end])
+        pos = end + 4
+    return frames
+
+
+def assert_pipelines_agree(data: bytes, *, max_entries: int = 50_000) -> list[Outcome]:
+    old, old_correlator = old_pipeline(split_frames(data), max_entries)
+    for chunk in (1, 61, 4096, len(data) or 1):
+        new, new_correlator = new_pipeline(data, chunk, max_entries)
+        assert new == old
+        assert list(new_correlator._links.items()) == list(old_correlator._links.items())
+        assert new_correlator.evictions == old_correlator.evictions
+    return old
+
+
+def stream_of(scenario: str) -> bytes:
+    data = (FIXTURES / f"{scenario}.ami").read_bytes()
+    return data[data.index(b"\r\n") + 2 :]  # without the banner line
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_new_ingest_path_gives_identical_outputs_on_every_transcript(scenario: str) -> None:
+    outcomes = assert_pipelines_agree(stream_of(scenario))
+    assert [o for o in outcomes if isinstance(o, DomainEvent)] == run(scenario)
+
+
+def test_new_ingest_path_gives_identical_outputs_on_all_transcripts_in_one_stream_with_evictions() -> None:
+    data = b"".join(stream_of(s) for s in SCENARIOS)
+    outcomes = assert_pipelines_agree(data)
+    assert sum(isinstance(o, CallEnded) for o in outcomes) > 20
+    assert_pipelines_agree(data, max_entries=3)  # a small correlator: evictions in the same order
+
+
+def _hostile(data: bytes, rng: random.Random) -> bytes:
+    """Hostile values and names spliced into real frames: non-ASCII and latin-1 text, control
+    characters, raw LF/CR, invisible formatting, bad numbers and times, lookalike id headers."""
+    values = [
+        "Ştefan Ionuț".encode(),
+        b"Andr\xe9 \xff\x80",
+        b'"Evil\\\nUniqueid: 9.9\\\rLinkedid: 9.8" <0721>',
+        "\u202eevil\u2066 \u2028x\x85".encode(),
+        b"=?UTF-8?Q?=0A?= a  b\t c",
+        b"2026-02-30 10:00:00",
+        b"2026-13-01 10:00:00",
+        b"0000-01-01 00:00:00",
+        b"2026-11-28 24:00:00",
+        b"2026-11-28 23:59:60",
+        b"12a",
+        b"",
+        b"none",
+        "\u212a".encode(),
+        b"x" * 300,
+    ]
+    names = [
+        b"XUniqueid",
+        b"XLinkedid",
+        "\u00c9Uniqueid".encode(),
+        "\u00e9Linkedid".encode(),
+        "Lin\u212aedid".encode(),
+        b"Dest-Uniqueid",
+        b"UNIQUEID",
+        b"linkedID",
+        b"Caller\xe9Name",
+    ]
+    out = []
+    for frame in split_frames(data):
+        lines = frame.split(b"\r\n")
+        for _ in range(rng.randint(0, 3)):
+            index = rng.randrange(1, len(lines)) if len(lines) > 1 else 0
+            name, _, _ = lines[index].partition(b":")
+            if rng.random() < 0.3:
+                name = rng.choice(names)
+            if index:
+                lines[index] = name + b": " + rng.choice(values)
+        out.append(b"\r\n".join(lines) + b"\r\n\r\n")
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_new_ingest_path_gives_identical_outputs_on_hostile_transcripts(seed: int) -> None:
+    rng = random.Random(seed)
+    data = b"".join(_hostile(stream_of(s), rng) for s in SCENARIOS)
+    assert_pipelines_agree(data)
+
+
+def test_handled_events_are_exactly_what_translate_may_act_on() -> None:
+    assert frozenset({*ami_translate._HANDLERS, "UserEvent"}) == HANDLED_EVENTS
+    for scenario in SCENARIOS:
+        for message in event_messages(scenario):
+            if message.event not in HANDLED_EVENTS:
+                assert translate(message.headers, CTX) is None
+                # the old code built the whole frame first and found no handler either
+                assert ami_translate._Frame(message.headers).event not in HANDLED_EVENTS
+
+
+def test_translate_takes_the_first_event_header_case_insensitively() -> None:
+    with pytest.raises(TranslateError, match="UniqueID"):
+        translate([("Privilege", "cdr,all"), ("event", "Cdr"), ("Event", "Newexten")], CTX)
+    assert translate([("Event", "Newexten"), ("Event", "Cdr")], CTX) is None
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(text=st.text(max_size=120) | st.text(alphabet=st.characters(max_codepoint=0x3000), max_size=40))
+def test_text_fast_paths_equal_the_per_character_code(text: str) -> None:
+    for limit in (80, 64, 3):
+        assert clean_text(text, limit) == old_clean_text(text, limit)
+        assert ami_translate._ident(text, limit) == old_ident(text, limit)
+    assert ami_translate._key_part(text) == old_key_part(text)
+
+
+def test_printable_strings_hold_nothing_the_cleaners_drop() -> None:
+    """The fast paths rest on this: across all of Unicode, a printable character is never of the
+    dropped categories, and the only printable whitespace is the ASCII space."""
+    for code in range(sys.maxunicode + 1):
+        c = chr(code)
+        if c.isprintable():
+            assert unicodedata.category(c) not in _DROP, hex(code)
+            assert not (_WHITESPACE.fullmatch(c) and c != " "), hex(code)
+
+
+_DIGITS = st.text(alphabet="0123456789", min_size=2, max_size=2)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(
+    year=st.text(alphabet="0123456789", min_size=4, max_size=4) | st.sampled_from(["0000", "0001", "2024", "9999"]),
+    rest=st.lists(_DIGITS | st.sampled_from(["00", "12", "13", "23", "24", "29", "30", "31", "59", "60"]), min_size=5),
+)
+def test_local_time_equals_strptime(year: str, rest: list[str]) -> None:
+    month, day, hour, minute, second = rest[:5]
+    raw = f"{year}-{month}-{day} {hour}:{minute}:{second}"
+    frame = ami_translate._Frame([("Event", "Cdr"), ("StartTime", raw)])
+    try:
+        new: datetime | str = frame.local_time("StartTime", ZONE)
+    except TranslateError as exc:
+        new = str(exc)
+    try:
+        old: datetime | str = old_local_time(frame, "StartTime", ZONE)
+    except TranslateError as exc:
+        old = str(exc)
+    assert new == old
+    if isinstance(new, datetime):
+        assert isinstance(old, datetime)
+        assert (new.utcoffset(), new.fold) == (old.utcoffset(), old.fold)
+
+
+# --- the correlator's byte path ----------------------------------------------------------------
+
+_ID_NAMES = [
+    "Uniqueid",
+    "Linkedid",
+    "UniqueID",
+    "LinkedID",
+    "DestUniqueid",
+    "DestLinkedid",
+    "LocalOneUniqueid",
+    "LocalOneLinkedid",
+    "BridgeUniqueid",
+    "uniqueid",
+    "LINKEDID",
+    "X-Uniqueid",
+    "X-Linkedid",
+    " Uniqueid",
+    "\u00c9Uniqueid",
+    "\u00e9Linkedid",
+    "Lin\u212aedid",
+    "L\u0130NKEDID",
+    "Dest\nUniqueid",
+    "Channel",
+    "",
+]
+_ID_VALUES = st.sampled_from(
+    [
+        "1.1",
+        "1.2",
+        "1.0",
+        "",
+        "none",
+        "x" * 151,
+        "\u0218.1",
+        "a:b",
+        "q\nUniqueid: 7.7",
+        "q\nLinkedid: 7.0",
+        "Linkedid: 7",
+    ]
+) | st.text(max_size=6)
+
+
+def _encode_value(value: str, latin1: bool) -> bytes:
+    return value.encode("latin-1", "replace") if latin1 else value.encode()
+
+
+@settings(max_examples=600, deadline=None, database=None)
+@given(
+    headers=st.lists(st.tuples(st.sampled_from(_ID_NAMES), _ID_VALUES, st.booleans()), max_size=10),
+    junk=st.sampled_from([b"", b"\r\n", b"garbage\r\n", b'CallerID: "a\\\nUniqueid: 5.5\\\nLinkedid: 5.0"\r\n']),
+)
+def test_observe_frame_records_what_observe_records(headers: list[tuple[str, str, bool]], junk: bytes) -> None:
+    frame = b"Event: Fuzz\r\n" + junk
+    frame += b"".join(n.encode() + b": " + _encode_value(v, latin1) + b"\r\n" for n, v, latin1 in headers) + b"\r\n"
+    old = OldCorrelator(4)
+    old.observe(reference_eager_headers(frame))
+    new = LinkedIdCorrelator(4)
+    if not new.observe_frame(frame):
+        assert len(new) == 0  # nothing recorded before giving up
+        new.observe(reference_eager_headers(frame))
+    assert list(new._links.items()) == list(old._links.items())
+    assert new.evictions == old.evictions
+    via_headers = LinkedIdCorrelator(4)
+    via_headers.observe(reference_eager_headers(frame))
+    assert list(via_headers._links.items()) == list(old._links.items())
+
+
+def test_a_raw_lf_in_a_caller_id_never_adds_an_id_pair() -> None:
+    frame = (
+        b"Event: Cdr\r\nUniqueID: 1.5\r\n"
+        b'CallerID: "Evil\\\nUniqueID: 6.6\\\nLinkedID: 6.0\\\r\\\nLinkedid: 6.0" <1>\r\n'
+        b"Disposition: ANSWERED\r\n\r\n"
+    )
+    correlator = LinkedIdCorrelator()
+    assert correlator.observe_frame(frame)
+    assert len(correlator) == 0
+    assert correlator.linked_id_for("6.6") is None
+    # the same forged text in two values of one header name: the same text before each match
+    forged = b'Event: Cdr\r\nCallerID: "x\nUniqueid: 6.6"\r\nCallerID: "x\nLinkedid: 6.0"\r\n\r\n'
+    assert correlator.observe_frame(forged)
+    assert len(correlator) == 0
+    assert correlator.observe_frame(b"Event: Newchannel\r\nUniqueid: 1.5\r\nLinkedid: 1.4\r\n\r\n")
+    assert correlator.linked_id_for("1.5") == "1.4"
+
+
+def test_observe_frame_hands_undecidable_frames_back_without_recording() -> None:
+    kelvin = "Event: X\r\nUniqueid: 1.1\r\nLin\u212aedid: 1.0\r\n\r\n".encode()
+    accented = "Event: X\r\n\u00c9Uniqueid: 1.1\r\n\u00e9Linkedid: 1.0\r\n\r\n".encode()
+    for frame in (kelvin, accented):
+        correlator = LinkedIdCorrelator()
+        assert not correlator.observe_frame(frame)
+        assert len(correlator) == 0
+        correlator.observe(reference_eager_headers(frame))
+        assert correlator.linked_id_for("1.1") == "1.0"  # str.lower() pairs them, as before
+    plain = LinkedIdCorrelator()
+    assert plain.observe_frame(b"Event: Newexten\r\nChannel: x\r\n\r\n")
+    assert plain.observe_frame(b"Event: VarSet\r\nUniqueid: 1.1\r\n\r\n")
+    assert len(plain) == 0
+
+
+def test_known_id_names_classify_like_the_generic_rule() -> None:
+    for name, kind in correlation._KNOWN_NAMES.items():
+        assert correlation._classify(name) == kind
+    names = {name for s in SCENARIOS for m in event_messages(s) for name, _ in m.headers}
+    id_names = {n for n in names if n.lower().endswith(("uniqueid", "linkedid"))}
+    assert id_names <= set(correlation._KNOWN_NAMES), id_names - set(correlation._KNOWN_NAMES)
+
+
+def test_kelvin_sign_is_the_only_way_a_non_ascii_name_lowers_onto_an_id_suffix() -> None:
+    """observe_frame matches lowercased bytes; str.lower() differs from bytes.lower() only for
+    non-ASCII characters. Across all of Unicode, the ones whose lower() holds an ASCII letter are
+    U+0130 (then followed by a combining dot, so it cannot complete "uniqueid"/"linkedid") and
+    U+212A KELVIN SIGN ("k", in "linkedid"), which observe_frame hands back to observe()."""
+    lowering_to_ascii = {
+        code: chr(code).lower()
+        for code in range(128, sys.maxunicode + 1)
+        if any(ord(c) < 128 for c in chr(code).lower())
+    }
+    assert lowering_to_ascii == {0x130: "i\u0307", 0x212A: "k"}
+    assert "\u212a".encode() == correlation._KELVIN_UTF8

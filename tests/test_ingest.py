@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import pytest
 from ami_fixtures import running_client, wait_for
 from structlog.testing import capture_logs
 
-from clickphone_agi.adapters.ami.protocol import AmiMessage
+from clickphone_agi.adapters.ami.protocol import AmiMessage, FrameParser
 from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.clock import FakeClock
-from clickphone_agi.domain.ami_translate import TranslateContext
+from clickphone_agi.domain.ami_translate import HANDLED_EVENTS, TranslateContext, TranslateError, translate
+from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.events import (
     AccountEvent,
+    AsteriskLifecycle,
     CallEnded,
     DialOutcome,
     Disposition,
@@ -25,6 +28,7 @@ from clickphone_agi.domain.events import (
     FaxResult,
     VoicemailWaiting,
 )
+from clickphone_agi.services import ingest
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 
@@ -130,3 +134,157 @@ def test_full_queue_drops_loudly_and_asks_for_reconciliation() -> None:
     full = [entry for entry in logs if entry["event"] == "ami.queue_full"]
     assert len(full) == 1  # loud, but rate-limited
     assert full[0]["log_level"] == "error"
+
+
+# --- queue and worker, without sockets ----------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ami"
+
+
+class ListProcessor:
+    """Stands in for EventProcessor: keeps every domain event in the order handle() started."""
+
+    def __init__(self) -> None:
+        self.seen: list[DomainEvent] = []
+
+    async def handle(self, event: DomainEvent) -> bool:
+        self.seen.append(event)
+        await asyncio.sleep(0)  # like a real store write, it suspends
+        return True
+
+
+def _all_event_messages() -> list[AmiMessage]:
+    out: list[AmiMessage] = []
+    for path in sorted(FIXTURES.glob("*.ami")):
+        out += [m for m in FrameParser().feed(path.read_bytes()) if isinstance(m, AmiMessage)]
+    return out
+
+
+def _straightforward(messages: list[AmiMessage], ctx: TranslateContext) -> tuple[list[DomainEvent], int]:
+    """What the worker did before its fast paths: every event's headers parsed, observed and
+    translated, one after the other; lifecycle events not handed on."""
+    correlator = LinkedIdCorrelator()
+    out: list[DomainEvent] = []
+    booted = 0
+    for message in messages:
+        if message.event is None:
+            continue
+        headers = list(message.headers)
+        correlator.observe(headers)
+        try:
+            event = translate(headers, ctx, correlator.linked_id_for)
+        except TranslateError:
+            continue
+        if isinstance(event, AsteriskLifecycle):
+            booted += event.state == "booted"
+        elif event is not None:
+            out.append(event)
+    return out, booted
+
+
+async def test_worker_hands_on_exactly_what_the_straightforward_path_gives_in_order() -> None:
+    ctx = TranslateContext("pbx1", TZ)
+    messages = _all_event_messages() * 3
+    expected, booted = _straightforward(_all_event_messages() * 3, ctx)
+    processor = ListProcessor()
+    connected: list[int] = []
+    queue = EventQueue(100_000, on_overflow=lambda: None)
+    worker = IngestWorker(
+        queue, cast(EventProcessor, processor), ctx, on_connected=lambda: connected.append(1), max_in_flight=8
+    )
+    for message in messages:
+        queue.offer(message)
+    queue.close()
+    await worker.run()
+    assert processor.seen == expected  # identical events, started in stream order
+    assert len(expected) > 100
+    assert len(connected) == booted > 0  # FullyBooted still reports the (re)connect
+    assert sum(worker.events_by_type.values()) == sum(m.is_event for m in messages)
+    assert worker.effect_errors == 0
+    # the frames the worker does not act on were never decoded beyond their Event name
+    skipped = [m for m in messages if m.event not in HANDLED_EVENTS and m.frame is not None]
+    assert skipped
+    assert all(m._headers is None for m in skipped if m.event is not None)
+
+
+async def test_worker_yields_to_the_reader_while_working_off_a_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest, "_SLICE", 0.0)  # every message uses up the slice
+    queue = EventQueue(1_000, on_overflow=lambda: None)
+    worker = IngestWorker(queue, cast(EventProcessor, ListProcessor()), TranslateContext("pbx1", TZ))
+    frame = b"Event: Newexten\r\nUniqueid: 1.1\r\nLinkedid: 1.0\r\n\r\n"
+    for message in FrameParser(expect_banner=False).feed(frame * 50):
+        assert isinstance(message, AmiMessage)
+        queue.offer(message)
+    progress: list[int] = []
+
+    async def reader() -> None:
+        for _ in range(10):
+            progress.append(sum(worker.events_by_type.values()))
+            await asyncio.sleep(0)
+        queue.close()
+
+    await asyncio.gather(worker.run(), reader())
+    assert sum(worker.events_by_type.values()) == 50
+    assert progress[0] < progress[-1] < 50  # the "reader" ran while the backlog was worked off
+
+
+async def test_worker_counts_untranslatable_frames_and_effect_errors_and_goes_on() -> None:
+    class Failing(ListProcessor):
+        async def handle(self, event: DomainEvent) -> bool:
+            await super().handle(event)
+            raise RuntimeError("store down")
+
+    queue = EventQueue(100, on_overflow=lambda: None)
+    processor = Failing()
+    worker = IngestWorker(queue, cast(EventProcessor, processor), TranslateContext("pbx1", TZ))
+    raw = (
+        b"Event: Cdr\r\nUniqueID: 1.1\r\nBillableSeconds: abc\r\n\r\n"
+        b"Event: MessageWaiting\r\nMailbox: 100@default\r\nNew: 1\r\nOld: 0\r\n\r\n"
+    )
+    for message in FrameParser(expect_banner=False).feed(raw):
+        assert isinstance(message, AmiMessage)
+        queue.offer(message)
+    queue.close()
+    with capture_logs() as logs:
+        await worker.run()
+    assert worker.translate_errors == 1
+    assert worker.effect_errors == 1
+    assert [type(e) for e in processor.seen] == [VoicemailWaiting]
+    assert {e["event"] for e in logs} >= {"ami.untranslatable", "ingest.effect_failed"}
+
+
+def test_offer_never_awaits_and_the_queue_stays_bounded() -> None:
+    overflows: list[int] = []
+    queue = EventQueue(3, on_overflow=lambda: overflows.append(1))
+    message = AmiMessage(headers=(("Event", "Cdr"),))
+    # no event loop is running here: offer() is plain synchronous code
+    for _ in range(5):
+        queue.offer(message)  # returns at once, whether queued or dropped
+    assert (queue.depth, queue.dropped, len(overflows), queue.high_water) == (3, 2, 2, 3)
+    assert queue.get_nowait() is message
+    queue.offer(message)
+    assert queue.depth == 3
+    assert queue.dropped == 2
+
+
+async def test_get_waits_for_an_offer_and_returns_none_once_closed() -> None:
+    queue = EventQueue(10, on_overflow=lambda: None)
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+    first = AmiMessage(headers=(("Event", "A"),))
+    waiting = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    queue.offer(first)
+    assert await waiting is first
+    # a cancelled get() loses nothing
+    cancelled = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    second = AmiMessage(headers=(("Event", "B"),))
+    queue.offer(second)
+    queue.close()
+    assert queue.depth == 2  # the end marker counts, as before
+    assert await queue.get() is second
+    assert await queue.get() is None

@@ -53,6 +53,7 @@ from clickphone_agi.domain.accounts import (
     LANGUAGES,
     MAX_CALL_SECONDS,
     MAX_CONCURRENT_CALLS,
+    OPT_OUT_KINDS,
     Account,
     AccountImport,
     IPNetwork,
@@ -87,6 +88,7 @@ FIELDS: tuple[str, ...] = (
     "max_call_seconds",
     "marketing_consent",
     "enabled",
+    "opt_out",
     "opening_balance",
 )
 """Every key of a row, in the order of the example files."""
@@ -706,6 +708,17 @@ def _normalise_did(text: str) -> str:
     return digits
 
 
+def _opt_out_kind(value: _Value) -> str:
+    text = _list_text(value).lower()
+
+    def check(kind: str) -> None:
+        if kind not in OPT_OUT_KINDS:
+            raise ValueError(f"expected one of {', '.join(sorted(OPT_OUT_KINDS))}, got {show(kind)}")
+
+    _check(value, check, text)
+    return text
+
+
 _PARSERS: dict[str, Callable[[_Value], Any]] = {
     "code": _required(check_code),
     "name": _required(check_name),
@@ -722,5 +735,6 @@ _PARSERS: dict[str, Callable[[_Value], Any]] = {
     "max_call_seconds": _integer(1, MAX_CALL_SECONDS),
     "marketing_consent": _boolean,
     "enabled": _boolean,
+    "opt_out": lambda value: frozenset(_each(_opt_out_kind)(value)),
     "opening_balance": _opening_balance,
 }

@@ -1,28 +1,141 @@
-"""Minimal outbox sender: delivers committed rows over SMTP, marks them sent after the 250.
+"""The outbox sender: delivers committed rows over SMTP and marks them sent after the 250.
 
 At-least-once: a row is marked sent only after the server accepted it, so a crash between the
-250 and the update re-sends (the stable Message-ID makes that duplicate traceable). The Email
-issue grows this into the full sender (TLS, AUTH, bounces, rate limits).
+250 and the update re-sends; the Message-ID derived from the idempotency key makes that
+duplicate traceable. The window is kept short: the update is queued the moment the 250 arrives.
+
+How it runs (one task, :meth:`OutboxSender.run`):
+
+* A commit that enqueued mail calls :meth:`~OutboxSender.wake`; otherwise the loop sleeps until
+  the next row falls due (on the injected clock), so there is no polling delay.
+* Each due row becomes an attempt task. Attempts share a pool of at most ``max_concurrency``
+  SMTP connections, reused (most recently used first) for up to ``connection_reuse`` messages
+  and closed after :data:`IDLE_CLOSE` seconds unused. One pre-built ``ssl.SSLContext`` serves
+  every STARTTLS/TLS connection. ``rate_limit_per_second`` spaces the sends evenly.
+* 4xx replies, timeouts and dropped connections defer the row Postfix-style
+  (:mod:`clickphone_agi.domain.delivery`); 5xx on MAIL/RCPT/DATA dead-letters it at once. A
+  failure to connect, say hello, start TLS or log in is the relay's problem, not the message's:
+  it defers (never dead-letters) and holds further connection attempts for a short while, so an
+  outage costs one cheap deferral per due row and never blocks anything else.
+* Before sending: an expired row is marked ``expired``; a suppressed recipient's row is marked
+  ``dead`` with ``last_error`` ``suppressed: …`` (the outbox CHECK constraint has no
+  'suppressed' status and SQLite cannot alter it). Neither is sent.
+
+This module also holds the units of work behind ``clickphone-agi outbox retry|purge`` and
+``clickphone-agi bounce``, shared by the daemon's control socket and the CLI's local writer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import math
+import secrets
+import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import structlog
 
+from clickphone_agi.adapters.control import CommandError
 from clickphone_agi.clock import Clock
 from clickphone_agi.config.schema import SmtpConfig
-from clickphone_agi.domain.delivery import RetryPolicy, after_failure
+from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox, verp_address
+from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
 from clickphone_agi.domain.outbox import OutboxRow
 from clickphone_agi.notices.plain import render_notice
 from clickphone_agi.ports import Store, WriteTx
 
 log = structlog.get_logger(__name__)
+
+IDLE_CLOSE = 10.0  # seconds an unused pooled connection stays open
+RELAY_HOLD = 30.0  # after a connection failure, no new connection for this long (at most retry_min)
+SAFETY_POLL = 60.0  # the loop looks at the outbox at least this often, whatever happens
+# rows taken per connection (at least IN_FLIGHT_MIN in all): while one row's 250 is being
+# committed (an fsync) and the next rows read, the connection already carries the following one
+IN_FLIGHT_PER_CONNECTION = 4
+IN_FLIGHT_MIN = 8
+PURGEABLE = ("sent", "dead", "expired", "bounced")
+
+
+def render_row(row: OutboxRow, cfg: SmtpConfig) -> bytes:
+    """The one place a payload-only row (a notice decided inside a transaction) becomes MIME.
+
+    Swap this body for ``clickphone_agi.notices.render`` when it lands.
+    """
+    assert row.payload is not None
+    return render_notice(
+        row.kind,
+        row.payload,
+        key=row.idempotency_key,
+        sender=cfg.from_address,
+        recipient=row.recipient,
+        domain=cfg.message_id_domain,
+        now=row.created_at,
+    )
+
+
+def load_verp_key(path: Path) -> bytes:
+    """The VERP HMAC key from ``smtp.verp_key_file`` (blocking; run it in a thread)."""
+    key = path.read_bytes().strip()
+    if len(key) < 16:
+        raise ValueError(f"{path}: VERP key too short ({len(key)} bytes): use 32 or more random bytes")
+    return key
+
+
+@functools.lru_cache(maxsize=8)
+def _bare(mailbox: str) -> str:
+    return parseaddr(mailbox)[1]
+
+
+@dataclass
+class _Conn:
+    """One pooled SMTP connection."""
+
+    smtp: aiosmtplib.SMTP | None = None
+    params: tuple[Any, ...] = ()
+    used: int = 0
+    last_used: float = 0.0
+
+
+class _Pool:
+    """At most ``limit`` connections busy at once; the most recently used idle one is handed out first."""
+
+    def __init__(self) -> None:
+        self.idle: list[_Conn] = []
+        self.busy = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, limit: Callable[[], int]) -> _Conn:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.busy < limit())
+            self.busy += 1
+            return self.idle.pop() if self.idle else _Conn()
+
+    async def release(self, conn: _Conn) -> None:
+        async with self._changed:
+            self.busy -= 1
+            self.idle.append(conn)
+            self._changed.notify()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    ok: bool
+    reply: str
+    code: int | None = None
+    stage: str = "data"  # connect | mail | rcpt | data
+
+
+class _ConnectFailed(Exception):
+    pass
 
 
 class OutboxSender:
@@ -34,130 +147,483 @@ class OutboxSender:
         config: Callable[[], SmtpConfig],
         password: str | None,
         policy: RetryPolicy | None = None,
-        batch: int = 50,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._config = config
         self._password = password
-        self._policy = policy or RetryPolicy()
-        self._batch = batch
+        self._policy = policy
+        # built once: aiosmtplib would otherwise build (and load the CA store into) one per connection
+        self.tls_context = tls_context or ssl.create_default_context()
         self._wake = asyncio.Event()
-        self._tls = ssl.create_default_context()
+        self._pool = _Pool()
+        self._limiter = RateLimiter()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        # rows whose attempt ended while a due-row read was running: that read may predate their update
+        self._finished_during_read: set[int] = set()
+        self._hold_until = -math.inf
+        self._hold_reason = ""
+        self._local_hostname: str | None = None
+        self._key_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._key_cache: tuple[Path | None, bytes | None] | None = None
+        # counters since start (the durable figures come from the outbox: :meth:`metrics`)
         self.sent = 0
-        self.failed = 0
+        self.deferred = 0
+        self.dead = 0
+        self.expired = 0
+        self.suppressed = 0
+        self.connections = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Called after a commit that enqueued mail: deliver now, not at the next poll."""
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self._wake.clear()
-            delivered_any = await self.deliver_due()
-            if delivered_any:
-                continue
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            sleeper = asyncio.ensure_future(self._clock.sleep(30))
-            try:
-                await asyncio.wait({waiter, stopper, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for fut in (waiter, stopper, sleeper):
-                    fut.cancel()
+        graceful = False
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                now = self._clock.now()
+                wall_deadline: datetime | None = None
+                try:
+                    await self._dispatch(now)
+                    if not self._inflight:  # otherwise the attempts' completion wakes the loop
+                        wall_deadline = await self._store.next_due_after(now)
+                except Exception:  # e.g. a database read failing: count, log, keep running
+                    log.exception("mail.dispatch_failed")
+                    wall_deadline = now + timedelta(seconds=5)
+                await self._reap_idle()
+                await self._wait(stop, wall_deadline)
+            if self._inflight:  # attempts under way finish (the daemon bounds the drain)
+                await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            graceful = True
+        finally:
+            if not graceful:  # cancelled: stop the attempts, let them hand their connections back
+                tasks = list(self._inflight.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_all(graceful)
 
-    async def deliver_due(self) -> bool:
+    async def _wait(self, stop: asyncio.Event, wall_deadline: datetime | None) -> None:
+        idle = [c.last_used + IDLE_CLOSE for c in self._pool.idle if c.smtp is not None]
+        mono_deadline = min(idle) if idle else None
+
+        async def sleep() -> None:
+            # computed when the sleep starts, so a clock moved meanwhile is taken into account
+            waits = [SAFETY_POLL]
+            if wall_deadline is not None:
+                waits.append((wall_deadline - self._clock.now()).total_seconds())
+            if mono_deadline is not None:
+                waits.append(mono_deadline - self._clock.monotonic())
+            await self._clock.sleep(max(0.0, min(waits)))
+
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(sleep()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waiters:
+                fut.cancel()
+
+    async def _dispatch(self, now: datetime) -> None:
         cfg = self._config()
         if not cfg.enabled:
-            return False
-        due = await self._store.due_outbox(self._clock.now(), self._batch)
-        if not due:
-            return False
+            return
+        room = self._window() - len(self._inflight)
+        if room <= 0:
+            return
+        self._finished_during_read.clear()
+        for mail in await self._store.due_mail(now, room, exclude=set(self._inflight)):
+            if mail.row.id in self._inflight or mail.row.id in self._finished_during_read:
+                continue  # finished while the read ran: the read may predate its update
+            task = asyncio.create_task(self._attempt(mail), name=f"mail-{mail.row.id}")
+            self._inflight[mail.row.id] = task
+            task.add_done_callback(functools.partial(self._finished, mail.row.id))
+
+    def _finished(self, row_id: int, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(row_id, None)
+        self._finished_during_read.add(row_id)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mail.attempt_crashed", row=row_id, error=repr(task.exception()))
+        if len(self._inflight) <= self._window() // 2:
+            self._wake.set()  # half the window drained: refill it with one read (a commit wakes at once)
+
+    def _window(self) -> int:
+        """How many rows the sender holds at most: a few per connection, queued behind it."""
+        return max(IN_FLIGHT_MIN, self._config().max_concurrency * IN_FLIGHT_PER_CONNECTION)
+
+    # ---- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, mail: DueMail) -> None:
+        row = mail.row
+        cfg = self._config()
+        now = self._clock.now()
+        if now >= row.expires_at:
+            await self._store.write(lambda tx: tx.mark_expired(row.id))
+            self.expired += 1
+            log.info("mail.expired", key=row.idempotency_key, kind=row.kind, expired_at=row.expires_at.isoformat())
+            return
+        if mail.suppressed is not None:
+            reason = f"suppressed: {mail.suppressed}"
+            await self._store.write(
+                lambda tx: tx.mark_failed(row.id, reason, now, dead=True, count_attempt=False),
+            )
+            self.suppressed += 1
+            log.warning("mail.suppressed", key=row.idempotency_key, kind=row.kind, to=row.recipient, reason=reason)
+            return
+        mime = mail.mime
+        if not mime:
+            if row.payload is None:
+                await self._store.write(lambda tx: tx.mark_failed(row.id, "no message body", now, dead=True))
+                self.dead += 1
+                log.error("mail.no_body", key=row.idempotency_key, kind=row.kind)
+                return
+            mime = render_row(row, cfg)
+            rendered = mime
+            await self._store.write(lambda tx: tx.set_message(row.id, rendered))
+        mime = ensure_headers(mime, message_id(row.idempotency_key, cfg.message_id_domain))
+        envelope = await self._envelope(row, cfg)
+
+        conn = await self._pool.acquire(lambda: self._config().max_concurrency)
+        try:
+            wait = self._limiter.reserve(self._clock.monotonic(), cfg.rate_limit_per_second)
+            if wait > 0:
+                await self._clock.sleep(wait)
+            if self._clock.monotonic() < self._hold_until:
+                outcome = _Outcome(False, f"relay unavailable: {self._hold_reason}", None, "connect")
+            else:
+                outcome = await self._transact(conn, cfg, envelope, row.recipient, mime)
+        finally:
+            await self._pool.release(conn)
+        if outcome.ok:
+            await self._store.write(lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            self.sent += 1
+            log.info(
+                "mail.sent",
+                key=row.idempotency_key,
+                kind=row.kind,
+                to=row.recipient,
+                attempt=row.attempts + 1,
+                reply=outcome.reply,
+            )
+            return
+        await self._failed(mail, outcome, envelope, cfg)
+
+    async def _failed(self, mail: DueMail, outcome: _Outcome, envelope: str, cfg: SmtpConfig) -> None:
+        row = mail.row
+        now = self._clock.now()
+        policy = self._policy or RetryPolicy.from_seconds(cfg.retry_min, cfg.retry_max, cfg.lifetime)
+        decision = after_failure(policy, now=now, created_at=mail.lifetime_start, code=outcome.code)
+        # an expiring kind comes due again at its expiry, so it is recorded as expired on time
+        next_at = decision.next_attempt_at if decision.dead else min(decision.next_attempt_at, row.expires_at)
+        bad_mailbox = outcome.stage == "rcpt" and is_bad_mailbox(outcome.code, outcome.reply)
+        reply = outcome.reply if outcome.code is not None else None
+
+        def record(tx: WriteTx) -> bool:
+            tx.mark_failed(row.id, outcome.reply, next_at, dead=decision.dead, smtp_reply=reply, envelope_from=envelope)
+            return bad_mailbox and tx.count_hard_bounce(row.recipient, outcome.reply, cfg.hard_bounce_limit)
+
+        now_suppressed = await self._store.write(record)
+        fields: dict[str, Any] = {
+            "key": row.idempotency_key,
+            "kind": row.kind,
+            "to": row.recipient,
+            "attempt": row.attempts + 1,
+            "code": outcome.code,
+            "stage": outcome.stage,
+            "error": outcome.reply,
+        }
+        if decision.dead:
+            self.dead += 1
+            log.warning("mail.dead", **fields, suppressed_now=now_suppressed or None)
+        else:
+            self.deferred += 1
+            log.warning(
+                "mail.deferred",
+                **fields,
+                retry_at=next_at.isoformat(),
+                gives_up_at=(mail.lifetime_start + policy.lifetime).isoformat(),
+            )
+
+    # ---- SMTP --------------------------------------------------------------------------------
+
+    async def _transact(self, conn: _Conn, cfg: SmtpConfig, envelope: str, rcpt: str, mime: bytes) -> _Outcome:
+        try:
+            reused = await self._ensure_connected(conn, cfg)
+        except _ConnectFailed as exc:
+            hold = min(RELAY_HOLD, cfg.retry_min)
+            self._hold_until = self._clock.monotonic() + hold
+            self._hold_reason = str(exc)
+            log.error("mail.relay_unavailable", relay=f"{cfg.host}:{cfg.port}", error=str(exc), hold_seconds=hold)
+            return _Outcome(False, str(exc), None, "connect")
+        stage = "mail"
+        try:
+            smtp = conn.smtp
+            assert smtp is not None
+            conn.used += 1
+            try:
+                await smtp.mail(envelope)
+            except aiosmtplib.SMTPServerDisconnected:
+                if not reused:
+                    raise
+                # the server dropped an idle connection: nothing was sent yet, so open a new one
+                await self._close(conn)
+                await self._ensure_connected(conn, cfg)
+                smtp = conn.smtp
+                assert smtp is not None
+                conn.used += 1
+                await smtp.mail(envelope)
+            stage = "rcpt"
+            await smtp.rcpt(rcpt)
+            stage = "data"
+            response = await smtp.data(mime)
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset(conn)
+            return _Outcome(False, f"{exc.code} {exc.message}", exc.code, stage)
+        except (aiosmtplib.SMTPException, OSError, _ConnectFailed) as exc:
+            # timeouts and dropped connections count as a 451: the message may be retried
+            await self._close(conn)
+            return _Outcome(False, f"{type(exc).__name__}: {exc}", None, stage)
+        conn.last_used = self._clock.monotonic()
+        return _Outcome(True, f"{response.code} {response.message}", response.code, stage)
+
+    async def _ensure_connected(self, conn: _Conn, cfg: SmtpConfig) -> bool:
+        """Connect (EHLO, STARTTLS, AUTH) unless ``conn`` can carry one more message; True if reused."""
+        params = (cfg.host, cfg.port, cfg.security, cfg.username, cfg.timeout)
+        smtp = conn.smtp
+        if smtp is not None:
+            if smtp.is_connected and conn.params == params and conn.used < cfg.connection_reuse:
+                return True
+            await self._close(conn)
+        if self._local_hostname is None:
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         smtp = aiosmtplib.SMTP(
             hostname=cfg.host,
             port=cfg.port,
             timeout=cfg.timeout,
             use_tls=cfg.security == "tls",
             start_tls=cfg.security == "starttls",
-            tls_context=self._tls if cfg.security != "none" else None,
+            tls_context=self.tls_context if cfg.security != "none" else None,
+            local_hostname=self._local_hostname,
         )
         try:
             await smtp.connect()
-            if cfg.username and self._password:
-                await smtp.login(cfg.username, self._password)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            code = getattr(exc, "code", None)
-            for row, _ in due:
-                await self._failed(row, code if isinstance(code, int) and code >= 400 else None, str(exc))
-            return False
-        try:
-            for row, mime in due:
-                await self._deliver(smtp, row, mime)
-        finally:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit()
-        return True
-
-    async def _deliver(self, smtp: aiosmtplib.SMTP, row: OutboxRow, mime: bytes) -> None:
-        now = self._clock.now()
-        if not mime and row.payload is not None:
-            cfg = self._config()
-            mime = render_notice(
-                row.kind,
-                row.payload,
-                key=row.idempotency_key,
-                sender=cfg.from_address,
-                recipient=row.recipient,
-                domain=cfg.message_id_domain,
-                now=row.created_at,
-            )
-            rendered = mime
-            await self._store.write(lambda tx: tx.set_message(row.id, rendered))
-        if now >= row.expires_at:
-            await self._store.write(lambda tx: tx.mark_expired(row.id))
-            log.info("mail.expired", key=row.idempotency_key, kind=row.kind)
-            return
-        sender = self._config().from_address
-        try:
-            _errors, reply = await smtp.sendmail(_bare(sender), [row.recipient], mime)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            first = exc.recipients[0] if exc.recipients else None
-            await self._failed(row, first.code if first else 550, str(exc))
-            return
+            if cfg.username:
+                await smtp.login(cfg.username, self._password or "")
         except aiosmtplib.SMTPResponseException as exc:
-            await self._failed(row, exc.code, exc.message)
-            return
+            smtp.close()
+            raise _ConnectFailed(f"{exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
-            await self._failed(row, None, str(exc))
+            smtp.close()
+            raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:  # cancelled mid-handshake: never leave the socket open
+            smtp.close()
+            raise
+        self.connections += 1
+        self._hold_until = -math.inf
+        conn.smtp, conn.params, conn.used = smtp, params, 0
+        conn.last_used = self._clock.monotonic()
+        return False
+
+    async def _reset(self, conn: _Conn) -> None:
+        """After a refused transaction: RSET so the connection can carry the next one, else drop it."""
+        smtp = conn.smtp
+        if smtp is None or not smtp.is_connected:
+            await self._close(conn)
             return
+        try:
+            await smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            await self._close(conn)
+        else:
+            conn.last_used = self._clock.monotonic()
 
-        def done(tx: WriteTx) -> None:
-            tx.mark_sent(row.id, reply)
+    async def _close(self, conn: _Conn, *, polite: bool = True) -> None:
+        smtp, conn.smtp = conn.smtp, None
+        if smtp is None:
+            return
+        try:
+            if polite and smtp.is_connected:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await smtp.quit(timeout=2)
+        finally:
+            smtp.close()
 
-        await self._store.write(done)
-        self.sent += 1
-        log.info("mail.sent", key=row.idempotency_key, kind=row.kind, to=row.recipient, reply=reply)
+    async def _reap_idle(self) -> None:
+        """Close idle and surplus connections; the QUITs run aside so dispatching never waits on them."""
+        now = self._clock.monotonic()
+        limit = self._config().max_concurrency
+        for index, conn in enumerate(list(self._pool.idle)):
+            surplus = index < len(self._pool.idle) - limit  # the pool shrank on reload
+            if conn.smtp is not None and (surplus or now - conn.last_used >= IDLE_CLOSE):
+                parked = _Conn(conn.smtp)
+                conn.smtp = None
+                task = asyncio.create_task(self._close(parked))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
-    async def _failed(self, row: OutboxRow, code: int | None, error: str) -> None:
-        decision = after_failure(self._policy, now=self._clock.now(), created_at=row.created_at, code=code)
-        self.failed += 1
+    async def _close_all(self, polite: bool) -> None:
+        for conn in self._pool.idle:
+            await self._close(conn, polite=polite)
+        if self._closing:
+            if not polite:
+                for task in self._closing:
+                    task.cancel()  # _close still closes the socket when cancelled
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
-        def record(tx: WriteTx) -> None:
-            tx.mark_failed(row.id, f"{code or ''} {error}".strip(), decision.next_attempt_at, dead=decision.dead)
+    # ---- envelope ----------------------------------------------------------------------------
 
-        await self._store.write(record)
+    async def _envelope(self, row: OutboxRow, cfg: SmtpConfig) -> str:
+        """``bounce+<id>-<mac>@bounce_domain`` (VERP), or the From address without bounce tracking."""
+        if cfg.bounce_domain is None:
+            return _bare(cfg.from_address)
+        key = await self.verp_key(cfg)
+        if key is None:
+            return _bare(cfg.from_address)
+        return verp_address(row.id, row.idempotency_key, key, cfg.bounce_domain)
+
+    async def verp_key(self, cfg: SmtpConfig) -> bytes | None:
+        """From ``verp_key_file``, else a random key stored in the database at first use."""
+        async with self._key_lock:
+            if self._key_cache is not None and self._key_cache[0] == cfg.verp_key_file:
+                return self._key_cache[1]
+            key: bytes | None
+            if cfg.verp_key_file is not None:
+                try:
+                    key = await asyncio.to_thread(load_verp_key, cfg.verp_key_file)
+                except (OSError, ValueError) as exc:
+                    log.error("mail.verp_key_unreadable", error=str(exc), envelope="from_address, no bounce tracking")
+                    key = None
+            else:
+                key = await self._store.write(lambda tx: tx.verp_key(secrets.token_bytes(32)))
+            self._key_cache = (cfg.verp_key_file, key)
+            return key
+
+    # ---- status ------------------------------------------------------------------------------
+
+    async def metrics(self) -> dict[str, Any]:
+        """The status command's ``mail`` figures: durable ones from the outbox, live ones from here."""
+        figures = await self._store.mail_metrics(self._clock.now())
+        figures["sender"] = {
+            "in_flight": len(self._inflight),
+            "connections_open": sum(1 for c in self._pool.idle if c.smtp is not None) + self._pool.busy,
+            "connections_opened": self.connections,
+            "relay_held": self._clock.monotonic() < self._hold_until,
+            "since_start": {
+                "sent": self.sent,
+                "deferred": self.deferred,
+                "dead": self.dead,
+                "expired": self.expired,
+                "suppressed": self.suppressed,
+            },
+        }
+        return figures
+
+
+# ---- operator verbs and bounce intake (units shared by the control socket and the local CLI) -------
+
+
+async def retry_command(store: Store, args: dict[str, Any]) -> dict[str, Any]:
+    """``outbox retry ID…|--all-dead``: dead letters back to pending, due now; history kept in last_error."""
+    if args.get("all_dead") is True:
+        ids: list[int] | None = None
+    else:
+        raw = args.get("ids")
+        if not isinstance(raw, list) or not raw or not all(isinstance(i, int) and i > 0 for i in raw):
+            raise CommandError("ids: expected a non-empty list of outbox row ids (or all_dead: true)")
+        ids = raw
+    result: dict[str, Any] = await store.write(lambda tx: tx.retry_outbox(ids))
+    log.info("outbox.retried", retried=len(result["retried"]), skipped=len(result["skipped"]))
+    return result
+
+
+async def purge_command(store: Store, clock: Clock, args: dict[str, Any]) -> dict[str, Any]:
+    """``outbox purge``: finished rows (never pending ones) older than N days, or just their bodies."""
+    days = args.get("older_than_days")
+    statuses = args.get("statuses")
+    keep_rows = args.get("keep_rows", False)
+    if not isinstance(days, int | float) or isinstance(days, bool) or days < 0:
+        raise CommandError("older_than_days: expected a number of days >= 0")
+    if not isinstance(statuses, list) or not statuses or not set(statuses) <= set(PURGEABLE):
+        raise CommandError(f"statuses: expected some of {', '.join(PURGEABLE)} (pending mail is never purged)")
+    if not isinstance(keep_rows, bool):
+        raise CommandError("keep_rows: expected true or false")
+    before = clock.now() - timedelta(days=days)
+    wanted = tuple(statuses)
+    count = await store.write(lambda tx: tx.purge_outbox(before, wanted, keep_rows=keep_rows))
+    log.info("outbox.purged", rows=count, before=before.isoformat(), statuses=list(wanted), bodies_only=keep_rows)
+    return {"purged": count, "created_before": before.isoformat(), "statuses": list(wanted), "bodies_only": keep_rows}
+
+
+def bounce_unit(report: DeliveryReport, file_key: bytes | None, limit: int) -> Callable[[WriteTx], dict[str, Any]]:
+    """Attribute a DSN to its row by the VERP token, mark it bounced, count a hard bounce."""
+
+    def unit(tx: WriteTx) -> dict[str, Any]:
+        key = file_key if file_key is not None else tx.verp_key(None)
+        if key is None:
+            return {"outcome": "ignored", "reason": "no VERP key yet: nothing was sent with a VERP envelope"}
+        row = None
+        for token in report.tokens:
+            candidate = tx.outbox_row(token.row_id)
+            if candidate is not None and token.verify(key, candidate.idempotency_key):
+                row = candidate
+                break
+        if row is None:
+            return {"outcome": "ignored", "reason": "no valid VERP token (forged, foreign, or its row was purged)"}
+        primary = report.primary
+        assert primary is not None  # parse_dsn only returns reports with recipients
+        verdict = report.verdict
+        result: dict[str, Any] = {
+            "row": row.id,
+            "kind": row.kind,
+            "verdict": str(verdict),
+            "action": primary.action,
+            "status": primary.status,
+        }
+        if verdict in (Verdict.DELAYED, Verdict.OTHER):
+            return {**result, "outcome": "noted"}  # the relay still tries (or delivered): nothing to record
+        first = tx.mark_bounced(row.id, f"bounced: {primary.summary()}")
+        suppressed = verdict is Verdict.HARD and first and tx.count_hard_bounce(row.recipient, primary.summary(), limit)
+        return {**result, "outcome": "bounced" if first else "duplicate", "suppressed": suppressed}
+
+    return unit
+
+
+async def bounce_command(store: Store, cfg: SmtpConfig, args: dict[str, Any]) -> dict[str, Any]:
+    """``clickphone-agi bounce``: record one parsed DSN (the CLI parses; only the facts travel).
+
+    ``{"ignored": {...}}`` is the CLI telling the daemon it dropped junk, for the daemon's log.
+    """
+    if isinstance(args.get("ignored"), dict):
+        ignored = args["ignored"]
         log.warning(
-            "mail.failed",
-            key=row.idempotency_key,
-            kind=row.kind,
-            code=code,
-            error=error,
-            attempt=row.attempts + 1,
-            dead=decision.dead,
+            "bounce.ignored",
+            reason=str(ignored.get("reason"))[:300],
+            bytes=ignored.get("bytes"),
+            truncated=ignored.get("truncated"),
         )
-
-
-def _bare(mailbox: str) -> str:
-    from email.utils import parseaddr
-
-    return parseaddr(mailbox)[1]
+        return {"outcome": "ignored", "logged": True}
+    try:
+        report = DeliveryReport.from_json(args["report"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CommandError(f"report: {exc}") from None
+    file_key = None
+    if cfg.verp_key_file is not None:
+        try:
+            file_key = await asyncio.to_thread(load_verp_key, cfg.verp_key_file)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"smtp.verp_key_file: {exc}") from None
+    result = await store.write(bounce_unit(report, file_key, cfg.hard_bounce_limit))
+    if result["outcome"] == "ignored":
+        log.warning("bounce.ignored", reason=result["reason"], tokens=len(report.tokens))
+    else:
+        log.info("bounce.recorded", **result)
+    return result

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -114,6 +114,19 @@ class SmtpConfig(Section):
     timeout: PositiveSeconds = 30
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     rate_limit_per_second: Annotated[float, Field(gt=0)] | None = None
+    connection_reuse: Annotated[int, Field(ge=1, le=100_000)] = 100
+    retry_min: PositiveSeconds = 300
+    retry_max: PositiveSeconds = 4020
+    lifetime: Annotated[float, Field(gt=0, le=30 * 86_400)] = 432_000
+    bounce_domain: Annotated[str, AfterValidator(_check_domain)] | None = None
+    verp_key_file: Path | None = None
+    hard_bounce_limit: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @model_validator(mode="after")
+    def _retry_gaps_ordered(self) -> SmtpConfig:
+        if self.retry_min > self.retry_max:
+            raise ValueError(f"retry_min ({self.retry_min:g} s) must not exceed retry_max ({self.retry_max:g} s)")
+        return self
 
 
 class DatabaseConfig(Section):
@@ -168,6 +181,11 @@ class BillingConfig(Section):
 class NotificationsConfig(Section):
     default_language: Literal["ro", "en"] = "ro"
     templates_dir: Path | None = None
+    inbound_contexts: tuple[str, ...] = ()
+    missed_call_grace: PositiveSeconds = 30
+    scan_interval: PositiveSeconds = 60
+    voicemail_format: Literal["wav", "WAV", "wav49", "gsm"] = "wav"
+    max_attachment_bytes: Annotated[int, Field(ge=1024, le=50 * 1024 * 1024)] = 10 * 1024 * 1024
 
 
 class ApiConfig(Section):

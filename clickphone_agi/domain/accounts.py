@@ -223,6 +223,11 @@ class Mailbox:
             _field("email", check_email, self.email)
 
 
+OPT_OUT_KINDS = frozenset({"missed_call", "fax_sent"})
+"""Service notices a subscriber may switch off; voicemail, faxes received, security, limit,
+balance and payment notices cannot be."""
+
+
 @dataclass(frozen=True)
 class Account:
     """A subscriber account as imported; balances and spend live in storage, not here."""
@@ -249,6 +254,8 @@ class Account:
     max_call_seconds: int = 7200
     marketing_consent: bool = False
     enabled: bool = True
+    opt_out: frozenset[str] = field(default_factory=frozenset)
+    """Non-essential service notices the subscriber switched off (only kinds in OPT_OUT_KINDS)."""
 
     def __post_init__(self) -> None:
         _field("code", check_code, self.code)
@@ -273,6 +280,12 @@ class Account:
                 raise TypeError(f"mailboxes: expected Mailbox, got {type(box).__name__}")
         _unique("mailboxes", [m.box for m in self.mailboxes])
         _each("blocked_classes", check_destination_class, self.blocked_classes)
+        for kind in self.opt_out:
+            if kind not in OPT_OUT_KINDS:
+                raise ValueError(
+                    f"opt_out: {show(kind)} cannot be switched off (only {', '.join(sorted(OPT_OUT_KINDS))};"
+                    " security, limit, balance and payment notices always go)"
+                )
         for flag in ("marketing_consent", "enabled"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}: expected a bool")

@@ -66,6 +66,7 @@ from clickphone_agi.domain.events import (
 __all__ = [
     "ACCOUNT_USER_EVENTS",
     "FAX_RESULT_USER_EVENTS",
+    "HANDLED_EVENTS",
     "MAX_CALL_SECONDS",
     "TranslateContext",
     "TranslateError",
@@ -147,7 +148,6 @@ _QUOTED_CID_RE = re.compile(r'\s*"((?:[^"\\]|\\.)*)"\s*<([^<>]*)>\s*', re.DOTALL
 _LOOSE_CID_RE = re.compile(r"(.*?)\s*<([^<>]*)>\s*", re.DOTALL)
 _DIGITS_RE = re.compile(r"[0-9]{1,15}")
 _RESOLUTION_RE = re.compile(r"([0-9]{1,9})x([0-9]{1,9})")
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _FIELD_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
 # a header whose name contains one of these is never kept in AccountEvent.fields; errs on the
@@ -236,7 +236,10 @@ def clean_text(s: str, max_len: int = _MAX_NAME) -> str:
     the ends are stripped; the result is at most ``max_len`` characters.
     """
     s = s[: max_len * 8]  # bound the work on a 10 KB name
-    s = "".join(" " if unicodedata.category(c) in _DROP_CATEGORIES else c for c in s)
+    # isprintable() is False for every character of the categories Cc, Cf, Cs, Zl and Zp, and
+    # in a printable string the only whitespace is the ASCII space: skip the per-character check
+    if not s.isprintable():
+        s = "".join(" " if unicodedata.category(c) in _DROP_CATEGORIES else c for c in s)
     while "=?" in s:
         s = s.replace("=?", "")
     s = _WHITESPACE_RE.sub(" ", s).strip()
@@ -247,11 +250,15 @@ def _ident(s: str, max_len: int = _MAX_IDENT) -> str:
     """An Asterisk identifier (channel, unique id, context, account code, path): control and
     formatting characters removed, nothing else changed, at most ``max_len`` characters."""
     s = s[: max_len * 2]
+    if s.isprintable():  # nothing of the dropped categories (see clean_text)
+        return s.strip()[:max_len]
     return "".join(c for c in s if unicodedata.category(c) not in _DROP_CATEGORIES).strip()[:max_len]
 
 
 def _key_part(s: str) -> str:
     # the same rule as keys._clean: a value can never add a ':' to a key
+    if s.isprintable() and ":" not in s:
+        return s[:120]
     return "".join(c for c in s if c.isprintable() and c != ":")[:120]
 
 
@@ -378,7 +385,11 @@ class _Frame:
         if not _TIME_RE.fullmatch(raw):
             raise self.error(name, "expected YYYY-MM-DD HH:MM:SS", raw)
         try:
-            naive = datetime.strptime(raw, _TIME_FORMAT)  # the zone is attached below
+            # the regex fixed every field's position and its ASCII digits; datetime() refuses
+            # what strptime("%Y-%m-%d %H:%M:%S") refuses (month 13, 30 February, hour 24, ...)
+            naive = datetime(  # the zone is attached below
+                int(raw[0:4]), int(raw[5:7]), int(raw[8:10]), int(raw[11:13]), int(raw[14:16]), int(raw[17:19])
+            )
         except ValueError:
             raise self.error(name, "not a valid date and time", raw) from None
         return _attach_zone(naive, zone)
@@ -662,8 +673,21 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
 }
 
 
+HANDLED_EVENTS: Final[frozenset[str]] = frozenset({*_HANDLERS, "UserEvent"})
+"""Every ``Event`` name :func:`translate` may turn into a domain event; for any other name it
+returns ``None`` without looking further, so a caller may skip those frames altogether."""
+
+
 def _no_linked_id(_unique_id: str) -> str | None:
     return None
+
+
+def _event_name(headers: Sequence[tuple[str, str]]) -> str:
+    # _Frame's rule: the first header called "event" (case-insensitive), else ""
+    for name, value in headers:
+        if name == "Event" or name.lower() == "event":
+            return value
+    return ""
 
 
 def translate(
@@ -681,6 +705,8 @@ def translate(
     header it cannot read (a missing UniqueID, ``BillableSeconds: abc``, a bad time); never
     anything else, whatever the text.
     """
+    if _event_name(headers) not in HANDLED_EVENTS:
+        return None  # most of the stream (Newexten, VarSet, Newchannel, ...): no _Frame built
     f = _Frame(headers)
     if f.event == "UserEvent":
         name = _user_event_name(f)

@@ -31,6 +31,40 @@ DEFAULT_MAX_ENTRIES = 50_000
 _MAX_ID_LEN = 150
 _UNIQUEID = "uniqueid"
 _LINKEDID = "linkedid"
+_UNIQUEID_COLON = b"uniqueid:"
+_LINKEDID_COLON = b"linkedid:"
+_CRLF = b"\r\n"
+# KELVIN SIGN: the only character outside ASCII whose lower() holds one of the ASCII letters of
+# "uniqueid"/"linkedid" without a combining mark after it ("\u212a".lower() == "k"), so the one
+# way a header name can end in "linkedid" for str.lower() but not for bytes.lower()
+_KELVIN_UTF8 = "\u212a".encode()
+
+# The exact spellings Asterisk 22 uses → (is a Uniqueid, lowercased prefix); any other name takes
+# the generic rule in _classify, which gives the same answer for these.
+_KNOWN_NAMES: dict[str, tuple[bool, str]] = {
+    name: (name.lower().endswith(_UNIQUEID), name.lower()[: -len(_UNIQUEID)])
+    for name in (
+        "Uniqueid",
+        "Linkedid",
+        "UniqueID",
+        "LinkedID",
+        "DestUniqueid",
+        "DestLinkedid",
+        "LocalOneUniqueid",
+        "LocalOneLinkedid",
+        "LocalTwoUniqueid",
+        "LocalTwoLinkedid",
+        "TransfereeUniqueid",
+        "TransfereeLinkedid",
+        "TransferTargetUniqueid",
+        "TransferTargetLinkedid",
+        "OrigTransfererUniqueid",
+        "OrigTransfererLinkedid",
+        "SecondTransfererUniqueid",
+        "SecondTransfererLinkedid",
+        "BridgeUniqueid",
+    )
+}
 
 
 class LinkedIdCorrelator:
@@ -41,6 +75,10 @@ class LinkedIdCorrelator:
     …), ``DestUniqueid``/``DestLinkedid`` (DialBegin/DialEnd), ``LocalOneUniqueid``/
     ``LocalTwoUniqueid`` (LocalBridge), ``UniqueID``/``LinkedID`` (a Cdr with the mapping), the
     transfer events' prefixed pairs. Empty values and Asterisk's ``none`` are ignored.
+
+    :meth:`observe` reads parsed headers; :meth:`observe_frame` reads the same pairs straight
+    from a frame's bytes, without decoding the other headers, and records exactly what
+    :meth:`observe` would have recorded for that frame's headers.
     """
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -62,11 +100,48 @@ class LinkedIdCorrelator:
         unique_ids: dict[str, str] = {}
         linked_ids: dict[str, str] = {}
         for name, value in headers:
-            lower = name.lower()
-            if lower.endswith(_UNIQUEID):
-                unique_ids.setdefault(lower[: -len(_UNIQUEID)], value)
-            elif lower.endswith(_LINKEDID):
-                linked_ids.setdefault(lower[: -len(_LINKEDID)], value)
+            # a name ending in "uniqueid"/"linkedid" once lowered ends in "d" or "D"
+            if name[-1:] not in ("d", "D"):
+                continue
+            kind = _KNOWN_NAMES.get(name) or _classify(name)
+            if kind is None:
+                continue
+            is_unique, prefix = kind
+            (unique_ids if is_unique else linked_ids).setdefault(prefix, value)
+        self._record_pairs(unique_ids, linked_ids)
+
+    def observe_frame(self, frame: bytes) -> bool:
+        """Like :meth:`observe` for the headers of ``frame`` (an AMI frame's bytes: lines split
+        on CRLF only, ``Name: value``, empty lines ignored, each value UTF-8 or else latin-1).
+
+        Only lines whose name ends in ``uniqueid``/``linkedid`` (ASCII, any case) are looked at:
+        a line is a header of that name only when no ``:`` comes before the match on its CRLF
+        line, so text after a colon (a raw LF inside a caller name included) never counts.
+
+        Returns ``False``, having recorded nothing, for the rare frame it cannot read exactly
+        like :meth:`observe` (a matching header name with non-ASCII characters, or a KELVIN
+        SIGN anywhere): the caller then passes the parsed headers to :meth:`observe`.
+        """
+        low = frame.lower()
+        found = low.find(_UNIQUEID_COLON)
+        if found < 0:
+            return True  # no "...uniqueid" header: nothing to pair
+        if not frame.isascii() and _KELVIN_UTF8 in frame:  # isascii() is far cheaper than the search
+            return False
+        linked = low.find(_LINKEDID_COLON)
+        if linked < 0:
+            return True
+        unique_ids = _scan(frame, low, _UNIQUEID_COLON, found)
+        linked_ids = _scan(frame, low, _LINKEDID_COLON, linked)
+        if unique_ids is None or linked_ids is None:
+            return False
+        for prefix, raw_unique in unique_ids.items():
+            raw_linked = linked_ids.get(prefix)
+            if raw_linked is not None:
+                self.record(_decode(raw_unique), _decode(raw_linked))
+        return True
+
+    def _record_pairs(self, unique_ids: dict[str, str], linked_ids: dict[str, str]) -> None:
         for prefix, unique_id in unique_ids.items():
             linked_id = linked_ids.get(prefix)
             if linked_id is not None:
@@ -87,6 +162,47 @@ class LinkedIdCorrelator:
     def linked_id_for(self, unique_id: str) -> str | None:
         """The Linkedid last seen with ``unique_id``, else ``None`` (never seen, or evicted)."""
         return self._links.get(unique_id)
+
+
+def _classify(name: str) -> tuple[bool, str] | None:
+    """``(is a Uniqueid, lowercased prefix)`` for a ``<Prefix>Uniqueid``/``<Prefix>Linkedid``
+    header name (case-insensitive), else ``None``."""
+    lower = name.lower()
+    if lower.endswith(_UNIQUEID):
+        return True, lower[: -len(_UNIQUEID)]
+    if lower.endswith(_LINKEDID):
+        return False, lower[: -len(_LINKEDID)]
+    return None
+
+
+def _scan(frame: bytes, low: bytes, suffix: bytes, found: int) -> dict[bytes, bytes] | None:
+    """Lowercased prefix → raw value of the first header per prefix whose name ends in
+    ``suffix`` (which includes the colon); ``None`` if a matching name is not ASCII."""
+    values: dict[bytes, bytes] = {}
+    step = len(suffix)
+    while found >= 0:
+        start = low.rfind(_CRLF, 0, found)
+        start = 0 if start < 0 else start + len(_CRLF)
+        # a ':' before the match on this line: the match is inside a value, not a name
+        if low.find(b":", start, found) < 0:
+            prefix = low[start:found]
+            if not prefix.isascii():
+                return None
+            if prefix not in values:
+                value_start = found + step
+                value_end = low.find(_CRLF, value_start)
+                value = frame[value_start:] if value_end < 0 else frame[value_start:value_end]
+                values[prefix] = value[1:] if value[:1] == b" " else value
+        found = low.find(suffix, found + step)
+    return values
+
+
+def _decode(data: bytes) -> str:
+    # the parser's rule (adapters.ami.protocol.decode_text): UTF-8, else latin-1
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def _usable(value: str) -> bool:

@@ -21,7 +21,7 @@ from clickphone_agi.dialplan_vars import Reason
 from clickphone_agi.domain.authorize import AuthFacts, Decision, decide
 from clickphone_agi.domain.charging import BillingRule, Numbering, rate_call, threshold_notices
 from clickphone_agi.domain.events import CallEnded
-from clickphone_agi.domain.money import Notice, format_ron
+from clickphone_agi.domain.money import Notice, RatedCall, format_ron
 from clickphone_agi.domain.numbers import is_emergency
 from clickphone_agi.domain.tariffs import TariffTable
 from clickphone_agi.domain.thresholds import LowBalanceState, insufficient_funds_due, local_day
@@ -153,8 +153,18 @@ class MoneyService:
     def is_billing_cdr(self, call: CallEnded) -> bool:
         return self.settings.rule.selects(call)
 
+    def rate(self, call: CallEnded) -> RatedCall | None:
+        """The billing CDR rated by the current tariffs, or None if none covers it (pure: no storage)."""
+        s = self.settings
+        return rate_call(call, s.tariffs, s.numbering, s.zone)
+
     def charge(self, tx: WriteTx, call: CallEnded) -> int | None:
         """Charge a billing CDR in the caller's transaction; the cost, or None if unrated."""
+        return self.charge_rated(tx, call, self.rate(call))
+
+    def charge_rated(self, tx: WriteTx, call: CallEnded, rated: RatedCall | None) -> int | None:
+        """:meth:`charge` with the CDR already rated by :meth:`rate`, before the unit of work: rating
+        is pure, so the ingest path does it on the event loop and keeps the writer's thread for SQL."""
         s = self.settings
         tx.release(call.unique_id)
         account = tx.get_account(call.account)
@@ -162,7 +172,6 @@ class MoneyService:
             log.error("charge.unknown_account", key=call.key, account=call.account)
             self.unrated += 1
             return None
-        rated = rate_call(call, s.tariffs, s.numbering, s.zone)
         if rated is None:
             log.error("charge.no_tariff", key=call.key, account=call.account, dst=call.destination)
             self.unrated += 1
@@ -172,8 +181,10 @@ class MoneyService:
         tx.post_ledger(account.code, -rated.cost, "call", call.key, f"{rated.tariff} {rated.billed_seconds}s")
         spent_after = tx.add_spend(account.code, rated.day, rated.cost)
         tx.record_rated(rated)
-        fired_text = tx.get_state(account.code, f"limit_fired:{rated.day}")
-        armed = tx.get_state(account.code, "low_armed")
+        fired_name = f"limit_fired:{rated.day}"
+        fired_text = tx.get_state(account.code, fired_name)
+        limit_fired: frozenset[int] = frozenset(json.loads(fired_text)) if fired_text else frozenset()
+        low_before = LowBalanceState(armed=tx.get_state(account.code, "low_armed") != "0")
         notices, fired, low = threshold_notices(
             account,
             rated,
@@ -181,13 +192,16 @@ class MoneyService:
             balance_after=balance_before - rated.cost,
             spent_before=spent_before,
             spent_after=spent_after,
-            limit_fired=frozenset(json.loads(fired_text)) if fired_text else frozenset(),
-            low_state=LowBalanceState(armed=armed != "0"),
+            limit_fired=limit_fired,
+            low_state=low_before,
             percents=s.limit_percents,
         )
         for notice in notices:
             tx.enqueue_notice(notice)
-        tx.set_state(account.code, f"limit_fired:{rated.day}", json.dumps(sorted(fired)))
-        tx.set_state(account.code, "low_armed", "1" if low.armed else "0")
+        # the state is written only when it changes (rarely): no row reads as nothing fired, armed
+        if fired != limit_fired:
+            tx.set_state(account.code, fired_name, json.dumps(sorted(fired)))
+        if low != low_before:
+            tx.set_state(account.code, "low_armed", "1" if low.armed else "0")
         self.charged += 1
         return rated.cost

@@ -93,8 +93,13 @@ billing:
   tariffs_file: {out / "tariffs.yaml"}
   billing_cdr:
     destination_contexts: [lab-outbound]
+notifications:
+  inbound_contexts: [lab-inbound]
+  missed_call_grace: 0.5
 asterisk:
   system_name: demo-pbx
+  voicemail_spool: {out / "spool" / "voicemail"}
+  fax_spool: {out / "spool" / "fax"}
   master_csv: {out / "cdr-csv" / "Master.csv"}
   reconcile_interval: 30
 logging:
@@ -129,6 +134,7 @@ def _prepare(output: Path) -> Path:
     for stale in (
         "mail",
         "cdr-csv",
+        "spool",
         "tariffs.yaml",
         "accounts.yaml",
         "demo.db",
@@ -147,6 +153,8 @@ def _prepare(output: Path) -> Path:
     (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
     (out / "tariffs.yaml").write_text(DEMO_TARIFFS, encoding="utf-8")
     (out / "accounts.yaml").write_text(DEMO_ACCOUNTS, encoding="utf-8")
+    # the voicemail message and the fax Asterisk recorded in the lab, where the daemon reads them
+    shutil.copytree(Path(__file__).parent / "spool", out / "spool")
     (out / "cdr-csv").mkdir()
     (out / "cdr-csv" / "Master.csv").write_bytes(b"")
     conn = db.connect_sync(out / "demo.db")
@@ -204,7 +212,7 @@ async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSin
         f"{status['reconcile']['recovered'] - before} CDRs recovered, none counted twice"
     )
     await _authorizations(daemon)
-    await sink.wait_for(5, timeout=20)
+    await sink.wait_for(9, timeout=20)
     return await _settle(daemon)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from typing import Any
@@ -26,11 +27,15 @@ def account_to_json(account: Account) -> str:
         "max_call_seconds": account.max_call_seconds,
         "marketing_consent": account.marketing_consent,
         "enabled": account.enabled,
+        "opt_out": sorted(account.opt_out),
     }
     return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=4096)
 def account_from_json(text: str) -> Account:
+    """The :class:`Account` stored as ``text``; memoised by the text (an Account is immutable),
+    since decoding and validating one costs more than the rest of charging a CDR."""
     d = json.loads(text)
     return Account(
         code=d["code"],
@@ -48,4 +53,5 @@ def account_from_json(text: str) -> Account:
         max_call_seconds=d["max_call_seconds"],
         marketing_consent=d["marketing_consent"],
         enabled=d["enabled"],
+        opt_out=frozenset(d.get("opt_out", ())),
     )

@@ -154,6 +154,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE outbox ADD COLUMN payload TEXT",
         ),
     ),
+    Migration(
+        4,
+        "mail: VERP envelope senders, bounces, suppressions, operator retries",
+        (
+            # The envelope sender (MAIL FROM) the row was last sent with: bounce+<id>-<mac>@domain.
+            "ALTER TABLE outbox ADD COLUMN envelope_from TEXT",
+            # When a DSN reported the message undeliverable (status 'bounced').
+            "ALTER TABLE outbox ADD COLUMN bounced_at TEXT",
+            # When an operator replayed a dead letter (`outbox retry`): its lifetime restarts there.
+            "ALTER TABLE outbox ADD COLUMN retried_at TEXT",
+            # Recipients (ASCII-lowercased) with hard bounces. The address is suppressed once
+            # hard_bounces reaches smtp.hard_bounce_limit (suppressed_at set): nothing is sent to
+            # it again, marketing or service. A suppressed row keeps the outbox CHECK constraint
+            # (SQLite cannot alter it): status 'dead', last_error 'suppressed: <reason>'.
+            """CREATE TABLE suppressions (
+                   address       TEXT PRIMARY KEY,
+                   reason        TEXT NOT NULL,
+                   hard_bounces  INTEGER NOT NULL DEFAULT 0,
+                   created_at    TEXT NOT NULL,
+                   updated_at    TEXT NOT NULL,
+                   suppressed_at TEXT
+               ) WITHOUT ROWID""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from clickphone_agi.adapters.storage.codec import account_from_json, account_to_
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
@@ -58,8 +59,13 @@ class WriterBusy(StorageError):
 
 
 def to_db(moment: datetime) -> str:
-    """UTC, fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, fixed width, so text order is time order: ``2026-11-28T14:00:00.000000Z``.
+
+    The same text as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` (years 1000-9999), at about half the
+    cost: it runs several times per CDR on the writer thread.
+    """
+    m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
 
 
 def from_db(text: str) -> datetime:
@@ -190,51 +196,250 @@ class WriterLock:
         self.release()
 
 
-class SqliteTx:
-    """:class:`WriteTx` over the writer connection, valid only inside one unit of work."""
+_MISSING: Any = object()  # "no entry" in the undo log and the caches (None is a value there)
+_LEDGER_KINDS = frozenset({"opening", "call", "topup", "adjustment"})  # the ledger's CHECK constraint
+_CDR_NOT_NULL = (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19)  # cdrs columns, by position
+_RATED_NOT_NULL = tuple(range(11))  # every rated_calls column
 
-    def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
+
+class _WriterCache:
+    """Money state as the writer last committed it, kept from batch to batch (writer thread only).
+
+    Accounts (parsed), balances, daily spend and notice state, so that charging a CDR reads
+    nothing back. The writer connection is the database's only writer and every write to those
+    tables goes through :class:`SqliteTx`, which keeps this cache in step (undone with a failed
+    unit, dropped with a failed batch). Anything committed by another connection (the CLI while
+    the daemon is stopped, a restore, a hand-edit) changes ``PRAGMA data_version``: the cache is
+    then dropped at the start of the next batch, as it is when it grows past ``MAX_ENTRIES``.
+    """
+
+    MAX_ENTRIES = 200_000
+
+    def __init__(self) -> None:
+        self.data_version: int | None = None
+        self.accounts: dict[str, Account | None] = {}
+        self.balances: dict[str, int] = {}
+        self.spend: dict[tuple[str, str], int] = {}
+        self.states: dict[tuple[str, str], str | None] = {}
+        # every reservation (call id: amount) once loaded: few (calls in progress), and most CDRs have none
+        self.reservations: dict[str, int] | None = None
+
+    def clear(self) -> None:
+        self.data_version = None
+        self.reservations = None
+        for entries in (self.accounts, self.balances, self.spend, self.states):
+            entries.clear()
+
+    def validate(self, conn: sqlite3.Connection) -> None:
+        """At the start of a batch, inside its transaction: forget what someone else may have changed."""
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        size = len(self.accounts) + len(self.balances) + len(self.spend) + len(self.states)
+        size += len(self.reservations or ())
+        if version != self.data_version or size > self.MAX_ENTRIES:
+            self.clear()
+            self.data_version = version
+
+
+class _Batch:
+    """One batch's deferred writes, and the undo log of the unit of work running now.
+
+    The money path's appends (``processed_events``, ``cdrs``, ``ledger``, ``rated_calls``) and its
+    moves of balances, daily spend and notice state are kept here and written just before COMMIT
+    with one ``executemany`` per table (:meth:`flush`), in unit order: charging a CDR then costs one
+    point read (the claim) instead of 17 statements, and the writer thread hands the GIL back and
+    forth far less often. Units keep their isolation: every change here is logged, and a unit that
+    raises has its changes undone (:meth:`undo`) along with its savepoint. A unit never sees a
+    difference: reads consult the pending rows first. A row that INSERT OR IGNORE would skip (a
+    NULL in a NOT NULL column, a ledger kind its CHECK refuses) is skipped when queued, with the
+    same result as before, so the flush can only fail as COMMIT can (I/O, disk full), and then the
+    whole batch fails as it would on COMMIT.
+    """
+
+    def __init__(self, cache: _WriterCache, now: datetime) -> None:
+        self.cache = cache
+        self.now_db = to_db(now)
+        # rows to insert (INSERT OR IGNORE, in unit order), by their unique key
+        self.events: dict[str, tuple[str, str, str]] = {}
+        self.cdrs: dict[str, tuple[Any, ...]] = {}
+        self.ledger: dict[str, tuple[Any, ...]] = {}
+        self.rated: dict[str, tuple[Any, ...]] = {}
+        # claimed keys that no ledger row had as its ref when claimed (a CDR's key is its charge's ref)
+        self.unbooked: dict[str, None] = {}
+        # rows to upsert with their new value (the cache holds the same values)
+        self.balances: dict[str, int] = {}
+        self.spend: dict[tuple[str, str], int] = {}
+        self.states: dict[tuple[str, str], str] = {}
+        self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
+
+    def put(self, entries: dict[Any, Any], key: Any, value: Any) -> None:
+        """``entries[key] = value``, undone if the current unit fails."""
+        self._undo.append((entries, key, entries.get(key, _MISSING)))
+        entries[key] = value
+
+    def drop(self, entries: dict[Any, Any], key: Any) -> None:
+        """``del entries[key]`` (if there), undone if the current unit fails."""
+        old = entries.pop(key, _MISSING)
+        if old is not _MISSING:
+            self._undo.append((entries, key, old))
+
+    def undo(self) -> None:
+        """The current unit failed: take back everything it changed here."""
+        for entries, key, old in reversed(self._undo):
+            if old is _MISSING:
+                entries.pop(key, None)
+            else:
+                entries[key] = old
+        self._undo.clear()
+
+    def keep(self) -> None:
+        """The current unit succeeded: its changes stay."""
+        self._undo.clear()
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Write what the batch's units deferred (inside the batch's transaction, before COMMIT)."""
+        # processed_events and ledger: plain INSERT, their keys were checked when queued; a clash
+        # here would be a bug, and must fail the batch rather than lose a claim or a booking
+        if self.events:
+            conn.executemany(
+                "INSERT INTO processed_events (key, kind, processed_at) VALUES (?, ?, ?)", self.events.values()
+            )
+        if self.cdrs:
+            conn.executemany(
+                """INSERT OR IGNORE INTO cdrs
+                       (key, system_name, account, unique_id, linked_id, sequence, source, destination,
+                        destination_context, channel, destination_channel, last_application, disposition,
+                        duration, billable_seconds, start_at, answer_at, end_at, origin, recorded_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                self.cdrs.values(),
+            )
+        if self.ledger:
+            conn.executemany(
+                "INSERT INTO ledger (account, amount, kind, ref, reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                self.ledger.values(),
+            )
+        if self.rated:
+            conn.executemany(
+                "INSERT OR IGNORE INTO rated_calls (key, account, destination, prefix, tariff, class, answered_at,"
+                " day, billable, billed_seconds, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self.rated.values(),
+            )
+        if self.balances:
+            conn.executemany(
+                "INSERT INTO balances (account, balance) VALUES (?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET balance = excluded.balance",
+                self.balances.items(),
+            )
+        if self.spend:
+            conn.executemany(
+                "INSERT INTO daily_spend (account, day, spent) VALUES (?, ?, ?)"
+                " ON CONFLICT (account, day) DO UPDATE SET spent = excluded.spent",
+                ((code, day, spent) for (code, day), spent in self.spend.items()),
+            )
+        if self.states:
+            conn.executemany(
+                "INSERT INTO notice_state (account, name, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (account, name) DO UPDATE SET value = excluded.value",
+                ((code, name, value) for (code, name), value in self.states.items()),
+            )
+
+
+def _ignored(row: tuple[Any, ...], not_null: tuple[int, ...]) -> bool:
+    """Whether INSERT OR IGNORE would skip ``row`` for a NULL in one of its ``not_null`` columns."""
+    return None in row and any(row[i] is None for i in not_null)
+
+
+class _UnitConnection:
+    """The writer connection as one unit of work sees it: the unit's savepoint opens before its first
+    statement. A unit that only reads, and defers its writes to the batch (a CDR), needs none."""
+
+    __slots__ = ("_conn", "savepoint")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self.savepoint = False
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        if not self.savepoint:
+            self._conn.execute("SAVEPOINT unit")
+            self.savepoint = True
+        return self._conn.execute(sql, parameters)
+
+    def __getattr__(self, name: str) -> Any:  # executemany, lastrowid, ...: the savepoint first
+        if not self.savepoint:
+            self._conn.execute("SAVEPOINT unit")
+            self.savepoint = True
+        return getattr(self._conn, name)
+
+
+class SqliteTx:
+    """:class:`WriteTx` over the writer connection, valid only inside one unit of work.
+
+    The money methods and :meth:`claim_event`/:meth:`record_call` defer their writes to the
+    batch (:class:`_Batch`) and read through ``_read`` (no savepoint needed); everything else runs
+    its SQL at once through ``_conn``, which opens the unit's savepoint first.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, now: datetime, batch: _Batch) -> None:
+        self._conn = _UnitConnection(conn)  # opens the savepoint: every immediate write goes through it
+        self._read = conn  # reads only
         self.now = now
+        self._batch = batch
+        self._cache = batch.cache
         self.enqueued = 0  # outbox rows added in this transaction: the sender is woken after COMMIT
 
+    @property
+    def savepoint(self) -> bool:
+        """Whether the unit ran SQL that its failure must roll back (its savepoint is open)."""
+        return self._conn.savepoint
+
     def claim_event(self, key: str, kind: str) -> bool:
-        cur = self._conn.execute(
-            "INSERT OR IGNORE INTO processed_events (key, kind, processed_at) VALUES (?, ?, ?)",
-            (key, kind, to_db(self.now)),
-        )
-        return cur.rowcount == 1
+        batch = self._batch
+        if key in batch.events:
+            return False
+        # one read answers both: is the key claimed, and is it a ledger ref (see post_ledger)
+        claimed, booked = self._read.execute(
+            "SELECT EXISTS (SELECT 1 FROM processed_events WHERE key = ?1),"
+            " EXISTS (SELECT 1 FROM ledger WHERE ref = ?1)",
+            (key,),
+        ).fetchone()
+        if claimed:
+            return False
+        row = (key, kind, batch.now_db)
+        if _ignored(row, (0, 1)):
+            return False
+        batch.put(batch.events, key, row)  # inserted at the end of the batch
+        if not booked:
+            batch.put(batch.unbooked, key, None)
+        return True
 
     def record_call(self, call: CallEnded) -> None:
-        self._conn.execute(
-            """INSERT OR IGNORE INTO cdrs
-                   (key, system_name, account, unique_id, linked_id, sequence, source, destination,
-                    destination_context, channel, destination_channel, last_application, disposition,
-                    duration, billable_seconds, start_at, answer_at, end_at, origin, recorded_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (
-                call.key,
-                call.system_name,
-                call.account,
-                call.unique_id,
-                call.linked_id,
-                call.sequence,
-                call.source,
-                call.destination,
-                call.destination_context,
-                call.channel,
-                call.destination_channel,
-                call.last_application,
-                str(call.disposition),
-                call.duration,
-                call.billable_seconds,
-                to_db(call.start),
-                to_db(call.answer) if call.answer else None,
-                to_db(call.end),
-                str(call.origin),
-                to_db(self.now),
-            ),
+        batch = self._batch
+        if call.key in batch.cdrs:
+            return  # INSERT OR IGNORE: the first row stays
+        row = (
+            call.key,
+            call.system_name,
+            call.account,
+            call.unique_id,
+            call.linked_id,
+            call.sequence,
+            call.source,
+            call.destination,
+            call.destination_context,
+            call.channel,
+            call.destination_channel,
+            call.last_application,
+            str(call.disposition),
+            call.duration,
+            call.billable_seconds,
+            to_db(call.start),
+            to_db(call.answer) if call.answer else None,
+            to_db(call.end),
+            str(call.origin),
+            batch.now_db,
         )
+        if not _ignored(row, _CDR_NOT_NULL):
+            batch.put(batch.cdrs, call.key, row)  # inserted at the end of the batch
 
     def set_meta(self, key: str, value: str) -> None:
         self._conn.execute(
@@ -243,26 +448,33 @@ class SqliteTx:
         )
 
     # ---- money (all inside the caller's transaction) ----------------------------------------
+    # Reads come from the writer's cache when they can; writes other than the reservations' are
+    # deferred to the batch (see _Batch and _WriterCache): keep both in step in any new method.
 
     def get_account(self, code: str) -> Account | None:
-        row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
-        return account_from_json(row[0]) if row else None
+        accounts = self._cache.accounts
+        account = accounts.get(code, _MISSING)
+        if account is _MISSING:
+            row = self._read.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+            account = account_from_json(row[0]) if row else None
+            self._batch.put(accounts, code, account)
+        return cast(Account | None, account)
 
     def account_for_did(self, did: str) -> Account | None:
-        row = self._conn.execute(
+        row = self._read.execute(
             "SELECT a.data FROM account_dids d JOIN accounts a ON a.code = d.account WHERE d.did = ?", (did,)
         ).fetchone()
         return account_from_json(row[0]) if row else None
 
     def account_for_mailbox(self, box: str) -> Account | None:
-        row = self._conn.execute(
+        row = self._read.execute(
             "SELECT a.data FROM account_mailboxes m JOIN accounts a ON a.code = m.account WHERE m.box = ?", (box,)
         ).fetchone()
         return account_from_json(row[0]) if row else None
 
     def upsert_account(self, account: Account, opening_balance: int) -> bool:
         """Insert or update; the opening balance is booked only for a new account. True if new."""
-        now = to_db(self.now)
+        now = self._batch.now_db
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
         if is_new:
@@ -275,6 +487,7 @@ class SqliteTx:
                 "UPDATE accounts SET data = ?, updated_at = ? WHERE code = ? AND data != ?",
                 (data, now, account.code, data),
             )
+        self._batch.put(self._cache.accounts, account.code, account)
         self._conn.execute("DELETE FROM account_dids WHERE account = ?", (account.code,))
         self._conn.execute("DELETE FROM account_mailboxes WHERE account = ?", (account.code,))
         for table, column, values in (
@@ -292,96 +505,137 @@ class SqliteTx:
                     f"INSERT INTO {table} ({column}, account) VALUES (?, ?)",  # noqa: S608 - constant names
                     (value, account.code),
                 )
+        # a missing row reads as 0 in the cache, so this leaves it right
         self._conn.execute("INSERT OR IGNORE INTO balances (account, balance) VALUES (?, 0)", (account.code,))
         if is_new and opening_balance:
             self.post_ledger(account.code, opening_balance, "opening", f"opening:{account.code}", "opening balance")
         return is_new
 
     def balance(self, code: str) -> int:
-        row = self._conn.execute("SELECT balance FROM balances WHERE account = ?", (code,)).fetchone()
-        return int(row[0]) if row else 0
+        balances = self._cache.balances
+        balance = balances.get(code)
+        if balance is None:
+            row = self._read.execute("SELECT balance FROM balances WHERE account = ?", (code,)).fetchone()
+            balance = int(row[0]) if row else 0
+            self._batch.put(balances, code, balance)
+        return balance
 
     def post_ledger(self, code: str, amount: int, kind: str, ref: str, reason: str | None) -> bool:
         """Append one money movement and move the cached balance; False if ``ref`` was booked already."""
-        cur = self._conn.execute(
-            "INSERT OR IGNORE INTO ledger (account, amount, kind, ref, reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (code, amount, kind, ref, reason, to_db(self.now)),
-        )
-        if cur.rowcount != 1:
+        batch = self._batch
+        if ref in batch.ledger:
             return False
-        self._conn.execute(
-            "INSERT INTO balances (account, balance) VALUES (?, ?)"
-            " ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance",
-            (code, amount),
-        )
+        # every ledger row of this batch is in batch.ledger, so "unbooked when claimed" still holds
+        if ref not in batch.unbooked and self._read.execute("SELECT 1 FROM ledger WHERE ref = ?", (ref,)).fetchone():
+            return False
+        row = (code, amount, kind, ref, reason, batch.now_db)
+        if kind not in _LEDGER_KINDS or _ignored(row, (0, 1, 2, 3, 5)):
+            return False  # INSERT OR IGNORE skips a row its CHECK or NOT NULL refuses
+        balance = self.balance(code) + amount
+        batch.put(batch.ledger, ref, row)  # both written at the end of the batch, in unit order
+        batch.put(batch.balances, code, balance)
+        batch.put(self._cache.balances, code, balance)
         return True
 
     def spent(self, code: str, day: str) -> int:
-        row = self._conn.execute("SELECT spent FROM daily_spend WHERE account = ? AND day = ?", (code, day)).fetchone()
-        return int(row[0]) if row else 0
+        spend = self._cache.spend
+        spent = spend.get((code, day))
+        if spent is None:
+            row = self._read.execute(
+                "SELECT spent FROM daily_spend WHERE account = ? AND day = ?", (code, day)
+            ).fetchone()
+            spent = int(row[0]) if row else 0
+            self._batch.put(spend, (code, day), spent)
+        return spent
 
     def add_spend(self, code: str, day: str, amount: int) -> int:
-        self._conn.execute(
-            "INSERT INTO daily_spend (account, day, spent) VALUES (?, ?, ?)"
-            " ON CONFLICT (account, day) DO UPDATE SET spent = spent + excluded.spent",
-            (code, day, amount),
-        )
-        return self.spent(code, day)
+        spent = self.spent(code, day) + amount
+        self._batch.put(self._batch.spend, (code, day), spent)  # written at the end of the batch
+        self._batch.put(self._cache.spend, (code, day), spent)
+        return spent
 
     def reservations(self, code: str) -> tuple[int, int]:
         """(amount held, calls) by unexpired reservations of the account."""
-        row = self._conn.execute(
+        row = self._read.execute(
             "SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM reservations WHERE account = ? AND expires_at > ?",
-            (code, to_db(self.now)),
+            (code, self._batch.now_db),
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def _reserved(self) -> dict[str, int]:
+        """Every reservation's amount by call id, read once into the writer's cache."""
+        cache = self._cache
+        if cache.reservations is None:
+            rows = self._read.execute("SELECT call_id, amount FROM reservations").fetchall()
+            cache.reservations = {str(call_id): int(amount) for call_id, amount in rows}
+        return cache.reservations
+
     def reserve(self, call_id: str, code: str, amount: int, expires_at: datetime) -> bool:
+        reserved = self._reserved()
         cur = self._conn.execute(
             "INSERT OR IGNORE INTO reservations (call_id, account, amount, created_at, expires_at)"
             " VALUES (?, ?, ?, ?, ?)",
-            (call_id, code, amount, to_db(self.now), to_db(expires_at)),
+            (call_id, code, amount, self._batch.now_db, to_db(expires_at)),
         )
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        self._batch.put(reserved, call_id, amount)
+        return True
 
     def release(self, call_id: str) -> int | None:
-        row = self._conn.execute("DELETE FROM reservations WHERE call_id = ? RETURNING amount", (call_id,)).fetchone()
-        return int(row[0]) if row else None
+        reserved = self._reserved()
+        amount = reserved.get(call_id)
+        if amount is None:
+            return None  # most CDRs: no statement at all
+        self._conn.execute("DELETE FROM reservations WHERE call_id = ?", (call_id,))
+        self._batch.drop(reserved, call_id)
+        return amount
 
     def purge_expired_reservations(self) -> int:
-        return self._conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (to_db(self.now),)).rowcount
+        reserved = self._reserved()
+        purged = self._conn.execute(
+            "DELETE FROM reservations WHERE expires_at <= ? RETURNING call_id", (self._batch.now_db,)
+        ).fetchall()
+        for (call_id,) in purged:
+            self._batch.drop(reserved, call_id)
+        return len(purged)
 
     def get_state(self, code: str, name: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT value FROM notice_state WHERE account = ? AND name = ?", (code, name)
-        ).fetchone()
-        return str(row[0]) if row else None
+        states = self._cache.states
+        value = states.get((code, name), _MISSING)
+        if value is _MISSING:
+            row = self._read.execute(
+                "SELECT value FROM notice_state WHERE account = ? AND name = ?", (code, name)
+            ).fetchone()
+            value = str(row[0]) if row else None
+            self._batch.put(states, (code, name), value)
+        return cast(str | None, value)
 
     def set_state(self, code: str, name: str, value: str) -> None:
-        self._conn.execute(
-            "INSERT INTO notice_state (account, name, value) VALUES (?, ?, ?)"
-            " ON CONFLICT (account, name) DO UPDATE SET value = excluded.value",
-            (code, name, value),
-        )
+        if self.get_state(code, name) == value:
+            return  # unchanged: nothing to write
+        self._batch.put(self._batch.states, (code, name), value)  # written at the end of the batch
+        self._batch.put(self._cache.states, (code, name), value)
 
     def record_rated(self, rated: RatedCall) -> None:
-        self._conn.execute(
-            "INSERT OR IGNORE INTO rated_calls (key, account, destination, prefix, tariff, class, answered_at, day,"
-            " billable, billed_seconds, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                rated.key,
-                rated.account,
-                rated.destination,
-                rated.prefix,
-                rated.tariff,
-                rated.destination_class,
-                to_db(rated.answered_at),
-                rated.day,
-                rated.billable_seconds,
-                rated.billed_seconds,
-                rated.cost,
-            ),
+        batch = self._batch
+        if rated.key in batch.rated:
+            return  # INSERT OR IGNORE: the first row stays
+        row = (
+            rated.key,
+            rated.account,
+            rated.destination,
+            rated.prefix,
+            rated.tariff,
+            rated.destination_class,
+            to_db(rated.answered_at),
+            rated.day,
+            rated.billable_seconds,
+            rated.billed_seconds,
+            rated.cost,
         )
+        if not _ignored(row, _RATED_NOT_NULL):
+            batch.put(batch.rated, rated.key, row)  # inserted at the end of the batch
 
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
@@ -427,22 +681,139 @@ class SqliteTx:
     def set_message(self, row_id: int, mime: bytes) -> None:
         self._conn.execute("UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL", (mime, row_id))
 
-    def mark_sent(self, row_id: int, smtp_reply: str) -> None:
+    def mark_sent(self, row_id: int, smtp_reply: str, *, envelope_from: str | None = None) -> None:
+        # only a pending row: a DSN may have marked it bounced while the session was still open
         self._conn.execute(
             """UPDATE outbox SET status = 'sent', attempts = attempts + 1, smtp_reply = ?,
-                   sent_at = ?, last_error = NULL WHERE id = ?""",
-            (smtp_reply[:500], to_db(self.now), row_id),
+                   sent_at = ?, envelope_from = COALESCE(?, envelope_from)
+               WHERE id = ? AND status = 'pending'""",
+            (smtp_reply[:500], to_db(self.now), envelope_from, row_id),
         )
 
-    def mark_failed(self, row_id: int, error: str, next_attempt_at: datetime, *, dead: bool) -> None:
+    def mark_failed(
+        self,
+        row_id: int,
+        error: str,
+        next_attempt_at: datetime,
+        *,
+        dead: bool,
+        smtp_reply: str | None = None,
+        envelope_from: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
         self._conn.execute(
-            """UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
-                   status = CASE WHEN ? THEN 'dead' ELSE status END WHERE id = ?""",
-            (error[:500], to_db(next_attempt_at), dead, row_id),
+            """UPDATE outbox SET attempts = attempts + ?, last_error = ?, next_attempt_at = ?,
+                   status = CASE WHEN ? THEN 'dead' ELSE status END,
+                   smtp_reply = COALESCE(?, smtp_reply), envelope_from = COALESCE(?, envelope_from)
+               WHERE id = ? AND status = 'pending'""",
+            (
+                1 if count_attempt else 0,
+                error[:500],
+                to_db(next_attempt_at),
+                dead,
+                smtp_reply[:500] if smtp_reply else None,
+                envelope_from,
+                row_id,
+            ),
         )
 
     def mark_expired(self, row_id: int) -> None:
         self._conn.execute("UPDATE outbox SET status = 'expired' WHERE id = ? AND status = 'pending'", (row_id,))
+
+    def outbox_row(self, row_id: int) -> OutboxRow | None:
+        row = self._conn.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?",  # noqa: S608 - constant column list
+            (row_id,),
+        ).fetchone()
+        return _outbox_row(row) if row else None
+
+    def mark_bounced(self, row_id: int, error: str) -> bool:
+        cur = self._conn.execute(
+            """UPDATE outbox SET status = 'bounced', bounced_at = ?, last_error = ?
+               WHERE id = ? AND status != 'bounced'""",
+            (to_db(self.now), error[:500], row_id),
+        )
+        return cur.rowcount == 1
+
+    def suppression(self, address: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT reason FROM suppressions WHERE address = lower(?) AND suppressed_at IS NOT NULL", (address,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
+        now = to_db(self.now)
+        row = self._conn.execute(
+            """INSERT INTO suppressions (address, reason, hard_bounces, created_at, updated_at)
+                   VALUES (lower(?), ?, 1, ?, ?)
+               ON CONFLICT (address) DO UPDATE SET hard_bounces = hard_bounces + 1,
+                   reason = excluded.reason, updated_at = excluded.updated_at
+               RETURNING hard_bounces, suppressed_at""",
+            (address, reason[:500], now, now),
+        ).fetchone()
+        if row[1] is not None:
+            return True
+        if int(row[0]) >= limit:
+            self._conn.execute(
+                "UPDATE suppressions SET suppressed_at = ? WHERE address = lower(?)",
+                (now, address),
+            )
+            return True
+        return False
+
+    def verp_key(self, candidate: bytes | None) -> bytes | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'verp_key'").fetchone()
+        if row is not None:
+            return bytes.fromhex(row[0])
+        if candidate is None:
+            return None
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('verp_key', ?)", (candidate.hex(),))
+        return candidate
+
+    def retry_outbox(self, row_ids: list[int] | None) -> dict[str, Any]:
+        if row_ids is None:
+            row_ids = [int(r[0]) for r in self._conn.execute("SELECT id FROM outbox WHERE status = 'dead' ORDER BY id")]
+        now = to_db(self.now)
+        retried: list[int] = []
+        skipped: dict[str, str] = {}
+        for row_id in row_ids:
+            row = self.outbox_row(row_id)
+            reason = None
+            if row is None:
+                reason = "no such outbox row"
+            elif row.status is not OutboxStatus.DEAD:
+                reason = f"status {row.status}: only dead letters are retried"
+            elif (why := self.suppression(row.recipient)) is not None:
+                reason = f"recipient is suppressed ({why})"
+            elif row.expires_at <= self.now:
+                reason = f"expired at {row.expires_at.isoformat()}: it would not be sent"
+            if reason is not None:
+                skipped[str(row_id)] = reason
+                continue
+            assert row is not None
+            history = f"retried by operator at {now}; before: {row.last_error or '-'}"
+            self._conn.execute(
+                """UPDATE outbox SET status = 'pending', next_attempt_at = ?, retried_at = ?, last_error = ?
+                   WHERE id = ? AND status = 'dead'""",
+                (now, now, history[:500], row_id),
+            )
+            retried.append(row_id)
+        self.enqueued += len(retried)  # wakes the sender after COMMIT
+        return {"retried": retried, "skipped": skipped}
+
+    def purge_outbox(self, before: datetime, statuses: tuple[str, ...], *, keep_rows: bool) -> int:
+        wanted = [s for s in statuses if s != OutboxStatus.PENDING]  # pending mail is never purged
+        if not wanted:
+            return 0
+        marks = ", ".join("?" * len(wanted))
+        if keep_rows:
+            sql = (
+                f"UPDATE outbox SET message = NULL, payload = NULL WHERE status IN ({marks})"  # noqa: S608 - marks only
+                " AND created_at < ? AND (message IS NOT NULL OR payload IS NOT NULL)"
+            )
+        else:
+            sql = f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?"  # noqa: S608 - marks only
+        return int(self._conn.execute(sql, (*wanted, to_db(before))).rowcount)
 
 
 @dataclass
@@ -451,30 +822,43 @@ class _Job:
     future: asyncio.Future[Any]
 
 
-def _run_batch(conn: sqlite3.Connection, jobs: list[_Job], now: datetime) -> tuple[list[tuple[bool, Any]], int]:
-    """One transaction for the batch, a savepoint per job; runs on the writer's thread.
+def _run_batch(
+    conn: sqlite3.Connection, jobs: list[_Job], now: datetime, cache: _WriterCache | None = None
+) -> tuple[list[tuple[bool, Any]], int]:
+    """One transaction for the batch, a savepoint per job that runs SQL; runs on the writer's thread.
 
-    Returns each job's outcome and how many outbox rows the committed jobs enqueued.
+    The jobs' deferred writes are flushed just before COMMIT (:class:`_Batch`); ``cache`` is the
+    writer's :class:`_WriterCache` (a throwaway one when None). Returns each job's outcome and how
+    many outbox rows the committed jobs enqueued.
     """
     outcomes: list[tuple[bool, Any]] = []
     enqueued = 0
+    if cache is None:
+        cache = _WriterCache()
     conn.execute("BEGIN IMMEDIATE")
     try:
+        cache.validate(conn)
+        batch = _Batch(cache, now)
         for job in jobs:
-            conn.execute("SAVEPOINT unit")
-            tx = SqliteTx(conn, now)
+            tx = SqliteTx(conn, now, batch)  # opens the savepoint "unit" when it first needs it
             try:
                 result = job.work(tx)
             except Exception as exc:
-                conn.execute("ROLLBACK TO unit")
-                conn.execute("RELEASE unit")
+                if tx.savepoint:
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                batch.undo()
                 outcomes.append((False, exc))
             else:
-                conn.execute("RELEASE unit")
+                if tx.savepoint:
+                    conn.execute("RELEASE unit")
+                batch.keep()
                 outcomes.append((True, result))
                 enqueued += tx.enqueued
+        batch.flush(conn)
         conn.execute("COMMIT")
     except BaseException:
+        cache.clear()  # it may hold what is being rolled back
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
@@ -498,6 +882,7 @@ class SqliteStore:
         self.commits = 0
         self.units = 0
         self.on_outbox: Callable[[], None] | None = None
+        self._cache = _WriterCache()  # used on the writer's thread only, inside _run_batch
 
     @classmethod
     async def open(cls, path: Path, clock: Clock, *, busy_timeout: float = 5.0, do_migrate: bool = True) -> SqliteStore:
@@ -542,7 +927,7 @@ class SqliteStore:
             jobs, stop_after = self._take_batch(first)
             enqueued = 0
             try:
-                outcomes, enqueued = await _call(self._writer, _run_batch, jobs, self._clock.now())
+                outcomes, enqueued = await _call(self._writer, _run_batch, jobs, self._clock.now(), self._cache)
             except Exception as exc:
                 # COMMIT itself failed: every unit of the batch failed with it
                 log.error("db.commit_failed", error=str(exc), units=len(jobs))
@@ -609,12 +994,56 @@ class SqliteStore:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM outbox GROUP BY status")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def due_mail(self, now: datetime, limit: int, exclude: Collection[int] = ()) -> list[DueMail]:
+        skip = sorted(exclude)  # rows already in the sender's hands: not read again
+        marks = ", ".join("?" * len(skip))
+        rows = await self._fetchall(
+            f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
+            " (SELECT s.reason FROM suppressions s"
+            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL)"
+            f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
+            " ORDER BY next_attempt_at, id LIMIT ?",
+            (to_db(now), *skip, limit),
+        )
+        return [
+            DueMail(
+                row=replace(_outbox_row(r), payload=json.loads(r[-4]) if r[-4] else None),
+                mime=bytes(r[-3] or b""),
+                retried_at=from_db(r[-2]) if r[-2] else None,
+                suppressed=r[-1],
+            )
+            for r in rows
+        ]
+
+    async def next_due_after(self, moment: datetime) -> datetime | None:
+        rows = await self._fetchall(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending' AND next_attempt_at > ?",
+            (to_db(moment),),
+        )
+        return from_db(rows[0][0]) if rows and rows[0][0] else None
+
+    async def mail_metrics(self, now: datetime) -> dict[str, Any]:
+        rows = await self._fetchall(
+            """SELECT kind, status, COUNT(*),
+                      SUM(CASE WHEN attempts > 1 OR (status = 'pending' AND attempts > 0) THEN 1 ELSE 0 END),
+                      SUM(CASE WHEN status = 'dead' AND last_error LIKE 'suppressed:%' THEN 1 ELSE 0 END),
+                      MIN(created_at)
+               FROM outbox GROUP BY kind, status"""
+        )
+        suppressed_addresses = await self._fetchall("SELECT COUNT(*) FROM suppressions WHERE suppressed_at IS NOT NULL")
+        return outbox_metrics(rows, now, int(suppressed_addresses[0][0]))
+
     async def event_count(self, kind: str | None = None) -> int:
         if kind is None:
             rows = await self._fetchall("SELECT COUNT(*) FROM processed_events")
         else:
             rows = await self._fetchall("SELECT COUNT(*) FROM processed_events WHERE kind = ?", (kind,))
         return int(rows[0][0])
+
+    async def has_event(self, key: str) -> bool:
+        """Whether an idempotency key was already claimed (skips re-rendering known notices)."""
+        rows = await self._fetchall("SELECT 1 FROM processed_events WHERE key = ?", (key,))
+        return bool(rows)
 
     async def get_meta(self, key: str) -> str | None:
         rows = await self._fetchall("SELECT value FROM meta WHERE key = ?", (key,))
@@ -636,6 +1065,41 @@ _OUTBOX_COLUMNS = (
     "id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"
     " next_attempt_at, last_error, smtp_reply, sent_at"
 )
+
+
+_METRIC_STATUSES = ("pending", "sent", "dead", "expired", "bounced", "suppressed")
+
+
+def outbox_metrics(rows: list[Any], now: datetime, suppressed_addresses: int) -> dict[str, Any]:
+    """Fold ``(kind, status, count, retried, suppressed, oldest created_at)`` groups into the status figures.
+
+    ``dead`` counts dead letters to replay; rows not sent because the recipient is suppressed
+    (stored as dead with last_error 'suppressed: …') count as ``suppressed`` instead.
+    """
+
+    def zero() -> dict[str, int]:
+        return dict.fromkeys((*_METRIC_STATUSES, "retried"), 0)
+
+    total = zero()
+    by_kind: dict[str, dict[str, int]] = {}
+    oldest: str | None = None
+    for kind, status, count, retried, suppressed, first in rows:
+        figures = by_kind.setdefault(str(kind), zero())
+        for target in (total, figures):
+            target["retried"] += int(retried or 0)
+            if status == "dead":
+                target["suppressed"] += int(suppressed or 0)
+                target["dead"] += int(count) - int(suppressed or 0)
+            elif status in target:
+                target[status] += int(count)
+        if status == "pending" and (oldest is None or first < oldest):
+            oldest = first
+    return {
+        **total,
+        "oldest_pending_age_seconds": None if oldest is None else round((now - from_db(oldest)).total_seconds(), 1),
+        "suppressed_addresses": suppressed_addresses,
+        "by_kind": by_kind,
+    }
 
 
 def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
@@ -755,3 +1219,116 @@ def info(db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
         if version > LATEST_VERSION:
             out["warning"] = str(SchemaTooNew(db_path, version))
         return out
+
+
+# ---- outbox inspection (CLI, read-only) ------------------------------------------------------
+
+_MAIL_SCHEMA = 4  # envelope_from, bounced_at, retried_at, suppressions
+_SUMMARY_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "Auto-Submitted", "Content-Type")
+
+
+def _outbox_reader(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
+    if not db_path.exists():
+        raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
+    conn = connect_sync(db_path, busy_timeout, readonly=True)
+    version = check_version(conn, db_path)
+    if version < _MAIL_SCHEMA:
+        conn.close()
+        raise StorageError(f"{db_path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
+    return conn
+
+
+def outbox_list(
+    db_path: Path,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    busy_timeout: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Newest rows first, one line of facts each (``clickphone-agi outbox list``)."""
+    with _closing(_outbox_reader(db_path, busy_timeout)) as conn:
+        rows = conn.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608 - constant column list
+            " WHERE (? IS NULL OR status = ?) AND (? IS NULL OR kind = ?) ORDER BY id DESC LIMIT ?",
+            (status, status, kind, kind, limit),
+        ).fetchall()
+    out = []
+    for r in rows:
+        row = _outbox_row(r)
+        out.append(
+            {
+                "id": row.id,
+                "kind": row.kind,
+                "status": str(row.status),
+                "recipient": row.recipient,
+                "attempts": row.attempts,
+                "created_at": row.created_at.isoformat(),
+                "next_attempt_at": row.next_attempt_at.isoformat() if row.status is OutboxStatus.PENDING else None,
+                "sent_at": row.sent_at.isoformat() if row.sent_at else None,
+                "last_error": row.last_error,
+            }
+        )
+    return out
+
+
+def outbox_show(db_path: Path, row_id: int, *, body: bool = False, busy_timeout: float = 5.0) -> dict[str, Any] | None:
+    """One row: facts, headers summary, last error and SMTP reply; the MIME body only if asked."""
+    with _closing(_outbox_reader(db_path, busy_timeout)) as conn:
+        r = conn.execute(
+            f"SELECT {_OUTBOX_COLUMNS}, payload, message, envelope_from, bounced_at, retried_at"  # noqa: S608
+            " FROM outbox WHERE id = ?",
+            (row_id,),
+        ).fetchone()
+        if r is None:
+            return None
+        row = _outbox_row(r)
+        suppression = conn.execute(
+            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address = lower(?)", (row.recipient,)
+        ).fetchone()
+    payload, message, envelope_from, bounced_at, retried_at = r[-5:]
+    out: dict[str, Any] = {
+        "id": row.id,
+        "idempotency_key": row.idempotency_key,
+        "kind": row.kind,
+        "status": str(row.status),
+        "recipient": row.recipient,
+        "account": row.account,
+        "attempts": row.attempts,
+        "created_at": row.created_at.isoformat(),
+        "expires_at": row.expires_at.isoformat(),
+        "next_attempt_at": row.next_attempt_at.isoformat() if row.status is OutboxStatus.PENDING else None,
+        "retried_at": retried_at,
+        "sent_at": row.sent_at.isoformat() if row.sent_at else None,
+        "bounced_at": bounced_at,
+        "envelope_from": envelope_from,
+        "last_error": row.last_error,
+        "smtp_reply": row.smtp_reply,
+        "recipient_bounces": None
+        if suppression is None
+        else {"reason": suppression[0], "hard_bounces": suppression[1], "suppressed_at": suppression[2]},
+    }
+    if message:
+        out["size_bytes"] = len(message)
+        out["headers"] = _headers_summary(bytes(message))
+        if body:
+            out["body"] = bytes(message).decode("utf-8", "replace")
+    elif payload:
+        out["headers"] = None
+        out["payload_keys"] = sorted(json.loads(payload))
+        out["note"] = "rendered by the sender at its first attempt"
+    else:
+        out["headers"] = None
+        out["note"] = "body purged"
+    return out
+
+
+def _headers_summary(message: bytes) -> dict[str, str | None]:
+    from email import policy
+    from email.parser import BytesHeaderParser
+
+    try:
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(message)
+        return {name: (None if headers[name] is None else str(headers[name])) for name in _SUMMARY_HEADERS}
+    except Exception as exc:  # a damaged body must not hide the rest of the row
+        return {"error": f"unreadable headers: {type(exc).__name__}"}

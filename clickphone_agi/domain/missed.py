@@ -1,0 +1,327 @@
+"""Missed calls: which inbound calls nobody answered, decided once per call. Pure: no I/O, time is a parameter.
+
+The rule (from the issue): an inbound call to a number owned by an account, that no leg answered
+(a ring group where someone answered is not missed) and that did not end in voicemail, is mailed
+once: caller, number called, start time, how long it rang.
+
+What a call looks like (Asterisk 22 recordings, ``tests/fixtures/ami``). A call is the group of its
+CDRs with one Linkedid; Local channels give 3-4 CDRs per call, one per channel segment:
+
+* ``missed_call`` (Linkedid ``1795882897.4``): ``Wait`` FAILED (the phone's half, context
+  ``lab-phones``), ``Dial`` NO ANSWER (``lab-inbound``, destination ``100``, Duration 4 = the ring
+  time: Dial(…,4) timed out; the CDR engine closes it when the Dial ends and opens a separate
+  ``Hangup`` CDR for what the channel did afterwards), ``Hangup`` NO ANSWER (Duration 0),
+  ``AppDial2`` NO ANSWER (the Originate's own half, the root: Uniqueid = Linkedid, Duration 4).
+  Every CDR carries ``acct1001``: the lab dialplan sets ``CHANNEL(accountcode)`` on inbound *and*
+  outbound calls, so the account code alone does not tell the direction (see ``owner_of``).
+* ``voicemail``: the same ring (``Dial`` NO ANSWER, Duration 4, destination ``vm100``), then a
+  ``VoiceMail`` ANSWERED CDR (LastData ``100@default,u``) and a ``MessageWaiting`` with the same
+  Linkedid. The caller's half has a ``Hangup`` ANSWERED CDR: answered by voicemail, not a person.
+  The phone's ``Wait`` CDR is sent when the phone stops ringing, the others ~27 s later when the
+  call ends: a channel's CDRs are dispatched when *that channel* hangs up.
+
+Decision (:func:`decide`, one call's CDRs):
+
+* **inbound-owned**: the caller of the tracker names the owner (``owner_of``); ``None`` → not missed.
+* **answered by a party** (→ not missed): an ANSWERED CDR that names who answered: a dialling
+  application (:data:`DIAL_APPS`) with a ``DestinationChannel``, or the dialled leg's own CDR
+  (:data:`ANSWERED_LEG_APPS`). Any other ANSWERED CDR (VoiceMail, Playback, ReceiveFAX, Queue
+  alone, the caller's ``Hangup``/``Wait`` half) was answered by the PBX, not by a person: a
+  ``Queue`` answers the caller itself before any agent rings, so only a Queue CDR with a
+  destination channel counts. (No transcript covers Queue or FollowMe: that part is unverified.)
+* **ended in voicemail** (→ not missed): a ``VoiceMail`` CDR ANSWERED, or the tracker saw a
+  ``MessageWaiting``/``ClickPhoneVoicemail`` event with the call's Linkedid. The CDR alone
+  suffices on purpose: it also reaches us through the Master.csv reconciliation, events do not, so
+  a call recovered after an AMI gap is decided the same way. A caller who hangs up during the
+  greeting therefore gets no missed-call mail either.
+* **rang**: at least one ringing CDR (:data:`DIAL_APPS`, not answered by a party: NO ANSWER,
+  BUSY, FAILED, CONGESTION). A call that never tried to reach anyone (an IVR the caller left, a
+  fax) was not missed.
+
+Fields: ``rang_seconds`` is the ringing CDRs' ``Duration`` (never StartTime/EndTime, which are
+whole seconds); several ringing CDRs (forks, a sequential hunt) give the span from the first one's
+start to the end of the one that ends last, ``start`` offsets in whole seconds plus ``Duration``.
+It includes dialplan time spent before the Dial in the same CDR (nothing in the lab).
+``called``/``caller_*`` come from the first ringing CDR (caller number falls back to ``Source``),
+``started_at`` is the earliest CDR start (an aware time in Asterisk's zone; the mail shows it in
+the subscriber's). ``DialOutcome`` is accepted and ignored: it has no time, and the CDRs already
+say who answered.
+
+When (:class:`MissedCallTracker`): a call is decided ``grace`` after its *last* CDR arrived, but
+only once the root channel's CDR (Uniqueid = Linkedid: the caller's own channel) is in, because
+the ringing legs' CDRs can come long before the rest of the call (the voicemail case above; a
+ring-group fork that gave up while another fork talks). Without a root CDR the call is decided
+``max_wait`` after its last CDR with what is there. Decided calls are forgotten: a CDR arriving
+later (or a replay) starts a new group and may decide the same call again, with the same
+:attr:`MissedCall.key`; the caller dedupes by key in the transaction that queues the mail.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+from clickphone_agi.domain.events import (
+    CallEnded,
+    Disposition,
+    DomainEvent,
+    EventSource,
+    VoicemailRecorded,
+    VoicemailWaiting,
+)
+
+__all__ = [
+    "ANSWERED_LEG_APPS",
+    "DEFAULT_GRACE",
+    "DEFAULT_MAX_CALLS",
+    "DEFAULT_MAX_WAIT",
+    "DIAL_APPS",
+    "VOICEMAIL_APPS",
+    "MissedCall",
+    "MissedCallTracker",
+    "OwnerOf",
+    "answered_by_party",
+    "call_owner",
+    "decide",
+    "ended_in_voicemail",
+    "missed_key",
+    "rings",
+]
+
+DIAL_APPS: Final[frozenset[str]] = frozenset({"Dial", "Queue", "FollowMe"})
+"""LastApplication of a CDR in which the channel was ringing someone (``DestinationChannel``)."""
+ANSWERED_LEG_APPS: Final[frozenset[str]] = frozenset({"AppDial", "AppDial2", "AppQueue"})
+"""LastApplication of a dialled leg's own CDR (it ran no application): ANSWERED = that leg answered."""
+VOICEMAIL_APPS: Final[frozenset[str]] = frozenset({"VoiceMail"})
+
+DEFAULT_GRACE: Final = timedelta(seconds=30)
+DEFAULT_MAX_WAIT: Final = timedelta(hours=4)
+DEFAULT_MAX_CALLS: Final = 10_000
+
+OwnerOf = Callable[[CallEnded], str | None]
+"""Account code owning the number a CDR called, ``None`` when the CDR is not an inbound call to
+an account (an outbound call, an internal leg). Must be pure. Accountcode alone is not enough: the
+lab sets ``acct1001`` on outbound calls too. Lab: inbound CDRs have DestinationContext
+``lab-inbound``, destination ``100`` (``vm100`` for the voicemail scenario)."""
+
+
+@dataclass(frozen=True)
+class MissedCall:
+    """One missed call, to be mailed once (``key`` is its idempotency key)."""
+
+    key: str
+    account: str
+    linked_id: str
+    caller_num: str
+    caller_name: str
+    called: str
+    started_at: datetime
+    rang_seconds: int
+
+
+def missed_key(system: str, linked_id: str) -> str:
+    """``missed:<system>:<linkedid>``: no time in it, so every replay of the call derives it again."""
+    return f"missed:{_key_part(system)}:{_key_part(linked_id)}"
+
+
+def answered_by_party(cdr: CallEnded) -> bool:
+    """Did this CDR's dialled party (a person, a phone, a forwarded number) answer?"""
+    if cdr.disposition is not Disposition.ANSWERED:
+        return False
+    if cdr.last_application in DIAL_APPS:
+        return bool(cdr.destination_channel)
+    return cdr.last_application in ANSWERED_LEG_APPS
+
+
+def rings(cdr: CallEnded) -> bool:
+    """A ringing attempt that no party answered (NO ANSWER, BUSY, FAILED, … or a Queue's wait)."""
+    return cdr.last_application in DIAL_APPS and not answered_by_party(cdr)
+
+
+def ended_in_voicemail(cdrs: Iterable[CallEnded]) -> bool:
+    """A voicemail application answered the call (whether or not a message was left)."""
+    return any(c.last_application in VOICEMAIL_APPS and c.disposition is Disposition.ANSWERED for c in cdrs)
+
+
+def decide(cdrs: Sequence[CallEnded], *, voicemail: bool, owner: str | None, system: str) -> MissedCall | None:
+    """The missed call that ``cdrs`` (one call: one Linkedid) make, or ``None`` (see module doc).
+
+    ``voicemail``: a voicemail event was seen for this call; ``owner``: the account that owns the
+    called number (``None``: not an inbound call to an account). The result does not depend on the
+    order of ``cdrs``; duplicates (same key) count once. Raises :class:`ValueError` when the CDRs
+    lack a Linkedid or belong to different calls.
+    """
+    if not cdrs:
+        return None
+    linked_ids = {c.linked_id for c in cdrs}
+    if len(linked_ids) != 1 or None in linked_ids:
+        raise ValueError(f"decide() takes one call's CDRs, all with one Linkedid; got {sorted(map(str, linked_ids))}")
+    if owner is None or voicemail:
+        return None
+    group = _canonical(cdrs)
+    if ended_in_voicemail(group) or any(answered_by_party(c) for c in group):
+        return None
+    ringing = [c for c in group if rings(c)]
+    if not ringing:
+        return None
+    first = ringing[0]
+    rang = max(int((c.start - first.start).total_seconds()) + c.duration for c in ringing)
+    linked_id = first.linked_id or ""
+    return MissedCall(
+        key=missed_key(system, linked_id),
+        account=owner,
+        linked_id=linked_id,
+        caller_num=first.caller_id_num or first.source or next((c.caller_id_num for c in group if c.caller_id_num), ""),
+        caller_name=first.caller_id_name or next((c.caller_id_name for c in group if c.caller_id_name), ""),
+        called=first.destination,
+        started_at=min(c.start for c in group),
+        rang_seconds=rang,
+    )
+
+
+def call_owner(cdrs: Iterable[CallEnded], owner_of: OwnerOf) -> str | None:
+    """The call's owner: that of its first owned ringing CDR, else of its first owned CDR (canonical order)."""
+    group = _canonical(cdrs)
+    for candidates in ([c for c in group if rings(c)], group):
+        for cdr in candidates:
+            owner = owner_of(cdr)
+            if owner is not None:
+                return owner
+    return None
+
+
+@dataclass
+class _Call:
+    touched: datetime
+    """When the last CDR (or, without any, the first event) of the call was observed."""
+    cdrs: dict[str, CallEnded] = field(default_factory=dict)
+    voicemail: bool = False
+    root_seen: bool = False
+
+
+class MissedCallTracker:
+    """Groups a call's events by Linkedid and decides it once it is over (see module doc).
+
+    Feed :meth:`observe` every ``CallEnded``/``DialOutcome``/``VoicemailWaiting``/
+    ``VoicemailRecorded`` in stream order (other events are ignored), then call :meth:`due`
+    periodically. ``now`` is the observation time (the daemon's clock, not the CDR's times), and
+    must not go backwards much: the pending calls are kept in order of their last CDR.
+
+    Memory is bounded: at most ``max_calls`` undecided calls; beyond that the one whose last CDR
+    is oldest is dropped undecided and counted in ``evictions``. CDRs without a Linkedid cannot be
+    grouped and are counted in ``unlinked``.
+    """
+
+    def __init__(
+        self,
+        grace: timedelta = DEFAULT_GRACE,
+        *,
+        owner_of: OwnerOf,
+        max_calls: int = DEFAULT_MAX_CALLS,
+        max_wait: timedelta = DEFAULT_MAX_WAIT,
+    ) -> None:
+        if grace < timedelta(0):
+            raise ValueError(f"grace must not be negative, got {grace}")
+        if max_wait < grace:
+            raise ValueError(f"max_wait ({max_wait}) must be at least grace ({grace})")
+        if max_calls < 1:
+            raise ValueError(f"max_calls must be at least 1, got {max_calls}")
+        self._grace = grace
+        self._max_wait = max_wait
+        self._max_calls = max_calls
+        self._owner_of = owner_of
+        self._calls: OrderedDict[str, _Call] = OrderedDict()
+        self.evictions = 0
+        self.unlinked = 0
+        self.decided = 0
+
+    @property
+    def grace(self) -> timedelta:
+        return self._grace
+
+    def __len__(self) -> int:
+        """Calls observed and not decided yet."""
+        return len(self._calls)
+
+    def observe(self, event: DomainEvent, now: datetime) -> None:
+        """Take one event into account (see the class doc); ``DialOutcome`` and others are ignored."""
+        if isinstance(event, CallEnded):
+            self._observe_cdr(event, now)
+        elif isinstance(event, VoicemailWaiting | VoicemailRecorded) and event.linked_id:
+            call = self._calls.get(event.linked_id)
+            if call is None:
+                call = self._add(event.linked_id, now)
+            call.voicemail = True
+        # DialOutcome (no time; the CDRs already say who answered) and anything else: ignored
+
+    def due(self, now: datetime) -> list[MissedCall]:
+        """Decide every call that is over (its grace since its last CDR has passed) and forget it.
+
+        Returns the missed ones, oldest first; calls decided as not missed are only forgotten.
+        """
+        out: list[MissedCall] = []
+        for linked_id, call in list(self._calls.items()):
+            waited = now - call.touched
+            if waited < self._grace:
+                break  # kept in order of `touched`: every later call waited even less
+            if call.cdrs and not call.root_seen and waited < self._max_wait:
+                continue
+            del self._calls[linked_id]
+            self.decided += 1
+            missed = self._decide(call)
+            if missed is not None:
+                out.append(missed)
+        return out
+
+    def _observe_cdr(self, cdr: CallEnded, now: datetime) -> None:
+        linked_id = cdr.linked_id
+        if not linked_id:
+            self.unlinked += 1
+            return
+        call = self._calls.get(linked_id)
+        if call is None:
+            call = self._add(linked_id, now)
+        elif cdr.key in call.cdrs:
+            return  # a duplicate (reconnect, Master.csv replay) neither counts nor delays
+        else:
+            call.touched = now
+            self._calls.move_to_end(linked_id)
+        call.cdrs[cdr.key] = cdr
+        if cdr.unique_id == linked_id:
+            call.root_seen = True
+
+    def _add(self, linked_id: str, now: datetime) -> _Call:
+        call = _Call(touched=now)
+        self._calls[linked_id] = call
+        while len(self._calls) > self._max_calls:
+            self._calls.popitem(last=False)
+            self.evictions += 1
+        return call
+
+    def _decide(self, call: _Call) -> MissedCall | None:
+        if not call.cdrs:
+            return None
+        cdrs = list(call.cdrs.values())
+        system = _canonical(cdrs)[0].system_name
+        return decide(cdrs, voicemail=call.voicemail, owner=call_owner(cdrs, self._owner_of), system=system)
+
+
+def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:
+    """Deduplicated by key (an AMI copy preferred to a Master.csv one) in a fixed order: start,
+    Uniqueid, key. Every choice made from "the first" CDR is therefore independent of arrival order."""
+    ordered = sorted(cdrs, key=lambda c: (c.start, c.unique_id, c.key, c.origin is not EventSource.AMI))
+    seen: set[str] = set()
+    out: list[CallEnded] = []
+    for cdr in ordered:
+        if cdr.key not in seen:
+            seen.add(cdr.key)
+            out.append(cdr)
+    return out
+
+
+def _key_part(s: str) -> str:
+    # the rule of keys._clean: a value can never add a ':' to a key
+    return "".join(c for c in s if c.isprintable() and c != ":")[:120]

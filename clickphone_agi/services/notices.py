@@ -1,0 +1,303 @@
+"""The event-driven notices: voicemail, fax received/sent/failed, missed calls.
+
+Each notice is rendered to MIME bytes *before* its transaction (reading a 3 MB voicemail or
+converting a 20-page fax runs in a thread, never on the event loop), then committed as an outbox
+row together with the claim of its idempotency key, so a notice is queued once and only once:
+``vm:<system>:<box>:<msg_id>``, ``fax:<system>:<uniqueid>:<direction>``, ``missed:<system>:<linkedid>``.
+The spool and the fax directory are also scanned at start-up and periodically, so what arrived
+while the daemon or the AMI link was down is still mailed; nothing older than the go-live
+baseline ever is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from clickphone_agi.adapters.fax import FaxFileError, FaxSidecar, scan_fax_spool, tiff_to_pdf
+from clickphone_agi.adapters.spool import VoicemailMessage, VoicemailSpool
+from clickphone_agi.clock import Clock
+from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.delivery import message_id
+from clickphone_agi.domain.events import (
+    CallEnded,
+    DialOutcome,
+    DomainEvent,
+    FaxReceived,
+    FaxResult,
+    FaxSent,
+    VoicemailRecorded,
+    VoicemailWaiting,
+)
+from clickphone_agi.domain.missed import MissedCall, MissedCallTracker
+from clickphone_agi.domain.money import format_ron  # noqa: F401 - re-exported for templates' callers
+from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.notices.kinds import KINDS
+from clickphone_agi.notices.render import Attachment, Renderer, build_message
+from clickphone_agi.ports import Store, WriteTx
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NoticeSettings:
+    system_name: str
+    sender: str
+    message_id_domain: str
+    voicemail_root: Path
+    fax_root: Path
+    audio_format: str = "wav"
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    inbound_contexts: tuple[str, ...] = ()
+    missed_call_grace: timedelta = timedelta(seconds=30)
+    scan_interval: float = 60.0
+
+
+class Notifier:
+    """Decides the event-driven notices and commits each with its key (see module doc)."""
+
+    def __init__(
+        self, store: Store, clock: Clock, renderer: Renderer, settings: NoticeSettings, went_live_at: datetime
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._renderer = renderer
+        self.settings = settings
+        self._went_live_at = went_live_at
+        self._spool = VoicemailSpool(
+            settings.voicemail_root, audio_format=settings.audio_format,
+            max_attachment_bytes=settings.max_attachment_bytes,
+        )  # fmt: skip
+        self._tracker = MissedCallTracker(settings.missed_call_grace, owner_of=self._owner_of)
+        self._fax_files: OrderedDict[str, FaxReceived | FaxSent] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._boxes_due: set[tuple[str, str]] = set()
+        self.queued: dict[str, int] = {}
+        self.errors = 0
+
+    # ---- event intake (called by the ingest worker; never blocks) ------------------------------
+
+    def observe(self, event: DomainEvent) -> None:
+        now = self._clock.now()
+        if isinstance(event, CallEnded | DialOutcome | VoicemailWaiting | VoicemailRecorded):
+            self._tracker.observe(event, now)
+        if isinstance(event, VoicemailWaiting | VoicemailRecorded):
+            self._boxes_due.add((event.context, event.mailbox))
+            self._wake.set()
+        elif isinstance(event, FaxReceived | FaxSent):
+            self._fax_files[event.unique_id] = event
+            while len(self._fax_files) > 1000:
+                self._fax_files.popitem(last=False)
+        elif isinstance(event, FaxResult):
+            asyncio.get_running_loop().create_task(self._fax_from_event(event))
+
+    def _owner_of(self, call: CallEnded) -> str | None:
+        """Inbound calls are recognised by context: the account code alone cannot tell the
+        direction (the dialplan sets it on outbound calls too). No contexts, no missed calls."""
+        if call.account and call.destination_context in self.settings.inbound_contexts:
+            return call.account
+        return None
+
+    # ---- background loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start-up scan, then: boxes named by events at once, missed calls after their grace,
+        and a full rescan every ``scan_interval`` seconds."""
+        last_scan = -1e18
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                if self._clock.monotonic() - last_scan >= self.settings.scan_interval:
+                    last_scan = self._clock.monotonic()
+                    await self.scan_all()
+                boxes, self._boxes_due = self._boxes_due, set()
+                for context, mailbox in sorted(boxes):
+                    await self.voicemail_box(context, mailbox)
+                for missed in self._tracker.due(self._clock.now()):
+                    await self._missed(missed)
+            except Exception:
+                self.errors += 1
+                log.exception("notices.pass_failed")
+            if stop.is_set():
+                break
+            waits = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+                asyncio.ensure_future(self._clock.sleep(min(5.0, self.settings.scan_interval))),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await w
+
+        # stopping: decide pending missed calls now rather than lose them with the process
+        for missed in self._tracker.due(self._clock.now() + timedelta(days=1)):
+            try:
+                await self._missed(missed)
+            except Exception:
+                self.errors += 1
+                log.exception("notices.missed_flush_failed", key=missed.key)
+
+    async def scan_all(self) -> None:
+        """Every voicemail box and the fax directory: what arrived while we were not looking."""
+        boxes = await asyncio.to_thread(self._spool.boxes)
+        for context, mailbox in boxes:
+            await self.voicemail_box(context, mailbox)
+        faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
+        for fax in faxes:
+            if fax.sidecar is not None:
+                await self._fax(fax.sidecar, fax.path)
+
+    # ---- voicemail -------------------------------------------------------------------------------
+
+    async def voicemail_box(self, context: str, mailbox: str) -> None:
+        box = f"{mailbox}@{context}"
+        account = await self._store.write(lambda tx: tx.account_for_mailbox(box))
+        if account is None:
+            return
+        messages = await asyncio.to_thread(self._spool.list_messages, context, mailbox)
+        for msg in messages:
+            if msg.meta.origtime < self._went_live_at:
+                continue  # the go-live baseline: old messages are never mailed
+            key = f"vm:{self.settings.system_name}:{box}:{msg.meta.msg_id}"
+            if await self._store.has_event(key):
+                continue
+            await self._voicemail(account, box, msg, key)
+
+    async def _voicemail(self, account: Account, box: str, msg: VoicemailMessage, key: str) -> None:
+        recipient = account.mailbox_email(box) or account.email
+        audio = await asyncio.to_thread(self._spool.read_audio, msg)
+        data: dict[str, Any] = {
+            "name": account.name,
+            "mailbox": msg.mailbox,
+            "caller_name": msg.meta.callerid_name,
+            "caller_number": msg.meta.callerid_num,
+            "at": msg.meta.origtime,
+            "duration": msg.meta.duration,
+            "attached": audio is not None,
+        }
+        attachments = []
+        if audio is not None:
+            suffix = self.settings.audio_format.lower()
+            attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
+        await self._queue("voicemail", key, account, recipient, data, attachments=attachments)
+
+    # ---- fax -----------------------------------------------------------------------------------
+
+    async def _fax_from_event(self, event: FaxResult) -> None:
+        try:
+            fax = self._fax_files.get(event.unique_id)
+            path = event.file_path or (fax.file_path if fax is not None else "")
+            sidecar = FaxSidecar(
+                direction=event.direction, status=event.status, error=event.error, statusstr=event.status_text,
+                pages=event.pages or (fax.pages if fax else 0), rate=event.rate, resolution="",
+                local=event.local_station, remote=event.remote_station or (fax.remote_station if fax else ""),
+                account=event.account, uniqueid=event.unique_id, linkedid=event.linked_id,
+            )  # fmt: skip
+            caller = fax.caller_id_num if fax is not None else ""
+            await self._fax(sidecar, self.settings.fax_root / Path(path).name if path else None, caller)
+        except Exception:
+            self.errors += 1
+            log.exception("notices.fax_failed", uniqueid=event.unique_id)
+
+    async def _fax(self, sidecar: FaxSidecar, path: Path | None, caller: str = "") -> None:
+        key = f"fax:{self.settings.system_name}:{sidecar.uniqueid}:{sidecar.direction}"
+        if sidecar.direction == "send" and (path is None or not await asyncio.to_thread(path.is_file)):
+            # confirmations are for faxes a subscriber submitted through the fax spool (the
+            # dialplan's clickphone-fax-tx); any other SendFAX is not a subscriber's
+            return
+        if await self._store.has_event(key):
+            return
+        account = await self._store.write(lambda tx: tx.get_account(sidecar.account))
+        if account is None:
+            log.warning("notices.fax_unknown_account", account=sidecar.account, key=key)
+            return
+        ok = sidecar.status.upper() == "SUCCESS" and (sidecar.pages or 0) > 0
+        kind = ("fax_received" if sidecar.direction == "receive" else "fax_sent") if ok else "fax_failed"
+        own_number = f"+{account.dids[0]}" if account.dids else sidecar.local
+        data: dict[str, Any] = {
+            "name": account.name,
+            "pages": sidecar.pages or 0,
+            "caller_number": caller,
+            "station": sidecar.remote,
+            "number": own_number,
+            # for a send: the far end; for a failed receive: the station that tried to send
+            "destination": sidecar.remote or caller,
+            "reason": sidecar.statusstr or sidecar.error or "no pages transferred",
+            "at": self._clock.now(),
+            "attached": False,
+        }
+        attachments = []
+        if kind == "fax_received" and path is not None:
+            try:
+                doc = await asyncio.to_thread(tiff_to_pdf, path, root=self.settings.fax_root)
+            except (FaxFileError, OSError) as exc:
+                log.warning("notices.fax_pdf_failed", key=key, error=str(exc))
+            else:
+                attachments.append(Attachment(f"fax-{sidecar.uniqueid}.pdf", "application/pdf", doc.pdf))
+                data["attached"] = True
+                data["pages"] = doc.pages
+        await self._queue(kind, key, account, account.email, data, attachments=attachments)
+
+    # ---- missed calls --------------------------------------------------------------------------
+
+    async def _missed(self, missed: MissedCall) -> None:
+        if await self._store.has_event(missed.key):
+            return
+        account = await self._store.write(lambda tx: tx.get_account(missed.account))
+        if account is None:
+            return
+        data: dict[str, Any] = {
+            "name": account.name,
+            "caller_name": missed.caller_name,
+            "caller_number": missed.caller_num,
+            "number": missed.called,
+            "at": missed.started_at,
+            "rang": missed.rang_seconds,
+        }
+        await self._queue("missed_call", missed.key, account, account.email, data)
+
+    # ---- common: render off the loop, then one transaction ------------------------------------
+
+    async def _queue(
+        self, kind: str, key: str, account: Account, recipient: str, data: dict[str, Any], *,
+        attachments: list[Attachment] | None = None,
+    ) -> bool:  # fmt: skip
+        if kind in account.opt_out:
+            log.info("notice.opted_out", key=key, kind=kind, account=account.code)
+            await self._store.write(lambda tx: tx.claim_event(key, kind))
+            return False
+        now = self._clock.now()
+        s = self.settings
+
+        def render() -> bytes:
+            rendered = self._renderer.render(kind, account.language, data)
+            return build_message(
+                rendered, sender=s.sender, recipient=recipient, message_id=message_id(key, s.message_id_domain),
+                date=now, attachments=attachments or (), extra_headers={"X-ClickPhone-Kind": kind},
+            )  # fmt: skip
+
+        mime = await asyncio.to_thread(render)
+        message = OutboxMessage.build(
+            key=key, kind=kind, recipient=recipient, account=account.code, mime=mime, now=now,
+            lifetime=KINDS[kind].lifetime,
+        )  # fmt: skip
+
+        def unit(tx: WriteTx) -> bool:
+            return tx.claim_event(key, kind) and tx.enqueue(message)
+
+        queued = await self._store.write(unit)
+        if queued:
+            self.queued[kind] = self.queued.get(kind, 0) + 1
+            log.info("notice.queued", key=key, kind=kind, account=account.code, to=recipient, bytes=len(mime))
+        return bool(queued)

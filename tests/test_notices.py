@@ -1,0 +1,140 @@
+"""The event-driven notices end to end: recorded calls replayed through the fake Asterisk, the real
+spool samples, the real daemon, a real SMTP sink — exactly one correct mail per event, ro and en."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import shutil
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.app import Daemon
+from clickphone_agi.config.loader import load_config
+from clickphone_agi.domain.accounts import Account, Mailbox
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
+from clickphone_agi.sim.smtp_sink import SmtpSink
+
+SPOOL = Path(__file__).parent / "fixtures" / "spool"
+pytestmark = pytest.mark.slow
+
+
+def _spool(root: Path) -> tuple[Path, Path]:
+    vm = root / "voicemail"
+    fax = root / "fax"
+    shutil.copytree(SPOOL / "voicemail", vm)
+    fax.mkdir()
+    # the fax scenario's ReceiveFAX wrote rx-<uniqueid>.tif; the daemon looks for that name under its root
+    shutil.copy(SPOOL / "fax" / "received-g3.tif", fax / "rx-1795882939.18.tif")
+    return vm, fax
+
+
+async def _daemon(
+    write_config: Callable[..., Path], root: Path, ami_port: int, smtp_port: int, language: str
+) -> AsyncIterator[Daemon]:
+    vm, fax = _spool(root)
+    cfg = write_config(
+        ami_port=ami_port or 5038,
+        smtp_port=smtp_port,
+        ami_enabled=ami_port != 0,
+        extra=(
+            f"asterisk:\n  system_name: pbx1\n  voicemail_spool: {vm}\n  fax_spool: {fax}\n  master_csv: null\n"
+            "notifications:\n  inbound_contexts: [lab-inbound]\n  missed_call_grace: 0.2\n  scan_interval: 3600\n"
+        ),
+    )
+    loaded = load_config(cfg)
+    conn = db.connect_sync(loaded.config.database.path)
+    db.migrate(conn, datetime(2026, 11, 28, tzinfo=UTC))  # go live before the recorded calls
+    conn.close()
+    account = Account(
+        code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", language=language,  # type: ignore[arg-type]
+        dids=("40212345679",), mailboxes=(Mailbox("100@default", "voicemail@example.ro"),),
+    )  # fmt: skip
+    d = Daemon(loaded, config_path=cfg, install_signal_handlers=False)
+    task = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), 10)
+    await d._running().store.write(import_unit([(account, 1000)]))
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        assert await task == 0
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def _kind(msg: EmailMessage) -> str:
+    return str(msg["X-ClickPhone-Kind"])
+
+
+@pytest.mark.parametrize("language", ["ro", "en"])
+async def test_missed_voicemail_fax_and_failed_fax_one_mail_each(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink, language: str
+) -> None:
+    async with AmiReplayServer("clickphone", "labsecret") as ami:
+        gen = _daemon(write_config, short_tmp / "spool", ami.port, smtp_sink.port, language)
+        await anext(gen)
+        try:
+            await ami.wait_for_login(10)
+            scenarios = packaged_scenarios()
+            for name in ("missed_call", "voicemail", "fax", "fax_failed"):
+                await ami.play(scenarios[name])
+            # the start-up scan already mails the voicemail found in the spool; MessageWaiting must not double it
+            await smtp_sink.wait_for(4, timeout=20)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+        finally:
+            await anext(gen, None)
+    mails = [_parse(m.data) for m in smtp_sink.messages]
+    kinds = sorted(_kind(m) for m in mails)
+    assert kinds == ["fax_failed", "fax_received", "missed_call", "voicemail"]
+    by_kind = {_kind(m): m for m in mails}
+
+    vm = by_kind["voicemail"]
+    assert vm["To"] == "voicemail@example.ro"  # the box's own address
+    (audio,) = list(vm.iter_attachments())
+    assert audio.get_content_type() == "audio/wav"
+    assert audio.get_content() == (SPOOL / "voicemail/default/100/INBOX/msg0000.wav").read_bytes()
+    body = vm.get_body(("plain",))
+    assert body is not None
+    assert "0744123456" in body.get_content()
+
+    fax = by_kind["fax_received"]
+    (pdf,) = list(fax.iter_attachments())
+    data = pdf.get_content()
+    assert pdf.get_content_type() == "application/pdf"
+    assert data.startswith(b"%PDF-")
+    assert b"/Count 2" in data  # two pages
+
+    missed = by_kind["missed_call"]
+    text = missed.get_body(("plain",))
+    assert text is not None
+    assert "0744123456" in text.get_content() or "Vasile" in text.get_content()
+    assert missed["To"] == "ion.popescu@example.ro"
+    for m in mails:
+        assert m["Auto-Submitted"] == "auto-generated"
+        assert m["Message-ID"].endswith("@clickphone.example>")
+        assert ("Bună ziua" if language == "ro" else "Hello") in m.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+async def test_voicemail_left_while_stopped_is_mailed_at_start(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    gen = _daemon(write_config, short_tmp / "spool", 0, smtp_sink.port, "ro")
+    await anext(gen)
+    try:
+        await smtp_sink.wait_for(1, timeout=20)
+    finally:
+        await anext(gen, None)
+    (only,) = [_parse(m.data) for m in smtp_sink.messages]
+    assert _kind(only) == "voicemail"

@@ -1,0 +1,292 @@
+"""The writer's batch: deferred writes, per-unit undo, the money cache, and the CDR log lines.
+
+Units queued together share one transaction; the money path's rows are written at its end
+(``_Batch.flush``) and its state is served from the writer's cache. None of that may change
+what a unit sees or what survives a failing unit, a failing batch or another writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from structlog.testing import capture_logs
+
+from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.clock import FakeClock
+from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.ami_translate import TranslateContext, translate
+from clickphone_agi.domain.charging import BillingRule
+from clickphone_agi.domain.correlation import LinkedIdCorrelator
+from clickphone_agi.domain.events import CallEnded
+from clickphone_agi.domain.tariffs import TariffEntry, TariffTable
+from clickphone_agi.ports import WriteTx
+from clickphone_agi.services.accounts import adjust_unit, import_unit
+from clickphone_agi.services.ingest import EventProcessor
+from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
+
+TZ = ZoneInfo("Europe/Bucharest")
+NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
+SINCE = datetime(2026, 1, 1, tzinfo=TZ)
+ACCOUNT = Account(code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", daily_limit=None)
+TABLE = TariffTable(
+    (
+        TariffEntry(
+            prefix="40", name="national", destination_class="national", rate_per_minute=Decimal("0.60"),
+            connection_fee=0, initial_block=60, step=1, minimum_charge=0, free=False, effective_from=SINCE,
+            effective_to=None,
+        ),
+    )
+)  # fmt: skip
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[db.SqliteStore]:
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    yield s
+    await s.close()
+
+
+def _billing_cdr() -> CallEnded:
+    transcript = load_transcript(packaged_scenarios()["answered_call"])
+    correlator = LinkedIdCorrelator()
+    ctx = TranslateContext("pbx1", TZ)
+    for frame in transcript.replay_frames:
+        correlator.observe(frame.message.headers)
+        event = translate(frame.message.headers, ctx, correlator.linked_id_for)
+        if isinstance(event, CallEnded) and event.last_application == "Dial" and event.billable_seconds > 0:
+            return dataclasses.replace(event, account=ACCOUNT.code)
+    raise AssertionError("answered_call has no billing CDR")
+
+
+def _cdrs(n: int) -> list[CallEnded]:
+    base = _billing_cdr()
+    return [dataclasses.replace(base, key=f"{base.key}:{i}", unique_id=f"{base.unique_id}{i}") for i in range(n)]
+
+
+def _money(store: db.SqliteStore) -> MoneyService:
+    rule = BillingRule("Dial", (), None)
+    return MoneyService(store, FakeClock(NOW), MoneySettings(tariffs=TABLE, zone=TZ, rule=rule))
+
+
+def _rows(store: db.SqliteStore, sql: str) -> list[Any]:
+    conn = sqlite3.connect(store.path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _ledger_matches(store: db.SqliteStore) -> bool:
+    ledger = dict(_rows(store, "SELECT account, SUM(amount) FROM ledger GROUP BY account"))
+    return ledger == dict(_rows(store, "SELECT account, balance FROM balances"))
+
+
+async def _together(store: db.SqliteStore, *units: Any, commits: int = 1) -> list[Any]:
+    """Queue ``units`` at once (one batch: ``commits`` is 1, or 0 if it fails); each outcome or its exception."""
+    before = store.commits
+    outcomes = await asyncio.gather(*(store.write(u) for u in units), return_exceptions=True)
+    assert store.commits == before + commits
+    return outcomes
+
+
+async def test_a_failing_unit_leaves_nothing_while_its_batch_commits(store: db.SqliteStore) -> None:
+    await store.write(import_unit([(ACCOUNT, 10_000)]))
+    money = _money(store)
+    good, bad = _cdrs(2)
+
+    def charge(call: CallEnded, fail: bool) -> Any:
+        def unit(tx: WriteTx) -> int | None:
+            assert tx.claim_event(call.key, "cdr")
+            tx.record_call(call)
+            cost = money.charge(tx, call)
+            if fail:
+                raise RuntimeError("boom")
+            return cost
+
+        return unit
+
+    ok, failed = await _together(store, charge(good, False), charge(bad, True))
+    assert ok == 60  # 60 s at 0,60 lei/min
+    assert isinstance(failed, RuntimeError)
+    assert _rows(store, "SELECT key FROM processed_events") == [(good.key,)]
+    assert _rows(store, "SELECT key FROM cdrs") == [(good.key,)]
+    assert _rows(store, "SELECT key FROM rated_calls") == [(good.key,)]
+    assert _rows(store, "SELECT kind, amount, ref FROM ledger ORDER BY id") == [
+        ("opening", 10_000, "opening:acct1001"),
+        ("call", -60, good.key),
+    ]
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 10_000 - 60
+    assert await store.write(lambda tx: tx.spent(ACCOUNT.code, "2026-11-28")) == 60
+    assert _ledger_matches(store)
+
+
+async def test_duplicates_within_one_batch_behave_as_across_batches(store: db.SqliteStore) -> None:
+    await store.write(import_unit([(ACCOUNT, 10_000)]))
+    processor = EventProcessor(store, SINCE, _money(store))
+    (call,) = _cdrs(1)
+    handled = await asyncio.gather(*(processor.handle(call) for _ in range(3)))
+    assert handled == [True, False, False]
+    assert await processor.handle(call) is False  # and in a later batch
+    assert (processor.applied["cdr"], processor.duplicates["cdr"]) == (1, 3)
+    assert _rows(store, "SELECT COUNT(*) FROM cdrs") == [(1,)]
+    assert _rows(store, "SELECT COUNT(*) FROM ledger WHERE kind = 'call'") == [(1,)]
+    assert _ledger_matches(store)
+
+
+async def test_a_ledger_ref_books_once_within_and_across_batches(store: db.SqliteStore) -> None:
+    await store.write(import_unit([(ACCOUNT, 1_000)]))
+    booked = await _together(store, *(adjust_unit(ACCOUNT.code, 250, "top-up", "pay:1") for _ in range(2)))
+    assert [b["booked"] for b in booked] == [True, False]
+    assert [b["balance"] for b in booked] == [1_250, 1_250]
+    again = await store.write(adjust_unit(ACCOUNT.code, 250, "top-up", "pay:1"))
+    assert (again["booked"], again["balance"]) == (False, 1_250)
+
+    # a claimed key that is already a ledger ref is not booked twice either
+    def claim_and_book(tx: WriteTx) -> bool:
+        assert tx.claim_event("pay:1", "payment")
+        return tx.post_ledger(ACCOUNT.code, 250, "topup", "pay:1", None)
+
+    assert await store.write(claim_and_book) is False
+    assert _ledger_matches(store)
+
+
+async def test_rows_insert_or_ignore_would_skip_are_skipped(store: db.SqliteStore) -> None:
+    """As INSERT OR IGNORE did at once: a NULL in a NOT NULL column or a refused ledger kind is
+    no row and no error (and never fails the batch's flush)."""
+    await store.write(import_unit([(ACCOUNT, 1_000)]))
+    first, second = _cdrs(2)
+    broken = dataclasses.replace(second, system_name=None)  # type: ignore[arg-type]
+
+    def record(call: CallEnded) -> Any:
+        def unit(tx: WriteTx) -> bool:
+            tx.record_call(call)
+            return tx.claim_event(call.key, "cdr")
+
+        return unit
+
+    assert await _together(store, record(first), record(broken)) == [True, True]
+    assert _rows(store, "SELECT key FROM cdrs") == [(first.key,)]
+    assert await store.write(lambda tx: tx.claim_event("k", None)) is False  # type: ignore[arg-type]
+    assert await store.write(lambda tx: tx.post_ledger(ACCOUNT.code, 1, "gift", "gift:1", None)) is False
+    assert await store.write(lambda tx: tx.post_ledger(ACCOUNT.code, None, "topup", "t:1", None)) is False  # type: ignore[arg-type]
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 1_000
+    assert _ledger_matches(store)
+
+
+async def test_a_failed_flush_fails_the_batch_and_forgets_the_cache(
+    store: db.SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.write(import_unit([(ACCOUNT, 1_000)]))
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 1_000
+    flush = db._Batch.flush
+
+    def failing_flush(self: db._Batch, conn: sqlite3.Connection) -> None:
+        flush(self, conn)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(db._Batch, "flush", failing_flush)
+    outcomes = await _together(store, *(adjust_unit(ACCOUNT.code, 100, "x", f"r{i}") for i in range(3)), commits=0)
+    assert all(isinstance(o, db.StorageError) for o in outcomes)
+    monkeypatch.setattr(db._Batch, "flush", flush)
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 1_000
+    assert _ledger_matches(store)
+
+
+async def test_a_commit_by_another_connection_is_seen(store: db.SqliteStore) -> None:
+    await store.write(import_unit([(ACCOUNT, 1_000)]))
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 1_000  # now cached
+    assert await store.write(lambda tx: tx.get_state(ACCOUNT.code, "low_armed")) is None
+    conn = sqlite3.connect(store.path)
+    with conn:  # e.g. a hand-made correction, or a restore
+        conn.execute(
+            "INSERT INTO ledger (account, amount, kind, ref, created_at) VALUES (?, 5, 'adjustment', 'h', 'x')",
+            (ACCOUNT.code,),
+        )
+        conn.execute("UPDATE balances SET balance = balance + 5 WHERE account = ?", (ACCOUNT.code,))
+        conn.execute("INSERT INTO notice_state VALUES (?, 'low_armed', '0')", (ACCOUNT.code,))
+    conn.close()
+    assert await store.write(lambda tx: tx.balance(ACCOUNT.code)) == 1_005
+    assert await store.write(lambda tx: tx.get_state(ACCOUNT.code, "low_armed")) == "0"
+
+
+async def test_reservations_are_released_once_and_purged(store: db.SqliteStore) -> None:
+    later = NOW + timedelta(minutes=5)
+
+    def reserve(tx: WriteTx) -> tuple[bool, bool, tuple[int, int]]:
+        return (
+            tx.reserve("c1", ACCOUNT.code, 40, later),
+            tx.reserve("c1", ACCOUNT.code, 99, later),
+            tx.reservations(ACCOUNT.code),
+        )
+
+    assert await store.write(reserve) == (True, False, (40, 1))
+    released = await _together(store, lambda tx: tx.release("c1"), lambda tx: tx.release("c1"))
+    assert released == [40, None]
+    assert await store.write(lambda tx: tx.reservations(ACCOUNT.code)) == (0, 0)
+
+    # a failing unit's reservation and release are undone with it
+    def reserve_then_fail(tx: WriteTx) -> None:
+        tx.reserve("c2", ACCOUNT.code, 10, later)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await store.write(reserve_then_fail)
+    assert await store.write(lambda tx: tx.release("c2")) is None
+
+    await store.write(lambda tx: tx.reserve("c3", ACCOUNT.code, 10, NOW - timedelta(seconds=1)))
+    assert await store.write(lambda tx: tx.purge_expired_reservations()) == 1
+    assert await store.write(lambda tx: tx.release("c3")) is None
+    assert _rows(store, "SELECT COUNT(*) FROM reservations") == [(0,)]
+
+
+async def test_a_unit_that_only_reads_opens_no_savepoint(store: db.SqliteStore) -> None:
+    await store.write(import_unit([(ACCOUNT, 1_000)]))
+    assert await store.write(lambda tx: tx.savepoint) is False  # type: ignore[attr-defined]
+
+    def reads(tx: WriteTx) -> bool:
+        tx.get_account(ACCOUNT.code)
+        tx.balance(ACCOUNT.code)
+        tx.claim_event("k1", "t")
+        return tx.savepoint  # type: ignore[attr-defined, no-any-return]
+
+    assert await store.write(reads) is False
+    assert await store.write(lambda tx: tx.set_meta("m", "1") or tx.savepoint) is True  # type: ignore[attr-defined, func-returns-value]
+
+
+def test_to_db_is_the_fixed_width_utc_text() -> None:
+    for moment in (
+        datetime(2026, 10, 25, 2, 30, 0, 5, tzinfo=TZ),
+        datetime(2026, 3, 29, 2, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 0, tzinfo=ZoneInfo("America/New_York")),
+    ):
+        assert db.to_db(moment) == moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert db.from_db(db.to_db(moment)) == moment.astimezone(UTC)
+
+
+async def test_cdrs_committed_together_log_one_summary_line(store: db.SqliteStore) -> None:
+    processor = EventProcessor(store, SINCE)
+    alone, *burst = _cdrs(4)
+    with capture_logs() as logs:
+        await processor.handle(alone)
+        await asyncio.sleep(0)
+        await asyncio.gather(*(processor.handle(c) for c in burst))
+        await asyncio.sleep(0)
+    info = [e for e in logs if e["log_level"] == "info"]
+    assert [e["event"] for e in info] == ["cdr.recorded", "cdrs.recorded"]
+    assert info[0]["key"] == alone.key
+    assert info[0]["billsec"] == alone.billable_seconds
+    assert (info[1]["count"], info[1]["first_key"], info[1]["last_key"]) == (3, burst[0].key, burst[-1].key)
+    assert [e["key"] for e in logs if e["log_level"] == "debug" and e["event"] == "cdr.recorded"] == [
+        c.key for c in burst
+    ]
