@@ -1,0 +1,454 @@
+"""FastAGI ``authorize`` latency at fixed arrival rates (open loop), against an echo route baseline.
+
+The server side is the daemon's own path, built as the composition root builds it: a real
+:class:`SqliteStore` (WAL, synchronous=FULL, in a temp dir) with the example tariffs
+(``etc/tariffs.yaml``) and ``--accounts`` accounts (large balances, no daily limit,
+``max_concurrent_calls`` 1000, ``allowed_ips`` 127.0.0.1), :class:`MoneyService` and
+``FastAgiServer(build_router(money))`` on 127.0.0.1, with the daemon's default
+``max_connections`` and logging at ``--log-level`` (default info, as shipped) rendered as JSON to
+/dev/null. Baseline, on a second ``FastAgiServer`` in the same process and event loop: an "echo"
+route under the same script name that sets the same three variables without touching the store.
+The ratio is what authorisation itself costs (one unit of work on the single writer: read the
+account, balance, spend and reservations, insert a reservation, commit with an fsync).
+
+The load generator runs in a separate process (forked before any event loop or thread exists), so
+the server's event loop is not also the client's. It is OPEN LOOP: request i is due at
+t0 + i/rate whatever happened to the earlier ones; a ticker thread sleeps to each due time and
+hands the request to the client's event loop, which opens a new TCP connection and plays
+Asterisk's side of a whole FastAGI session (the ``agi_*`` header block Asterisk 20 sends, a
+``200 result=1`` to every ``SET VARIABLE``, a last ``HANGUP`` after the server closes). Every
+request has a unique ``agi_uniqueid`` and the accounts are used round robin. Latency is measured
+from the DUE time to the server's close (EOF), so queueing anywhere counts, the client's own
+lateness included; that lateness ("send lag": due time to the client's connect call) is printed
+too. The client process runs with its garbage collector paused during a run.
+
+Figures are measured in this run only (2 shared, noisy cores: the server process, its SQLite
+thread and the client process share them): compare ratios, not absolute numbers. Nothing here
+fails on timing; the goal line only reports whether it held.
+
+Usage: python bench/agi_authorize.py [--seconds S] [--rates 100,500,1000] [--accounts N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import ipaddress
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from clickphone_agi import dialplan_vars as dv
+from clickphone_agi.adapters.agi import AgiRequest, AgiRouter, AgiSession, FastAgiServer
+from clickphone_agi.adapters.logging import configure_logging
+from clickphone_agi.adapters.storage.sqlite import SqliteStore
+from clickphone_agi.adapters.tariff_file import load_tariffs
+from clickphone_agi.clock import SystemClock
+from clickphone_agi.config.schema import AgiConfig
+from clickphone_agi.domain.accounts import Account
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.agi_routes import build_router
+from clickphone_agi.services.money import MoneyService, MoneySettings
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+TARIFFS = REPO / "etc" / "tariffs.yaml"
+ZONE = ZoneInfo("Europe/Bucharest")
+MAX_CONNECTIONS = cast(int, AgiConfig.model_fields["max_connections"].default)
+BALANCE = 10**9  # bani: 10 million lei, never the binding budget
+#: Dialled numbers, all priced by etc/tariffs.yaml (fixed 02/03, mobile 07), none blocked.
+NUMBERS = ("0212345678", "0311234567", "0721234567", "0744123456", "0040212345678")
+GOAL_RATE, GOAL_P99_MS = 1000, 5.0
+
+
+# -- the load generator (a separate process) -----------------------------------------------------
+
+
+def header_block(port: int, account: str, number: str, uniqueid: str, channel: int) -> bytes:
+    """The header block Asterisk 20 writes for ``AGI(agi://127.0.0.1:<port>/authorize,acct,number,ip)``."""
+    env = {
+        "network": "yes",
+        "network_script": dv.AUTHORIZE_SCRIPT,
+        "request": f"agi://{HOST}:{port}/{dv.AUTHORIZE_SCRIPT}",
+        "channel": f"PJSIP/100-{channel:08x}",
+        "language": "ro",
+        "type": "PJSIP",
+        "uniqueid": uniqueid,
+        "version": "20.8.1",
+        "callerid": "100",
+        "calleridname": "Birou 100",
+        "callingpres": "0",
+        "callingani2": "0",
+        "callington": "0",
+        "callingtns": "0",
+        "dnid": number,
+        "rdnis": "unknown",
+        "context": "clickphone-outbound",
+        "extension": number,
+        "priority": "9",
+        "enhanced": "0.0",
+        "accountcode": account,
+        "threadid": "140000000000000",
+        "arg_1": account,
+        "arg_2": number,
+        "arg_3": HOST,
+    }
+    return ("".join(f"agi_{k}: {v}\n" for k, v in env.items()) + "\n").encode()
+
+
+class AsteriskSide(asyncio.Protocol):
+    """One FastAGI session as res_agi.c plays it; ``done`` resolves at the server's close."""
+
+    def __init__(self, header: bytes, done: asyncio.Future[tuple[float, dict[str, str]]]) -> None:
+        self._header = header
+        self._done = done
+        self._buf = b""
+        self._transport: asyncio.Transport | None = None
+        self.variables: dict[str, str] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._header)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._buf += data
+        while (nl := self._buf.find(b"\n")) >= 0:
+            line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
+            words = line.decode().split(" ", 3)
+            if words[:2] == ["SET", "VARIABLE"] and len(words) == 4:
+                self.variables[words[2]] = words[3].strip('"')
+                self._transport.write(b"200 result=1\n")
+            else:
+                self._transport.write(b"510 Invalid or unknown command\n")
+
+    def eof_received(self) -> bool:
+        end = time.perf_counter()
+        if not self._done.done():
+            self._done.set_result((end, self.variables))
+        assert self._transport is not None
+        self._transport.write(b"HANGUP\n")  # res_agi.c's last HANGUP after the script ended
+        return False  # close our side
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc or ConnectionResetError("closed without EOF"))
+
+
+@dataclass
+class DriveResult:
+    n: int
+    latencies: list[float] = field(default_factory=list)  # seconds, successful sessions
+    send_lag: list[float] = field(default_factory=list)  # seconds, due time to connect call
+    errors: Counter[str] = field(default_factory=Counter)
+    last_end: float = 0.0  # seconds after t0
+    client_cpu: float = 0.0
+
+
+async def drive(port: int, rate: float, seconds: float, tag: int, accounts: int, timeout: float) -> DriveResult:
+    """Open loop: request i is due at t0 + i/rate, whatever happened to the earlier ones."""
+    loop = asyncio.get_running_loop()
+    n = max(1, round(rate * seconds))
+    headers = [
+        header_block(
+            port, f"bench{i % accounts:05d}", NUMBERS[i % len(NUMBERS)], f"{1718000000 + tag}.{i}", tag * 100000 + i
+        )
+        for i in range(n)
+    ]
+    result = DriveResult(n)
+    pending: set[asyncio.Task[None]] = set()
+    all_launched = asyncio.Event()
+    t0 = time.perf_counter() + 0.05
+
+    async def one(i: int, due: float) -> None:
+        done: asyncio.Future[tuple[float, dict[str, str]]] = loop.create_future()
+        transport: asyncio.BaseTransport | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(lambda: AsteriskSide(headers[i], done), HOST, port)
+                end, variables = await done
+        except TimeoutError:
+            result.errors["client timeout"] += 1
+            return
+        except OSError as exc:
+            result.errors[type(exc).__name__] += 1
+            return
+        finally:
+            if transport is not None:
+                transport.close()
+        result.last_end = max(result.last_end, end - t0)
+        if not variables:
+            result.errors["closed before any command"] += 1
+        elif set(variables) != {dv.AUTH, dv.REASON, dv.MAXSEC}:
+            result.errors["incomplete reply"] += 1
+        elif variables[dv.AUTH] != dv.ALLOW or int(variables[dv.MAXSEC]) <= 0:
+            result.errors[f"{variables[dv.AUTH]} {variables[dv.REASON]}".strip()] += 1
+        else:
+            result.latencies.append(end - due)
+
+    def launch(i: int, due: float) -> None:
+        result.send_lag.append(time.perf_counter() - due)
+        task = loop.create_task(one(i, due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        if i == n - 1:
+            all_launched.set()
+
+    def ticker() -> None:
+        for i in range(n):
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            loop.call_soon_threadsafe(launch, i, due)
+
+    cpu = time.process_time()
+    thread = threading.Thread(target=ticker, name="ticker", daemon=True)
+    thread.start()
+    await all_launched.wait()
+    if pending:
+        await asyncio.gather(*pending)
+    thread.join()
+    result.client_cpu = time.process_time() - cpu
+    return result
+
+
+def client_main(conn: Connection) -> None:
+    """The load generator process: one job (a dict of :func:`drive` arguments) at a time."""
+    while (job := conn.recv()) is not None:
+        gc.collect()
+        gc.disable()
+        try:
+            conn.send(asyncio.run(drive(**job)))
+        finally:
+            gc.enable()
+    conn.close()
+
+
+def start_client() -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=client_main, args=(theirs,), daemon=True, name="agi-load")
+    proc.start()
+    theirs.close()
+    return proc, ours
+
+
+# -- the server side (this process) --------------------------------------------------------------
+
+
+def echo_router() -> AgiRouter:
+    """The baseline: the same script name and the same three SET VARIABLEs, no store."""
+    router = AgiRouter()
+
+    async def echo(_request: AgiRequest, session: AgiSession) -> None:
+        await session.set_variable(dv.AUTH, dv.ALLOW)
+        await session.set_variable(dv.REASON, "")
+        await session.set_variable(dv.MAXSEC, "7200")
+
+    router.register(dv.AUTHORIZE_SCRIPT, echo)
+    return router
+
+
+def bench_accounts(count: int) -> list[tuple[Account, int]]:
+    localhost = (ipaddress.ip_network("127.0.0.1/32"),)
+    return [
+        (
+            Account(
+                code=f"bench{i:05d}",
+                name=f"Bench {i}",
+                email=f"bench{i}@example.ro",
+                daily_limit=None,
+                allowed_ips=localhost,
+                max_concurrent_calls=1000,
+            ),
+            BALANCE,
+        )
+        for i in range(count)
+    ]
+
+
+@dataclass
+class Run:
+    server: str
+    rate: float
+    seconds: float
+    client: DriveResult
+    server_cpu: float
+    commits: int
+    server_stats: dict[str, int]
+
+    def pct(self, q: float) -> float:
+        return _ms(self.client.latencies, q)
+
+    @property
+    def errors(self) -> int:
+        return self.client.errors.total()
+
+    @property
+    def achieved(self) -> float:
+        return len(self.client.latencies) / self.client.last_end if self.client.last_end > 0 else 0.0
+
+
+class Bench:
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.tag = 0
+
+    async def run(
+        self, name: str, server: FastAgiServer, rate: float, seconds: float, accounts: int, store: SqliteStore
+    ) -> Run:
+        self.tag += 1
+        job = {
+            "port": server.port,
+            "rate": rate,
+            "seconds": seconds,
+            "tag": self.tag,
+            "accounts": accounts,
+            "timeout": self.timeout,
+        }
+        before, commits, cpu = server.stats(), store.commits, time.process_time()
+        client = cast(DriveResult, await asyncio.to_thread(self._ask, job))
+        cpu, commits = time.process_time() - cpu, store.commits - commits
+        after = server.stats()
+        delta = {k: after[k] - before[k] for k in after if k != "active"}
+        return Run(name, rate, seconds, client, cpu, commits, delta)
+
+    def _ask(self, job: dict[str, Any]) -> Any:
+        self.conn.send(job)
+        return self.conn.recv()
+
+
+async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: Path) -> list[tuple[Run, Run]]:
+    clock = SystemClock()
+    store = await SqliteStore.open(db_dir / "bench.db", clock)
+    store.start()
+    settings = MoneySettings(tariffs=await asyncio.to_thread(load_tariffs, TARIFFS, timezone=ZONE), zone=ZONE)
+    money = MoneyService(store, clock, settings)
+    await store.write(import_unit(bench_accounts(args.accounts)))
+    real = FastAgiServer(build_router(money), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
+    echo = FastAgiServer(echo_router(), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
+    await real.start()
+    await echo.start()
+    bench = Bench(conn, args.timeout)
+    pairs = []
+    try:
+        for server in (echo, real):  # warm-up, not reported
+            await bench.run("warm-up", server, 100, 0.5, args.accounts, store)
+        for rate in args.rates:
+            base = await bench.run("echo", echo, rate, args.seconds, args.accounts, store)
+            auth = await bench.run("authorize", real, rate, args.seconds, args.accounts, store)
+            pairs.append((base, auth))
+    finally:
+        await echo.close()
+        await real.close()
+        await store.close()
+    return pairs
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _ms(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def _row(run: Run, base: Run | None) -> str:
+    p = {q: run.pct(q) for q in (0.5, 0.9, 0.99, 1.0)}
+    ratio = f"{p[0.99] / base.pct(0.99):5.2f}x" if base is not None and base.pct(0.99) > 0 else "1.00x"
+    lag = _ms(run.client.send_lag, 0.99)
+    n = run.client.n
+    extra = "".join(f" {k}={v}" for k, v in run.server_stats.items() if k not in {"sessions", "completed"} and v)
+    return (
+        f"{run.rate:6.0f}  {run.server:<9}  {run.achieved:7.0f}  {p[0.5]:6.2f}  {p[0.9]:6.2f}  {p[0.99]:6.2f}"
+        f"  {p[1.0]:7.2f}  {ratio}  {run.errors:5d}  {1e6 * run.server_cpu / n:6.0f}"
+        f"  {1e6 * run.client.client_cpu / n:6.0f}  {lag:7.2f}  {run.commits:7d}{extra}"
+    )
+
+
+def report(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; FastAGI authorize over loopback TCP, open loop,"
+        f" {args.seconds:g} s per rate; {args.accounts} accounts, etc/tariffs.yaml; SQLite WAL synchronous=FULL"
+    )
+    print(
+        f"server: SqliteStore + MoneyService + FastAgiServer(build_router(money)), max_connections"
+        f" {MAX_CONNECTIONS}, log level {args.log_level} (JSON to /dev/null); load generator: a separate process"
+    )
+    print("latency = due time -> server's close (EOF), ms; baseline = echo route (3 SET VARIABLEs, no store)")
+    print(f"{'':28}{'latency, ms':-^31}{'':17}{'cpu us/call':-^14}")
+    print(
+        f"{'rate':>6}  {'server':<9}  {'done/s':>7}  {'p50':>6}  {'p90':>6}  {'p99':>6}  {'max':>7}  {'/echo':>6}"
+        f"  {'errors':>5}  {'server':>6}  {'client':>6}  {'lag p99':>7}  {'commits':>7}"
+    )
+    for base, auth in pairs:
+        print(_row(base, None))
+        print(_row(auth, base))
+    for base, auth in pairs:
+        for run in (base, auth):
+            if run.client.errors:
+                print(f"errors at {run.rate:g}/s {run.server}: {dict(run.client.errors)}")
+    print(
+        "cpu us/call: CPU seconds of the server process (SQLite thread included) and of the load generator per"
+        " request sent; one core serves at most 1e6/(server us/call) requests/s, and both processes share 2"
+        " cores with whatever else runs; lag p99: the client's own lateness (due -> connect call), part of the"
+        " latency; commits: SQLite transactions during the run; refused: over max_connections, closed unread"
+    )
+    goal = [auth for _, auth in pairs if auth.rate == GOAL_RATE]
+    if goal:
+        run = goal[0]
+        held = run.pct(0.99) <= GOAL_P99_MS and run.errors == 0
+        print(
+            f"goal p99 <= {GOAL_P99_MS:g} ms at {GOAL_RATE}/s: {'HELD' if held else 'MISSED'}"
+            f" (authorize p99 {run.pct(0.99):.2f} ms, errors {run.errors}; echo p99 at the same rate"
+            f" {next(b for b, _ in pairs if b.rate == GOAL_RATE).pct(0.99):.2f} ms)"
+        )
+    else:
+        print(f"goal p99 <= {GOAL_P99_MS:g} ms at {GOAL_RATE}/s: not measured (rate not in --rates)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per rate and server (default 5)")
+    parser.add_argument(
+        "--rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[100.0, 500.0, 1000.0],
+        help="arrival rates, calls/s, comma separated (default 100,500,1000)",
+    )
+    parser.add_argument("--accounts", type=int, default=1000, help="accounts, used round robin (default 1000)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="client timeout per session, s (default 5)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args()
+    if args.seconds <= 0 or args.accounts < 1 or args.timeout <= 0 or any(r <= 0 for r in args.rates):
+        parser.error("--seconds, --rates and --timeout must be > 0 and --accounts >= 1")
+    proc, conn = start_client()  # forked before any event loop or thread exists here
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as devnull, tempfile.TemporaryDirectory() as d:
+            configure_logging(level=args.log_level, fmt="json", stream=devnull)
+            pairs = asyncio.run(serve_and_measure(args, conn, Path(d)))
+    finally:
+        conn.send(None)
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+    report(args, pairs)
+
+
+if __name__ == "__main__":
+    main()
