@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     trate.add_argument("seconds", type=int)
     trate.add_argument("--at", help="ISO datetime of the answer (default: now)")
     _mail_parsers(sub, common)
+    prev = sub.add_parser("preview", parents=[common], help="render a sample notification (.eml or .html)")
+    prev.add_argument("kind", help="e.g. voicemail, missed_call, daily_limit; 'list' shows them all")
+    prev.add_argument("--lang", choices=["ro", "en"], default="ro")
+    prev.add_argument("--out", type=Path, help="FILE.eml (whole message) or FILE.html (HTML part); default: stdout")
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
@@ -140,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "accounts": _cmd_accounts,
         "export": _cmd_export,
         "tariffs": _cmd_tariffs,
+        "preview": _cmd_preview,
         "outbox": _cmd_outbox,
         "bounce": _cmd_bounce,
     }
@@ -548,6 +553,36 @@ def _cmd_bounce(args: argparse.Namespace) -> int:
         print(f"clickphone-agi: bounce not recorded, the MTA should retry: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     _print(result)
+    return EX_OK
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from clickphone_agi.notices.kinds import KINDS
+    from clickphone_agi.notices.render import Renderer, preview
+
+    if args.kind == "list":
+        for name, spec in sorted(KINDS.items()):
+            print(f"{name:20} {spec.category:10} opt-out: {'yes' if spec.opt_out else 'no'}")
+        return EX_OK
+    if args.kind not in KINDS:
+        print(f"clickphone-agi: unknown kind {args.kind!r}; 'clickphone-agi preview list' shows them", file=sys.stderr)
+        return EX_USAGE
+    loaded = _load(args, require_secrets=False)
+    raw = preview(args.kind, args.lang, renderer=Renderer(loaded.config.notifications.templates_dir))
+    out: Path | None = args.out
+    if out is not None and out.suffix == ".html":
+        import email
+        import email.policy
+
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        part = msg.get_body(("html",))
+        out.write_text(part.get_content() if part is not None else "", encoding="utf-8")
+    elif out is not None:
+        out.write_bytes(raw)
+    else:
+        sys.stdout.write(raw.decode("utf-8", "replace"))
+    if out is not None:
+        print(f"clickphone-agi: {args.kind} ({args.lang}) written to {out}")
     return EX_OK
 
 

@@ -96,3 +96,18 @@ async def test_export_calls_is_csv_with_header(write_config: Callable[..., Path]
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0][:3] == ["key", "account", "destination"]
+
+
+async def test_preview_writes_eml_and_html(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg = _cfg(write_config)
+    code, out, err = await run_cli("preview", "voicemail", "--lang", "ro", "--out", str(tmp_path / "v.eml"), "-c", cfg)
+    assert code == 0, err
+    raw = (tmp_path / "v.eml").read_bytes()
+    assert b"Auto-Submitted: auto-generated" in raw
+    assert b"X-ClickPhone-Kind: voicemail" in raw
+    code, _, err = await run_cli("preview", "daily_limit", "--lang", "en", "--out", str(tmp_path / "d.html"), "-c", cfg)
+    assert code == 0, err
+    html = (tmp_path / "d.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html")
+    code, _, _ = await run_cli("preview", "nonsense", "-c", cfg)
+    assert code == 2
