@@ -64,6 +64,41 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("file", type=Path)
     r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
     r.add_argument("file", type=Path)
+    _add_money_parsers(sub, common)
+    demo = sub.add_parser("demo", help="run the built-in demo on loopback")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
+    demo.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _mail_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``outbox list|show|retry|purge`` and ``bounce`` (part of :func:`_parser`)."""
+    box = sub.add_parser("outbox", help="inspect and replay the mail outbox")
+    boxsub = box.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    blist = boxsub.add_parser("list", parents=[common], help="newest rows first")
+    blist.add_argument("--status", choices=OUTBOX_STATUSES)
+    blist.add_argument("--kind", help="e.g. voicemail, low_balance, mail_test")
+    blist.add_argument("--limit", type=int, default=50)
+    bshow = boxsub.add_parser("show", parents=[common], help="one row: headers, last error, SMTP reply, attempts")
+    bshow.add_argument("id", type=int)
+    bshow.add_argument("--body", action="store_true", help="include the whole MIME message")
+    bretry = boxsub.add_parser("retry", parents=[common], help="dead letters back to pending, due now")
+    bretry.add_argument("ids", type=int, nargs="*", metavar="ID")
+    bretry.add_argument("--all-dead", action="store_true", help="every dead letter (suppressed/expired skipped)")
+    bpurge = boxsub.add_parser("purge", parents=[common], help="delete finished rows past retention, never pending")
+    bpurge.add_argument("--older-than", type=float, metavar="DAYS", help="default: privacy.outbox_body_retention_days")
+    bpurge.add_argument(
+        "--status", action="append", choices=PURGEABLE_STATUSES, help="repeatable (default: all finished ones)"
+    )
+    bpurge.add_argument("--bodies-only", action="store_true", help="clear the bodies, keep the rows as an audit trail")
+    bounce = sub.add_parser(
+        "bounce", parents=[common], help="record a delivery-status report (DSN) read on stdin (MTA pipe transport)"
+    )
+    bounce.add_argument("--recipient", help="the envelope recipient the MTA delivered it to (Postfix ${recipient})")
+
+
+def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """accounts, export, tariffs and preview: the verbs of the Money and Email features."""
     acc = sub.add_parser("accounts", help="provision and inspect accounts")
     accsub = acc.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
     imp = accsub.add_parser("import", parents=[common], help="upsert accounts from a YAML or CSV file")
@@ -95,36 +130,6 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("kind", help="e.g. voicemail, missed_call, daily_limit; 'list' shows them all")
     prev.add_argument("--lang", choices=["ro", "en"], default="ro")
     prev.add_argument("--out", type=Path, help="FILE.eml (whole message) or FILE.html (HTML part); default: stdout")
-    demo = sub.add_parser("demo", help="run the built-in demo on loopback")
-    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
-    demo.add_argument("--debug", action="store_true")
-    return parser
-
-
-def _mail_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """``outbox list|show|retry|purge`` and ``bounce`` (part of :func:`_parser`)."""
-    box = sub.add_parser("outbox", help="inspect and replay the mail outbox")
-    boxsub = box.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
-    blist = boxsub.add_parser("list", parents=[common], help="newest rows first")
-    blist.add_argument("--status", choices=OUTBOX_STATUSES)
-    blist.add_argument("--kind", help="e.g. voicemail, low_balance, mail_test")
-    blist.add_argument("--limit", type=int, default=50)
-    bshow = boxsub.add_parser("show", parents=[common], help="one row: headers, last error, SMTP reply, attempts")
-    bshow.add_argument("id", type=int)
-    bshow.add_argument("--body", action="store_true", help="include the whole MIME message")
-    bretry = boxsub.add_parser("retry", parents=[common], help="dead letters back to pending, due now")
-    bretry.add_argument("ids", type=int, nargs="*", metavar="ID")
-    bretry.add_argument("--all-dead", action="store_true", help="every dead letter (suppressed/expired skipped)")
-    bpurge = boxsub.add_parser("purge", parents=[common], help="delete finished rows past retention, never pending")
-    bpurge.add_argument("--older-than", type=float, metavar="DAYS", help="default: privacy.outbox_body_retention_days")
-    bpurge.add_argument(
-        "--status", action="append", choices=PURGEABLE_STATUSES, help="repeatable (default: all finished ones)"
-    )
-    bpurge.add_argument("--bodies-only", action="store_true", help="clear the bodies, keep the rows as an audit trail")
-    bounce = sub.add_parser(
-        "bounce", parents=[common], help="record a delivery-status report (DSN) read on stdin (MTA pipe transport)"
-    )
-    bounce.add_argument("--recipient", help="the envelope recipient the MTA delivered it to (Postfix ${recipient})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

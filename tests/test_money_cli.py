@@ -100,7 +100,7 @@ async def test_export_calls_is_csv_with_header(write_config: Callable[..., Path]
 
 async def test_preview_writes_eml_and_html(write_config: Callable[..., Path], tmp_path: Path) -> None:
     cfg = _cfg(write_config)
-    code, out, err = await run_cli("preview", "voicemail", "--lang", "ro", "--out", str(tmp_path / "v.eml"), "-c", cfg)
+    code, _out, err = await run_cli("preview", "voicemail", "--lang", "ro", "--out", str(tmp_path / "v.eml"), "-c", cfg)
     assert code == 0, err
     raw = (tmp_path / "v.eml").read_bytes()
     assert b"Auto-Submitted: auto-generated" in raw
