@@ -160,6 +160,7 @@ def notice_settings(config: Config) -> NoticeSettings:
         inbound_contexts=n.inbound_contexts,
         missed_call_grace=timedelta(seconds=n.missed_call_grace),
         scan_interval=n.scan_interval,
+        maxmsg_warn_at=n.voicemail_maxmsg_warn_at,
     )
 
 
@@ -206,8 +207,8 @@ class Daemon:
         if cfg.billing.tariffs_file is not None:
             money = MoneyService(store, self.clock, await asyncio.to_thread(money_settings, cfg))
         went_live = await store.went_live_at()
-        processor = NotifyingProcessor(store, went_live, money)
         renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
+        processor = NotifyingProcessor(store, went_live, money)
         notifier = Notifier(store, self.clock, renderer, notice_settings(cfg), went_live)
         processor.notifier = notifier
         reconciler = None
@@ -232,7 +233,11 @@ class Daemon:
             on_connected=lambda: gap("AMI connected"),
         )
         sender = OutboxSender(
-            store, self.clock, config=lambda: self.config.smtp, password=self.loaded.secrets.smtp_password
+            store,
+            self.clock,
+            config=lambda: self.config.smtp,
+            password=self.loaded.secrets.smtp_password,
+            renderer=renderer,
         )
         store.on_outbox = sender.wake
         ami = None
@@ -477,6 +482,11 @@ class Daemon:
                 "unrated": parts.money.unrated,
             },
             "agi": None if parts.agi is None else parts.agi.stats(),
+            "notices": {
+                "queued": dict(parts.notifier.queued),
+                "errors": parts.notifier.errors,
+                "voicemail_boxes_nearly_full": dict(parts.notifier.boxes_nearly_full),
+            },
             "outbox": await parts.store.outbox_counts(),
             "mail": await parts.sender.metrics(),
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},

@@ -163,9 +163,10 @@ async def test_cli_db_verbs_and_newer_schema_refused(write_config: Callable[...,
     assert "newer than this clickphone-agi supports" in err
 
 
+@pytest.mark.timeout(180)
 async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
-    code, out, err = await run_cli("demo", "--output", str(out_dir), timeout=90)
+    code, out, err = await run_cli("demo", "--output", str(out_dir), timeout=150)
     assert code == 0, err
     assert f"Output in {out_dir}" in out
     emls = sorted((out_dir / "mail").glob("*.eml"))
@@ -179,7 +180,7 @@ async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     assert {a["code"]: a["balance"] for a in report["accounts"]} == {"acct1001": 13, "acct1002": 2500}
     # voicemail (audio), received fax (PDF), failed fax, missed call, test mail, 80 % limit, low balance,
     # insufficient funds, IP alert — each exactly once
-    assert len(emls) == 9
+    assert len(emls) == 9, out
     ids = {line for p in emls for line in p.read_text(errors="replace").splitlines() if line.startswith("Message-ID:")}
     assert len(ids) == 9
     kinds = {line.split(":", 1)[1].strip() for p in emls for line in p.read_text(errors="replace").splitlines()

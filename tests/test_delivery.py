@@ -277,6 +277,19 @@ async def test_payload_notice_is_rendered_once_and_its_message_id_is_the_keys_ha
     assert stored is not None  # rendered body kept: a retry sends the same bytes
 
 
+async def test_a_notice_that_cannot_be_rendered_is_dead_lettered_not_retried_in_a_loop(rig: Rig) -> None:
+    rig.start()
+    notice = Notice(key="x:1", kind="no_such_kind", recipient=TO, account="acct1001", payload={"name": "Ion"})
+    with capture_logs() as logs:
+        await rig.store.write(lambda tx: tx.enqueue_notice(notice))
+        (row,) = await rig.store.outbox_rows()
+        await until(lambda: _is(rig.status(row.id), OutboxStatus.DEAD))
+        await asyncio.sleep(0.1)
+    assert (await rig.row(row.id)).last_error == "cannot render the no_such_kind notice: UnknownKind('no_such_kind')"
+    assert sum(1 for e in logs if e["event"] == "mail.render_failed") == 1
+    assert rig.sink.messages == []
+
+
 @pytest.mark.parametrize("reply", ["421 4.3.0 Service not available, try later", "451 4.7.1 Greylisted, retry"])
 async def test_4xx_is_retried_after_the_postfix_backoff_then_delivered(rig: Rig, reply: str) -> None:
     rig.sink.handler.scripted_replies.append(reply)

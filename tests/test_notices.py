@@ -47,6 +47,7 @@ async def _daemon(
         extra=(
             f"asterisk:\n  system_name: pbx1\n  voicemail_spool: {vm}\n  fax_spool: {fax}\n  master_csv: null\n"
             "notifications:\n  inbound_contexts: [lab-inbound]\n  missed_call_grace: 0.2\n  scan_interval: 3600\n"
+            "  voicemail_maxmsg_warn_at: 1\n"
         ),
     )
     loaded = load_config(cfg)
@@ -131,9 +132,12 @@ async def test_voicemail_left_while_stopped_is_mailed_at_start(
     write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
 ) -> None:
     gen = _daemon(write_config, short_tmp / "spool", 0, smtp_sink.port, "ro")
-    await anext(gen)
+    daemon = await anext(gen)
     try:
         await smtp_sink.wait_for(1, timeout=20)
+        status = await daemon._cmd_status({})
+        # one message with the warning at 1: the operator is told the box is filling up
+        assert status["notices"]["voicemail_boxes_nearly_full"] == {"100@default": 1}
     finally:
         await anext(gen, None)
     (only,) = [_parse(m.data) for m in smtp_sink.messages]

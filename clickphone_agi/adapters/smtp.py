@@ -50,7 +50,7 @@ from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox, verp_address
 from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
 from clickphone_agi.domain.outbox import OutboxRow
-from clickphone_agi.notices.plain import render_notice
+from clickphone_agi.notices.render import Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
 
 log = structlog.get_logger(__name__)
@@ -65,20 +65,19 @@ IN_FLIGHT_MIN = 8
 PURGEABLE = ("sent", "dead", "expired", "bounced")
 
 
-def render_row(row: OutboxRow, cfg: SmtpConfig) -> bytes:
-    """The one place a payload-only row (a notice decided inside a transaction) becomes MIME.
-
-    Swap this body for ``clickphone_agi.notices.render`` when it lands.
-    """
+def render_row(row: OutboxRow, cfg: SmtpConfig, renderer: Renderer) -> bytes:
+    """The one place a payload-only row (a notice decided inside a transaction) becomes MIME:
+    the same templates as every other notice, in the account's language from the payload."""
     assert row.payload is not None
-    return render_notice(
-        row.kind,
-        row.payload,
-        key=row.idempotency_key,
+    language = str(row.payload.get("language", "ro"))
+    rendered = renderer.render(row.kind, language, row.payload)
+    return build_message(
+        rendered,
         sender=cfg.from_address,
         recipient=row.recipient,
-        domain=cfg.message_id_domain,
-        now=row.created_at,
+        message_id=message_id(row.idempotency_key, cfg.message_id_domain),
+        date=row.created_at,
+        extra_headers={"X-ClickPhone-Kind": row.kind},
     )
 
 
@@ -148,8 +147,10 @@ class OutboxSender:
         password: str | None,
         policy: RetryPolicy | None = None,
         tls_context: ssl.SSLContext | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         self._store = store
+        self._renderer = renderer or Renderer()
         self._clock = clock
         self._config = config
         self._password = password
@@ -263,6 +264,14 @@ class OutboxSender:
     # ---- one attempt -------------------------------------------------------------------------
 
     async def _attempt(self, mail: DueMail) -> None:
+        """One row's attempt; a bug here defers the row (backoff), it never spins on it."""
+        try:
+            await self._attempt_row(mail)
+        except Exception as exc:
+            log.exception("mail.attempt_failed", key=mail.row.idempotency_key, kind=mail.row.kind)
+            await self._failed(mail, _Outcome(False, f"internal error: {exc!r}"[:300], None, "internal"), None)
+
+    async def _attempt_row(self, mail: DueMail) -> None:
         row = mail.row
         cfg = self._config()
         now = self._clock.now()
@@ -286,7 +295,14 @@ class OutboxSender:
                 self.dead += 1
                 log.error("mail.no_body", key=row.idempotency_key, kind=row.kind)
                 return
-            mime = render_row(row, cfg)
+            try:
+                mime = render_row(row, cfg, self._renderer)
+            except Exception as exc:  # permanent for this payload: a dead letter to replay once fixed
+                error = f"cannot render the {row.kind} notice: {exc!r}"[:300]
+                await self._store.write(lambda tx: tx.mark_failed(row.id, error, now, dead=True))
+                self.dead += 1
+                log.exception("mail.render_failed", key=row.idempotency_key, kind=row.kind)
+                return
             rendered = mime
             await self._store.write(lambda tx: tx.set_message(row.id, rendered))
         mime = ensure_headers(mime, message_id(row.idempotency_key, cfg.message_id_domain))
@@ -315,10 +331,11 @@ class OutboxSender:
                 reply=outcome.reply,
             )
             return
-        await self._failed(mail, outcome, envelope, cfg)
+        await self._failed(mail, outcome, envelope)
 
-    async def _failed(self, mail: DueMail, outcome: _Outcome, envelope: str, cfg: SmtpConfig) -> None:
+    async def _failed(self, mail: DueMail, outcome: _Outcome, envelope: str | None) -> None:
         row = mail.row
+        cfg = self._config()
         now = self._clock.now()
         policy = self._policy or RetryPolicy.from_seconds(cfg.retry_min, cfg.retry_max, cfg.lifetime)
         decision = after_failure(policy, now=now, created_at=mail.lifetime_start, code=outcome.code)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -122,11 +122,13 @@ class SmtpConfig(Section):
     verp_key_file: Path | None = None
     hard_bounce_limit: Annotated[int, Field(ge=1, le=100)] = 3
 
-    @model_validator(mode="after")
-    def _retry_gaps_ordered(self) -> SmtpConfig:
-        if self.retry_min > self.retry_max:
-            raise ValueError(f"retry_min ({self.retry_min:g} s) must not exceed retry_max ({self.retry_max:g} s)")
-        return self
+    @field_validator("retry_max")
+    @classmethod
+    def _retry_gaps_ordered(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("retry_min")
+        if low is not None and value < low:
+            raise ValueError(f"expected at least smtp.retry_min ({low:g} s)")
+        return value
 
 
 class DatabaseConfig(Section):
@@ -186,6 +188,7 @@ class NotificationsConfig(Section):
     scan_interval: PositiveSeconds = 60
     voicemail_format: Literal["wav", "WAV", "wav49", "gsm"] = "wav"
     max_attachment_bytes: Annotated[int, Field(ge=1024, le=50 * 1024 * 1024)] = 10 * 1024 * 1024
+    voicemail_maxmsg_warn_at: Annotated[int, Field(ge=1, le=10_000)] = 90
 
 
 class ApiConfig(Section):

@@ -58,6 +58,7 @@ class NoticeSettings:
     inbound_contexts: tuple[str, ...] = ()
     missed_call_grace: timedelta = timedelta(seconds=30)
     scan_interval: float = 60.0
+    maxmsg_warn_at: int = 90  # voicemail.conf maxmsg defaults to 100
 
 
 class Notifier:
@@ -80,6 +81,7 @@ class Notifier:
         self._wake = asyncio.Event()
         self._boxes_due: set[tuple[str, str]] = set()
         self.queued: dict[str, int] = {}
+        self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
 
     # ---- event intake (called by the ingest worker; never blocks) ------------------------------
@@ -166,6 +168,13 @@ class Notifier:
         if account is None:
             return
         messages = await asyncio.to_thread(self._spool.list_messages, context, mailbox)
+        inbox = sum(1 for m in messages if m.folder == "INBOX")
+        if inbox >= self.settings.maxmsg_warn_at:
+            # with Asterisk's own mail off nobody empties the box; at maxmsg it takes no more messages
+            self.boxes_nearly_full[box] = inbox
+            log.warning("voicemail.box_nearly_full", box=box, messages=inbox, warn_at=self.settings.maxmsg_warn_at)
+        else:
+            self.boxes_nearly_full.pop(box, None)
         for msg in messages:
             if msg.meta.origtime < self._went_live_at:
                 continue  # the go-live baseline: old messages are never mailed
