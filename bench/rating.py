@@ -1,0 +1,416 @@
+"""Billing CDRs rated, charged and committed per second through the batching writer.
+
+N billing CDRs (``CallEnded``, shaped like the billing CDR of the recorded ``answered_call``
+session: ANSWERED, last application Dial; distinct keys and unique ids, spread round robin over
+``--accounts`` accounts with large balances, destinations over fixed/mobile/international numbers
+priced by ``etc/tariffs.yaml``, billable seconds 1-600) go through :meth:`EventProcessor.handle`
+with a :class:`MoneyService`, as the ingest worker runs them: concurrently, ``asyncio.gather`` over
+chunks of ``--chunk``. Each CDR is rated on the event loop, then is one unit of work (claim the
+key, record the CDR, release the reservation, post the ledger, add the daily spend, record the
+rated call, threshold state) and the writer batches the units queued at once into one transaction
+(up to ``MAX_BATCH``), writing their rows with one ``executemany`` per table before COMMIT. The
+store is a real :class:`SqliteStore` (WAL, synchronous=FULL) in a temp dir; logging at
+``--log-level`` (default info, as shipped) rendered as JSON to /dev/null.
+
+Baseline, in the same run: raw aiosqlite, ``executemany`` of N prepared rows into a table shaped
+like ``cdrs`` (same columns, same two indexes, WITHOUT ROWID), one transaction, same pragmas.
+
+Runs alternate (baseline, store, baseline, store, ...); medians are printed. Figures are measured
+in this run only (2 shared, noisy cores): compare ratios, not absolute numbers. Nothing fails on
+timing. When the store misses the goal (10,000 CDR/s), a smaller profiled run (cProfile on the
+event loop thread and, separately, on the SQLite writer thread) prints the top costs.
+
+Usage: python bench/rating.py [--cdrs N] [--runs R] [--chunk C] [--profile auto|always|never]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import gc
+import ipaddress
+import os
+import pstats
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+
+import clickphone_agi.adapters.storage.sqlite as sqlite_store
+from clickphone_agi.adapters.logging import configure_logging
+from clickphone_agi.adapters.storage.sqlite import MAX_BATCH, SqliteStore, connect_sync, to_db
+from clickphone_agi.adapters.tariff_file import load_tariffs
+from clickphone_agi.clock import SystemClock
+from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.ami_translate import TranslateContext, translate
+from clickphone_agi.domain.correlation import LinkedIdCorrelator
+from clickphone_agi.domain.events import CallEnded
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.ingest import EventProcessor
+from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
+
+REPO = Path(__file__).resolve().parent.parent
+TARIFFS = REPO / "etc" / "tariffs.yaml"
+ZONE = ZoneInfo("Europe/Bucharest")
+BALANCE = 10**10  # bani: never the binding budget
+#: Destinations as Asterisk reports them, all priced by etc/tariffs.yaml.
+NUMBERS = ("0040212345678", "0212345678", "0311234567", "0721234567", "0744123456", "004930123456", "00447700900123")
+GOAL = 10_000  # CDR/s
+
+CDR_COLUMNS = (
+    "key, system_name, account, unique_id, linked_id, sequence, source, destination, destination_context, channel,"
+    " destination_channel, last_application, disposition, duration, billable_seconds, start_at, answer_at, end_at,"
+    " origin, recorded_at"
+)
+BASELINE_SCHEMA = (
+    """CREATE TABLE cdrs_raw (
+           key TEXT PRIMARY KEY, system_name TEXT NOT NULL, account TEXT NOT NULL, unique_id TEXT NOT NULL,
+           linked_id TEXT, sequence INTEGER, source TEXT NOT NULL, destination TEXT NOT NULL,
+           destination_context TEXT NOT NULL, channel TEXT NOT NULL, destination_channel TEXT NOT NULL,
+           last_application TEXT NOT NULL, disposition TEXT NOT NULL, duration INTEGER NOT NULL,
+           billable_seconds INTEGER NOT NULL, start_at TEXT NOT NULL, answer_at TEXT, end_at TEXT NOT NULL,
+           origin TEXT NOT NULL, recorded_at TEXT NOT NULL
+       ) WITHOUT ROWID""",
+    "CREATE INDEX cdrs_raw_account_end ON cdrs_raw (account, end_at)",
+    "CREATE INDEX cdrs_raw_linked ON cdrs_raw (linked_id)",
+)
+
+
+# -- the CDRs ------------------------------------------------------------------------------------
+
+
+def template() -> CallEnded:
+    """The billing CDR (ANSWERED, Dial) of the recorded ``answered_call`` session."""
+    transcript = load_transcript(packaged_scenarios()["answered_call"])
+    correlator = LinkedIdCorrelator()
+    ctx = TranslateContext("pbx1", ZONE)
+    for frame in transcript.replay_frames:
+        correlator.observe(frame.message.headers)
+        event = translate(frame.message.headers, ctx, correlator.linked_id_for)
+        if isinstance(event, CallEnded) and event.last_application == "Dial" and event.billable_seconds > 0:
+            return event
+    raise RuntimeError("answered_call has no billing CDR")
+
+
+def build_cdrs(n: int, accounts: int, base: CallEnded) -> list[CallEnded]:
+    """``n`` distinct billing CDRs ending in the last hour (so today's tariffs apply)."""
+    start0 = datetime.now(UTC) - timedelta(hours=1)
+    cdrs = []
+    for i in range(n):
+        billable = 1 + (i * 37) % 600
+        start = start0 + timedelta(milliseconds=i)
+        answer = start + timedelta(seconds=5)
+        unique_id = f"1795900000.{2 * i + 1}"
+        channel = f"Local/{NUMBERS[i % len(NUMBERS)]}@lab-pstn-{i:08x};1"
+        cdrs.append(
+            dataclasses.replace(
+                base,
+                key=f"cdr:pbx1:{unique_id}:{channel}",
+                account=f"bench{i % accounts:05d}",
+                destination=NUMBERS[i % len(NUMBERS)],
+                destination_channel=channel,
+                duration=billable + 5,
+                billable_seconds=billable,
+                start=start,
+                answer=answer,
+                end=answer + timedelta(seconds=billable),
+                unique_id=unique_id,
+                linked_id=f"1795900000.{2 * i}",
+            )
+        )
+    return cdrs
+
+
+def bench_accounts(count: int) -> list[tuple[Account, int]]:
+    localhost = (ipaddress.ip_network("127.0.0.1/32"),)
+    return [
+        (
+            Account(
+                code=f"bench{i:05d}",
+                name=f"Bench {i}",
+                email=f"bench{i}@example.ro",
+                daily_limit=None,
+                allowed_ips=localhost,
+                max_concurrent_calls=1000,
+            ),
+            BALANCE,
+        )
+        for i in range(count)
+    ]
+
+
+def cdr_row(call: CallEnded, now: datetime) -> tuple[Any, ...]:
+    return (
+        call.key, call.system_name, call.account, call.unique_id, call.linked_id, call.sequence, call.source,
+        call.destination, call.destination_context, call.channel, call.destination_channel, call.last_application,
+        str(call.disposition), call.duration, call.billable_seconds, to_db(call.start),
+        to_db(call.answer) if call.answer else None, to_db(call.end), str(call.origin), to_db(now),
+    )  # fmt: skip
+
+
+# -- the runs ------------------------------------------------------------------------------------
+
+
+async def raw_baseline(path: Path, cdrs: list[CallEnded]) -> float:
+    """aiosqlite, same pragmas, one transaction: executemany of the prepared rows. Seconds."""
+    now = datetime.now(UTC)
+    rows = [cdr_row(c, now) for c in cdrs]
+    conn = aiosqlite.Connection(lambda: connect_sync(path), iter_chunk_size=64)
+    await conn
+    try:
+        for statement in BASELINE_SCHEMA:
+            await conn.execute(statement)
+        placeholders = ", ".join("?" * len(rows[0]))
+        sql = f"INSERT INTO cdrs_raw ({CDR_COLUMNS}) VALUES ({placeholders})"
+        start = time.perf_counter()
+        await conn.execute("BEGIN IMMEDIATE")
+        await conn.executemany(sql, rows)
+        await conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        (count,) = await (await conn.execute("SELECT COUNT(*) FROM cdrs_raw")).fetchone()  # type: ignore[misc]
+        assert count == len(rows), count
+    finally:
+        await conn.close()
+    return elapsed
+
+
+@dataclasses.dataclass
+class StoreRun:
+    seconds: float
+    commits: int
+    charged: int
+    recorded: int
+    unrated: int
+    ledger_ok: bool
+
+
+async def store_run(
+    path: Path, cdrs: list[CallEnded], accounts: int, chunk: int, on_start: Callable[[], None] = lambda: None
+) -> StoreRun:
+    """One timed run: a fresh store, accounts imported (not timed), then the CDRs (timed)."""
+    clock = SystemClock()
+    store = await SqliteStore.open(path, clock)
+    store.start()
+    try:
+        tariffs = await asyncio.to_thread(load_tariffs, TARIFFS, timezone=ZONE)
+        money = MoneyService(store, clock, MoneySettings(tariffs=tariffs, zone=ZONE))
+        await store.write(import_unit(bench_accounts(accounts)))
+        processor = EventProcessor(store, await store.went_live_at(), money)
+        commits = store.commits
+        on_start()
+        start = time.perf_counter()
+        for offset in range(0, len(cdrs), chunk):
+            await asyncio.gather(*(processor.handle(c) for c in cdrs[offset : offset + chunk]))
+        elapsed = time.perf_counter() - start
+        commits = store.commits - commits
+    finally:
+        await store.close()
+    return StoreRun(elapsed, commits, money.charged, processor.applied["cdr"], money.unrated, ledger_matches(path))
+
+
+def ledger_matches(path: Path) -> bool:
+    """Consistency check after the run: every account's ledger sums to its cached balance."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        ledger = dict(conn.execute("SELECT account, SUM(amount) FROM ledger GROUP BY account").fetchall())
+        balances = dict(conn.execute("SELECT account, balance FROM balances").fetchall())
+    finally:
+        conn.close()
+    return ledger == balances
+
+
+# -- profile -------------------------------------------------------------------------------------
+
+
+def _where(func: tuple[str, int, str]) -> str:
+    filename, line, name = func
+    if filename == "~":
+        return name  # a builtin: {method 'execute' of 'sqlite3.Connection' objects}
+    for root in (str(REPO) + os.sep, sys.prefix + os.sep, sys.base_prefix + os.sep):
+        filename = filename.removeprefix(root)
+    return f"{filename}:{line}:{name}"
+
+
+def _top(profile: cProfile.Profile, n: int, label: str) -> None:
+    stats = pstats.Stats(profile)
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in raw.values()) or 1.0
+    print(f"  {label}: {total:.2f} s profiled; top {n} by own time (tottime), with cumulative time")
+    for func, (_, calls, tt, ct, _) in sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:n]:
+        print(f"    {100 * tt / total:5.1f}%  own {tt:6.3f} s  cum {ct:6.3f} s  {calls:8d} calls  {_where(func)}")
+
+
+class TimedConnection:
+    """Wraps the writer's sqlite3 connection during the profiled run: wall time per statement."""
+
+    def __init__(self, conn: sqlite3.Connection, seconds: defaultdict[str, float], calls: defaultdict[str, int]):
+        self._conn = conn
+        self._seconds = seconds
+        self._calls = calls
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        start = time.perf_counter()
+        try:
+            return self._conn.execute(sql, params)
+        finally:
+            key = " ".join(sql.split())
+            self._seconds[key] += time.perf_counter() - start
+            self._calls[key] += 1
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        """The batch's deferred rows: one call per table per batch, shown as ``[many]``."""
+        start = time.perf_counter()
+        try:
+            return self._conn.executemany(sql, rows)
+        finally:
+            key = "[many] " + " ".join(sql.split())
+            self._seconds[key] += time.perf_counter() - start
+            self._calls[key] += 1
+
+
+def profile_run(path: Path, cdrs: list[CallEnded], accounts: int, chunk: int) -> float:
+    """One store run with cProfile on the loop thread and, separately, on the writer thread.
+
+    Relies on the store's private ``_run_batch(conn, jobs, now)``; if its shape changes, only the
+    per-statement table is lost.
+    """
+    loop_profile, writer_profile = cProfile.Profile(), cProfile.Profile()
+    seconds: defaultdict[str, float] = defaultdict(float)
+    calls: defaultdict[str, int] = defaultdict(int)
+    original = sqlite_store._run_batch
+    started = threading.Event()  # set once the accounts are imported: only the CDRs are profiled
+
+    def profiled_batch(conn: Any, *rest: Any) -> Any:  # runs on the writer's thread
+        if not started.is_set():
+            return original(conn, *rest)
+        if isinstance(conn, sqlite3.Connection):
+            conn = TimedConnection(conn, seconds, calls)
+        writer_profile.enable()
+        try:
+            return original(conn, *rest)
+        finally:
+            writer_profile.disable()
+
+    def on_start() -> None:
+        started.set()
+        loop_profile.enable()
+
+    sqlite_store._run_batch = profiled_batch  # type: ignore[assignment]
+    try:
+        run = asyncio.run(store_run(path, cdrs, accounts, chunk, on_start))
+        loop_profile.disable()
+    finally:
+        sqlite_store._run_batch = original  # type: ignore[assignment]
+    n = len(cdrs)
+    print(f"profiled run: {n} CDRs, {n / run.seconds:.0f} CDR/s under cProfile (slower than unprofiled)")
+    _top(loop_profile, 14, "event loop thread (from the first CDR; store close included)")
+    _top(writer_profile, 14, "SQLite writer thread (_run_batch: the units of work + BEGIN/COMMIT)")
+    if seconds:
+        total = sum(seconds.values())
+        print(
+            f"  SQL statements on the writer thread: {sum(calls.values()) / n:.1f} per CDR,"
+            f" {1e6 * total / n:.0f} us per CDR (wall time, waits for the GIL included; the timer is"
+            " bench/rating.py's TimedConnection.execute above)"
+        )
+        for sql, spent in sorted(seconds.items(), key=lambda kv: kv[1], reverse=True)[:12]:
+            text = sql if len(sql) <= 72 else sql[:69] + "..."
+            print(f"    {1e6 * spent / n:6.1f} us/CDR  {calls[sql] / n:5.2f}/CDR  {text}")
+    return run.seconds
+
+
+def _fs_type(path: Path) -> str:
+    """The file system holding ``path``, from /proc/mounts (tmpfs would make fsync free)."""
+    best, kind = "", "file system unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and str(path).startswith(fields[1]) and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--cdrs", type=int, default=10_000, help="billing CDRs per run (default 10000)")
+    parser.add_argument("--accounts", type=int, default=1000, help="accounts, used round robin (default 1000)")
+    parser.add_argument("--chunk", type=int, default=1000, help="CDRs handed to asyncio.gather at once (default 1000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each, alternating (default 3)")
+    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="auto: if goal missed")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args()
+    if min(args.cdrs, args.accounts, args.chunk, args.runs) < 1:
+        parser.error("--cdrs, --accounts, --chunk and --runs must be >= 1")
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        configure_logging(level=args.log_level, fmt="json", stream=devnull)
+        _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    cdrs = build_cdrs(args.cdrs, args.accounts, template())
+    base_times: list[float] = []
+    runs: list[StoreRun] = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.runs):
+            gc.collect()
+            base_times.append(asyncio.run(raw_baseline(Path(d) / f"raw{i}.db", cdrs)))
+            gc.collect()
+            runs.append(asyncio.run(store_run(Path(d) / f"store{i}.db", cdrs, args.accounts, args.chunk)))
+        n = args.cdrs
+        base = n / statistics.median(base_times)
+        ours = n / statistics.median(r.seconds for r in runs)
+        commits = statistics.median(r.commits for r in runs)
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, SQLite {sqlite3.sqlite_version};"
+            f" WAL, synchronous=FULL; temp dir in {os.path.dirname(d)} ({_fs_type(Path(d))})"
+        )
+        print(
+            f"{n} billing CDRs per run over {args.accounts} accounts, asyncio.gather in chunks of {args.chunk};"
+            f" {args.runs} runs of each, alternating; medians; log level {args.log_level} (JSON to /dev/null)"
+        )
+        print(f"baseline aiosqlite executemany, 1 txn, cdrs-like rows: {base:9.0f} rows/s  (1.00x)")
+        print(
+            f"EventProcessor.handle + MoneyService.charge, batched : {ours:9.0f} CDR/s   ({ours / base:.3f}x baseline;"
+            f" {commits:.0f} commits, {n / commits:.0f} CDRs/commit, MAX_BATCH {MAX_BATCH})"
+        )
+        print(
+            "runs: baseline rows/s "
+            + ", ".join(f"{n / t:.0f}" for t in base_times)
+            + " | store CDR/s "
+            + ", ".join(f"{n / r.seconds:.0f} ({r.commits} commits)" for r in runs)
+        )
+        last = runs[-1]
+        print(
+            f"check (last run): {last.recorded} CDRs recorded, {last.charged} charged, {last.unrated} unrated;"
+            f" ledger sums equal balances: {last.ledger_ok}"
+        )
+        held = ours >= GOAL
+        print(f"goal >= {GOAL} CDR/s: {'HELD' if held else 'MISSED'} ({ours:.0f} CDR/s)")
+        if args.profile == "always" or (args.profile == "auto" and not held):
+            profile_run(Path(d) / "profile.db", cdrs[: min(n, 5000)], args.accounts, args.chunk)
+
+
+if __name__ == "__main__":
+    main()
