@@ -43,6 +43,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from clickphone_agi.config.loader import UniqueKeyLoader
 from clickphone_agi.domain.numbers import InvalidNumber, normalise
 from clickphone_agi.domain.tariffs import MAX_RATE_ADJUSTED, MIN_RATE_EXPONENT, TariffEntry, TariffTable
 
@@ -120,20 +121,8 @@ def parse_tariffs(
 # ---- YAML: no duplicate keys, numbers from their source text -----------------------------------
 
 
-class _TariffLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and never makes a float."""
-
-
-def _construct_mapping(loader: _TariffLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    result: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in result:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
-        result[key] = loader.construct_object(value_node, deep=True)
-    return result
+class _TariffLoader(UniqueKeyLoader):
+    """The configuration's duplicate-refusing SafeLoader, which here also never makes a float."""
 
 
 def _construct_float(loader: _TariffLoader, node: yaml.ScalarNode) -> Decimal | str:
@@ -158,7 +147,6 @@ def _construct_timestamp(loader: _TariffLoader, node: yaml.ScalarNode) -> date |
     return value
 
 
-_TariffLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _TariffLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
 _TariffLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 _TariffLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
