@@ -25,7 +25,7 @@ import structlog
 
 from clickphone_agi import __version__
 from clickphone_agi.adapters.agi import FastAgiServer
-from clickphone_agi.adapters.ami.client import AmiClient
+from clickphone_agi.adapters.ami.client import AmiClient, AmiNotConnectedError
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
 from clickphone_agi.adapters.logging import configure_logging
@@ -42,7 +42,7 @@ from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import DomainEvent
-from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
 from clickphone_agi.services.accounts import adjust_unit, import_unit
@@ -57,6 +57,7 @@ log = structlog.get_logger(__name__)
 # Sections a running daemon can adopt on SIGHUP; the rest are bound to sockets, files or tasks
 # created at start and need a restart.
 LIVE_SECTIONS = frozenset({"logging", "smtp", "notifications", "billing", "privacy"})
+VOICEMAIL_REMOVE_TIMEOUT = 10.0  # seconds for Asterisk to answer a VoicemailRemove
 
 
 def configure_from(config: Config) -> None:
@@ -183,6 +184,8 @@ class Daemon:
         self.reload_failures = 0
         self._started = time.monotonic()
         self._parts: Components | None = None
+        self.voicemail_removed = 0
+        self.voicemail_remove_failures = 0
 
     @property
     def config(self) -> Config:
@@ -238,6 +241,7 @@ class Daemon:
             config=lambda: self.config.smtp,
             password=self.loaded.secrets.smtp_password,
             renderer=renderer,
+            on_sent=self._remove_voicemail,
         )
         store.on_outbox = sender.wake
         ami = None
@@ -263,6 +267,37 @@ class Daemon:
                 build_router(money), host=cfg.agi.host, port=cfg.agi.port, max_connections=cfg.agi.max_connections
             )
         return Components(store, queue, processor, worker, sender, reconciler, ami, money, agi, notifier)
+
+    async def _remove_voicemail(self, row: OutboxRow) -> None:
+        """The sender's ``on_sent`` hook: with ``notifications.voicemail_remove_after_send``, a
+        delivered voicemail is removed from the spool by Asterisk (AMI ``VoicemailRemove``). A
+        failure leaves the message where it is; the mail was delivered anyway."""
+        ami = self._parts.ami if self._parts is not None else None
+        where = (row.payload or {}).get("vm_remove")
+        if row.kind != "voicemail" or not self.config.notifications.voicemail_remove_after_send or ami is None:
+            return
+        fields = {"Context": "context", "Mailbox": "mailbox", "Folder": "folder", "ID": "msg_id"}
+        if not isinstance(where, dict) or not all(isinstance(where.get(k), str) and where[k] for k in fields.values()):
+            return  # a row queued before this option existed, or not from the spool
+        args = {name: str(where[key]) for name, key in fields.items()}
+        box = f"{args['Mailbox']}@{args['Context']}"
+        reason: str | None
+        try:
+            reply = await ami.send_action("VoicemailRemove", args, VOICEMAIL_REMOVE_TIMEOUT)
+        except (AmiNotConnectedError, TimeoutError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            ok = (reply.response or "").lower() == "success"
+            reason = None if ok else (reply.get("Message") or reply.response or "no reason given")
+        if reason is None:
+            self.voicemail_removed += 1
+            log.info("voicemail.removed", key=row.idempotency_key, box=box, folder=args["Folder"], msg_id=args["ID"])
+        else:
+            self.voicemail_remove_failures += 1
+            log.warning(
+                "voicemail.remove_failed", key=row.idempotency_key, box=box, folder=args["Folder"],
+                msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures,
+            )  # fmt: skip
 
     async def _run_locked(self) -> int:
         cfg = self.config
@@ -486,6 +521,8 @@ class Daemon:
                 "queued": dict(parts.notifier.queued),
                 "errors": parts.notifier.errors,
                 "voicemail_boxes_nearly_full": dict(parts.notifier.boxes_nearly_full),
+                "voicemail_removed": self.voicemail_removed,
+                "voicemail_remove_failures": self.voicemail_remove_failures,
             },
             "outbox": await parts.store.outbox_counts(),
             "mail": await parts.sender.metrics(),

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.app import Daemon
+from clickphone_agi.clock import FakeClock
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.accounts import Account, Mailbox
 from clickphone_agi.services.accounts import import_unit
@@ -58,10 +60,14 @@ async def _daemon(
         code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", language=language,  # type: ignore[arg-type]
         dids=("40212345679",), mailboxes=(Mailbox("100@default", "voicemail@example.ro"),),
     )  # fmt: skip
+    # provisioned before the daemon starts, as an operator would: its start-up scan must see the account
+    store = await SqliteStore.open(loaded.config.database.path, FakeClock())
+    store.start()
+    await store.write(import_unit([(account, 1000)]))
+    await store.close()
     d = Daemon(loaded, config_path=cfg, install_signal_handlers=False)
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(d.ready.wait(), 10)
-    await d._running().store.write(import_unit([(account, 1000)]))
     try:
         yield d
     finally:

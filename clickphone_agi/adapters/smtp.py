@@ -34,7 +34,7 @@ import math
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parseaddr
@@ -148,8 +148,11 @@ class OutboxSender:
         policy: RetryPolicy | None = None,
         tls_context: ssl.SSLContext | None = None,
         renderer: Renderer | None = None,
+        on_sent: Callable[[OutboxRow], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        # called after a row's mark_sent committed; its errors are logged, the row stays sent
+        self._on_sent = on_sent
         self._renderer = renderer or Renderer()
         self._clock = clock
         self._config = config
@@ -176,6 +179,7 @@ class OutboxSender:
         self.expired = 0
         self.suppressed = 0
         self.connections = 0
+        self.on_sent_errors = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -330,8 +334,19 @@ class OutboxSender:
                 attempt=row.attempts + 1,
                 reply=outcome.reply,
             )
+            await self._after_sent(row)
             return
         await self._failed(mail, outcome, envelope)
+
+    async def _after_sent(self, row: OutboxRow) -> None:
+        """The ``on_sent`` hook; the mail was delivered, so nothing it does can change the row."""
+        if self._on_sent is None:
+            return
+        try:
+            await self._on_sent(row)
+        except Exception as exc:
+            self.on_sent_errors += 1
+            log.exception("mail.on_sent_failed", key=row.idempotency_key, kind=row.kind, error=repr(exc))
 
     async def _failed(self, mail: DueMail, outcome: _Outcome, envelope: str | None) -> None:
         row = mail.row

@@ -189,6 +189,8 @@ class NotificationsConfig(Section):
     voicemail_format: Literal["wav", "WAV", "wav49", "gsm"] = "wav"
     max_attachment_bytes: Annotated[int, Field(ge=1024, le=50 * 1024 * 1024)] = 10 * 1024 * 1024
     voicemail_maxmsg_warn_at: Annotated[int, Field(ge=1, le=10_000)] = 90
+    # after the 250, remove the message with AMI VoicemailRemove (Asterisk >= 18.20/20.5, write = user)
+    voicemail_remove_after_send: StrictBool = False
 
 
 class ApiConfig(Section):

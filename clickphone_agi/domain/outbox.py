@@ -31,6 +31,9 @@ class OutboxMessage:
     mime: bytes
     created_at: datetime
     expires_at: datetime
+    # stored next to the pre-rendered ``mime`` (the sender renders only rows without one), e.g.
+    # where a voicemail sits, for the removal after the 250; JSON-serialisable
+    payload: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.idempotency_key or len(self.idempotency_key) > 200:
@@ -51,8 +54,9 @@ class OutboxMessage:
         mime: bytes,
         now: datetime,
         lifetime: timedelta,
+        payload: dict[str, Any] | None = None,
     ) -> OutboxMessage:
-        return cls(key, kind, recipient, account, mime, now, now + lifetime)
+        return cls(key, kind, recipient, account, mime, now, now + lifetime, payload)
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,11 @@ class Notifier:
         if audio is not None:
             suffix = self.settings.audio_format.lower()
             attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
-        await self._queue("voicemail", key, account, recipient, data, attachments=attachments)
+        # where the message sits, for the optional VoicemailRemove after the 250 (app.py)
+        where = {"context": msg.context, "mailbox": msg.mailbox, "folder": msg.folder, "msg_id": msg.meta.msg_id}
+        await self._queue(
+            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": where}
+        )
 
     # ---- fax -----------------------------------------------------------------------------------
 
@@ -280,7 +284,7 @@ class Notifier:
 
     async def _queue(
         self, kind: str, key: str, account: Account, recipient: str, data: dict[str, Any], *,
-        attachments: list[Attachment] | None = None,
+        attachments: list[Attachment] | None = None, payload: dict[str, Any] | None = None,
     ) -> bool:  # fmt: skip
         if kind in account.opt_out:
             log.info("notice.opted_out", key=key, kind=kind, account=account.code)
@@ -299,7 +303,7 @@ class Notifier:
         mime = await asyncio.to_thread(render)
         message = OutboxMessage.build(
             key=key, kind=kind, recipient=recipient, account=account.code, mime=mime, now=now,
-            lifetime=KINDS[kind].lifetime,
+            lifetime=KINDS[kind].lifetime, payload=payload,
         )  # fmt: skip
 
         def unit(tx: WriteTx) -> bool:

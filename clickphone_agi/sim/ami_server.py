@@ -182,7 +182,9 @@ class AmiReplayServer:
     Counters for assertions: ``logins_ok``, ``logins_failed``, ``pings_answered``,
     ``connections_accepted``, ``slow_client_drops``, ``write_waits`` (times a write had to wait
     for a client to read) and ``actions_received`` (every action as a dict, in order).
-    Set ``answer_pings = False`` to simulate a half-open link.
+    Set ``answer_pings = False`` to simulate a half-open link. ``VoicemailRemove`` (Asterisk
+    ≥ 18.20/20.5) is answered ``Success``, or ``Error`` with ``voicemail_remove_error`` as the
+    message when that is set; ``voicemail_remove_answer = False`` leaves it unanswered.
 
     ``write_timeout`` is Asterisk's ``writetimeout`` (seconds, real time): a client whose write
     buffer stays above ``write_buffer_high`` bytes for that long without taking any of it is
@@ -224,6 +226,8 @@ class AmiReplayServer:
         self._queued: list[Transcript] = []
 
         self.answer_pings = True
+        self.voicemail_remove_error: str | None = None
+        self.voicemail_remove_answer = True
         self.logins_ok = 0
         self.logins_failed = 0
         self.pings_answered = 0
@@ -444,6 +448,17 @@ class AmiReplayServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._socket_send_buffer)
 
+    async def _other_action(self, conn: _Connection, action: str, action_id: str | None) -> None:
+        """A logged-in client's action other than Login, Ping and Logoff."""
+        if action != "voicemailremove":
+            await self._send(conn, _response("Error", action_id, ("Message", "Invalid/unknown command")))
+        elif not self.voicemail_remove_answer:
+            return
+        elif self.voicemail_remove_error is not None:
+            await self._send(conn, _response("Error", action_id, ("Message", self.voicemail_remove_error)))
+        else:
+            await self._send(conn, _response("Success", action_id, ("Message", "Message removed successfully")))
+
     async def _on_action(self, conn: _Connection, message: AmiMessage) -> None:
         action = (message.get("Action") or "").lower()
         action_id = message.action_id
@@ -481,4 +496,4 @@ class AmiReplayServer:
         elif not conn.logged_in:
             await self._send(conn, _response("Error", action_id, ("Message", "Authentication Required")))
         else:
-            await self._send(conn, _response("Error", action_id, ("Message", "Invalid/unknown command")))
+            await self._other_action(conn, action, action_id)

@@ -14,7 +14,7 @@ import asyncio
 import enum
 import itertools
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any, Literal, TypeVar
 
@@ -30,7 +30,7 @@ from clickphone_agi.adapters.ami.protocol import (
 )
 from clickphone_agi.clock import Clock
 
-__all__ = ["AmiAuthError", "AmiClient", "ClientState"]
+__all__ = ["AmiAuthError", "AmiClient", "AmiNotConnectedError", "ClientState"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,11 @@ _CLOSE_TIMEOUT = 1.0
 
 class AmiAuthError(Exception):
     """Asterisk refused the login (wrong username/secret, or not permitted from this host)."""
+
+
+class AmiNotConnectedError(Exception):
+    """An action was asked for while no logged-in AMI session exists, or the session ended
+    before the action's response arrived."""
 
 
 class _LinkLost(Exception):
@@ -177,6 +182,35 @@ class AmiClient:
             "last_error": self._last_error,
             "asterisk_version": self._asterisk_version,
         }
+
+    # -- actions ----------------------------------------------------------------------------
+
+    async def send_action(self, action: str, fields: Mapping[str, str], timeout: float) -> AmiMessage:
+        """Send one action on the logged-in session and return its ``Response`` frame.
+
+        The response is matched by a unique ``ActionID`` in the reader, so it never reaches
+        ``on_message``; the reader itself never waits for this call. Raises
+        :class:`AmiNotConnectedError` at once when no session is logged in (or the session ends
+        before the response), :class:`TimeoutError` after ``timeout`` seconds on the client's
+        clock, and ``ValueError`` for a CR/LF in a field. A ``Response: Error`` is returned, not
+        raised: the caller decides what it means.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        reserved = {name.lower() for name in fields} & {"action", "actionid"}
+        if reserved:
+            raise ValueError(f"fields must not set {sorted(reserved)}: the client sets them")
+        writer = self._writer
+        if writer is None or self._state != "connected" or writer.is_closing():
+            raise AmiNotConnectedError(f"AMI is not connected (state {self._state})")
+        try:
+            return await self._with_timeout(self._request(writer, action, **fields), timeout)
+        except asyncio.CancelledError:
+            # the session ended (its pending futures are cancelled); a caller's own cancel propagates
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise AmiNotConnectedError(f"AMI session ended before the {action} response") from None
 
     # -- main loop --------------------------------------------------------------------------
 

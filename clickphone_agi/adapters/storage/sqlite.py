@@ -661,15 +661,16 @@ class SqliteTx:
     def enqueue(self, message: OutboxMessage) -> bool:
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
-                   (idempotency_key, kind, recipient, account, message, created_at, expires_at,
+                   (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
                     next_attempt_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 message.idempotency_key,
                 message.kind,
                 message.recipient,
                 message.account,
                 message.mime,
+                None if message.payload is None else json.dumps(message.payload, sort_keys=True),
                 to_db(message.created_at),
                 to_db(message.expires_at),
                 to_db(message.created_at),
