@@ -59,6 +59,7 @@ from clickphone_agi.domain.accounts import Account
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.agi_client import default_env
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -76,33 +77,8 @@ GOAL_RATE, GOAL_P99_MS = 1000, 5.0
 
 def header_block(port: int, account: str, number: str, uniqueid: str, channel: int) -> bytes:
     """The header block Asterisk 20 writes for ``AGI(agi://127.0.0.1:<port>/authorize,acct,number,ip)``."""
-    env = {
-        "network": "yes",
-        "network_script": dv.AUTHORIZE_SCRIPT,
-        "request": f"agi://{HOST}:{port}/{dv.AUTHORIZE_SCRIPT}",
-        "channel": f"PJSIP/100-{channel:08x}",
-        "language": "ro",
-        "type": "PJSIP",
-        "uniqueid": uniqueid,
-        "version": "20.8.1",
-        "callerid": "100",
-        "calleridname": "Birou 100",
-        "callingpres": "0",
-        "callingani2": "0",
-        "callington": "0",
-        "callingtns": "0",
-        "dnid": number,
-        "rdnis": "unknown",
-        "context": "clickphone-outbound",
-        "extension": number,
-        "priority": "9",
-        "enhanced": "0.0",
-        "accountcode": account,
-        "threadid": "140000000000000",
-        "arg_1": account,
-        "arg_2": number,
-        "arg_3": HOST,
-    }
+    env = default_env(HOST, port, dv.AUTHORIZE_SCRIPT, [account, number, HOST])
+    env.update(uniqueid=uniqueid, channel=f"PJSIP/100-{channel:08x}", arg_1=account, arg_2=number, arg_3=HOST)
     return ("".join(f"agi_{k}: {v}\n" for k, v in env.items()) + "\n").encode()
 
 
