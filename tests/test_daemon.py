@@ -178,14 +178,15 @@ async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     assert report["domain_events"]["CallEnded"] == 22
     assert report["money"]["charged"] == 2  # answered_call and the long call recovered from Master.csv
     assert {a["code"]: a["balance"] for a in report["accounts"]} == {"acct1001": 13, "acct1002": 2500}
-    # voicemail (audio), received fax (PDF), failed fax, missed call, test mail, 80 % limit, low balance,
+    # voicemail (audio), received fax (PDF), failed fax, missed call, password changed (IVR UserEvent),
+    # test mail, 80 % limit, low balance,
     # insufficient funds, IP alert — each exactly once
-    assert len(emls) == 9, out
+    assert len(emls) == 10, out
     ids = {line for p in emls for line in p.read_text(errors="replace").splitlines() if line.startswith("Message-ID:")}
-    assert len(ids) == 9
+    assert len(ids) == 10
     kinds = {line.split(":", 1)[1].strip() for p in emls for line in p.read_text(errors="replace").splitlines()
              if line.startswith("X-ClickPhone-Kind:")}  # fmt: skip
-    assert {"voicemail", "fax_received", "fax_failed", "missed_call"} <= kinds
+    assert {"voicemail", "fax_received", "fax_failed", "missed_call", "password_changed"} <= kinds
     assert report["events_by_type"]["Cdr"] > 0
     assert "0721000001" not in (out_dir / "daemon.log").read_text()  # caller numbers masked
 

@@ -615,6 +615,17 @@ def _user_event_name(f: _Frame) -> str:
     return f.get("UserEvent").strip()
 
 
+MONEY_USER_EVENTS: Final[frozenset[str]] = frozenset(
+    {"Topup", "TopUp", "Payment", "PaymentConfirmed", "Credit", "Adjust", "Adjustment", "Balance", "Refund"}
+)
+"""``ClickPhone<Name>`` UserEvents that would move money: refused, because any AMI client with
+``write=user`` can send a UserEvent. Top-ups and payments come only from the intake API."""
+
+
+def is_money_user_event(name: str) -> bool:
+    return name.startswith(USER_EVENT_PREFIX) and name.removeprefix(USER_EVENT_PREFIX) in MONEY_USER_EVENTS
+
+
 def unsupported_user_event(headers: Sequence[tuple[str, str]]) -> str | None:
     """The name of a ``UserEvent: ClickPhone*`` that :func:`translate` ignores, else ``None``:
     lets the caller count unknown product events (a typo in the dialplan, a newer sender)."""

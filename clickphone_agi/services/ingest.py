@@ -18,7 +18,14 @@ from typing import Any
 import structlog
 
 from clickphone_agi.adapters.ami.protocol import AmiMessage
-from clickphone_agi.domain.ami_translate import HANDLED_EVENTS, TranslateContext, TranslateError, translate
+from clickphone_agi.domain.ami_translate import (
+    HANDLED_EVENTS,
+    TranslateContext,
+    TranslateError,
+    is_money_user_event,
+    translate,
+    unsupported_user_event,
+)
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
 from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
@@ -226,6 +233,8 @@ class IngestWorker:
         self.events_by_type: Counter[str] = Counter()
         self.translated: Counter[str] = Counter()
         self.translate_errors = 0
+        self.unsupported_user_events: Counter[str] = Counter()
+        self.money_user_events_refused = 0
         self.effect_errors = 0
         self.last_event_monotonic: float | None = None
 
@@ -282,7 +291,24 @@ class IngestWorker:
             return None
         if event is not None:
             self.translated[type(event).__name__] += 1
+        elif name == "UserEvent":
+            self._unsupported(message)
         return event
+
+    def _unsupported(self, message: AmiMessage) -> None:
+        """Unknown ClickPhone* UserEvents are counted; money ones are a security event."""
+        unknown = unsupported_user_event(message.headers)
+        if unknown is None:
+            return
+        self.unsupported_user_events[unknown] += 1
+        if is_money_user_event(unknown):
+            self.money_user_events_refused += 1
+            log.error(
+                "security.money_user_event_refused", user_event=unknown, channel=message.get("Channel"),
+                note="money never arrives over AMI; use the intake API",
+            )  # fmt: skip
+        else:
+            log.warning("ami.unknown_user_event", user_event=unknown)
 
     async def _apply(self, event: DomainEvent) -> None:
         try:

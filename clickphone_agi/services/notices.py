@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,12 +28,14 @@ from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import (
+    AccountEvent,
     CallEnded,
     DialOutcome,
     DomainEvent,
     FaxReceived,
     FaxResult,
     FaxSent,
+    VoicemailPasswordChanged,
     VoicemailRecorded,
     VoicemailWaiting,
 )
@@ -78,6 +81,7 @@ class Notifier:
         )  # fmt: skip
         self._tracker = MissedCallTracker(settings.missed_call_grace, owner_of=self._owner_of)
         self._fax_files: OrderedDict[str, FaxReceived | FaxSent] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._boxes_due: set[tuple[str, str]] = set()
         self.queued: dict[str, int] = {}
@@ -98,7 +102,44 @@ class Notifier:
             while len(self._fax_files) > 1000:
                 self._fax_files.popitem(last=False)
         elif isinstance(event, FaxResult):
-            asyncio.get_running_loop().create_task(self._fax_from_event(event))
+            self._spawn(self._fax_from_event(event))
+        elif isinstance(event, VoicemailPasswordChanged | AccountEvent):
+            self._spawn(self._security(event))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- security notices from the PBX side (IVR PIN, voicemail password) -------------------------
+
+    async def _security(self, event: VoicemailPasswordChanged | AccountEvent) -> None:
+        """A password or PIN changed on the PBX: tell the subscriber (never the secret itself)."""
+        key = f"notice:{event.key}"  # the event's own key is claimed by the ingest processor
+        try:
+            if await self._store.has_event(key):
+                return
+            if isinstance(event, VoicemailPasswordChanged):
+                box = f"{event.mailbox}@{event.context}"
+                account = await self._store.write(lambda tx: tx.account_for_mailbox(box))
+                kind, data = "password_changed", {"source_ip": "", "at": self._clock.now()}
+            else:
+                account = await self._store.write(lambda tx: tx.get_account(event.account))
+                if event.name == "PasswordChanged":
+                    kind, data = (
+                        "password_changed",
+                        {"source_ip": event.fields.get("SourceIP", ""), "at": self._clock.now()},
+                    )
+                else:  # PinCreated / PinChanged
+                    number = event.fields.get("Number") or (f"+{account.dids[0]}" if account and account.dids else "")
+                    kind, data = "pin_created", {"number": number, "at": self._clock.now()}
+            if account is None:
+                log.warning("notices.security_unknown_account", key=event.key)
+                return
+            await self._queue(kind, key, account, account.email, {"name": account.name, **data})
+        except Exception:
+            self.errors += 1
+            log.exception("notices.security_failed", key=event.key)
 
     def _owner_of(self, call: CallEnded) -> str | None:
         """Inbound calls are recognised by context: the account code alone cannot tell the

@@ -212,7 +212,7 @@ async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSin
         f"{status['reconcile']['recovered'] - before} CDRs recovered, none counted twice"
     )
     await _authorizations(daemon)
-    await sink.wait_for(9, timeout=60)
+    await sink.wait_for(10, timeout=60)
     return await _settle(daemon)
 
 
