@@ -28,6 +28,7 @@ from clickphone_agi.adapters.agi import FastAgiServer
 from clickphone_agi.adapters.ami.client import AmiClient, AmiNotConnectedError
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
+from clickphone_agi.adapters.http_api import HttpApi
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
 from clickphone_agi.adapters.smtp import OutboxSender, bounce_command, purge_command, retry_command
@@ -48,6 +49,7 @@ from clickphone_agi.ports import Store
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
+from clickphone_agi.services.intake import Intake, IntakeSettings
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.services.reconcile import CdrReconciler
@@ -311,6 +313,7 @@ class Daemon:
         parts = self._parts = await self._build(store)
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
+        api = await self._start_api(store)
         if parts.agi is not None:
             await parts.agi.start()
 
@@ -353,8 +356,7 @@ class Daemon:
 
         log.info("daemon.stopping", backlog=parts.queue.depth, drain_timeout=bound)
         intake_stop.set()
-        if parts.agi is not None:
-            await parts.agi.close()  # stop accepting; in-flight authorisations finish
+        await self._stop_accepting(api, parts)
         if "ami" in tasks:
             await _bounded(tasks["ami"], bound / 4)
         parts.queue.close()
@@ -378,6 +380,36 @@ class Daemon:
             seconds=round(time.monotonic() - started, 3),
         )
         return 1 if crashed else 0
+
+    async def _stop_accepting(self, api: HttpApi | None, parts: Components) -> None:
+        """The drain's first step: the intake API and FastAGI take no new requests."""
+        if api is not None:
+            await api.close()  # in-flight requests finish their units first
+        if parts.agi is not None:
+            await parts.agi.close()  # stop accepting; in-flight authorisations finish
+
+    async def _start_api(self, store: SqliteStore) -> HttpApi | None:
+        """The HTTP intake API when ``api.enabled`` (started after the control socket)."""
+        cfg = self.config
+        if not cfg.api.enabled:
+            return None
+
+        def settings() -> IntakeSettings:
+            c = self.config  # smtp and billing follow a reload
+            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
+
+        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
+        intake = Intake(store, self.clock, renderer, settings)
+        api = HttpApi(
+            intake,
+            self.loaded.secrets.api_token,
+            host=cfg.api.host,
+            port=cfg.api.port,
+            max_body_bytes=cfg.api.max_body_bytes,
+            status=lambda: self._cmd_status({}),
+        )
+        await api.start()
+        return api
 
     async def _wait_stop_or_crash(self, stop_wait: asyncio.Task[Any], tasks: Mapping[str, asyncio.Task[Any]]) -> bool:
         """Wait for a stop request; a component task that dies is logged and stops the daemon."""

@@ -75,6 +75,14 @@ class WriteTx(Protocol):
 
     def record_rated(self, rated: RatedCall) -> None: ...
 
+    def api_request(self, key: str) -> tuple[str, int, str] | None:
+        """The intake API's record of an Idempotency-Key: (body hash, status, response JSON)."""
+        ...
+
+    def record_api_request(self, key: str, body_hash: str, status: int, response: str) -> bool:
+        """Record an intake API key with its first response (same transaction as the effects)."""
+        ...
+
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row rendered by the sender from the notice's payload."""
         ...

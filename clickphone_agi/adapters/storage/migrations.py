@@ -178,6 +178,21 @@ MIGRATIONS: tuple[Migration, ...] = (
                ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        5,
+        "intake API: idempotency keys with the first response",
+        (
+            # One row per Idempotency-Key of the HTTP intake API, written in the same transaction
+            # as the operation's effects; a repeat with the same body hash gets the stored response.
+            """CREATE TABLE api_requests (
+                   key        TEXT PRIMARY KEY,
+                   body_hash  TEXT NOT NULL,
+                   status     INTEGER NOT NULL,
+                   response   TEXT NOT NULL,
+                   created_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

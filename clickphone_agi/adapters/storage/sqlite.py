@@ -637,6 +637,21 @@ class SqliteTx:
         if not _ignored(row, _RATED_NOT_NULL):
             batch.put(batch.rated, rated.key, row)  # inserted at the end of the batch
 
+    def api_request(self, key: str) -> tuple[str, int, str] | None:
+        """The intake API's record of ``key``: (body hash, status, response JSON), or None."""
+        row = self._conn.execute(
+            "SELECT body_hash, status, response FROM api_requests WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
+
+    def record_api_request(self, key: str, body_hash: str, status: int, response: str) -> bool:
+        """Record an intake API request's key with its first response; False if the key exists."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO api_requests (key, body_hash, status, response, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key, body_hash, status, response, self._batch.now_db),
+        )
+        return cur.rowcount == 1
+
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
         cur = self._conn.execute(

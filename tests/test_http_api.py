@@ -1,0 +1,201 @@
+"""The HTTP intake API over real HTTP on loopback, against the in-process daemon and an SMTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clickphone_agi.adapters.accounts_file import load_accounts
+from clickphone_agi.app import Daemon
+from clickphone_agi.config.loader import load_config
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.conftest import REPO
+
+ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
+TOKEN = "s3cret-api-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Api:
+    daemon: Daemon
+    base: str
+    session: aiohttp.ClientSession
+    db: Path
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, key: str | None = None, token: str | None = TOKEN
+    ) -> tuple[int, Any]:
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        async with self.session.request(method, self.base + path, json=body, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    def ledger_sum(self, code: str) -> int:
+        with sqlite3.connect(self.db) as conn:
+            return int(conn.execute("SELECT SUM(amount) FROM ledger WHERE account = ?", (code,)).fetchone()[0])
+
+
+async def _start(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_port: int, **kwargs: Any
+) -> tuple[Daemon, asyncio.Task[int], int]:
+    port = _free_port()
+    (short_tmp / "api-token").write_text(TOKEN + "\n")
+    extra = f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n  max_body_bytes: 2048\n"
+    cfg = write_config(extra=extra, smtp_port=smtp_port, **kwargs)
+    d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
+    task = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), 10)
+    return d, task, port
+
+
+@pytest.fixture
+async def api(write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink) -> AsyncIterator[Api]:
+    d, task, port = await _start(write_config, short_tmp, smtp_sink.port)
+    parts = d._running()
+    await parts.store.write(import_unit([(i.account, i.opening_balance) for i in load_accounts(ACCOUNTS)]))
+    async with aiohttp.ClientSession() as session:
+        yield Api(d, f"http://127.0.0.1:{port}", session, d.config.database.path)
+    d.request_stop()
+    assert await task == 0
+
+
+def _later(hours: int = 1) -> str:
+    return (datetime.now(UTC) + timedelta(hours=hours)).isoformat()
+
+
+EVENTS: dict[str, dict[str, Any]] = {
+    "password_changed": {"source_ip": "198.51.100.7"},
+    "password_recovery": {"reset_url": "https://cont.example.ro/reset?t=abc", "expires_at": _later()},
+    "pin_created": {"number": "0310000001"},
+    "topup": {"amount": "12.50", "reference": "TOP-1"},
+    "payment_confirmed": {"amount": "45.90", "method": "card", "reference": "CP-2026-1"},
+    "balance_info": {},
+}
+
+
+async def _settle(sink: SmtpSink, count: int) -> None:
+    await sink.wait_for(count)
+    await asyncio.sleep(0.3)  # anything extra would have arrived by now
+
+
+async def test_every_event_mails_once_and_repeats_do_nothing(api: Api, smtp_sink: SmtpSink) -> None:
+    for n, (kind, data) in enumerate(EVENTS.items()):
+        status, body = await api.call(
+            "POST", "/v1/accounts/acct1001/events", {"type": kind, "data": data}, key=f"k-{kind}"
+        )
+        assert status in (200, 202), body
+        assert body["mails"] == 1
+        await smtp_sink.wait_for(n + 1)
+    for kind, data in EVENTS.items():
+        again = await api.call("POST", "/v1/accounts/acct1001/events", {"type": kind, "data": data}, key=f"k-{kind}")
+        assert again[0] in (200, 202)
+    await _settle(smtp_sink, len(EVENTS))
+    assert len(smtp_sink.messages) == len(EVENTS)
+    kinds = sorted(
+        next(line for line in m.data.decode().splitlines() if line.startswith("X-ClickPhone-Kind:")).split(": ")[1]
+        for m in smtp_sink.messages
+    )
+    assert kinds == sorted(EVENTS)
+    assert all(m.rcpt_tos == ("ion.popescu@example.ro",) for m in smtp_sink.messages)
+    payment = next(m for m in smtp_sink.messages if b"payment_confirmed" in m.data)
+    assert b"card" not in payment.data.split(b"\r\n\r\n", 1)[0]
+
+
+async def test_topup_credits_exactly(api: Api) -> None:
+    store = api.daemon._running().store
+    before = await store.write(lambda tx: tx.balance("acct1001"))
+    body = {"type": "topup", "data": {"amount": "12.50"}}
+    status, reply = await api.call("POST", "/v1/accounts/acct1001/events", body, key="top-1")
+    assert status == 200
+    assert reply["balance"] == before + 1250
+    assert await api.call("POST", "/v1/accounts/acct1001/events", body, key="top-1") == (status, reply)
+    after = await store.write(lambda tx: tx.balance("acct1001"))
+    assert after == before + 1250
+    assert api.ledger_sum("acct1001") == after
+    assert await store.write(lambda tx: tx.get_state("acct1001", "low_armed")) == "1"
+
+
+async def test_auth_errors_and_limits(api: Api) -> None:
+    body = {"type": "topup", "data": {"amount": "12.50"}}
+    path = "/v1/accounts/acct1001/events"
+    status, reply = await api.call("POST", path, body, key="a", token=None)
+    assert (status, reply["field"]) == (401, None)
+    assert (await api.call("POST", path, body, key="a", token="wrong"))[0] == 401
+    status, reply = await api.call("POST", path, {"type": "topup", "data": {"amount": "12.505"}}, key="b")
+    assert (status, reply["field"]) == (400, "data.amount")
+    status, reply = await api.call("POST", path, {"type": "topup", "data": {"amount": 12.5}}, key="b")
+    assert (status, reply["field"]) == (400, "data.amount")
+    assert (await api.call("POST", path, body))[0] == 400  # no Idempotency-Key
+    status, reply = await api.call("POST", path, {"type": "topup", "data": {"amount": "1" * 5000}}, key="c")
+    assert status == 413
+    assert set(reply) == {"error", "field"}
+    assert (await api.call("POST", "/v1/accounts/nobody/events", body, key="d"))[0] == 404
+    assert (await api.call("POST", path, body, key="e"))[0] == 200
+    status, reply = await api.call("POST", path, {"type": "topup", "data": {"amount": "1.00"}}, key="e")
+    assert (status, reply["field"]) == (409, "Idempotency-Key")
+
+
+async def test_put_account_and_allowed_ip_change(api: Api, smtp_sink: SmtpSink) -> None:
+    new = {"name": "Ana Pop", "email": "ana.pop@example.ro", "opening_balance": "10.00", "allowed_ips": ["192.0.2.1"]}
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", new, key="p1")
+    assert (status, reply["created"], reply["balance"]) == (201, True, 1000)
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", {**new, "email": "x"}, key="p2")
+    assert (status, reply["field"]) == (400, "email")
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", {**new, "allowed_ips": ["1.2.3.4/8"]}, key="p2")
+    assert (status, reply["field"]) == (400, "allowed_ips[0]")
+    changed = {**new, "allowed_ips": ["192.0.2.2", "198.51.100.0/24"], "opening_balance": "99.00"}
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", changed, key="p3")
+    assert (status, reply["created"], reply["balance"], reply["mails"]) == (200, False, 1000, 1)
+    assert (await api.call("PUT", "/v1/accounts/acct2001", changed, key="p3"))[0] == 200
+    await _settle(smtp_sink, 1)
+    assert len(smtp_sink.messages) == 1
+    assert smtp_sink.messages[0].rcpt_tos == ("ana.pop@example.ro",)
+    assert b"X-ClickPhone-Kind: allowed_ip_changed" in smtp_sink.messages[0].data
+
+
+async def test_metrics_and_health(api: Api) -> None:
+    async with api.session.get(api.base + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"clickphone_ami_events", "clickphone_ingest_queue_depth", "clickphone_outbox_messages"} <= names
+    async with api.session.get(api.base + "/healthz") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["database_writable"] is True
+    assert body["ami"] is None
+
+
+async def test_health_503_when_ami_down(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    d, task, port = await _start(write_config, short_tmp, smtp_sink.port, ami_enabled=True, ami_port=_free_port())
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        assert body["ami"]["connected"] is False
+        assert body["database_writable"] is True
+    finally:
+        d.request_stop()
+        assert await task == 0
