@@ -167,35 +167,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(exc: BaseException, debug: bool) -> int:
+    """One clear line per problem on stderr and the exit code of the first matching type."""
+    from clickphone_agi.adapters.accounts_file import AccountsFileError
     from clickphone_agi.adapters.control import CommandError, ControlUnavailable
     from clickphone_agi.adapters.storage.sqlite import SchemaTooNew, StorageError, WriterBusy
+    from clickphone_agi.adapters.tariff_file import TariffFileError
     from clickphone_agi.config.loader import ConfigError
 
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    if type(exc).__name__ in ("TariffFileError", "AccountsFileError"):
-        for problem in getattr(exc, "problems", [str(exc)]):
-            print(f"clickphone-agi: {problem}", file=sys.stderr)
-        return EX_CONFIG if type(exc).__name__ == "TariffFileError" else EX_DATAERR
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            print(f"clickphone-agi: config error: {problem}", file=sys.stderr)
-        return EX_CONFIG
-    if isinstance(exc, SchemaTooNew):
-        print(f"clickphone-agi: {exc}", file=sys.stderr)
-        return EX_DATAERR
-    if isinstance(exc, WriterBusy):
-        print(f"clickphone-agi: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    if isinstance(exc, StorageError):
-        print(f"clickphone-agi: {exc}", file=sys.stderr)
-        return EX_DATAERR
+    # (type, exit code, prefix); order matters: subclasses before their bases
+    table: list[tuple[type[BaseException], int, str]] = [
+        (TariffFileError, EX_CONFIG, ""),
+        (AccountsFileError, EX_DATAERR, ""),
+        (ConfigError, EX_CONFIG, "config error: "),
+        (SchemaTooNew, EX_DATAERR, ""),
+        (WriterBusy, EX_TEMPFAIL, ""),
+        (StorageError, EX_DATAERR, ""),
+        (CommandError, EX_ERROR, ""),
+    ]
     if isinstance(exc, ControlUnavailable):
         print(f"clickphone-agi: the daemon is not running (no control socket at {exc})", file=sys.stderr)
         return EX_UNAVAILABLE
-    if isinstance(exc, CommandError):
-        print(f"clickphone-agi: {exc}", file=sys.stderr)
-        return EX_ERROR
+    for kind, code, prefix in table:
+        if isinstance(exc, kind):
+            for problem in getattr(exc, "problems", None) or [str(exc)]:
+                print(f"clickphone-agi: {prefix}{problem}", file=sys.stderr)
+            return code
     print(f"clickphone-agi: error: {type(exc).__name__}: {exc}", file=sys.stderr)
     if not debug:
         print("clickphone-agi: run again with --debug for the traceback", file=sys.stderr)

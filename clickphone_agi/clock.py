@@ -80,3 +80,19 @@ class FakeClock:
         self._mono = target
         for _ in range(5):
             await asyncio.sleep(0)
+
+
+async def wait_any(clock: Clock, seconds: float, *events: asyncio.Event) -> None:
+    """Return when any event is set or ``seconds`` of ``clock`` time passed, whichever is first.
+
+    The background loops (sender, reconciliation, notices) sleep this way so a stop request or
+    new work ends the sleep at once instead of waiting it out.
+    """
+    waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(e.wait()) for e in events]
+    waiters.append(asyncio.ensure_future(clock.sleep(seconds)))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

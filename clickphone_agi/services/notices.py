@@ -12,7 +12,6 @@ baseline ever is.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import structlog
 
 from clickphone_agi.adapters.fax import FaxFileError, FaxSidecar, scan_fax_spool, tiff_to_pdf
 from clickphone_agi.adapters.spool import VoicemailMessage, VoicemailSpool
-from clickphone_agi.clock import Clock
+from clickphone_agi.clock import Clock, wait_any
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import (
@@ -170,18 +169,7 @@ class Notifier:
                 log.exception("notices.pass_failed")
             if stop.is_set():
                 break
-            waits = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._wake.wait()),
-                asyncio.ensure_future(self._clock.sleep(min(5.0, self.settings.scan_interval))),
-            ]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await w
+            await wait_any(self._clock, min(5.0, self.settings.scan_interval), stop, self._wake)
 
         # stopping: decide pending missed calls now rather than lose them with the process
         for missed in self._tracker.due(self._clock.now() + timedelta(days=1)):

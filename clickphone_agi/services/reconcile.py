@@ -10,14 +10,13 @@ in between re-reads them, and their keys make that harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition
-from clickphone_agi.clock import Clock
+from clickphone_agi.clock import Clock, wait_any
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.ingest import EventProcessor
 
@@ -63,18 +62,7 @@ class CdrReconciler:
             except Exception as exc:
                 self.last_error = str(exc)
                 log.exception("reconcile.failed")
-            waits = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._wake.wait()),
-                asyncio.ensure_future(self._clock.sleep(self._interval)),
-            ]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await w
+            await wait_any(self._clock, self._interval, stop, self._wake)
 
     async def run_once(self) -> int:
         """One pass to the end of the file; returns the CDRs that had an effect (were missed)."""
