@@ -193,6 +193,54 @@ MIGRATIONS: tuple[Migration, ...] = (
                ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        6,
+        "consent records, marketing suppressions, the policy archive, broadcasts",
+        (
+            # Marketing consent as a history: every grant and withdrawal with when, how (api, cli,
+            # unsubscribe, import, ami) and under which privacy-policy version. The newest row per
+            # account is the current state; accounts.data's marketing_consent mirrors it.
+            """CREATE TABLE consent_records (
+                   id             INTEGER PRIMARY KEY,
+                   account        TEXT NOT NULL,
+                   purpose        TEXT NOT NULL DEFAULT 'marketing',
+                   granted        INTEGER NOT NULL CHECK (granted IN (0, 1)),
+                   recorded_at    TEXT NOT NULL,
+                   source         TEXT NOT NULL,
+                   policy_version TEXT,
+                   evidence       TEXT
+               )""",
+            "CREATE INDEX consent_records_account ON consent_records (account, id)",
+            # Addresses (ASCII-lowercased) that never get marketing, whatever their consent says.
+            """CREATE TABLE marketing_suppressions (
+                   address    TEXT PRIMARY KEY,
+                   reason     TEXT NOT NULL,
+                   created_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+            # Published privacy-policy versions: immutable, content-hashed (sha256 of text).
+            """CREATE TABLE policies (
+                   version      TEXT PRIMARY KEY,
+                   sha256       TEXT NOT NULL,
+                   text         BLOB NOT NULL,
+                   summary      TEXT NOT NULL,
+                   effective_on TEXT NOT NULL,
+                   published_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+            """CREATE TRIGGER policies_immutable_update BEFORE UPDATE ON policies
+               BEGIN SELECT RAISE(ABORT, 'policy versions are immutable'); END""",
+            """CREATE TRIGGER policies_immutable_delete BEFORE DELETE ON policies
+               BEGIN SELECT RAISE(ABORT, 'policy versions are immutable'); END""",
+            # One row per broadcast (its id is the request's idempotency key).
+            """CREATE TABLE broadcasts (
+                   id         TEXT PRIMARY KEY,
+                   kind       TEXT NOT NULL CHECK (kind IN ('tariff_change', 'offer')),
+                   params     TEXT NOT NULL,
+                   created_at TEXT NOT NULL,
+                   recipients INTEGER NOT NULL DEFAULT 0,
+                   skipped    INTEGER NOT NULL DEFAULT 0
+               ) WITHOUT ROWID""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
