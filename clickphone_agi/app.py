@@ -339,6 +339,7 @@ class Daemon:
             control_socket=str(cfg.daemon.control_socket),
             ami=f"{cfg.ami.host}:{cfg.ami.port}" if cfg.ami.enabled else None,
             master_csv=str(cfg.asterisk.master_csv) if cfg.asterisk.master_csv else None,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.notifier.ready(self._status_text())
         self.ready.set()

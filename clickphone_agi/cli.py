@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     configure_from(loaded.config)
     daemon = Daemon(loaded, config_path=args.config, overrides=tuple(args.overrides))
-    return asyncio.run(daemon.run())
+    return run_loop(daemon.run(), loaded.config.daemon.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Run the daemon on uvloop (libuv) when configured and installed, else on asyncio's loop."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # a platform without it (the dependency is skipped on Windows)
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
