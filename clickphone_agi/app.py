@@ -215,6 +215,8 @@ class Daemon:
         renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
         processor = NotifyingProcessor(store, went_live, money)
         notifier = Notifier(store, self.clock, renderer, notice_settings(cfg), went_live)
+        notifier.remove_delivered = self._remove_delivered_voicemail
+        notifier.remove_enabled = lambda: self.config.notifications.voicemail_remove_after_send  # SIGHUP-live
         processor.notifier = notifier
         reconciler = None
         if cfg.asterisk.master_csv is not None:
@@ -273,15 +275,23 @@ class Daemon:
     async def _remove_voicemail(self, row: OutboxRow) -> None:
         """The sender's ``on_sent`` hook: with ``notifications.voicemail_remove_after_send``, a
         delivered voicemail is removed from the spool by Asterisk (AMI ``VoicemailRemove``). A
-        failure leaves the message where it is; the mail was delivered anyway."""
-        ami = self._parts.ami if self._parts is not None else None
+        failure leaves the message where it is (the mail was delivered anyway); the spool scan
+        finds it again and retries (:meth:`_remove_delivered_voicemail`)."""
+        if row.kind != "voicemail":
+            return
         where = (row.payload or {}).get("vm_remove")
-        if row.kind != "voicemail" or not self.config.notifications.voicemail_remove_after_send or ami is None:
+        if isinstance(where, dict):  # None: a row queued before this option existed, or not from the spool
+            await self._remove_delivered_voicemail(row.idempotency_key, where)
+
+    async def _remove_delivered_voicemail(self, key: str, where: dict[str, Any]) -> None:
+        """``VoicemailRemove`` for a message whose mail got its 250; logged and counted either way."""
+        ami = self._parts.ami if self._parts is not None else None
+        if not self.config.notifications.voicemail_remove_after_send:
             return
         fields = {"Context": "context", "Mailbox": "mailbox", "Folder": "folder", "ID": "msg_id"}
-        if not isinstance(where, dict) or not all(isinstance(where.get(k), str) and where[k] for k in fields.values()):
-            return  # a row queued before this option existed, or not from the spool
-        args = {name: str(where[key]) for name, key in fields.items()}
+        if ami is None or not all(isinstance(where.get(k), str) and where[k] for k in fields.values()):
+            return
+        args = {name: str(where[key_]) for name, key_ in fields.items()}
         box = f"{args['Mailbox']}@{args['Context']}"
         reason: str | None
         try:
@@ -293,11 +303,11 @@ class Daemon:
             reason = None if ok else (reply.get("Message") or reply.response or "no reason given")
         if reason is None:
             self.voicemail_removed += 1
-            log.info("voicemail.removed", key=row.idempotency_key, box=box, folder=args["Folder"], msg_id=args["ID"])
+            log.info("voicemail.removed", key=key, box=box, folder=args["Folder"], msg_id=args["ID"])
         else:
             self.voicemail_remove_failures += 1
             log.warning(
-                "voicemail.remove_failed", key=row.idempotency_key, box=box, folder=args["Folder"],
+                "voicemail.remove_failed", key=key, box=box, folder=args["Folder"],
                 msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures,
             )  # fmt: skip
 

@@ -178,3 +178,6 @@ class Store(Protocol):
     async def get_meta(self, key: str) -> str | None: ...
 
     async def has_event(self, key: str) -> bool: ...
+
+    async def outbox_status(self, key: str) -> str | None:
+        """The status of the outbox row queued under ``key`` (``None``: no such row)."""

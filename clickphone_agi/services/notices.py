@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -83,6 +83,10 @@ class Notifier:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._boxes_due: set[tuple[str, str]] = set()
+        # set by the composition root with notifications.voicemail_remove_after_send: called for a
+        # message still in the spool whose mail was delivered (a removal that failed or never ran)
+        self.remove_delivered: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
+        self.remove_enabled: Callable[[], bool] = lambda: False
         self.queued: dict[str, int] = {}
         self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
@@ -209,6 +213,14 @@ class Notifier:
                 continue  # the go-live baseline: old messages are never mailed
             key = f"vm:{self.settings.system_name}:{box}:{msg.meta.msg_id}"
             if await self._store.has_event(key):
+                # the spool is the state: a delivered message still here is removed again (durably
+                # retried at every scan, also after a crash between the 250 and the removal)
+                if (
+                    self.remove_delivered is not None
+                    and self.remove_enabled()
+                    and await self._store.outbox_status(key) == "sent"
+                ):
+                    await self.remove_delivered(key, _location(msg))
                 continue
             await self._voicemail(account, box, msg, key)
 
@@ -229,9 +241,8 @@ class Notifier:
             suffix = self.settings.audio_format.lower()
             attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
         # where the message sits, for the optional VoicemailRemove after the 250 (app.py)
-        where = {"context": msg.context, "mailbox": msg.mailbox, "folder": msg.folder, "msg_id": msg.meta.msg_id}
         await self._queue(
-            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": where}
+            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": _location(msg)}
         )
 
     # ---- fax -----------------------------------------------------------------------------------
@@ -343,3 +354,8 @@ class Notifier:
             self.queued[kind] = self.queued.get(kind, 0) + 1
             log.info("notice.queued", key=key, kind=kind, account=account.code, to=recipient, bytes=len(mime))
         return bool(queued)
+
+
+def _location(msg: VoicemailMessage) -> dict[str, str]:
+    """Where a message sits now, as AMI ``VoicemailRemove`` names it."""
+    return {"context": msg.context, "mailbox": msg.mailbox, "folder": str(msg.folder), "msg_id": msg.meta.msg_id}

@@ -1061,6 +1061,11 @@ class SqliteStore:
         rows = await self._fetchall("SELECT 1 FROM processed_events WHERE key = ?", (key,))
         return bool(rows)
 
+    async def outbox_status(self, key: str) -> str | None:
+        """The status of the outbox row queued under ``key`` (``None``: no such row)."""
+        rows = await self._fetchall("SELECT status FROM outbox WHERE idempotency_key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
     async def get_meta(self, key: str) -> str | None:
         rows = await self._fetchall("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
