@@ -28,7 +28,7 @@ from clickphone_agi.adapters.agi import FastAgiServer
 from clickphone_agi.adapters.ami.client import AmiClient, AmiNotConnectedError
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
-from clickphone_agi.adapters.http_api import HttpApi
+from clickphone_agi.adapters.http_api import ApiServices, HttpApi
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
 from clickphone_agi.adapters.smtp import OutboxSender, bounce_command, purge_command, retry_command
@@ -48,10 +48,13 @@ from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
+from clickphone_agi.services.broadcasts import BroadcastService, BroadcastSettings
+from clickphone_agi.services.consent import ConsentService, ConsentSettings
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
-from clickphone_agi.services.intake import Intake, IntakeSettings
+from clickphone_agi.services.intake import ApiError, Intake, IntakeSettings, Reply, body_hash, check_key
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.services.notices import NoticeSettings, Notifier
+from clickphone_agi.services.policies import PolicyService, PolicySettings, policy_json
 from clickphone_agi.services.reconcile import CdrReconciler
 
 log = structlog.get_logger(__name__)
@@ -188,6 +191,7 @@ class Daemon:
         self._parts: Components | None = None
         self.voicemail_removed = 0
         self.voicemail_remove_failures = 0
+        self._api: IntakeServices | None = None
 
     @property
     def config(self) -> Config:
@@ -321,6 +325,7 @@ class Daemon:
         store = await SqliteStore.open(cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout)
         store.start()
         parts = self._parts = await self._build(store)
+        self._api = self._build_api_services(store, parts)
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
         api = await self._start_api(store)
@@ -405,19 +410,16 @@ class Daemon:
         if not cfg.api.enabled:
             return None
 
-        def settings() -> IntakeSettings:
-            c = self.config  # smtp and billing follow a reload
-            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
-
-        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
-        intake = Intake(store, self.clock, renderer, settings)
+        services = self._intake_services()
         api = HttpApi(
-            intake,
+            services.intake,
             self.loaded.secrets.api_token,
             host=cfg.api.host,
             port=cfg.api.port,
             max_body_bytes=cfg.api.max_body_bytes,
             status=lambda: self._cmd_status({}),
+            services=ApiServices(store, services.consent, services.broadcasts, services.policies, self._figures),
+            max_policy_bytes=cfg.api.max_policy_bytes,
         )
         await api.start()
         return api
@@ -511,6 +513,7 @@ class Daemon:
         table.register("outbox.retry", self._cmd_outbox_retry)
         table.register("outbox.purge", self._cmd_outbox_purge)
         table.register("bounce", self._cmd_bounce)
+        self._register_intake_commands(table)
         return table
 
     def _running(self) -> Components:
@@ -612,6 +615,125 @@ class Daemon:
 
     async def _cmd_bounce(self, args: dict[str, Any]) -> dict[str, Any]:
         return {**await bounce_command(self._running().store, self.config.smtp, args), "by": "daemon"}
+
+    # ---- the intake services: HTTP API and CLI verbs share them ---------------------------------
+
+    def _build_api_services(self, store: SqliteStore, parts: Components) -> IntakeServices:
+        """Intake, consent, broadcasts and policies: built whether or not the HTTP API listens,
+        since the CLI verbs reach the same services through the control socket."""
+        cfg = self.config
+        secret = self.loaded.secrets.unsubscribe_secret
+        secret_bytes = secret.encode("utf-8") if secret else None
+
+        def intake_settings() -> IntakeSettings:
+            c = self.config  # smtp and billing follow a reload
+            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
+
+        def consent_settings() -> ConsentSettings:
+            return ConsentSettings(self.config.billing.timezone, secret_bytes)
+
+        def broadcast_settings() -> BroadcastSettings:
+            c = self.config
+            return BroadcastSettings(c.billing.timezone, c.api.public_base_url, secret_bytes, c.api.broadcast_chunk)
+
+        def policy_settings() -> PolicySettings:
+            return PolicySettings(self.config.api.public_base_url, self.config.api.broadcast_chunk)
+
+        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
+        return IntakeServices(
+            intake=Intake(store, self.clock, renderer, intake_settings),
+            consent=ConsentService(store, consent_settings),
+            broadcasts=BroadcastService(store, self.clock, renderer, broadcast_settings),
+            policies=PolicyService(store, self.clock, policy_settings),
+        )
+
+    def _figures(self) -> dict[str, Any]:
+        """Counters for /metrics that the status command does not carry."""
+        out: dict[str, Any] = {}
+        parts, api = self._parts, self._api
+        if parts is not None and parts.agi is not None:
+            out["agi_latency"] = parts.agi.latency.snapshot()
+        if api is not None:
+            out["broadcasts"] = dict(api.broadcasts.broadcasts)
+            out["broadcast_mails"] = {**api.broadcasts.mails, "policy_changed": api.policies.mails}
+            out["consent_changes"] = dict(api.consent.changes)
+            out["unsubscribes"] = api.consent.unsubscribes
+            out["unsubscribes_refused"] = api.consent.unsubscribe_refused
+            out["policies_published"] = api.policies.published
+        return out
+
+    def _register_intake_commands(self, table: CommandTable) -> None:
+        table.register("intake.event", self._cmd_intake_event)
+        table.register("intake.consent", self._cmd_intake_consent)
+        table.register("intake.broadcast", self._cmd_intake_broadcast)
+        table.register("intake.policy.publish", self._cmd_policy_publish)
+        table.register("intake.policy.list", self._cmd_policy_list)
+        table.register("intake.policy.show", self._cmd_policy_show)
+
+    def _intake_services(self) -> IntakeServices:
+        self._running()
+        if self._api is None:
+            raise CommandError("the daemon is still starting")
+        return self._api
+
+    async def _cmd_intake_event(self, args: dict[str, Any]) -> dict[str, Any]:
+        code, key, body = _request_args(args)
+        digest = body_hash("POST", f"/v1/accounts/{code}/events", body)
+        return await _as_reply(self._intake_services().intake.post_event(key, digest, code, body, ""))
+
+    async def _cmd_intake_consent(self, args: dict[str, Any]) -> dict[str, Any]:
+        code, key, body = _request_args(args)
+        digest = body_hash("PUT", f"/v1/accounts/{code}/consent", body)
+        consent = self._intake_services().consent
+        return await _as_reply(consent.put_consent(key, digest, code, body, "", source="cli"))
+
+    async def _cmd_intake_broadcast(self, args: dict[str, Any]) -> dict[str, Any]:
+        _, key, body = _request_args(args, code=False)
+        digest = body_hash("POST", "/v1/broadcasts", body)
+        return await _as_reply(self._intake_services().broadcasts.post(key, digest, body))
+
+    async def _cmd_policy_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await _as_reply(self._intake_services().policies.publish(args.get("body")))
+
+    async def _cmd_policy_list(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return await _as_reply(self._intake_services().policies.list())
+
+    async def _cmd_policy_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        policies = self._intake_services().policies
+
+        async def show() -> Reply:
+            return Reply(200, policy_json(await policies.get(str(args.get("version"))), text=True))
+
+        return await _as_reply(show())
+
+
+@dataclass(frozen=True)
+class IntakeServices:
+    intake: Intake
+    consent: ConsentService
+    broadcasts: BroadcastService
+    policies: PolicyService
+
+
+def _request_args(args: dict[str, Any], *, code: bool = True) -> tuple[str, str, Any]:
+    """(account code, Idempotency-Key, body) of a CLI request, the key checked as the API checks it."""
+    account = args.get("code") if code else ""
+    if not isinstance(account, str):
+        raise CommandError("code: expected an account code")
+    try:
+        key = check_key(args.get("key"))
+    except ApiError as exc:
+        raise CommandError(f"--key: {exc.message}") from None
+    return account, key, args.get("body")
+
+
+async def _as_reply(pending: Awaitable[Reply]) -> dict[str, Any]:
+    """The service's answer as the HTTP API would give it: ``{"status": ..., "body": ...}``."""
+    try:
+        reply = await pending
+    except ApiError as exc:
+        return {"status": exc.status, "body": {"error": exc.message, "field": exc.field}}
+    return {"status": reply.status, "body": reply.body}
 
 
 async def _bounded(task: Awaitable[Any], seconds: float) -> bool:

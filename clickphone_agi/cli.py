@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
     r.add_argument("file", type=Path)
     _add_money_parsers(sub, common)
+    _add_intake_parsers(sub, common)
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
@@ -152,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preview": _cmd_preview,
         "outbox": _cmd_outbox,
         "bounce": _cmd_bounce,
+        "event": _cmd_event,
+        "policy": _cmd_policy,
+        "consent": _cmd_consent,
+        "broadcast": _cmd_broadcast,
     }
     if args.command not in ("run", "demo"):
         # CLI verbs print their result on stdout; their own logs go to stderr, masked
@@ -605,6 +610,129 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from clickphone_agi.sim.demo import run_demo
 
     return asyncio.run(run_demo(args.output))
+
+
+# ---- the intake verbs: the HTTP API's operations from shell scripts, through the daemon -----------
+
+
+def _add_intake_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """event, policy, consent and broadcast: the same service layer as the HTTP intake API."""
+    ev = sub.add_parser("event", parents=[common], help="report a subscriber event (mails its notice)")
+    ev.add_argument("code")
+    ev.add_argument("type", help="password_changed, password_recovery, pin_created, topup, payment_confirmed, ...")
+    ev.add_argument("--data", default="{}", help="JSON object, or @FILE holding one")
+    ev.add_argument("--key", required=True, help="idempotency key: a repeat with the same key does nothing")
+    pol = sub.add_parser("policy", help="the privacy-policy archive")
+    polsub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    pub = polsub.add_parser("publish", parents=[common], help="archive FILE as a version and mail every account")
+    pub.add_argument("file", type=Path)
+    pub.add_argument("--version", dest="policy_version", required=True)
+    pub.add_argument("--effective", required=True, help="ISO date the version takes effect")
+    pub.add_argument("--summary", required=True, help="what changed, for the mail (or @FILE)")
+    polsub.add_parser("list", parents=[common], help="every archived version with its sha256")
+    show = polsub.add_parser("show", parents=[common], help="one version (--raw: the text only, byte for byte)")
+    show.add_argument("policy_version", metavar="VERSION")
+    show.add_argument("--raw", action="store_true")
+    con = sub.add_parser("consent", parents=[common], help="grant or withdraw an account's marketing consent")
+    con.add_argument("code")
+    con.add_argument("action", choices=["grant", "withdraw"])
+    con.add_argument("--policy-version", help="the policy version consented under (default: the one in force)")
+    con.add_argument("--how", help="how it was given or withdrawn, e.g. 'phone call to support, ticket 123'")
+    con.add_argument("--key", help="idempotency key (default: a new one)")
+    bc = sub.add_parser("broadcast", help="queue a tariff change or an offer")
+    bcsub = bc.add_subparsers(dest="broadcast_kind", required=True, metavar="KIND")
+    tc = bcsub.add_parser("tariff-change", parents=[common], help="service notice, every selected account")
+    tc.add_argument("--tariff", required=True)
+    tc.add_argument("--effective", required=True, help="ISO date, at least one month ahead")
+    tc.add_argument("--changes", required=True, help="what changes (or @FILE)")
+    of = bcsub.add_parser("offer", parents=[common], help="marketing: consenting, unsuppressed accounts only")
+    of.add_argument("--title", required=True)
+    of.add_argument("--body", required=True, help="the offer's text (or @FILE)")
+    of.add_argument("--valid-until", required=True, help="ISO date")
+    for p in (tc, of):
+        p.add_argument("--id", required=True, help="the broadcast id (its idempotency key)")
+        p.add_argument("--url", required=True, help="https link with the details")
+        p.add_argument("--account", action="append", help="only this account (repeatable; default: all)")
+        p.add_argument("--billing", choices=["prepaid", "postpaid"])
+
+
+def _text_arg(value: str) -> str:
+    """A value given inline, or ``@FILE`` for the file's UTF-8 text."""
+    return Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+
+
+def _intake_call(args: argparse.Namespace, cmd: str, payload: dict[str, Any]) -> int:
+    """Send one intake request to the daemon; print the body, exit 0 (2xx), 65 (refused), 75 (busy)."""
+    from clickphone_agi.adapters import control
+
+    loaded = _load(args, require_secrets=False)
+    answer = control.call(loaded.config.daemon.control_socket, cmd, payload, timeout=600)
+    status, body = int(answer["status"]), answer["body"]
+    if status < 300:
+        if getattr(args, "raw", False):
+            sys.stdout.write(body["text"])
+        else:
+            _print(body)
+        return EX_OK
+    where = f"{body.get('field')}: " if body.get("field") else ""
+    print(f"clickphone-agi: {where}{body.get('error')} ({status})", file=sys.stderr)
+    return EX_TEMPFAIL if status == 503 else EX_DATAERR
+
+
+def _cmd_event(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(_text_arg(args.data))
+    except (OSError, ValueError) as exc:
+        print(f"clickphone-agi: --data: not a JSON object: {exc}", file=sys.stderr)
+        return EX_USAGE
+    body = {"type": args.type, "data": data}
+    return _intake_call(args, "intake.event", {"code": args.code, "key": args.key, "body": body})
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "list":
+        return _intake_call(args, "intake.policy.list", {})
+    if args.policy_command == "show":
+        return _intake_call(args, "intake.policy.show", {"version": args.policy_version})
+    try:
+        text = args.file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"clickphone-agi: {args.file}: cannot read the policy as UTF-8 text: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    body = {
+        "version": args.policy_version,
+        "text": text,
+        "effective_on": args.effective,
+        "summary": _text_arg(args.summary),
+    }
+    return _intake_call(args, "intake.policy.publish", {"body": body})
+
+
+def _cmd_consent(args: argparse.Namespace) -> int:
+    import uuid
+
+    body: dict[str, Any] = {"marketing": args.action == "grant"}
+    if args.how:
+        body["how"] = args.how
+    if args.policy_version:
+        body["policy_version"] = args.policy_version
+    key = args.key or f"cli-consent:{uuid.uuid4().hex}"
+    return _intake_call(args, "intake.consent", {"code": args.code, "key": key, "body": body})
+
+
+def _cmd_broadcast(args: argparse.Namespace) -> int:
+    body: dict[str, Any]
+    if args.broadcast_kind == "tariff-change":
+        body = {"kind": "tariff_change", "tariff": args.tariff, "effective": args.effective}
+        body["changes"] = _text_arg(args.changes)
+    else:
+        body = {"kind": "offer", "title": args.title, "body": _text_arg(args.body), "valid_until": args.valid_until}
+    body["url"] = args.url
+    if args.account:
+        body["accounts"] = args.account
+    if args.billing:
+        body["billing"] = args.billing
+    return _intake_call(args, "intake.broadcast", {"key": args.id, "body": body})
 
 
 def entry() -> None:

@@ -40,7 +40,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
@@ -394,6 +394,36 @@ class AgiRouter:
 # -- server -----------------------------------------------------------------------------------
 
 
+class LatencyHistogram:
+    """Session durations in fixed buckets (seconds), for the Prometheus histogram on /metrics.
+
+    Plain counters, no lock: only the event loop touches them.
+    """
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counts by upper bound (``"+Inf"`` last), the sum and the count."""
+        cumulative: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip((*(repr(b) for b in self.BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return {"buckets": cumulative, "sum": self.sum, "count": running}
+
+
 class FastAgiServer:
     """Accepts FastAGI connections and runs the routed script for each.
 
@@ -440,6 +470,7 @@ class FastAgiServer:
         self._route_errors = 0
         self._timeouts = 0
         self._completed = 0
+        self.latency = LatencyHistogram()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -572,7 +603,10 @@ class FastAgiServer:
         finally:
             self._tasks.discard(task)
             await self._close_writer(writer, graceful=graceful)
-            duration_ms = round((loop.time() - started) * 1000, 1)
+            elapsed = loop.time() - started
+            duration_ms = round(elapsed * 1000, 1)
+            if info["script"] is not None:  # a request was read: how long Asterisk waited for its answer
+                self.latency.observe(elapsed)
             # a completed session is already told by its route's own line (agi.authorize): debug
             level = (
                 "debug" if outcome == "completed" else "info" if outcome in {"hangup", "header_error"} else "warning"

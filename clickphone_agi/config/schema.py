@@ -200,6 +200,12 @@ class ApiConfig(Section):
     token_file: Path | None = None
     public_base_url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/[^\s]*)?$")] | None = None
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 65536
+    # HMAC key of the one-click unsubscribe links (or the credential 'unsubscribe-secret')
+    unsubscribe_secret_file: Path | None = None
+    # largest POST /v1/policies body (a policy text is published in one request)
+    max_policy_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # accounts per unit of work when a broadcast or a policy notice is queued
+    broadcast_chunk: Annotated[int, Field(ge=1, le=10_000)] = 500
 
 
 class LoggingConfig(Section):

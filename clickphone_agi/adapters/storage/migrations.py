@@ -241,6 +241,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        7,
+        "the notification audit trail: outbox rows by account",
+        (
+            # GET /v1/accounts/{code}/notifications pages through one account's rows, newest first;
+            # without this index every page scans the whole outbox.
+            "CREATE INDEX outbox_account ON outbox (account, id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

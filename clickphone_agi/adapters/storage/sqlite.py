@@ -17,7 +17,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -28,10 +28,13 @@ from clickphone_agi.adapters.storage.codec import account_from_json, account_to_
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.consent import Candidate, ConsentRecord
 from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
+from clickphone_agi.domain.policy import Policy
+from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
 
 T = TypeVar("T")
@@ -831,6 +834,127 @@ class SqliteTx:
             sql = f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?"  # noqa: S608 - marks only
         return int(self._conn.execute(sql, (*wanted, to_db(before))).rowcount)
 
+    # ---- consent, suppressions, policies, broadcasts (schema 6) ------------------------------
+
+    def consent(self, code: str) -> bool | None:
+        """The account's newest marketing consent record (True granted, False withdrawn), or None."""
+        row = self._conn.execute(
+            "SELECT granted FROM consent_records WHERE account = ? AND purpose = 'marketing' ORDER BY id DESC LIMIT 1",
+            (code,),
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
+    def record_consent(
+        self, code: str, granted: bool, source: str, policy_version: str | None, evidence: str | None
+    ) -> ConsentRecord:
+        """Append one grant or withdrawal to the account's consent history."""
+        cur = self._conn.execute(
+            "INSERT INTO consent_records (account, purpose, granted, recorded_at, source, policy_version, evidence)"
+            " VALUES (?, 'marketing', ?, ?, ?, ?, ?)",
+            (code, int(granted), to_db(self.now), source, policy_version, evidence),
+        )
+        return ConsentRecord(int(cur.lastrowid or 0), code, granted, self.now, source, policy_version, evidence)
+
+    def marketing_suppression(self, address: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT reason FROM marketing_suppressions WHERE address = lower(?)", (address,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def add_marketing_suppression(self, address: str, reason: str) -> bool:
+        """Put ``address`` on the marketing suppression list; False if it already was (reason kept)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO marketing_suppressions (address, reason, created_at) VALUES (lower(?), ?, ?)",
+            (address, reason, to_db(self.now)),
+        )
+        return cur.rowcount == 1
+
+    def remove_marketing_suppression(self, address: str) -> bool:
+        cur = self._conn.execute("DELETE FROM marketing_suppressions WHERE address = lower(?)", (address,))
+        return cur.rowcount == 1
+
+    def policy(self, version: str) -> Policy | None:
+        row = self._conn.execute(
+            f"SELECT {_POLICY_COLUMNS} FROM policies WHERE version = ?",  # noqa: S608 - constant columns
+            (version,),
+        ).fetchone()
+        return None if row is None else _policy(row)
+
+    def publish_policy(self, policy: Policy) -> bool:
+        """Archive a version (immutable afterwards: the table's triggers refuse UPDATE and DELETE)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO policies (version, sha256, text, summary, effective_on, published_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                policy.version,
+                policy.sha256,
+                policy.text,
+                policy.summary,
+                policy.effective_on.isoformat(),
+                to_db(policy.published_at),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def policy_in_force(self, day: str) -> str | None:
+        """The version in force on local ``day`` (ISO): the latest effective on or before it."""
+        row = self._conn.execute(
+            "SELECT version FROM policies WHERE effective_on <= ? ORDER BY effective_on DESC, published_at DESC"
+            " LIMIT 1",
+            (day,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def broadcast(self, broadcast_id: str) -> tuple[str, str] | None:
+        """(kind, params JSON) of a broadcast already started under this id."""
+        row = self._conn.execute("SELECT kind, params FROM broadcasts WHERE id = ?", (broadcast_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def start_broadcast(self, broadcast_id: str, kind: str, params: str) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO broadcasts (id, kind, params, created_at) VALUES (?, ?, ?, ?)",
+            (broadcast_id, kind, params, to_db(self.now)),
+        )
+        return cur.rowcount == 1
+
+    def finish_broadcast(self, broadcast_id: str, recipients: int, skipped: int) -> None:
+        self._conn.execute(
+            "UPDATE broadcasts SET recipients = ?, skipped = ? WHERE id = ?", (recipients, skipped, broadcast_id)
+        )
+
+    def candidates(self, after: str | None, limit: int) -> list[Candidate]:
+        """Up to ``limit`` accounts with codes after ``after`` (code order), with their consent and
+        suppressions: one chunk of a broadcast, read in the unit of work that enqueues it."""
+        rows = self._conn.execute(
+            """SELECT a.data,
+                      (SELECT c.granted FROM consent_records c
+                        WHERE c.account = a.code AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1),
+                      EXISTS (SELECT 1 FROM marketing_suppressions m
+                               WHERE m.address = lower(json_extract(a.data, '$.email'))),
+                      EXISTS (SELECT 1 FROM suppressions s
+                               WHERE s.address = lower(json_extract(a.data, '$.email'))
+                                 AND s.suppressed_at IS NOT NULL)
+               FROM accounts a WHERE a.code > ? ORDER BY a.code LIMIT ?""",
+            (after or "", limit),
+        ).fetchall()
+        return [
+            Candidate(account_from_json(r[0]), None if r[1] is None else bool(r[1]), bool(r[2]), bool(r[3]))
+            for r in rows
+        ]
+
+
+_POLICY_COLUMNS = "version, text, summary, effective_on, published_at"
+
+
+def _policy(row: sqlite3.Row | tuple[Any, ...]) -> Policy:
+    return Policy(
+        version=str(row[0]),
+        text=bytes(row[1]),
+        summary=str(row[2]),
+        effective_on=date.fromisoformat(row[3]),
+        published_at=from_db(row[4]),
+    )
+
 
 @dataclass
 class _Job:
@@ -1015,8 +1139,9 @@ class SqliteStore:
         marks = ", ".join("?" * len(skip))
         rows = await self._fetchall(
             f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
-            " (SELECT s.reason FROM suppressions s"
-            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL)"
+            " COALESCE((SELECT s.reason FROM suppressions s"
+            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL),"
+            f" {_MARKETING_STOP})"
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
             " ORDER BY next_attempt_at, id LIMIT ?",
             (to_db(now), *skip, limit),
@@ -1081,6 +1206,65 @@ class SqliteStore:
         rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    # ---- consent, policies, the notification audit trail (reads) ------------------------------
+
+    async def consent_history(self, code: str, limit: int = 500) -> list[ConsentRecord]:
+        """The account's consent records, newest first."""
+        rows = await self._fetchall(
+            "SELECT id, account, granted, recorded_at, source, policy_version, evidence FROM consent_records"
+            " WHERE account = ? AND purpose = 'marketing' ORDER BY id DESC LIMIT ?",
+            (code, limit),
+        )
+        return [ConsentRecord(int(r[0]), str(r[1]), bool(r[2]), from_db(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    async def marketing_suppression(self, address: str) -> str | None:
+        rows = await self._fetchall("SELECT reason FROM marketing_suppressions WHERE address = lower(?)", (address,))
+        return str(rows[0][0]) if rows else None
+
+    async def policies(self) -> list[dict[str, Any]]:
+        """Every archived version without its text, newest effective date first."""
+        rows = await self._fetchall(
+            "SELECT version, sha256, effective_on, published_at, length(text) FROM policies"
+            " ORDER BY effective_on DESC, published_at DESC"
+        )
+        return [
+            {
+                "version": r[0],
+                "sha256": r[1],
+                "effective_on": r[2],
+                "published_at": from_db(r[3]).isoformat(),
+                "bytes": int(r[4]),
+            }
+            for r in rows
+        ]
+
+    async def policy(self, version: str) -> Policy | None:
+        rows = await self._fetchall(
+            f"SELECT {_POLICY_COLUMNS} FROM policies WHERE version = ?",  # noqa: S608 - constant columns
+            (version,),
+        )
+        return _policy(rows[0]) if rows else None
+
+    async def notifications(self, code: str, limit: int, before: int | None) -> list[OutboxRow]:
+        """One account's outbox rows, newest first, ids below ``before`` (no bodies)."""
+        rows = await self._fetchall(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608 - constant column list
+            " WHERE account = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (code, before if before is not None else 2**63 - 1, limit),
+        )
+        return [_outbox_row(r) for r in rows]
+
+
+# Why a queued marketing mail must not go out any more, checked again at every send: an
+# unsubscribe, a withdrawal or a suppression after the broadcast queued it still stops it.
+_MARKETING_KINDS = ", ".join(f"'{name}'" for name, spec in sorted(KINDS.items()) if spec.category == "marketing")
+_MARKETING_STOP = f"""CASE WHEN outbox.kind IN ({_MARKETING_KINDS}) THEN COALESCE(
+        (SELECT 'marketing suppression: ' || m.reason FROM marketing_suppressions m
+          WHERE m.address = lower(outbox.recipient)),
+        CASE WHEN COALESCE((SELECT c.granted FROM consent_records c
+                             WHERE c.account = outbox.account AND c.purpose = 'marketing'
+                             ORDER BY c.id DESC LIMIT 1), 0) = 0
+             THEN 'no marketing consent' END) END"""  # noqa: S608 - kind names from the catalogue
 
 _OUTBOX_COLUMNS = (
     "id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"
