@@ -24,14 +24,17 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import structlog
 
+from clickphone_agi.adapters.storage import privacy as privacy_sql
 from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
+from clickphone_agi.adapters.storage.privacy import address_hash_sql
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
+from clickphone_agi.domain.privacy import address_forms
 from clickphone_agi.ports import WriteTx
 
 T = TypeVar("T")
@@ -80,6 +83,12 @@ def configure_connection(conn: sqlite3.Connection, busy_timeout: float = 5.0) ->
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA secure_delete = ON")
     conn.execute("PRAGMA foreign_keys = ON")
+    _add_functions(conn)
+
+
+def _add_functions(conn: sqlite3.Connection) -> None:
+    """SQL functions the queries use: ``address_hash(x)``, a suppressed address's erased form."""
+    conn.create_function("address_hash", 1, address_hash_sql, deterministic=True)
 
 
 def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = False) -> sqlite3.Connection:
@@ -87,6 +96,7 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        _add_functions(conn)
         return conn
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
@@ -474,6 +484,9 @@ class SqliteTx:
 
     def upsert_account(self, account: Account, opening_balance: int) -> bool:
         """Insert or update; the opening balance is booked only for a new account. True if new."""
+        old = self.get_account(account.code)
+        if old is not None and old.erased:
+            raise ValueError(f"{account.code}: this account's data was erased; its code is not reused")
         now = self._batch.now_db
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
@@ -654,6 +667,8 @@ class SqliteTx:
 
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
+        if self._erased(notice.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
@@ -674,6 +689,8 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def enqueue(self, message: OutboxMessage) -> bool:
+        if self._erased(message.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
@@ -752,8 +769,10 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def suppression(self, address: str) -> str | None:
+        # the plain address, or its digest once its owner's data was erased (domain.privacy)
         row = self._conn.execute(
-            "SELECT reason FROM suppressions WHERE address = lower(?) AND suppressed_at IS NOT NULL", (address,)
+            "SELECT reason FROM suppressions WHERE address IN (?, ?) AND suppressed_at IS NOT NULL",
+            address_forms(address),
         ).fetchone()
         return str(row[0]) if row else None
 
@@ -830,6 +849,77 @@ class SqliteTx:
         else:
             sql = f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?"  # noqa: S608 - marks only
         return int(self._conn.execute(sql, (*wanted, to_db(before))).rowcount)
+
+    # ---- data rights and retention (SQL in adapters/storage/privacy.py) ---------------------
+
+    def _erased(self, code: str | None) -> bool:
+        """Whether ``code`` names an erased account: no mail is ever queued for one."""
+        if code is None:
+            return False
+        account = self.get_account(code)
+        return account is not None and account.erased
+
+    def marketing_suppressed(self, address: str) -> str | None:
+        """The reason ``address`` must get no marketing (plain or, after an erasure, hashed), or None.
+
+        Marketing only; :meth:`suppression` is the bounce list that stops every mail.
+        """
+        row = self._conn.execute(
+            "SELECT reason FROM marketing_suppressions WHERE address IN (?, ?)", address_forms(address)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def erase_account(
+        self,
+        code: str,
+        *,
+        forms: Callable[[str], tuple[str, ...]],
+        outbox_ids: Collection[int],
+        outbox_seen_up_to: int,
+        salt: bytes,
+    ) -> dict[str, Any] | None:
+        """Anonymise account ``code`` (see :mod:`~clickphone_agi.adapters.storage.privacy`); None if unknown.
+
+        Raises :class:`~clickphone_agi.adapters.storage.privacy.ErasureDeferred` while this batch
+        still holds deferred rows of the account (written only at COMMIT): the caller retries.
+        """
+        batch = self._batch
+        if (
+            any(row[2] == code for row in batch.cdrs.values())
+            or any(row[0] == code for row in batch.ledger.values())
+            or any(row[1] == code for row in batch.rated.values())
+        ):
+            raise privacy_sql.ErasureDeferred(code)
+        held = [str(r[0]) for r in self._read.execute("SELECT call_id FROM reservations WHERE account = ?", (code,))]
+        done = privacy_sql.erase_account(
+            self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
+            now_db=batch.now_db, salt=salt,
+        )  # fmt: skip
+        if done is None:
+            return None
+        for call_id in held:
+            self.release(call_id)
+        done["reservations"] = len(held)
+        # the writer's cache must see the erased account from the next statement on
+        row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        batch.put(self._cache.accounts, code, account_from_json(row[0]))
+        return done
+
+    def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
+        """One retention window of ``step`` (processed_events, cdrs, rated_calls, api_requests)."""
+        return privacy_sql.purge_window(self._conn, step, to_db(cutoff), after, limit)
+
+    def purge_bodies_window(
+        self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
+    ) -> tuple[int, int | None]:
+        """One retention window of outbox bodies (finished rows only; never pending)."""
+        return privacy_sql.purge_outbox_bodies_window(self._conn, to_db(cutoff), after, limit, at_once)
+
+    def drop_body(self, row_id: int) -> None:
+        """Forget a finished row's body and template data at once (a reset link, payment details)."""
+        self._conn.execute(
+            "UPDATE outbox SET message = NULL, payload = NULL WHERE id = ? AND status != 'pending'", (row_id,)
+        )
 
 
 @dataclass
@@ -1016,7 +1106,8 @@ class SqliteStore:
         rows = await self._fetchall(
             f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
             " (SELECT s.reason FROM suppressions s"
-            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL)"
+            "   WHERE s.address IN (lower(outbox.recipient), address_hash(outbox.recipient))"
+            "   AND s.suppressed_at IS NOT NULL)"
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
             " ORDER BY next_attempt_at, id LIMIT ?",
             (to_db(now), *skip, limit),
@@ -1075,6 +1166,44 @@ class SqliteStore:
     async def event_counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
         return {str(r[0]): int(r[1]) for r in rows}
+
+    # ---- data rights, retention, status -------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the read-only connection, in one thread hop (exports, the erasure's scan)."""
+        return await _call(self._reader, fn)
+
+    async def export_account(self, code: str, forms: Callable[[str], tuple[str, ...]]) -> dict[str, Any] | None:
+        """Everything stored about an account, one snapshot (``privacy export``); None if unknown."""
+        return await self.read(lambda conn: privacy_sql.export_account(conn, code, forms))
+
+    async def erasure_candidates(self, code: str) -> tuple[list[int], int]:
+        """The outbox rows an erasure must visit (found on the reader: the outbox has no index for it)."""
+        return await self.read(lambda conn: privacy_sql.outbox_candidates(conn, code))
+
+    async def checkpoint(self, attempts: int = 5) -> tuple[int, int, int]:
+        """``wal_checkpoint(TRUNCATE)``: copy the WAL into the database file and empty it.
+
+        After an erasure this removes the old page images from the ``-wal`` file. Runs on the
+        writer's thread between batches; a reader in the middle of a query makes it report busy,
+        so it is tried a few times. Returns SQLite's (busy, log frames, checkpointed frames).
+        """
+        result: tuple[int, int, int] = (1, -1, -1)
+        for attempt in range(attempts):
+            row = await _call(self._writer, lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            result = (int(row[0]), int(row[1]), int(row[2]))
+            if result[0] == 0:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return result
+
+    async def charges_between(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """(calls charged, bani) for calls answered in [start, end) — today's figures for ``status``."""
+        rows = await self._fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM rated_calls WHERE answered_at >= ? AND answered_at < ?",
+            (to_db(start), to_db(end)),
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
 
 _OUTBOX_COLUMNS = (
@@ -1244,11 +1373,16 @@ _SUMMARY_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "Auto-Submitt
 
 
 def _outbox_reader(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
+    return outbox_reader(db_path, busy_timeout)
+
+
+def outbox_reader(db_path: Path, busy_timeout: float, *, minimum: int = _MAIL_SCHEMA) -> sqlite3.Connection:
+    """A read-only connection for the CLI's direct reads, refused below schema ``minimum``."""
     if not db_path.exists():
         raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
     conn = connect_sync(db_path, busy_timeout, readonly=True)
     version = check_version(conn, db_path)
-    if version < _MAIL_SCHEMA:
+    if version < minimum:
         conn.close()
         raise StorageError(f"{db_path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
     return conn
