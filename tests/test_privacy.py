@@ -278,3 +278,19 @@ def test_number_forms_cover_how_a_did_is_dialled() -> None:
     assert address_hash("Ion@Example.RO") == address_hash("ion@example.ro")
     assert address_hash("ion@example.ro").startswith("sha256:")
     assert "ion" not in address_hash("ion@example.ro")
+
+
+async def test_a_body_rendered_during_the_erasure_is_not_written_back(store: SqliteStore) -> None:
+    """The sender renders payload rows outside any transaction; an erasure in between must win."""
+    await store.write(import_unit([(ION, 5000)]))
+    notice = Notice(
+        key="limit:race", kind="low_balance", recipient="ion.popescu@example.ro", account="acct1001",
+        payload={"name": "Ion Popescu", "balance": "1,00 lei", "threshold": "5,00 lei", "language": "en"},
+    )  # fmt: skip
+    assert await store.write(lambda tx: tx.enqueue_notice(notice))
+    (due,) = await store.due_mail(NOW, 10)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    await store.write(lambda tx: tx.set_message(due.row.id, b"Subject: low balance\r\n\r\nDear Ion Popescu\r\n"))
+    assert b"Ion Popescu" not in _raw(store.path)
+    (row,) = await store.outbox_rows()
+    assert (row.status, row.recipient) == ("dead", "erased@erased.invalid")

@@ -712,7 +712,10 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def set_message(self, row_id: int, mime: bytes) -> None:
-        self._conn.execute("UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL", (mime, row_id))
+        # pending only: an erasure may have emptied the row while the sender was rendering it
+        self._conn.execute(
+            "UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL AND status = 'pending'", (mime, row_id)
+        )
 
     def mark_sent(self, row_id: int, smtp_reply: str, *, envelope_from: str | None = None) -> None:
         # only a pending row: a DSN may have marked it bounced while the session was still open
