@@ -294,3 +294,14 @@ async def test_a_body_rendered_during_the_erasure_is_not_written_back(store: Sql
     assert b"Ion Popescu" not in _raw(store.path)
     (row,) = await store.outbox_rows()
     assert (row.status, row.recipient) == ("dead", "erased@erased.invalid")
+
+
+async def test_a_bounce_after_the_erasure_keeps_the_address_hashed(store: SqliteStore) -> None:
+    await _seed(store)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    reply = "550 5.1.1 <voicemail.ion@example.ro>: mailbox gone"
+    assert await store.write(lambda tx: tx.count_hard_bounce("voicemail.ion@example.ro", reply, 3)) is True
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT address, reason, hard_bounces FROM suppressions").fetchall()
+    conn.close()
+    assert rows == [(address_hash("voicemail.ion@example.ro"), "550 5.1.1 <[erased]>: mailbox gone", 2)]

@@ -218,7 +218,8 @@ def outbox_candidates(conn: sqlite3.Connection, code: str) -> tuple[list[int], i
     return ids, top
 
 
-def _scrub(text: str | None, addresses: Iterable[str]) -> str | None:
+def scrub(text: str | None, addresses: Iterable[str]) -> str | None:
+    """``text`` with every ``addresses`` entry (any case) replaced by ``[erased]``."""
     if not text:
         return text
     for address in addresses:
@@ -300,8 +301,8 @@ def erase_account(
         [
             (
                 ERASED_EMAIL,
-                "erased: the account's personal data was erased" if status == "pending" else _scrub(err, addresses),
-                _scrub(reply, addresses),
+                "erased: the account's personal data was erased" if status == "pending" else scrub(err, addresses),
+                scrub(reply, addresses),
                 row_id,
             )
             for row_id, _, err, reply, status in rows
@@ -354,7 +355,7 @@ def _hash_suppressions(conn: Any, table: str, addresses: Iterable[str]) -> int:
         row = conn.execute(f"SELECT reason FROM {table} WHERE address = ?", (plain,)).fetchone()  # noqa: S608
         if row is None:
             continue
-        reason = _scrub(row[0], [plain])
+        reason = scrub(row[0], [plain])
         if conn.execute(f"SELECT 1 FROM {table} WHERE address = ?", (hashed,)).fetchone() is None:  # noqa: S608
             conn.execute(f"UPDATE {table} SET address = ?, reason = ? WHERE address = ?", (hashed, reason, plain))  # noqa: S608
         elif table == "suppressions":

@@ -781,21 +781,23 @@ class SqliteTx:
 
     def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
         now = to_db(self.now)
+        plain, hashed = address_forms(address)
+        # an address kept as its digest since its owner's erasure stays a digest: the plain address
+        # is not stored again, and the diagnostic text loses it too
+        erased = self._conn.execute("SELECT 1 FROM suppressions WHERE address = ?", (hashed,)).fetchone()
+        key, reason = (hashed, privacy_sql.scrub(reason, [plain]) or "") if erased else (plain, reason)
         row = self._conn.execute(
             """INSERT INTO suppressions (address, reason, hard_bounces, created_at, updated_at)
-                   VALUES (lower(?), ?, 1, ?, ?)
+                   VALUES (?, ?, 1, ?, ?)
                ON CONFLICT (address) DO UPDATE SET hard_bounces = hard_bounces + 1,
                    reason = excluded.reason, updated_at = excluded.updated_at
                RETURNING hard_bounces, suppressed_at""",
-            (address, reason[:500], now, now),
+            (key, reason[:500], now, now),
         ).fetchone()
         if row[1] is not None:
             return True
         if int(row[0]) >= limit:
-            self._conn.execute(
-                "UPDATE suppressions SET suppressed_at = ? WHERE address = lower(?)",
-                (now, address),
-            )
+            self._conn.execute("UPDATE suppressions SET suppressed_at = ? WHERE address = ?", (now, key))
             return True
         return False
 
@@ -1437,7 +1439,8 @@ def outbox_show(db_path: Path, row_id: int, *, body: bool = False, busy_timeout:
             return None
         row = _outbox_row(r)
         suppression = conn.execute(
-            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address = lower(?)", (row.recipient,)
+            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address IN (?, ?)",
+            address_forms(row.recipient),
         ).fetchone()
     payload, message, envelope_from, bounced_at, retried_at = r[-5:]
     out: dict[str, Any] = {
