@@ -44,18 +44,23 @@ from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import DomainEvent
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
+from clickphone_agi.domain.retention import RetentionPolicy
+from clickphone_agi.domain.thresholds import day_bounds, local_day
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
+from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.broadcasts import BroadcastService, BroadcastSettings
 from clickphone_agi.services.consent import ConsentService, ConsentSettings
+from clickphone_agi.services.health import health
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
 from clickphone_agi.services.intake import ApiError, Intake, IntakeSettings, Reply, body_hash, check_key
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.services.policies import PolicyService, PolicySettings, policy_json
 from clickphone_agi.services.reconcile import CdrReconciler
+from clickphone_agi.services.retention import RetentionJob, RetentionSettings
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +144,7 @@ class Components:
     money: MoneyService | None
     agi: FastAgiServer | None
     notifier: Notifier
+    retention: RetentionJob | None = None
 
 
 class NotifyingProcessor(EventProcessor):
@@ -151,6 +157,26 @@ class NotifyingProcessor(EventProcessor):
         if self.notifier is not None:
             self.notifier.observe(event)
         return await super().handle(event)
+
+
+def retention_settings(config: Config) -> RetentionSettings:
+    p = config.privacy
+    return RetentionSettings(
+        policy=RetentionPolicy(
+            outbox_body_days=p.outbox_body_retention_days,
+            processed_event_days=p.processed_event_retention_days,
+            cdr_days=p.cdr_retention_days,
+            api_request_days=p.api_request_retention_days,
+        ),
+        zone=ZoneInfo(config.billing.timezone),
+        hour=p.retention_hour,
+        batch=p.retention_batch,
+    )
+
+
+def numbering(config: Config) -> Numbering:
+    b = config.billing
+    return Numbering(b.country_code, b.national_prefix, b.international_prefix)
 
 
 def notice_settings(config: Config) -> NoticeSettings:
@@ -315,6 +341,24 @@ class Daemon:
                 msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures,
             )  # fmt: skip
 
+    @staticmethod
+    def _start_tasks(
+        parts: Components, intake_stop: asyncio.Event, background_stop: asyncio.Event
+    ) -> dict[str, asyncio.Task[Any]]:
+        """The daemon's long-running tasks: intake (AMI) stops first on SIGTERM, the rest after the drain."""
+        tasks: dict[str, asyncio.Task[Any]] = {
+            "ingest": asyncio.create_task(parts.worker.run(), name="ingest"),
+            "sender": asyncio.create_task(parts.sender.run(background_stop), name="sender"),
+        }
+        if parts.reconciler is not None:
+            tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
+        tasks["notices"] = asyncio.create_task(parts.notifier.run(background_stop), name="notices")
+        if parts.retention is not None:
+            tasks["retention"] = asyncio.create_task(parts.retention.run(background_stop), name="retention")
+        if parts.ami is not None:
+            tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
+        return tasks
+
     async def _run_locked(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -326,6 +370,7 @@ class Daemon:
         store.start()
         parts = self._parts = await self._build(store)
         self._api = self._build_api_services(store, parts)
+        parts.retention = await self._build_retention(parts)
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
         api = await self._start_api(store)
@@ -334,15 +379,7 @@ class Daemon:
 
         intake_stop = asyncio.Event()
         background_stop = asyncio.Event()
-        tasks: dict[str, asyncio.Task[Any]] = {
-            "ingest": asyncio.create_task(parts.worker.run(), name="ingest"),
-            "sender": asyncio.create_task(parts.sender.run(background_stop), name="sender"),
-        }
-        if parts.reconciler is not None:
-            tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
-        tasks["notices"] = asyncio.create_task(parts.notifier.run(background_stop), name="notices")
-        if parts.ami is not None:
-            tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
+        tasks = self._start_tasks(parts, intake_stop, background_stop)
         helpers = [
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._status_loop(), name="status"),
@@ -379,7 +416,7 @@ class Daemon:
         drained = await _bounded(tasks["ingest"], left())
         background_stop.set()
         parts.sender.wake()
-        for name in ("notices", "sender", "reconcile"):
+        for name in ("notices", "sender", "reconcile", "retention"):
             if name in tasks:
                 await _bounded(tasks[name], left())
         for task in helpers:
@@ -396,6 +433,17 @@ class Daemon:
             seconds=round(time.monotonic() - started, 3),
         )
         return 1 if crashed else 0
+
+    async def _build_retention(self, parts: Components) -> RetentionJob:
+        """The retention job, with the key floor of earlier runs applied before anything can replay."""
+        job = RetentionJob(
+            parts.store,
+            self.clock,
+            lambda: retention_settings(self.config),  # privacy and billing follow a reload
+            baselines=(parts.processor.raise_baseline, parts.notifier.raise_baseline),
+        )
+        await job.apply_saved_floor()
+        return job
 
     async def _stop_accepting(self, api: HttpApi | None, parts: Components) -> None:
         """The drain's first step: the intake API and FastAGI take no new requests."""
@@ -514,6 +562,8 @@ class Daemon:
         table.register("outbox.purge", self._cmd_outbox_purge)
         table.register("bounce", self._cmd_bounce)
         self._register_intake_commands(table)
+        table.register("privacy.export", self._cmd_privacy_export)
+        table.register("privacy.erase", self._cmd_privacy_erase)
         return table
 
     def _running(self) -> Components:
@@ -525,12 +575,14 @@ class Daemon:
         parts = self._running()
         ami, worker, proc, rec = parts.ami, parts.worker, parts.processor, parts.reconciler
         last = worker.last_event_monotonic
+        ami_status = None if ami is None else {**ami.snapshot(), "connected": ami.state == "connected"}
+        mail = await parts.sender.metrics()
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
             "database": str(parts.store.path),
             "went_live_at": (await parts.store.went_live_at()).isoformat(),
-            "ami": None if ami is None else {**ami.snapshot(), "connected": ami.state == "connected"},
+            "ami": ami_status,
             "last_event_age_seconds": None if last is None else round(time.monotonic() - last, 3),
             "events": dict(worker.events_by_type),
             "translated": dict(worker.translated),
@@ -571,9 +623,10 @@ class Daemon:
                 "voicemail_remove_failures": self.voicemail_remove_failures,
             },
             "outbox": await parts.store.outbox_counts(),
-            "mail": await parts.sender.metrics(),
+            "mail": mail,
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
             "storage": {"commits": parts.store.commits, "units": parts.store.units},
+            **await self._status_extra(parts, ami_status, mail),
         }
 
     async def _cmd_accounts_import(self, args: dict[str, Any]) -> Any:
@@ -706,6 +759,33 @@ class Daemon:
 
         return await _as_reply(show())
 
+    async def _status_extra(
+        self, parts: Components, ami: dict[str, Any] | None, mail: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Health (the same computation as /healthz), today's charges, the retention job."""
+        zone = ZoneInfo(self.config.billing.timezone)
+        day = local_day(self.clock.now(), zone)
+        calls, amount = await parts.store.charges_between(*day_bounds(day, zone))
+        return {
+            "health": await health(parts.store, ami, mail),
+            "charges_today": {"day": day.isoformat(), "calls": calls, "bani": amount},
+            "retention": None if parts.retention is None else parts.retention.snapshot(),
+        }
+
+    async def _cmd_privacy_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        code = _code_arg(args)
+        try:
+            return await privacy.export_account(self._running().store, self.clock, code, numbering(self.config))
+        except privacy.UnknownAccount as exc:
+            raise CommandError(str(exc)) from None
+
+    async def _cmd_privacy_erase(self, args: dict[str, Any]) -> dict[str, Any]:
+        code = _code_arg(args)
+        try:
+            return {**await privacy.erase_account(self._running().store, code, numbering(self.config)), "by": "daemon"}
+        except privacy.UnknownAccount as exc:
+            raise CommandError(str(exc)) from None
+
 
 @dataclass(frozen=True)
 class IntakeServices:
@@ -734,6 +814,13 @@ async def _as_reply(pending: Awaitable[Reply]) -> dict[str, Any]:
     except ApiError as exc:
         return {"status": exc.status, "body": {"error": exc.message, "field": exc.field}}
     return {"status": reply.status, "body": reply.body}
+
+
+def _code_arg(args: dict[str, Any]) -> str:
+    code = args.get("code")
+    if not isinstance(code, str) or not code:
+        raise CommandError("code: expected an account code")
+    return code
 
 
 async def _bounded(task: Awaitable[Any], seconds: float) -> bool:

@@ -31,6 +31,7 @@ EX_CONFIG = 78
 OUTBOX_STATUSES = ("pending", "sent", "dead", "expired", "bounced")
 PURGEABLE_STATUSES = ("sent", "dead", "expired", "bounced")
 MAX_DSN_BYTES = 10 * 1024 * 1024
+PRIVACY_SCHEMA = 6  # consent_records and marketing_suppressions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (what systemd starts)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
-    sub.add_parser("status", parents=[common], help="ask the running daemon for its status")
+    st = sub.add_parser("status", parents=[common], help="health and key figures of the running daemon")
+    st.add_argument("--json", action="store_true", help="the whole status reply as JSON")
     mt = sub.add_parser("mail-test", parents=[common], help="queue a test e-mail to ADDRESS")
     mt.add_argument("address")
     db = sub.add_parser("db", help="database maintenance")
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file", type=Path)
     _add_money_parsers(sub, common)
     _add_intake_parsers(sub, common)
+    _add_privacy_parsers(sub, common)
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
@@ -157,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "policy": _cmd_policy,
         "consent": _cmd_consent,
         "broadcast": _cmd_broadcast,
+        "privacy": _cmd_privacy,
     }
     if args.command not in ("run", "demo"):
         # CLI verbs print their result on stdout; their own logs go to stderr, masked
@@ -251,11 +255,17 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 when not (AMI down, database not writable), 69 when no daemon runs."""
     from clickphone_agi.adapters import control
+    from clickphone_agi.status_view import format_status
 
     loaded = _load(args, require_secrets=False)
-    _print(control.call(loaded.config.daemon.control_socket, "status"))
-    return EX_OK
+    status = control.call(loaded.config.daemon.control_socket, "status")
+    if args.json:
+        _print(status)
+    else:
+        print(format_status(status))
+    return EX_OK if (status.get("health") or {}).get("ok") else EX_ERROR
 
 
 def _as_writer(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
@@ -603,6 +613,83 @@ def _cmd_preview(args: argparse.Namespace) -> int:
         sys.stdout.write(raw.decode("utf-8", "replace"))
     if out is not None:
         print(f"clickphone-agi: {args.kind} ({args.lang}) written to {out}")
+    return EX_OK
+
+
+def _add_privacy_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``privacy export|erase``: the data-rights verbs (part of :func:`_parser`)."""
+    pr = sub.add_parser("privacy", help="data rights: export or erase what is held about an account")
+    prsub = pr.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+    exp = prsub.add_parser("export", parents=[common], help="everything held about an account, as JSON")
+    exp.add_argument("code")
+    exp.add_argument("--out", type=Path, help="file to write, mode 0600 (default: stdout)")
+    era = prsub.add_parser("erase", parents=[common], help="anonymise an account; its money totals stay")
+    era.add_argument("code")
+    era.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters import control
+    from clickphone_agi.app import numbering
+    from clickphone_agi.services import privacy
+
+    code: str = args.code
+    try:
+        if args.privacy_command == "export":
+            return _privacy_export(args, code)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("clickphone-agi: privacy erase: add --yes to confirm (no terminal to ask on)", file=sys.stderr)
+                return EX_USAGE
+            answer = input(f"Erase the personal data of account {code}? This cannot be undone. Type the code: ")
+            if answer.strip() != code:
+                print("clickphone-agi: not confirmed; nothing erased", file=sys.stderr)
+                return EX_USAGE
+
+        def local(loaded: Any) -> Awaitable[Any]:
+            return _with_store(
+                loaded, lambda store, _clock: privacy.erase_account(store, code, numbering(loaded.config))
+            )
+
+        _print(_as_writer(args, "privacy.erase", {"code": code}, local))
+        return EX_OK
+    except (privacy.UnknownAccount, control.CommandError) as exc:
+        if not str(exc).startswith("no account"):
+            raise
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_DATAERR
+
+
+def _privacy_export(args: argparse.Namespace, code: str) -> int:
+    """Through the daemon when it runs, else straight from the database (an export only reads)."""
+    import os
+    from datetime import UTC, datetime
+
+    from clickphone_agi.adapters import control
+    from clickphone_agi.adapters.storage import privacy as privacy_sql
+    from clickphone_agi.adapters.storage import sqlite as db
+    from clickphone_agi.app import numbering
+    from clickphone_agi.services.privacy import UnknownAccount, forms_for
+
+    loaded = _load(args, require_secrets=False)
+    dbc = loaded.config.database
+    try:
+        result = control.call(loaded.config.daemon.control_socket, "privacy.export", {"code": code}, timeout=300)
+    except control.ControlUnavailable:
+        with contextlib.closing(db.outbox_reader(dbc.path, dbc.busy_timeout, minimum=PRIVACY_SCHEMA)) as conn:
+            found = privacy_sql.export_account(conn, code, forms_for(numbering(loaded.config)))
+        if found is None:
+            raise UnknownAccount(f"no account {code!r}") from None
+        result = {"generated_at": datetime.now(UTC).isoformat(), **found}
+    text = json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return EX_OK
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    cdrs, mails = len(result["cdrs"]), len(result["outbox"])
+    print(f"clickphone-agi: export of {code} written to {args.out} ({cdrs} CDRs, {mails} mails)")
     return EX_OK
 
 

@@ -184,6 +184,36 @@ class WriteTx(Protocol):
 
     def candidates(self, after: str | None, limit: int) -> list[Candidate]:
         """The next ``limit`` accounts in code order after ``after``, with consent and suppressions."""
+
+    # data rights and retention
+    def marketing_suppressed(self, address: str) -> str | None:
+        """Why ``address`` gets no marketing (its plain or erased form is on the list), or None."""
+        ...
+
+    def erase_account(
+        self,
+        code: str,
+        *,
+        forms: Callable[[str], tuple[str, ...]],
+        outbox_ids: Collection[int],
+        outbox_seen_up_to: int,
+        salt: bytes,
+    ) -> dict[str, Any] | None:
+        """Anonymise an account, keeping its money totals; None if there is no such account."""
+        ...
+
+    def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
+        """Delete rows of ``step`` older than ``cutoff`` in the next ``limit`` keys; (deleted, next start)."""
+        ...
+
+    def purge_bodies_window(
+        self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
+    ) -> tuple[int, int | None]:
+        """Clear finished outbox bodies older than ``cutoff`` (``at_once`` kinds at any age) in one window."""
+        ...
+
+    def drop_body(self, row_id: int) -> None:
+        """Forget a finished row's body now."""
         ...
 
 
@@ -235,4 +265,19 @@ class Store(Protocol):
 
     async def notifications(self, code: str, limit: int, before: int | None) -> list[OutboxRow]:
         """One account's outbox rows (no bodies), newest first, ids below ``before``."""
+
+    async def export_account(self, code: str, forms: Callable[[str], tuple[str, ...]]) -> dict[str, Any] | None:
+        """Everything stored about an account, as one snapshot; None if there is no such account."""
+        ...
+
+    async def erasure_candidates(self, code: str) -> tuple[list[int], int]:
+        """Outbox row ids of the account or its addresses, and the highest row id seen."""
+        ...
+
+    async def checkpoint(self, attempts: int = 5) -> tuple[int, int, int]:
+        """Move the write-ahead log into the database file and empty it: (busy, frames, checkpointed)."""
+        ...
+
+    async def charges_between(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """(calls charged, bani) for calls answered in [start, end)."""
         ...

@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
@@ -111,6 +112,7 @@ class StatusCollector(Collector):
             notices.add_metric([str(kind)], float(count))
         yield notices
         yield from _figure_families(self.figures)
+        yield from _retention_metrics(s.get("retention"))
 
 
 def _figure_families(f: dict[str, Any]) -> Iterator[Metric]:
@@ -137,6 +139,26 @@ def _figure_families(f: dict[str, Any]) -> Iterator[Metric]:
         ("policies_published", "privacy-policy versions published since start"),
     ):
         yield CounterMetricFamily(f"clickphone_{name}", doc, value=float(f.get(name, 0)))
+
+
+def _retention_metrics(retention: dict[str, Any] | None) -> Iterator[Metric]:
+    if retention is None:
+        return
+    purged = CounterMetricFamily("clickphone_retention_purged", "rows purged by retention since start", labels=["what"])
+    for what, count in sorted((retention.get("purged_since_start") or {}).items()):
+        purged.add_metric([str(what)], float(count))
+    yield purged
+    yield CounterMetricFamily("clickphone_retention_runs", "retention runs since start", value=retention["runs"])
+    yield CounterMetricFamily(
+        "clickphone_retention_failures", "retention runs that failed", value=retention["failures"]
+    )
+    last = retention.get("last_run") or {}
+    if last.get("ok"):
+        yield GaugeMetricFamily(
+            "clickphone_retention_last_success_timestamp_seconds",
+            "when the last successful retention run started (Unix time)",
+            value=datetime.fromisoformat(last["at"]).timestamp(),
+        )
 
 
 class HttpApi:
@@ -277,22 +299,8 @@ class HttpApi:
         return self._reply(await self._intake.post_event(key, digest, code, body, self._caller_ip(request)))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        status = await self._status()
-        ami = status.get("ami")
-        try:
-            await self._intake.ping()
-            writable = True
-        except Exception as exc:
-            log.warning("api.health_db_failed", error=repr(exc))
-            writable = False
-        mail = status.get("mail") or {}
-        ami_ok = ami is None or bool(ami.get("connected"))
-        body = {
-            "ok": ami_ok and writable,
-            "ami": None if ami is None else {"connected": bool(ami.get("connected")), "state": ami.get("state")},
-            "outbox_oldest_pending_age_seconds": mail.get("oldest_pending_age_seconds"),
-            "database_writable": writable,
-        }
+        # computed with the status, by services.health: /healthz and `clickphone-agi status` agree
+        body = (await self._status())["health"]
         return web.json_response(body, status=200 if body["ok"] else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:

@@ -50,6 +50,7 @@ from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox, verp_address
 from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
 from clickphone_agi.domain.outbox import OutboxRow
+from clickphone_agi.domain.retention import PURGE_AFTER_SEND
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import InvalidHeader, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
@@ -293,7 +294,7 @@ class OutboxSender:
         cfg = self._config()
         now = self._clock.now()
         if now >= row.expires_at:
-            await self._store.write(lambda tx: tx.mark_expired(row.id))
+            await self._store.write(_finishing(row, lambda tx: tx.mark_expired(row.id)))
             self.expired += 1
             log.info("mail.expired", key=row.idempotency_key, kind=row.kind, expired_at=row.expires_at.isoformat())
             return
@@ -338,7 +339,9 @@ class OutboxSender:
         finally:
             await self._pool.release(conn)
         if outcome.ok:
-            await self._store.write(lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            await self._store.write(
+                _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            )
             self.sent += 1
             log.info(
                 "mail.sent",
@@ -572,6 +575,18 @@ class OutboxSender:
             },
         }
         return figures
+
+
+def _finishing(row: OutboxRow, mark: Callable[[WriteTx], None]) -> Callable[[WriteTx], None]:
+    """The unit that marks ``row`` sent or expired; for a reset link or payment details it also drops
+    the body, in the same transaction (``domain.retention.PURGE_AFTER_SEND``)."""
+
+    def unit(tx: WriteTx) -> None:
+        mark(tx)
+        if row.kind in PURGE_AFTER_SEND:
+            tx.drop_body(row.id)
+
+    return unit
 
 
 # ---- operator verbs and bounce intake (units shared by the control socket and the local CLI) -------

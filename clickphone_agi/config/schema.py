@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
+from clickphone_agi.domain.retention import MIN_KEY_RETENTION_DAYS
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
@@ -217,6 +219,22 @@ class LoggingConfig(Section):
 class PrivacyConfig(Section):
     cdr_retention_days: Annotated[int, Field(ge=1, le=3650)] = 180
     outbox_body_retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    # idempotency keys; shorter than Master.csv's reach would let a replay look new (domain/retention.py)
+    processed_event_retention_days: Annotated[int, Field(ge=MIN_KEY_RETENTION_DAYS, le=3650)] = 400
+    api_request_retention_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    retention_hour: Annotated[int, Field(ge=0, le=23)] = 3
+    retention_batch: Annotated[int, Field(ge=100, le=100_000)] = 2000
+
+    @field_validator("processed_event_retention_days")
+    @classmethod
+    def _keys_outlive_cdrs(cls, value: int, info: ValidationInfo) -> int:
+        cdr_days = info.data.get("cdr_retention_days")
+        if cdr_days is not None and value < cdr_days:
+            raise ValueError(
+                f"expected at least privacy.cdr_retention_days ({cdr_days}): a CDR's idempotency key must"
+                " outlive the CDR, so that a Master.csv replay of a kept call is recognised"
+            )
+        return value
 
 
 class DaemonConfig(Section):

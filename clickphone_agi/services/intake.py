@@ -300,6 +300,8 @@ class Intake:
         account, balance, spent = await self._store.write(read)
         if account is None:
             raise ApiError(404, f"no account {code!r}", None)
+        if account.erased:
+            raise ApiError(410, f"account {code!r} was erased (privacy erase): it takes no more events", None)
         return account, balance, spent
 
     def _simple(self, code: str, kind: str, account: Account, message: OutboxMessage) -> _Plan:

@@ -12,6 +12,7 @@ baseline ever is.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class Notifier:
         # message still in the spool whose mail was delivered (a removal that failed or never ran)
         self.remove_delivered: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
         self.remove_enabled: Callable[[], bool] = lambda: False
+        self._changes = itertools.count(1)  # tells apart voicemail password changes in the same microsecond
         self.queued: dict[str, int] = {}
         self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
@@ -119,6 +121,10 @@ class Notifier:
     async def _security(self, event: VoicemailPasswordChanged | AccountEvent) -> None:
         """A password or PIN changed on the PBX: tell the subscriber (never the secret itself)."""
         key = f"notice:{event.key}"  # the event's own key is claimed by the ingest processor
+        if isinstance(event, VoicemailPasswordChanged):
+            # the event carries no id: its key is the same for every change of a box, and AMI never
+            # replays an event, so each one seen is a new change: scope the notice's key in time
+            key = f"{key}:{self._clock.now():%Y%m%dT%H%M%S.%fZ}:{next(self._changes)}"
         try:
             if await self._store.has_event(key):
                 return
@@ -143,6 +149,11 @@ class Notifier:
         except Exception:
             self.errors += 1
             log.exception("notices.security_failed", key=event.key)
+
+    def raise_baseline(self, moment: datetime) -> None:
+        """Never mail spool messages older than ``moment`` (the retention's key floor: their keys may
+        be gone, so an old message still in a box would look new)."""
+        self._went_live_at = max(self._went_live_at, moment)
 
     def _owner_of(self, call: CallEnded) -> str | None:
         """Inbound calls are recognised by context: the account code alone cannot tell the

@@ -24,8 +24,10 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import structlog
 
+from clickphone_agi.adapters.storage import privacy as privacy_sql
 from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
+from clickphone_agi.adapters.storage.privacy import address_hash_sql
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.consent import Candidate, ConsentRecord
@@ -34,6 +36,7 @@ from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.domain.policy import Policy
+from clickphone_agi.domain.privacy import address_forms
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
 
@@ -83,6 +86,12 @@ def configure_connection(conn: sqlite3.Connection, busy_timeout: float = 5.0) ->
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA secure_delete = ON")
     conn.execute("PRAGMA foreign_keys = ON")
+    _add_functions(conn)
+
+
+def _add_functions(conn: sqlite3.Connection) -> None:
+    """SQL functions the queries use: ``address_hash(x)``, a suppressed address's erased form."""
+    conn.create_function("address_hash", 1, address_hash_sql, deterministic=True)
 
 
 def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = False) -> sqlite3.Connection:
@@ -90,6 +99,7 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        _add_functions(conn)
         return conn
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
@@ -477,6 +487,9 @@ class SqliteTx:
 
     def upsert_account(self, account: Account, opening_balance: int) -> bool:
         """Insert or update; the opening balance is booked only for a new account. True if new."""
+        old = self.get_account(account.code)
+        if old is not None and old.erased:
+            raise ValueError(f"{account.code}: this account's data was erased; its code is not reused")
         now = self._batch.now_db
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
@@ -657,6 +670,8 @@ class SqliteTx:
 
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
+        if self._erased(notice.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
@@ -677,6 +692,8 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def enqueue(self, message: OutboxMessage) -> bool:
+        if self._erased(message.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
@@ -698,7 +715,10 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def set_message(self, row_id: int, mime: bytes) -> None:
-        self._conn.execute("UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL", (mime, row_id))
+        # pending only: an erasure may have emptied the row while the sender was rendering it
+        self._conn.execute(
+            "UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL AND status = 'pending'", (mime, row_id)
+        )
 
     def mark_sent(self, row_id: int, smtp_reply: str, *, envelope_from: str | None = None) -> None:
         # only a pending row: a DSN may have marked it bounced while the session was still open
@@ -755,28 +775,32 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def suppression(self, address: str) -> str | None:
+        # the plain address, or its digest once its owner's data was erased (domain.privacy)
         row = self._conn.execute(
-            "SELECT reason FROM suppressions WHERE address = lower(?) AND suppressed_at IS NOT NULL", (address,)
+            "SELECT reason FROM suppressions WHERE address IN (?, ?) AND suppressed_at IS NOT NULL",
+            address_forms(address),
         ).fetchone()
         return str(row[0]) if row else None
 
     def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
         now = to_db(self.now)
+        plain, hashed = address_forms(address)
+        # an address kept as its digest since its owner's erasure stays a digest: the plain address
+        # is not stored again, and the diagnostic text loses it too
+        erased = self._conn.execute("SELECT 1 FROM suppressions WHERE address = ?", (hashed,)).fetchone()
+        key, reason = (hashed, privacy_sql.scrub(reason, [plain]) or "") if erased else (plain, reason)
         row = self._conn.execute(
             """INSERT INTO suppressions (address, reason, hard_bounces, created_at, updated_at)
-                   VALUES (lower(?), ?, 1, ?, ?)
+                   VALUES (?, ?, 1, ?, ?)
                ON CONFLICT (address) DO UPDATE SET hard_bounces = hard_bounces + 1,
                    reason = excluded.reason, updated_at = excluded.updated_at
                RETURNING hard_bounces, suppressed_at""",
-            (address, reason[:500], now, now),
+            (key, reason[:500], now, now),
         ).fetchone()
         if row[1] is not None:
             return True
         if int(row[0]) >= limit:
-            self._conn.execute(
-                "UPDATE suppressions SET suppressed_at = ? WHERE address = lower(?)",
-                (now, address),
-            )
+            self._conn.execute("UPDATE suppressions SET suppressed_at = ? WHERE address = ?", (now, key))
             return True
         return False
 
@@ -856,10 +880,8 @@ class SqliteTx:
         return ConsentRecord(int(cur.lastrowid or 0), code, granted, self.now, source, policy_version, evidence)
 
     def marketing_suppression(self, address: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT reason FROM marketing_suppressions WHERE address = lower(?)", (address,)
-        ).fetchone()
-        return None if row is None else str(row[0])
+        """Why ``address`` gets no marketing (plain or erased form on the list): :meth:`marketing_suppressed`."""
+        return self.marketing_suppressed(address)
 
     def add_marketing_suppression(self, address: str, reason: str) -> bool:
         """Put ``address`` on the marketing suppression list; False if it already was (reason kept)."""
@@ -941,6 +963,77 @@ class SqliteTx:
             Candidate(account_from_json(r[0]), None if r[1] is None else bool(r[1]), bool(r[2]), bool(r[3]))
             for r in rows
         ]
+
+    # ---- data rights and retention (SQL in adapters/storage/privacy.py) ---------------------
+
+    def _erased(self, code: str | None) -> bool:
+        """Whether ``code`` names an erased account: no mail is ever queued for one."""
+        if code is None:
+            return False
+        account = self.get_account(code)
+        return account is not None and account.erased
+
+    def marketing_suppressed(self, address: str) -> str | None:
+        """The reason ``address`` must get no marketing (plain or, after an erasure, hashed), or None.
+
+        Marketing only; :meth:`suppression` is the bounce list that stops every mail.
+        """
+        row = self._conn.execute(
+            "SELECT reason FROM marketing_suppressions WHERE address IN (?, ?)", address_forms(address)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def erase_account(
+        self,
+        code: str,
+        *,
+        forms: Callable[[str], tuple[str, ...]],
+        outbox_ids: Collection[int],
+        outbox_seen_up_to: int,
+        salt: bytes,
+    ) -> dict[str, Any] | None:
+        """Anonymise account ``code`` (see :mod:`~clickphone_agi.adapters.storage.privacy`); None if unknown.
+
+        Raises :class:`~clickphone_agi.adapters.storage.privacy.ErasureDeferred` while this batch
+        still holds deferred rows of the account (written only at COMMIT): the caller retries.
+        """
+        batch = self._batch
+        if (
+            any(row[2] == code for row in batch.cdrs.values())
+            or any(row[0] == code for row in batch.ledger.values())
+            or any(row[1] == code for row in batch.rated.values())
+        ):
+            raise privacy_sql.ErasureDeferred(code)
+        held = [str(r[0]) for r in self._read.execute("SELECT call_id FROM reservations WHERE account = ?", (code,))]
+        done = privacy_sql.erase_account(
+            self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
+            now_db=batch.now_db, salt=salt,
+        )  # fmt: skip
+        if done is None:
+            return None
+        for call_id in held:
+            self.release(call_id)
+        done["reservations"] = len(held)
+        # the writer's cache must see the erased account from the next statement on
+        row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        batch.put(self._cache.accounts, code, account_from_json(row[0]))
+        return done
+
+    def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
+        """One retention window of ``step`` (processed_events, cdrs, rated_calls, api_requests)."""
+        return privacy_sql.purge_window(self._conn, step, to_db(cutoff), after, limit)
+
+    def purge_bodies_window(
+        self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
+    ) -> tuple[int, int | None]:
+        """One retention window of outbox bodies (finished rows only; never pending)."""
+        return privacy_sql.purge_outbox_bodies_window(self._conn, to_db(cutoff), after, limit, at_once)
+
+    def drop_body(self, row_id: int) -> None:
+        """Forget a finished row's body and template data at once (a reset link, payment details)."""
+        self._conn.execute(
+            "UPDATE outbox SET message = NULL, payload = NULL WHERE id = ? AND status != 'pending'", (row_id,)
+        )
 
 
 _POLICY_COLUMNS = "version, text, summary, effective_on, published_at"
@@ -1140,7 +1233,8 @@ class SqliteStore:
         rows = await self._fetchall(
             f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
             " COALESCE((SELECT s.reason FROM suppressions s"
-            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL),"
+            "   WHERE s.address IN (lower(outbox.recipient), address_hash(outbox.recipient))"
+            "   AND s.suppressed_at IS NOT NULL),"
             f" {_MARKETING_STOP})"
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
             " ORDER BY next_attempt_at, id LIMIT ?",
@@ -1218,7 +1312,9 @@ class SqliteStore:
         return [ConsentRecord(int(r[0]), str(r[1]), bool(r[2]), from_db(r[3]), r[4], r[5], r[6]) for r in rows]
 
     async def marketing_suppression(self, address: str) -> str | None:
-        rows = await self._fetchall("SELECT reason FROM marketing_suppressions WHERE address = lower(?)", (address,))
+        rows = await self._fetchall(
+            "SELECT reason FROM marketing_suppressions WHERE address IN (?, ?)", address_forms(address)
+        )
         return str(rows[0][0]) if rows else None
 
     async def policies(self) -> list[dict[str, Any]]:
@@ -1254,13 +1350,51 @@ class SqliteStore:
         )
         return [_outbox_row(r) for r in rows]
 
+    # ---- data rights, retention, status -------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the read-only connection, in one thread hop (exports, the erasure's scan)."""
+        return await _call(self._reader, fn)
+
+    async def export_account(self, code: str, forms: Callable[[str], tuple[str, ...]]) -> dict[str, Any] | None:
+        """Everything stored about an account, one snapshot (``privacy export``); None if unknown."""
+        return await self.read(lambda conn: privacy_sql.export_account(conn, code, forms))
+
+    async def erasure_candidates(self, code: str) -> tuple[list[int], int]:
+        """The outbox rows an erasure must visit (found on the reader: the outbox has no index for it)."""
+        return await self.read(lambda conn: privacy_sql.outbox_candidates(conn, code))
+
+    async def checkpoint(self, attempts: int = 5) -> tuple[int, int, int]:
+        """``wal_checkpoint(TRUNCATE)``: copy the WAL into the database file and empty it.
+
+        After an erasure this removes the old page images from the ``-wal`` file. Runs on the
+        writer's thread between batches; a reader in the middle of a query makes it report busy,
+        so it is tried a few times. Returns SQLite's (busy, log frames, checkpointed frames).
+        """
+        result: tuple[int, int, int] = (1, -1, -1)
+        for attempt in range(attempts):
+            row = await _call(self._writer, lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            result = (int(row[0]), int(row[1]), int(row[2]))
+            if result[0] == 0:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return result
+
+    async def charges_between(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """(calls charged, bani) for calls answered in [start, end) — today's figures for ``status``."""
+        rows = await self._fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM rated_calls WHERE answered_at >= ? AND answered_at < ?",
+            (to_db(start), to_db(end)),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
 
 # Why a queued marketing mail must not go out any more, checked again at every send: an
 # unsubscribe, a withdrawal or a suppression after the broadcast queued it still stops it.
 _MARKETING_KINDS = ", ".join(f"'{name}'" for name, spec in sorted(KINDS.items()) if spec.category == "marketing")
 _MARKETING_STOP = f"""CASE WHEN outbox.kind IN ({_MARKETING_KINDS}) THEN COALESCE(
         (SELECT 'marketing suppression: ' || m.reason FROM marketing_suppressions m
-          WHERE m.address = lower(outbox.recipient)),
+          WHERE m.address IN (lower(outbox.recipient), address_hash(outbox.recipient))),
         CASE WHEN COALESCE((SELECT c.granted FROM consent_records c
                              WHERE c.account = outbox.account AND c.purpose = 'marketing'
                              ORDER BY c.id DESC LIMIT 1), 0) = 0
@@ -1433,11 +1567,16 @@ _SUMMARY_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "Auto-Submitt
 
 
 def _outbox_reader(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
+    return outbox_reader(db_path, busy_timeout)
+
+
+def outbox_reader(db_path: Path, busy_timeout: float, *, minimum: int = _MAIL_SCHEMA) -> sqlite3.Connection:
+    """A read-only connection for the CLI's direct reads, refused below schema ``minimum``."""
     if not db_path.exists():
         raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
     conn = connect_sync(db_path, busy_timeout, readonly=True)
     version = check_version(conn, db_path)
-    if version < _MAIL_SCHEMA:
+    if version < minimum:
         conn.close()
         raise StorageError(f"{db_path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
     return conn
@@ -1489,7 +1628,8 @@ def outbox_show(db_path: Path, row_id: int, *, body: bool = False, busy_timeout:
             return None
         row = _outbox_row(r)
         suppression = conn.execute(
-            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address = lower(?)", (row.recipient,)
+            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address IN (?, ?)",
+            address_forms(row.recipient),
         ).fetchone()
     payload, message, envelope_from, bounced_at, retried_at = r[-5:]
     out: dict[str, Any] = {
