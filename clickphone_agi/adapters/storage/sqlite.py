@@ -675,8 +675,8 @@ class SqliteTx:
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
-                    next_attempt_at)
-               VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)""",
+                    next_attempt_at, bulk)
+               VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)""",
             (
                 notice.key,
                 notice.kind,
@@ -686,6 +686,7 @@ class SqliteTx:
                 to_db(self.now),
                 to_db(self.now + notice.lifetime),
                 to_db(self.now),
+                _bulk(notice.kind),
             ),
         )
         self.enqueued += cur.rowcount
@@ -697,8 +698,8 @@ class SqliteTx:
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
-                    next_attempt_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    next_attempt_at, bulk)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 message.idempotency_key,
                 message.kind,
@@ -709,6 +710,7 @@ class SqliteTx:
                 to_db(message.created_at),
                 to_db(message.expires_at),
                 to_db(message.created_at),
+                _bulk(message.kind),
             ),
         )
         self.enqueued += cur.rowcount
@@ -1237,7 +1239,7 @@ class SqliteStore:
             "   AND s.suppressed_at IS NOT NULL),"
             f" {_MARKETING_STOP})"
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
-            " ORDER BY next_attempt_at, id LIMIT ?",
+            " ORDER BY bulk, next_attempt_at, id LIMIT ?",  # bulk mail after everything else due
             (to_db(now), *skip, limit),
         )
         return [
@@ -1677,3 +1679,9 @@ def _headers_summary(message: bytes) -> dict[str, str | None]:
         return {name: (None if headers[name] is None else str(headers[name])) for name in _SUMMARY_HEADERS}
     except Exception as exc:  # a damaged body must not hide the rest of the row
         return {"error": f"unreadable headers: {type(exc).__name__}"}
+
+
+def _bulk(kind: str) -> int:
+    """1 for a bulk kind (a broadcast, a policy notice): sent after every other due mail."""
+    spec = KINDS.get(kind)
+    return int(spec is not None and spec.bulk)
