@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 ENV = "CLICKPHONE_FUZZ"
 LONG_FACTOR = 50
@@ -22,13 +22,22 @@ def is_long() -> bool:
 def fuzz(ci_examples: int, *, long_examples: int | None = None) -> settings:
     """``@fuzz(200)``: 200 examples in CI, ``LONG_FACTOR`` times as many in the long profile."""
     health = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    # no "explain" phase: it traces every line of a failing example's re-runs, which takes minutes
+    # on the slow properties; the shrunk example and its traceback are what a failure needs
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
     if is_long():
         return settings(
             max_examples=long_examples or ci_examples * LONG_FACTOR,
             deadline=None,
             suppress_health_check=health,
+            phases=phases,
             print_blob=True,
         )
     return settings(
-        max_examples=ci_examples, deadline=None, suppress_health_check=health, derandomize=True, database=None
+        max_examples=ci_examples,
+        deadline=None,
+        suppress_health_check=health,
+        phases=phases,
+        derandomize=True,
+        database=None,
     )
