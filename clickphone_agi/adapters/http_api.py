@@ -31,6 +31,20 @@ StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 _JSON_CONTENT = "application/json"
 
 
+MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
 
@@ -173,9 +187,14 @@ class HttpApi:
         if request.content_type != _JSON_CONTENT:
             raise ApiError(415, f"expected Content-Type {_JSON_CONTENT}", None)
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise ApiError(400, "not valid JSON: nested too deeply", None) from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ApiError(400, f"not valid JSON: {exc}", None) from None
+        if _depth(body) > MAX_JSON_DEPTH:  # what parsed may still be too deep to hash or walk recursively
+            raise ApiError(400, f"not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels", None)
+        return body
 
     @staticmethod
     def _caller_ip(request: web.Request) -> str:
