@@ -34,15 +34,30 @@ _JSON_CONTENT = "application/json"
 MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
 
 
-def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in a decoded JSON value (iteratively: no recursion)."""
-    deepest, stack = 0, [(value, 1)]
+def _json_problem(value: Any) -> str | None:
+    """What json.loads accepts but the service cannot use, walked iteratively (no recursion):
+    nesting deeper than :data:`MAX_JSON_DEPTH` (body_hash and the field parsers recurse), and
+    text with a lone surrogate such as ``"\\ud800"``, which is not Unicode: it cannot be
+    encoded to hash, store or mail."""
+    stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
         if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+            if level > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+        elif isinstance(item, str) and not _is_unicode(item):
+            return "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -192,8 +207,9 @@ class HttpApi:
             raise ApiError(400, "not valid JSON: nested too deeply", None) from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ApiError(400, f"not valid JSON: {exc}", None) from None
-        if _depth(body) > MAX_JSON_DEPTH:  # what parsed may still be too deep to hash or walk recursively
-            raise ApiError(400, f"not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels", None)
+        problem = _json_problem(body)
+        if problem is not None:
+            raise ApiError(400, f"not valid JSON: {problem}", None)
         return body
 
     @staticmethod

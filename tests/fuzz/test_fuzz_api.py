@@ -298,6 +298,7 @@ _PATH_CODE = st.sampled_from([*CODES, "nobody", "%00", "%ff", "..", "a%2Fb", "ș
     content_type="application/json",
     key="huge-int",
 )
+@example(raw=b'{"name": "\\ud800"}', code="acct1001", events=False, content_type="application/json", key="surrogate")
 async def test_http_answers_2xx_or_4xx_json_never_500_or_a_traceback(
     http: Http, raw: bytes, code: str, events: bool, content_type: str, key: str
 ) -> None:
