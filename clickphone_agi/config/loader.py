@@ -213,8 +213,9 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     if not sep or not key.strip() or any(not p for p in parts):
         raise ConfigError([f"{CLI_SOURCE}: --set {text!r}: expected section.key=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        # the files' loader: a malformed tagged scalar ("!!int" alone) is a YAML error, not a crash
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 

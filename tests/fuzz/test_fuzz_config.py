@@ -188,6 +188,8 @@ def test_an_unknown_key_is_named(directory: Path, section: str, name: str, value
 @given(
     overrides=st.lists(st.text(max_size=30) | st.builds("{}={}".format, st.text(max_size=15), YAML_SOUP), max_size=3)
 )
+@example(overrides=["ami.port=!!int"])  # regression: PyYAML's IndexError escaped parse_override
+@example(overrides=["ami.host=" + "[" * 2000])
 def test_any_set_override_loads_or_raises_config_error(directory: Path, overrides: list[str]) -> None:
     outcome = load(directory, SHIPPED_CONFIG.read_bytes(), overrides=tuple(overrides))
     assert isinstance(outcome, LoadedConfig | ConfigError)
