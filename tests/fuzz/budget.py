@@ -12,6 +12,7 @@ import os
 from hypothesis import HealthCheck, Phase, settings
 
 ENV = "CLICKPHONE_FUZZ"
+FACTOR_ENV = "CLICKPHONE_FUZZ_FACTOR"
 LONG_FACTOR = 50
 
 
@@ -20,14 +21,16 @@ def is_long() -> bool:
 
 
 def fuzz(ci_examples: int, *, long_examples: int | None = None) -> settings:
-    """``@fuzz(200)``: 200 examples in CI, ``LONG_FACTOR`` times as many in the long profile."""
+    """``@fuzz(200)``: 200 examples in CI, ``LONG_FACTOR`` (or ``$CLICKPHONE_FUZZ_FACTOR``) times
+    as many in the long profile."""
     health = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
     # no "explain" phase: it traces every line of a failing example's re-runs, which takes minutes
     # on the slow properties; the shrunk example and its traceback are what a failure needs
     phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
     if is_long():
+        factor = int(os.environ.get(FACTOR_ENV, LONG_FACTOR))
         return settings(
-            max_examples=long_examples or ci_examples * LONG_FACTOR,
+            max_examples=long_examples or ci_examples * factor,
             deadline=None,
             suppress_health_check=health,
             phases=phases,

@@ -505,5 +505,4 @@ async def test_the_client_survives_any_peer_and_goes_back_to_reconnecting(
     assert client.callback_errors == 0
     assert all(isinstance(m, AmiMessage) for m in received)
     if not (banner and accept_login):
-        assert client.connects == 0  # nothing is delivered before a login
-        assert received == []
+        assert client.connects == 0  # never logged in: no session, whatever was received
