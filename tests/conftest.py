@@ -74,3 +74,12 @@ async def smtp_sink(tmp_path: Path) -> AsyncIterator[SmtpSink]:
 async def ami_server() -> AsyncIterator[AmiReplayServer]:
     async with AmiReplayServer("clickphone", "labsecret") as server:
         yield server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        default=False,
+        help="run tests/fuzz with the long hypothesis profile (see tests/fuzz/README.md)",
+    )

@@ -879,6 +879,8 @@ def old_local_time(self: Any, name: str, zone: ZoneInfo) -> datetime:
         naive = datetime.strptime(raw, "%Y-%m-%d %H:%M:%S")
     except ValueError:
         raise self.error(name, "not a valid date and time", raw) from None
+    if not 2 <= naive.year <= 9998:  # a zone's offset would leave datetime's range (tests/fuzz)
+        raise self.error(name, "year outside 2..9998", raw)
     return ami_translate._attach_zone(naive, zone)
 
 

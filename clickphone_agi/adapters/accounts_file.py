@@ -48,6 +48,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import yaml
 
+from clickphone_agi.config.loader import construct_checked
 from clickphone_agi.domain.accounts import (
     BILLING_MODES,
     LANGUAGES,
@@ -205,7 +206,11 @@ _TextFloatLoader.add_constructor(_FLOAT_TAG, _float_as_text)
 
 
 def _yaml_rows(text: str, problems: _Problems) -> list[_Row]:
-    loader = _TextFloatLoader(text)
+    try:
+        loader = _TextFloatLoader(text)  # its reader refuses control characters up front
+    except yaml.YAMLError as exc:
+        problems.add(1, "", f"invalid YAML: {exc}")
+        return []
     try:
         try:
             root = loader.get_single_node()
@@ -291,7 +296,12 @@ class _YamlWalker:
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _NULL_TAG:
                 return _Value(where, line)
-            constructed = self.loader.construct_object(node)
+            try:
+                constructed = construct_checked(self.loader.construct_object, node)
+            except yaml.YAMLError as exc:  # "!!binary zz", "!!int ''", an unknown tag
+                problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else str(exc)
+                self.problems.add(line, where, f"invalid YAML value: {problem}")
+                return None
             flag = constructed if isinstance(constructed, bool) else None
             return _Value(where, line, text=node.value, flag=flag)
         if isinstance(node, yaml.SequenceNode):

@@ -203,7 +203,10 @@ def parse_request(lines: Sequence[bytes]) -> AgiRequest:
     target = env.get("network_script")
     if target is None:
         # no script in the URL: Asterisk sends no agi_network_script; agi_request still has it
-        parts = urlsplit(env.get("request", ""))
+        try:
+            parts = urlsplit(env.get("request", ""))
+        except ValueError as exc:  # "agi://[::1/x" (Invalid IPv6 URL), a netloc NFKC refuses
+            raise AgiHeaderError("garbage", _for_log(f"agi_request is not a URL: {exc}")) from None
         target = parts.path + (f"?{parts.query}" if parts.query else "")
     path, _, query_string = target.partition("?")
     query: dict[str, str] = {}

@@ -46,6 +46,35 @@ _JSON_CONTENT = "application/json"
 _PUBLIC = re.compile(r"/v1/(unsubscribe/[^/]+|policies/[^/]+/text|openapi\.json)")
 
 
+MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
+
+
+def _json_problem(value: Any) -> str | None:
+    """What json.loads accepts but the service cannot use, walked iteratively (no recursion):
+    nesting deeper than :data:`MAX_JSON_DEPTH` (body_hash and the field parsers recurse), and
+    text with a lone surrogate such as ``"\\ud800"``, which is not Unicode: it cannot be
+    encoded to hash, store or mail."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+        elif isinstance(item, str) and not _is_unicode(item):
+            return "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
 
@@ -263,9 +292,15 @@ class HttpApi:
         if request.content_type != _JSON_CONTENT:
             raise ApiError(415, f"expected Content-Type {_JSON_CONTENT}", None)
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise ApiError(400, "not valid JSON: nested too deeply", None) from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ApiError(400, f"not valid JSON: {exc}", None) from None
+        problem = _json_problem(body)
+        if problem is not None:
+            raise ApiError(400, f"not valid JSON: {problem}", None)
+        return body
 
     @staticmethod
     def _caller_ip(request: web.Request) -> str:

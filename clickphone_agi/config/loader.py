@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -77,10 +77,27 @@ def format_path(path: KeyPath) -> str:
     return out or "(top level)"
 
 
+def construct_checked(construct: Callable[..., Any], node: yaml.Node, deep: bool = False) -> Any:
+    """``construct(node, deep)``, with PyYAML's own crashes on a malformed tagged scalar turned
+    into the :class:`yaml.YAMLError` its callers handle: ``!!int ''`` raises IndexError,
+    ``!!bool x`` KeyError, ``!!timestamp x`` AttributeError, ``!!int 0x`` ValueError."""
+    try:
+        return construct(node, deep)
+    except yaml.YAMLError:
+        raise
+    except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as exc:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"cannot read this {node.tag} value ({type(exc).__name__})", node.start_mark
+        ) from None
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: YAML would silently keep the last one.
 
     Every YAML file a human types (configuration, tariffs) is read through it or a subclass."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        return construct_checked(super().construct_object, node, deep)
 
 
 def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -88,6 +105,13 @@ def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[
     result: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # "? [a, b]": a list or mapping as a key (SafeLoader refuses it too)
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a single value, not a {type(key).__name__} (line {mark.line + 1})", mark
+            ) from None
         if key in result:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
@@ -110,11 +134,35 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: "[[[[…" a few hundred deep
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}"])
+    problems = _non_text_keys(data, source, ())
+    if problems:
+        raise ConfigError(problems)
     return data
+
+
+def _non_text_keys(value: Any, source: str, path: KeyPath) -> list[str]:
+    """Every mapping key that is not text (``~: 1``, ``true: x``, ``1: 2``), named with its file.
+
+    Left to the schema, ``~`` showed up as ``'None'`` and was blamed on the packaged defaults,
+    and ``true`` as the list index ``[1]``."""
+    problems: list[str] = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if isinstance(key, str):
+                problems.extend(_non_text_keys(sub, source, (*path, key)))
+            else:
+                where = format_path(path) if path else "(top level)"
+                problems.append(f"{source}: {where}: a key must be text, got {key!r} (quote it)")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems.extend(_non_text_keys(item, source, (*path, index)))
+    return problems
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -166,8 +214,9 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     if not sep or not key.strip() or any(not p for p in parts):
         raise ConfigError([f"{CLI_SOURCE}: --set {text!r}: expected section.key=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        # the files' loader: a malformed tagged scalar ("!!int" alone) is a YAML error, not a crash
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 
@@ -293,6 +342,9 @@ def load_config(
             _merge(merged, _read_file(extra), str(extra), origin)
     for text in overrides:
         key, value = parse_override(text)
+        odd_keys = _non_text_keys(value, CLI_SOURCE, key)
+        if odd_keys:
+            raise ConfigError(odd_keys)
         layer: dict[Any, Any] = {}
         node = layer
         for part in key[:-1]:

@@ -48,6 +48,7 @@ from zoneinfo import ZoneInfo
 from clickphone_agi import dialplan_vars
 from clickphone_agi.domain import keys
 from clickphone_agi.domain.events import (
+    CDR_YEARS,
     AccountEvent,
     AsteriskLifecycle,
     CallEnded,
@@ -392,6 +393,8 @@ class _Frame:
             )
         except ValueError:
             raise self.error(name, "not a valid date and time", raw) from None
+        if naive.year not in CDR_YEARS:
+            raise self.error(name, f"year outside {CDR_YEARS.start}..{CDR_YEARS.stop - 1}", raw)
         return _attach_zone(naive, zone)
 
     def optional_local_time(self, name: str, zone: ZoneInfo) -> datetime | None:

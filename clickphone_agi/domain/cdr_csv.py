@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from clickphone_agi.domain.events import CallEnded, Disposition, EventSource
+from clickphone_agi.domain.events import CDR_YEARS, CallEnded, Disposition, EventSource
 from clickphone_agi.domain.keys import cdr_key
 
 __all__ = [
@@ -205,6 +205,8 @@ def _parse_time(value: str, column: str, timezone: ZoneInfo, *, gmt: bool) -> da
         naive = datetime.strptime(text, _TIME_FORMAT)  # naive on purpose: the zone is attached below
     except ValueError:
         raise CsvRowError(f"expected a time YYYY-MM-DD HH:MM:SS, got {_preview(text)}", column=column) from None
+    if naive.year not in CDR_YEARS:
+        raise CsvRowError(f"year outside {CDR_YEARS.start}..{CDR_YEARS.stop - 1}, got {_preview(text)}", column=column)
     if gmt:
         return naive.replace(tzinfo=UTC).astimezone(timezone)
     return naive.replace(tzinfo=timezone, fold=0)

@@ -23,6 +23,12 @@ class Disposition(StrEnum):
     UNKNOWN = "UNKNOWN"
 
 
+CDR_YEARS = range(2, 9999)
+"""Years a CDR time may have. Asterisk writes the current year; the margin of a year at each end
+of ``datetime``'s range keeps converting the time to any zone (and adding a few days) from
+overflowing: ``0001-01-01 00:00:00`` in Europe/Bucharest is in year 0 in UTC."""
+
+
 class EventSource(StrEnum):
     AMI = "ami"
     CSV = "csv"  # recovered from Master.csv after a gap

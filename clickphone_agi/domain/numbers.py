@@ -16,7 +16,11 @@ Accepted forms, checked in this order after spaces, tabs, dashes, dots and paren
    number: taking ``1930`` as E.164 would rate it against the ``1`` (North America) tariff.
    Pass ``bare_is_e164=True`` where bare digits are known to be E.164 already (tariff files, a
    dialplan that hands over E.164 digits). With an empty ``national_prefix`` every number that
-   is not international is national, so step 4 is never reached.
+   is not international is national, so step 4 is never reached — except with
+   ``bare_is_e164=True``, where steps 2 and 3 apply only to prefixes that start with ``0``
+   (text starting with ``0`` cannot be E.164) and any other digits are E.164 as written: with
+   an empty or non-zero prefix (``8`` as a trunk prefix) bare ``81…`` is Japan, never a national
+   number, so the result of :func:`normalise` always reads back as itself.
 
 The result is 1 to 15 digits and does not start with ``0`` (E.164 §6); anything else raises
 :class:`InvalidNumber` (a :class:`ValueError`): empty input, letters, ``*``/``#``, a ``+`` that
@@ -87,9 +91,9 @@ def normalise(
 
     if dialled.startswith("+"):
         digits = dialled[1:]
-    elif dialled.startswith(international_prefix):
+    elif dialled.startswith(international_prefix) and _prefix_applies(international_prefix, bare_is_e164):
         digits = dialled[len(international_prefix) :]
-    elif dialled.startswith(national_prefix):
+    elif dialled.startswith(national_prefix) and _prefix_applies(national_prefix, bare_is_e164):
         national = dialled[len(national_prefix) :]
         if not national:
             raise InvalidNumber("a national prefix with no number after it")
@@ -153,6 +157,11 @@ def is_emergency(
             if entry_e164 == as_e164:
                 return True
     return False
+
+
+def _prefix_applies(prefix: str, bare_is_e164: bool) -> bool:
+    """With bare E.164 allowed, only a prefix starting with 0 tells a number apart from E.164."""
+    return not bare_is_e164 or prefix.startswith("0")
 
 
 def _check_params(country_code: str, national_prefix: str, international_prefix: str) -> None:

@@ -305,11 +305,16 @@ class FrameParser:
         return out
 
     def _take_banner(self) -> Banner | None:
-        end = self._buf.find(_CRLF)
+        # resume where the last read's search stopped: restarting from the first byte made a
+        # peer that trickles a long line without CRLF cost quadratic time
+        end = self._buf.find(_CRLF, self._scan_from)
         if end < 0:
             if len(self._buf) > self._max:
                 raise AmiProtocolError("no AMI banner line within the size limit")
+            self._scan_from = max(0, len(self._buf) - 1)  # a CR at the end may meet its LF next
             return None
+        if end + len(_CRLF) > self._max:  # the same limit whether the line came whole or trickled
+            raise AmiProtocolError("no AMI banner line within the size limit")
         line = bytes(self._buf[:end])
         match = _BANNER.fullmatch(line)
         if match is None:
@@ -317,6 +322,7 @@ class FrameParser:
         raw = bytes(self._buf[: end + len(_CRLF)])
         del self._buf[: end + len(_CRLF)]
         self._need_banner = False
+        self._scan_from = 0
         return Banner(version=decode_text(match.group(1)), raw=raw)
 
 
