@@ -314,6 +314,20 @@ def _read_secret(
     return None
 
 
+def _override_layer(text: str) -> dict[Any, Any]:
+    """One ``--set a.b=value`` as a nested layer ``{"a": {"b": value}}``."""
+    key, value = parse_override(text)
+    odd_keys = _non_text_keys(value, CLI_SOURCE, key)
+    if odd_keys:
+        raise ConfigError(odd_keys)
+    layer: dict[Any, Any] = {}
+    node = layer
+    for part in key[:-1]:
+        node = node.setdefault(part, {})
+    node[key[-1]] = value
+    return layer
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -341,16 +355,7 @@ def load_config(
             files.append(str(extra))
             _merge(merged, _read_file(extra), str(extra), origin)
     for text in overrides:
-        key, value = parse_override(text)
-        odd_keys = _non_text_keys(value, CLI_SOURCE, key)
-        if odd_keys:
-            raise ConfigError(odd_keys)
-        layer: dict[Any, Any] = {}
-        node = layer
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = value
-        _merge(merged, layer, CLI_SOURCE, origin)
+        _merge(merged, _override_layer(text), CLI_SOURCE, origin)
 
     try:
         config = Config.model_validate(merged)
