@@ -41,6 +41,7 @@ from clickphone_agi.domain.events import (
 from clickphone_agi.domain.missed import MissedCall, MissedCallTracker
 from clickphone_agi.domain.money import format_ron  # noqa: F401 - re-exported for templates' callers
 from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
@@ -184,10 +185,12 @@ class Notifier:
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
             await self.voicemail_box(context, mailbox)
+            crash_point("notices.scan_item")
         faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
         for fax in faxes:
             if fax.sidecar is not None:
                 await self._fax(fax.sidecar, fax.path)
+                crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
 
@@ -330,6 +333,7 @@ class Notifier:
             )  # fmt: skip
 
         mime = await asyncio.to_thread(render)
+        crash_point("notices.rendered")
         message = OutboxMessage.build(
             key=key, kind=kind, recipient=recipient, account=account.code, mime=mime, now=now,
             lifetime=KINDS[kind].lifetime, payload=payload,

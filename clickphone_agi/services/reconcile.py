@@ -17,6 +17,7 @@ import structlog
 
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition
 from clickphone_agi.clock import Clock, wait_any
+from clickphone_agi.faults import crash_point
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.ingest import EventProcessor
 
@@ -91,6 +92,7 @@ class CdrReconciler:
                 self.rows_seen += 1
                 if await self._processor.handle(call):
                     recovered += 1
+                crash_point("reconcile.row_applied")
             new_position = batch.position
             text = new_position.to_text()
 
@@ -98,6 +100,7 @@ class CdrReconciler:
                 tx.set_meta(CURSOR_KEY, text)
 
             await self._store.write(save)
+            crash_point("reconcile.cursor_saved")
             position = new_position
             if batch.at_end:
                 break
