@@ -230,7 +230,9 @@ class Daemon:
                 timezone=zone,
                 gmt=cfg.asterisk.master_csv_gmt,
             )
-            reconciler = CdrReconciler(store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval)
+            reconciler = CdrReconciler(
+                store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval, undecided=notifier.undecided
+            )
 
         def gap(reason: str) -> None:
             if reconciler is not None:
