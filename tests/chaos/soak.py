@@ -90,7 +90,9 @@ class SoakReport:
         return (
             f"soak events={self.events_sent} calls={self.calls} at {self.rate:.0f} ev/s in {self.seconds:.1f}s:"
             f" RSS peak {self.peak_mb:.1f} MB, mid {self.mid_mb:.1f} MB, end {self.end_mb:.1f} MB,"
-            f" growth over the second half {self.growth_percent:+.1f}%; daemon CPU {self.cpu_seconds:.0f}s;"
+            f" growth over the second half {self.growth_percent:+.1f}%"
+            f" (goals < 100 MB: {'met' if self.peak_mb < 100 else 'NOT met'},"
+            f" < 5 %: {'met' if self.growth_percent < 5 else 'NOT met'}); daemon CPU {self.cpu_seconds:.0f}s;"
             f" queue high water {self.queue.get('high_water')}/{self.queue.get('max')},"
             f" dropped {self.queue.get('dropped')}; Asterisk slow-client drops {self.slow_client_drops};"
             f" billing CDRs {self.billing_cdrs}, charged {self.charged}; problems {len(self.problems)}"
