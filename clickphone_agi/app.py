@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from clickphone_agi import __version__
+from clickphone_agi import __version__, faults
 from clickphone_agi.adapters.agi import FastAgiServer
 from clickphone_agi.adapters.ami.client import AmiClient, AmiNotConnectedError
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
@@ -228,6 +228,12 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        spec = self.environ.get(faults.ENV_VAR)
+        faults.arm(spec)  # test-only (tests/chaos): inert unless the variable is set
+        if spec:
+            log.warning(
+                "faults.armed", crash_at=spec, note="test-only fault injection: this process will SIGKILL itself"
+            )
         lock = WriterLock(cfg.database.path)
         lock.acquire()
         try:
@@ -256,7 +262,9 @@ class Daemon:
                 timezone=zone,
                 gmt=cfg.asterisk.master_csv_gmt,
             )
-            reconciler = CdrReconciler(store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval)
+            reconciler = CdrReconciler(
+                store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval, undecided=notifier.undecided
+            )
 
         def gap(reason: str) -> None:
             if reconciler is not None:

@@ -51,6 +51,7 @@ from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox
 from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
 from clickphone_agi.domain.outbox import OutboxRow
 from clickphone_agi.domain.retention import PURGE_AFTER_SEND
+from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import InvalidHeader, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
@@ -339,9 +340,11 @@ class OutboxSender:
         finally:
             await self._pool.release(conn)
         if outcome.ok:
+            crash_point("smtp.after_250")
             await self._store.write(
                 _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
             )
+            crash_point("smtp.after_mark_sent")
             self.sent += 1
             log.info(
                 "mail.sent",
@@ -433,6 +436,7 @@ class OutboxSender:
             stage = "rcpt"
             await smtp.rcpt(rcpt)
             stage = "data"
+            crash_point("smtp.before_data")
             response = await smtp.data(mime)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset(conn)

@@ -29,6 +29,7 @@ from clickphone_agi.domain.ami_translate import (
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
 from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
+from clickphone_agi.faults import crash_point
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.money import MoneyService
 
@@ -150,6 +151,7 @@ class EventProcessor:
                 tx.record_call(call)
                 if money is not None:
                     money.charge_rated(tx, call, rated)
+                    crash_point("ingest.unit_applied")
             return True
 
         if await self._store.write(unit):

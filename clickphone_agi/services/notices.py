@@ -42,6 +42,7 @@ from clickphone_agi.domain.events import (
 from clickphone_agi.domain.missed import MissedCall, MissedCallTracker
 from clickphone_agi.domain.money import format_ron  # noqa: F401 - re-exported for templates' callers
 from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
@@ -80,6 +81,8 @@ class Notifier:
             max_attachment_bytes=settings.max_attachment_bytes,
         )  # fmt: skip
         self._tracker = MissedCallTracker(settings.missed_call_grace, owner_of=self._owner_of)
+        # decided missed, mail not committed yet (by Linkedid): still "undecided" for the reconciler
+        self._missed_due: dict[str, MissedCall] = {}
         self._fax_files: OrderedDict[str, FaxReceived | FaxSent] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -155,6 +158,12 @@ class Notifier:
         be gone, so an old message still in a box would look new)."""
         self._went_live_at = max(self._went_live_at, moment)
 
+    def undecided(self, linked_id: str) -> bool:
+        """Whether this call's missed-call notice may still be lost with the process: not decided
+        yet, or decided missed and its mail not committed. The reconciler keeps the call's
+        Master.csv rows replayable until then."""
+        return self._tracker.undecided(linked_id) or linked_id in self._missed_due
+
     def _owner_of(self, call: CallEnded) -> str | None:
         """Inbound calls are recognised by context: the account code alone cannot tell the
         direction (the dialplan sets it on outbound calls too). No contexts, no missed calls."""
@@ -177,8 +186,7 @@ class Notifier:
                 boxes, self._boxes_due = self._boxes_due, set()
                 for context, mailbox in sorted(boxes):
                     await self.voicemail_box(context, mailbox)
-                for missed in self._tracker.due(self._clock.now()):
-                    await self._missed(missed)
+                await self._missed_calls(self._clock.now())
             except Exception:
                 self.errors += 1
                 log.exception("notices.pass_failed")
@@ -187,22 +195,32 @@ class Notifier:
             await wait_any(self._clock, min(5.0, self.settings.scan_interval), stop, self._wake)
 
         # stopping: decide pending missed calls now rather than lose them with the process
-        for missed in self._tracker.due(self._clock.now() + timedelta(days=1)):
-            try:
-                await self._missed(missed)
-            except Exception:
-                self.errors += 1
-                log.exception("notices.missed_flush_failed", key=missed.key)
+        try:
+            await self._missed_calls(self._clock.now() + timedelta(days=1))
+        except Exception:
+            self.errors += 1
+            log.exception("notices.missed_flush_failed")
+
+    async def _missed_calls(self, now: datetime) -> None:
+        """Queue the mail of every call decided missed by ``now``; one that fails stays due and is
+        tried again on the next pass (the tracker has forgotten it: this is its only record)."""
+        for missed in self._tracker.due(now):
+            self._missed_due[missed.linked_id] = missed
+        for linked_id, missed in list(self._missed_due.items()):
+            await self._missed(missed)
+            del self._missed_due[linked_id]
 
     async def scan_all(self) -> None:
         """Every voicemail box and the fax directory: what arrived while we were not looking."""
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
             await self.voicemail_box(context, mailbox)
+            crash_point("notices.scan_item")
         faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
         for fax in faxes:
             if fax.sidecar is not None:
                 await self._fax(fax.sidecar, fax.path)
+                crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
 
@@ -352,6 +370,7 @@ class Notifier:
             )  # fmt: skip
 
         mime = await asyncio.to_thread(render)
+        crash_point("notices.rendered")
         message = OutboxMessage.build(
             key=key, kind=kind, recipient=recipient, account=account.code, mime=mime, now=now,
             lifetime=KINDS[kind].lifetime, payload=payload,

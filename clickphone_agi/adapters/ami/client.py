@@ -30,6 +30,7 @@ from clickphone_agi.adapters.ami.protocol import (
     encode_action,
 )
 from clickphone_agi.clock import Clock
+from clickphone_agi.faults import crash_point
 
 __all__ = ["AmiAuthError", "AmiClient", "AmiNotConnectedError", "ClientState"]
 
@@ -381,6 +382,8 @@ class AmiClient:
                         self._banner.set_result(item)
                     continue
                 self._dispatch(item)
+            if parser.buffered:
+                crash_point("ami.mid_frame")
 
     def _dispatch(self, message: AmiMessage) -> None:
         self._messages_received += 1

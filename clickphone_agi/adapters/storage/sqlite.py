@@ -37,6 +37,7 @@ from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.domain.policy import Policy
 from clickphone_agi.domain.privacy import address_forms
+from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
 
@@ -1090,8 +1091,11 @@ def _run_batch(
                 batch.keep()
                 outcomes.append((True, result))
                 enqueued += tx.enqueued
+            crash_point("writer.after_unit")
         batch.flush(conn)
+        crash_point("writer.before_commit")
         conn.execute("COMMIT")
+        crash_point("writer.after_commit")
     except BaseException:
         cache.clear()  # it may hold what is being rolled back
         if conn.in_transaction:
