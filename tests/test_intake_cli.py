@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from clickphone_agi.cli import EX_DATAERR, EX_OK, EX_UNAVAILABLE, main
 from clickphone_agi.sim.smtp_sink import SmtpSink
-from tests.test_marketing_api import Api, far, settle, start_daemon
-
-
-@pytest.fixture
-async def api(write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink) -> AsyncIterator[Api]:
-    d, task, port = await start_daemon(write_config, short_tmp, smtp_sink.port)
-    async with aiohttp.ClientSession() as session:
-        yield Api(d, f"http://127.0.0.1:{port}", session, d.config.database.path)
-    d.request_stop()
-    assert await task == 0
+from tests.api_harness import Api, settle
+from tests.test_marketing_api import far
 
 
 async def cli(api: Api, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:

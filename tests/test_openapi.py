@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, cast
 
-import aiohttp
-import pytest
 from openapi_spec_validator import validate
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickphone_agi.adapters.agi import LatencyHistogram
 from clickphone_agi.adapters.http_api import HttpApi, openapi_document
-from clickphone_agi.sim.smtp_sink import SmtpSink
-from tests.test_marketing_api import OFFER, Api, start_daemon
+from tests.api_harness import Api
+from tests.test_marketing_api import OFFER
 
 METHODS = {"get", "put", "post", "delete", "patch"}
 
@@ -30,15 +26,6 @@ def _served(api: HttpApi) -> set[tuple[str, str]]:
         path = info.get("path") or info.get("formatter")
         out.add((route.method.lower(), str(path)))
     return out
-
-
-@pytest.fixture
-async def api(write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink) -> AsyncIterator[Api]:
-    d, task, port = await start_daemon(write_config, short_tmp, smtp_sink.port)
-    async with aiohttp.ClientSession() as session:
-        yield Api(d, f"http://127.0.0.1:{port}", session, d.config.database.path)
-    d.request_stop()
-    assert await task == 0
 
 
 def test_document_is_valid_openapi_31() -> None:

@@ -20,8 +20,8 @@ from clickphone_agi.cli import EX_ERROR, EX_UNAVAILABLE
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from clickphone_agi.status_view import format_status
+from tests.api_harness import _free_port
 from tests.daemon_harness import run_cli
-from tests.test_http_api import _free_port
 
 pytestmark = pytest.mark.slow
 
