@@ -9,18 +9,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition
+from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition, MasterCsvTailer
 from clickphone_agi.adapters.storage.sqlite import SqliteStore, StorageError
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.missed import MissedCallTracker
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.services.reconcile import CURSOR_KEY, REPLAY_KEY, CdrReconciler
+from clickphone_agi.sim.traffic import AsteriskFiles, CallFactory, load_templates
+
+ZONE = ZoneInfo("Europe/Bucharest")
 
 
 @dataclass(frozen=True)
@@ -150,3 +155,23 @@ async def test_a_missed_call_whose_mail_failed_to_commit_stays_pending_and_is_re
     assert not notifier.undecided(MISSED.linked_id)
     (row,) = await store.outbox_rows()
     assert (row.idempotency_key, row.kind, row.recipient) == (MISSED.key, "missed_call", "ion@example.ro")
+
+
+async def test_a_master_csv_backlog_shares_commits_instead_of_one_per_row(store: SqliteStore, tmp_path: Path) -> None:
+    """Rows are handed to the processor many at a time, so their units share the writer's batches.
+    One commit per row capped recovery at the disk's fsync rate (~70 rows/s on the CI machine), and
+    the long crash test's last start could not catch up with its backlog (regression)."""
+    factory = CallFactory(load_templates(), zone=ZONE)
+    files = AsteriskFiles(tmp_path / "Master.csv", tmp_path / "vm", tmp_path / "fax")
+    calls = [factory.call(i, "answered_call", "acct1001", datetime(2026, 12, 1, 9, i % 60)) for i in range(200)]
+    for call in calls:
+        files.append_csv(b"".join(r for r, _ in call.segments()))
+    files.close()
+    tailer = MasterCsvTailer(files.master_csv, system_name="pbx1", timezone=ZONE)
+    processor = EventProcessor(store, datetime(2026, 1, 1, tzinfo=UTC))
+    reconciler = CdrReconciler(store, tailer, processor, FakeClock(), 60)
+    before = store.commits
+    rows = sum(len(c.cdrs) for c in calls)
+    assert await reconciler.run_once() == rows == 600
+    assert await store.event_count("cdr") == rows
+    assert store.commits - before <= rows // 50  # 600 rows: a handful of batches, not 600 commits

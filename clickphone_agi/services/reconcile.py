@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 CURSOR_KEY = "cursor:master_csv"
 REPLAY_KEY = "cursor:master_csv:replay"
 _FILE_START = CsvPosition(0, 0)  # "from the start of whatever Master.csv is there"
+IN_FLIGHT = 256  # rows handed to the processor at once (the writer's batch holds up to 256 units)
 
 
 class Tailer(Protocol):
@@ -124,11 +125,7 @@ class CdrReconciler:
                     path=str(self._tailer.path),
                     note="Master.csv was truncated or rotated away; some CDRs may be missing",
                 )
-            for call in batch.events:
-                self.rows_seen += 1
-                if await self._processor.handle(call):
-                    recovered += 1
-                crash_point("reconcile.row_applied")
+            recovered += await self._apply(batch.events)
             new_position = batch.position
             text = new_position.to_text()
             replay = self._replay_from(started, batch.events, new_position).to_text()
@@ -147,6 +144,24 @@ class CdrReconciler:
         if recovered:
             log.warning("reconcile.recovered", cdrs=recovered, note="CDRs missed on AMI, taken from Master.csv")
         return recovered
+
+    async def _apply(self, calls: list[CallEnded]) -> int:
+        """Hand the rows to the processor up to :data:`IN_FLIGHT` at a time, in file order: their
+        units join the writer's batches (one commit for many rows) instead of one commit each,
+        which capped recovery at the disk's fsync rate (~70 rows/s here). The writer keeps their
+        order; the cursor is saved only after all of them committed."""
+        applied = 0
+
+        async def apply(call: CallEnded) -> bool:
+            done = await self._processor.handle(call)
+            crash_point("reconcile.row_applied")
+            return done
+
+        for start in range(0, len(calls), IN_FLIGHT):
+            chunk = calls[start : start + IN_FLIGHT]
+            self.rows_seen += len(chunk)
+            applied += sum(await asyncio.gather(*(apply(call) for call in chunk)))
+        return applied
 
     def _replay_from(self, started: CsvPosition, calls: list[CallEnded], end: CsvPosition) -> CsvPosition:
         """Where a restart must re-read from so that no undecided call is lost (see the module doc)."""

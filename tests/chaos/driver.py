@@ -142,9 +142,10 @@ def make_calls(factory: CallFactory, seed: int) -> Iterator[SynthCall]:
 
 
 def plan_accounts(first_calls: list[SynthCall]) -> list[AccountPlan]:
-    """Limits and balances sized on the first calls so that thresholds are really crossed: a tight
-    daily limit (80 % and 100 % fire), a looser one (80 % only, usually), none; balances that run
-    below their threshold for four prepaid accounts, one that stays above, one postpaid."""
+    """Limits and balances sized on the first calls so that thresholds are really crossed: two tight
+    daily limits (80 % and 100 % fire), a looser one (80 % on the busiest day only), none for the
+    other three; balances that run below their threshold for four prepaid accounts, one that
+    stays above, and a postpaid account (below its threshold, but postpaid gets no such mail)."""
     expected = Expected.of(first_calls, [])
     per_day: dict[str, int] = {}
     for (code, _day), spent in expected.spend.items():
@@ -154,7 +155,7 @@ def plan_accounts(first_calls: list[SynthCall]) -> list[AccountPlan]:
     for n, code in enumerate(CODES):
         day_max = max(per_day.get(code, 0), 100)
         spend = max(total[code], 100)
-        limit = {0: day_max // 2, 1: day_max * 9 // 10, 2: day_max // 3}.get(n)
+        limit = {0: day_max // 2, 1: day_max * 11 // 10, 2: day_max // 3}.get(n)
         opening = spend * 2 if n == 4 else spend // 2 + 1000  # acct3005 never runs low
         threshold = 1000
         billing = "postpaid" if n == 5 else "prepaid"
