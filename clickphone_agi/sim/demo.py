@@ -27,6 +27,7 @@ from clickphone_agi.adapters.storage import reports
 from clickphone_agi.adapters.storage import sqlite as db
 from clickphone_agi.adapters.storage.codec import account_to_json
 from clickphone_agi.app import Daemon
+from clickphone_agi.clock import ShiftedClock
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.money import format_ron
 from clickphone_agi.sim.agi_client import agi_call
@@ -38,6 +39,9 @@ SCENARIOS = ("answered_call", "missed_call", "busy_call", "voicemail", "fax", "f
 GAP_SCENARIO = "long_call"  # happens while the AMI link is down: only Master.csv knows it
 # The recorded calls took place on 2026-11-28; the demo's database "went live" before them.
 DEMO_GO_LIVE = datetime(2026, 11, 27, tzinfo=UTC)
+# ... and the daemon runs as of a few minutes after them (16:25 in Bucharest), whatever today's
+# date: the day's spend, the 80 % warning and the daily-limit denial belong to that day.
+DEMO_NOW = datetime(2026, 11, 28, 14, 25, tzinfo=UTC)
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
 
 
@@ -294,7 +298,7 @@ async def run_demo(output: Path) -> int:
         config_text = _config_text(out, ami.port, sink.port, runtime / "control.sock", agi_port)
         config_file.write_text(config_text, encoding="utf-8")
         loaded = load_config(config_file)
-        daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
+        daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False, clock=ShiftedClock(DEMO_NOW))
         print(f"clickphone-agi demo: simulated Asterisk on 127.0.0.1:{ami.port}, mail sink on 127.0.0.1:{sink.port}")
         run = asyncio.create_task(daemon.run())
         try:
