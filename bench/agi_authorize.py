@@ -410,7 +410,12 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=1000, help="accounts, used round robin (default 1000)")
     parser.add_argument("--timeout", type=float, default=5.0, help="client timeout per session, s (default 5)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
     args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # both processes: the client forks after this
     if args.seconds <= 0 or args.accounts < 1 or args.timeout <= 0 or any(r <= 0 for r in args.rates):
         parser.error("--seconds, --rates and --timeout must be > 0 and --accounts >= 1")
     proc, conn = start_client()  # forked before any event loop or thread exists here

@@ -232,6 +232,55 @@ def ledger_matches(path: Path) -> bool:
     return ledger == balances
 
 
+def sql_floor(store_db: Path, path: Path) -> tuple[float, int]:
+    """The SQL alone: the rows that charging N CDRs wrote (taken from a finished store run), written
+    again with plain sqlite3 into a fresh database with the real schema, one executemany per table,
+    one transaction, no Python per row. Every CDR also upserts its account's balance and day (as a
+    batch of distinct accounts does). Returns (seconds, rows written)."""
+    src = sqlite3.connect(f"file:{store_db}?mode=ro", uri=True)
+    try:
+        tables = {
+            "processed_events": src.execute("SELECT key, kind, processed_at FROM processed_events").fetchall(),
+            "cdrs": src.execute(f"SELECT {CDR_COLUMNS} FROM cdrs").fetchall(),
+            "ledger": src.execute(
+                "SELECT account, amount, kind, ref, reason, created_at FROM ledger WHERE kind = 'call'"
+            ).fetchall(),
+            "rated_calls": src.execute("SELECT * FROM rated_calls").fetchall(),
+        }
+        per_cdr = src.execute("SELECT account, day, cost FROM rated_calls").fetchall()
+    finally:
+        src.close()
+    balances = [(account, -cost) for account, _day, cost in per_cdr]
+    spend = [(account, day, cost) for account, day, cost in per_cdr]
+    conn = connect_sync(path)
+    try:
+        sqlite_store.migrate(conn, datetime.now(UTC), path)
+        start = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO processed_events VALUES (?, ?, ?)", tables["processed_events"])
+        conn.executemany(f"INSERT INTO cdrs ({CDR_COLUMNS}) VALUES ({', '.join('?' * 20)})", tables["cdrs"])
+        conn.executemany(
+            "INSERT INTO ledger (account, amount, kind, ref, reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            tables["ledger"],
+        )
+        conn.executemany(f"INSERT INTO rated_calls VALUES ({', '.join('?' * 11)})", tables["rated_calls"])
+        conn.executemany(
+            "INSERT INTO balances (account, balance) VALUES (?, ?)"
+            " ON CONFLICT (account) DO UPDATE SET balance = excluded.balance",
+            balances,
+        )
+        conn.executemany(
+            "INSERT INTO daily_spend (account, day, spent) VALUES (?, ?, ?)"
+            " ON CONFLICT (account, day) DO UPDATE SET spent = excluded.spent",
+            spend,
+        )
+        conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    return elapsed, sum(len(rows) for rows in tables.values()) + len(balances) + len(spend)
+
+
 # -- profile -------------------------------------------------------------------------------------
 
 
@@ -372,12 +421,15 @@ def _bench(args: argparse.Namespace) -> None:
     cdrs = build_cdrs(args.cdrs, args.accounts, template())
     base_times: list[float] = []
     runs: list[StoreRun] = []
+    floors: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.runs):
             gc.collect()
             base_times.append(asyncio.run(raw_baseline(Path(d) / f"raw{i}.db", cdrs)))
             gc.collect()
             runs.append(asyncio.run(store_run(Path(d) / f"store{i}.db", cdrs, args.accounts, args.chunk)))
+            gc.collect()
+            floors.append(sql_floor(Path(d) / f"store{i}.db", Path(d) / f"floor{i}.db"))
         n = args.cdrs
         base = n / statistics.median(base_times)
         ours = n / statistics.median(r.seconds for r in runs)
@@ -395,11 +447,19 @@ def _bench(args: argparse.Namespace) -> None:
             f"EventProcessor.handle + MoneyService.charge, batched : {ours:9.0f} CDR/s   ({ours / base:.3f}x baseline;"
             f" {commits:.0f} commits, {n / commits:.0f} CDRs/commit, MAX_BATCH {MAX_BATCH})"
         )
+        floor = n / statistics.median(t for t, _ in floors)
+        rows_per_cdr = floors[-1][1] / n
+        print(
+            f"the SQL alone, plain sqlite3, 1 txn ({rows_per_cdr:.0f} rows per CDR):"
+            f" {floor:9.0f} CDR/s   (the ceiling for this schema; store = {ours / floor:.2f}x of it)"
+        )
         print(
             "runs: baseline rows/s "
             + ", ".join(f"{n / t:.0f}" for t in base_times)
             + " | store CDR/s "
             + ", ".join(f"{n / r.seconds:.0f} ({r.commits} commits)" for r in runs)
+            + " | SQL alone CDR/s "
+            + ", ".join(f"{n / t:.0f}" for t, _ in floors)
         )
         last = runs[-1]
         print(

@@ -23,12 +23,12 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from clickphone_agi import __version__
+from clickphone_agi import __version__, faults
 from clickphone_agi.adapters.agi import FastAgiServer
 from clickphone_agi.adapters.ami.client import AmiClient, AmiNotConnectedError
 from clickphone_agi.adapters.cdr_csv import MasterCsvTailer
 from clickphone_agi.adapters.control import CommandError, CommandTable, ControlServer
-from clickphone_agi.adapters.http_api import HttpApi
+from clickphone_agi.adapters.http_api import ApiServices, HttpApi
 from clickphone_agi.adapters.logging import configure_logging
 from clickphone_agi.adapters.mail import build_test_mail, parse_address
 from clickphone_agi.adapters.smtp import OutboxSender, bounce_command, purge_command, retry_command
@@ -44,15 +44,23 @@ from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import DomainEvent
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
+from clickphone_agi.domain.retention import RetentionPolicy
+from clickphone_agi.domain.thresholds import day_bounds, local_day
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
+from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
+from clickphone_agi.services.broadcasts import BroadcastService, BroadcastSettings
+from clickphone_agi.services.consent import ConsentService, ConsentSettings
+from clickphone_agi.services.health import health
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
-from clickphone_agi.services.intake import Intake, IntakeSettings
+from clickphone_agi.services.intake import ApiError, Intake, IntakeSettings, Reply, body_hash, check_key
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.services.notices import NoticeSettings, Notifier
+from clickphone_agi.services.policies import PolicyService, PolicySettings, policy_json
 from clickphone_agi.services.reconcile import CdrReconciler
+from clickphone_agi.services.retention import RetentionJob, RetentionSettings
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +144,7 @@ class Components:
     money: MoneyService | None
     agi: FastAgiServer | None
     notifier: Notifier
+    retention: RetentionJob | None = None
 
 
 class NotifyingProcessor(EventProcessor):
@@ -148,6 +157,26 @@ class NotifyingProcessor(EventProcessor):
         if self.notifier is not None:
             self.notifier.observe(event)
         return await super().handle(event)
+
+
+def retention_settings(config: Config) -> RetentionSettings:
+    p = config.privacy
+    return RetentionSettings(
+        policy=RetentionPolicy(
+            outbox_body_days=p.outbox_body_retention_days,
+            processed_event_days=p.processed_event_retention_days,
+            cdr_days=p.cdr_retention_days,
+            api_request_days=p.api_request_retention_days,
+        ),
+        zone=ZoneInfo(config.billing.timezone),
+        hour=p.retention_hour,
+        batch=p.retention_batch,
+    )
+
+
+def numbering(config: Config) -> Numbering:
+    b = config.billing
+    return Numbering(b.country_code, b.national_prefix, b.international_prefix)
 
 
 def notice_settings(config: Config) -> NoticeSettings:
@@ -188,6 +217,7 @@ class Daemon:
         self._parts: Components | None = None
         self.voicemail_removed = 0
         self.voicemail_remove_failures = 0
+        self._api: IntakeServices | None = None
 
     @property
     def config(self) -> Config:
@@ -198,6 +228,12 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        spec = self.environ.get(faults.ENV_VAR)
+        faults.arm(spec)  # test-only (tests/chaos): inert unless the variable is set
+        if spec:
+            log.warning(
+                "faults.armed", crash_at=spec, note="test-only fault injection: this process will SIGKILL itself"
+            )
         lock = WriterLock(cfg.database.path)
         lock.acquire()
         try:
@@ -215,6 +251,8 @@ class Daemon:
         renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
         processor = NotifyingProcessor(store, went_live, money)
         notifier = Notifier(store, self.clock, renderer, notice_settings(cfg), went_live)
+        notifier.remove_delivered = self._remove_delivered_voicemail
+        notifier.remove_enabled = lambda: self.config.notifications.voicemail_remove_after_send  # SIGHUP-live
         processor.notifier = notifier
         reconciler = None
         if cfg.asterisk.master_csv is not None:
@@ -224,7 +262,9 @@ class Daemon:
                 timezone=zone,
                 gmt=cfg.asterisk.master_csv_gmt,
             )
-            reconciler = CdrReconciler(store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval)
+            reconciler = CdrReconciler(
+                store, tailer, processor, self.clock, cfg.asterisk.reconcile_interval, undecided=notifier.undecided
+            )
 
         def gap(reason: str) -> None:
             if reconciler is not None:
@@ -273,15 +313,23 @@ class Daemon:
     async def _remove_voicemail(self, row: OutboxRow) -> None:
         """The sender's ``on_sent`` hook: with ``notifications.voicemail_remove_after_send``, a
         delivered voicemail is removed from the spool by Asterisk (AMI ``VoicemailRemove``). A
-        failure leaves the message where it is; the mail was delivered anyway."""
-        ami = self._parts.ami if self._parts is not None else None
+        failure leaves the message where it is (the mail was delivered anyway); the spool scan
+        finds it again and retries (:meth:`_remove_delivered_voicemail`)."""
+        if row.kind != "voicemail":
+            return
         where = (row.payload or {}).get("vm_remove")
-        if row.kind != "voicemail" or not self.config.notifications.voicemail_remove_after_send or ami is None:
+        if isinstance(where, dict):  # None: a row queued before this option existed, or not from the spool
+            await self._remove_delivered_voicemail(row.idempotency_key, where)
+
+    async def _remove_delivered_voicemail(self, key: str, where: dict[str, Any]) -> None:
+        """``VoicemailRemove`` for a message whose mail got its 250; logged and counted either way."""
+        ami = self._parts.ami if self._parts is not None else None
+        if not self.config.notifications.voicemail_remove_after_send:
             return
         fields = {"Context": "context", "Mailbox": "mailbox", "Folder": "folder", "ID": "msg_id"}
-        if not isinstance(where, dict) or not all(isinstance(where.get(k), str) and where[k] for k in fields.values()):
-            return  # a row queued before this option existed, or not from the spool
-        args = {name: str(where[key]) for name, key in fields.items()}
+        if ami is None or not all(isinstance(where.get(k), str) and where[k] for k in fields.values()):
+            return
+        args = {name: str(where[key_]) for name, key_ in fields.items()}
         box = f"{args['Mailbox']}@{args['Context']}"
         reason: str | None
         try:
@@ -293,13 +341,31 @@ class Daemon:
             reason = None if ok else (reply.get("Message") or reply.response or "no reason given")
         if reason is None:
             self.voicemail_removed += 1
-            log.info("voicemail.removed", key=row.idempotency_key, box=box, folder=args["Folder"], msg_id=args["ID"])
+            log.info("voicemail.removed", key=key, box=box, folder=args["Folder"], msg_id=args["ID"])
         else:
             self.voicemail_remove_failures += 1
             log.warning(
-                "voicemail.remove_failed", key=row.idempotency_key, box=box, folder=args["Folder"],
+                "voicemail.remove_failed", key=key, box=box, folder=args["Folder"],
                 msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures,
             )  # fmt: skip
+
+    @staticmethod
+    def _start_tasks(
+        parts: Components, intake_stop: asyncio.Event, background_stop: asyncio.Event
+    ) -> dict[str, asyncio.Task[Any]]:
+        """The daemon's long-running tasks: intake (AMI) stops first on SIGTERM, the rest after the drain."""
+        tasks: dict[str, asyncio.Task[Any]] = {
+            "ingest": asyncio.create_task(parts.worker.run(), name="ingest"),
+            "sender": asyncio.create_task(parts.sender.run(background_stop), name="sender"),
+        }
+        if parts.reconciler is not None:
+            tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
+        tasks["notices"] = asyncio.create_task(parts.notifier.run(background_stop), name="notices")
+        if parts.retention is not None:
+            tasks["retention"] = asyncio.create_task(parts.retention.run(background_stop), name="retention")
+        if parts.ami is not None:
+            tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
+        return tasks
 
     async def _run_locked(self) -> int:
         cfg = self.config
@@ -311,6 +377,8 @@ class Daemon:
         store = await SqliteStore.open(cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout)
         store.start()
         parts = self._parts = await self._build(store)
+        self._api = self._build_api_services(store, parts)
+        parts.retention = await self._build_retention(parts)
         control = ControlServer(cfg.daemon.control_socket, self._commands())
         await control.start()
         api = await self._start_api(store)
@@ -319,15 +387,7 @@ class Daemon:
 
         intake_stop = asyncio.Event()
         background_stop = asyncio.Event()
-        tasks: dict[str, asyncio.Task[Any]] = {
-            "ingest": asyncio.create_task(parts.worker.run(), name="ingest"),
-            "sender": asyncio.create_task(parts.sender.run(background_stop), name="sender"),
-        }
-        if parts.reconciler is not None:
-            tasks["reconcile"] = asyncio.create_task(parts.reconciler.run(background_stop), name="reconcile")
-        tasks["notices"] = asyncio.create_task(parts.notifier.run(background_stop), name="notices")
-        if parts.ami is not None:
-            tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
+        tasks = self._start_tasks(parts, intake_stop, background_stop)
         helpers = [
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._status_loop(), name="status"),
@@ -339,6 +399,7 @@ class Daemon:
             control_socket=str(cfg.daemon.control_socket),
             ami=f"{cfg.ami.host}:{cfg.ami.port}" if cfg.ami.enabled else None,
             master_csv=str(cfg.asterisk.master_csv) if cfg.asterisk.master_csv else None,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.notifier.ready(self._status_text())
         self.ready.set()
@@ -363,7 +424,7 @@ class Daemon:
         drained = await _bounded(tasks["ingest"], left())
         background_stop.set()
         parts.sender.wake()
-        for name in ("notices", "sender", "reconcile"):
+        for name in ("notices", "sender", "reconcile", "retention"):
             if name in tasks:
                 await _bounded(tasks[name], left())
         for task in helpers:
@@ -381,6 +442,17 @@ class Daemon:
         )
         return 1 if crashed else 0
 
+    async def _build_retention(self, parts: Components) -> RetentionJob:
+        """The retention job, with the key floor of earlier runs applied before anything can replay."""
+        job = RetentionJob(
+            parts.store,
+            self.clock,
+            lambda: retention_settings(self.config),  # privacy and billing follow a reload
+            baselines=(parts.processor.raise_baseline, parts.notifier.raise_baseline),
+        )
+        await job.apply_saved_floor()
+        return job
+
     async def _stop_accepting(self, api: HttpApi | None, parts: Components) -> None:
         """The drain's first step: the intake API and FastAGI take no new requests."""
         if api is not None:
@@ -394,19 +466,16 @@ class Daemon:
         if not cfg.api.enabled:
             return None
 
-        def settings() -> IntakeSettings:
-            c = self.config  # smtp and billing follow a reload
-            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
-
-        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
-        intake = Intake(store, self.clock, renderer, settings)
+        services = self._intake_services()
         api = HttpApi(
-            intake,
+            services.intake,
             self.loaded.secrets.api_token,
             host=cfg.api.host,
             port=cfg.api.port,
             max_body_bytes=cfg.api.max_body_bytes,
             status=lambda: self._cmd_status({}),
+            services=ApiServices(store, services.consent, services.broadcasts, services.policies, self._figures),
+            max_policy_bytes=cfg.api.max_policy_bytes,
         )
         await api.start()
         return api
@@ -500,6 +569,9 @@ class Daemon:
         table.register("outbox.retry", self._cmd_outbox_retry)
         table.register("outbox.purge", self._cmd_outbox_purge)
         table.register("bounce", self._cmd_bounce)
+        self._register_intake_commands(table)
+        table.register("privacy.export", self._cmd_privacy_export)
+        table.register("privacy.erase", self._cmd_privacy_erase)
         return table
 
     def _running(self) -> Components:
@@ -511,12 +583,14 @@ class Daemon:
         parts = self._running()
         ami, worker, proc, rec = parts.ami, parts.worker, parts.processor, parts.reconciler
         last = worker.last_event_monotonic
+        ami_status = None if ami is None else {**ami.snapshot(), "connected": ami.state == "connected"}
+        mail = await parts.sender.metrics()
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
             "database": str(parts.store.path),
             "went_live_at": (await parts.store.went_live_at()).isoformat(),
-            "ami": None if ami is None else {**ami.snapshot(), "connected": ami.state == "connected"},
+            "ami": ami_status,
             "last_event_age_seconds": None if last is None else round(time.monotonic() - last, 3),
             "events": dict(worker.events_by_type),
             "translated": dict(worker.translated),
@@ -557,9 +631,10 @@ class Daemon:
                 "voicemail_remove_failures": self.voicemail_remove_failures,
             },
             "outbox": await parts.store.outbox_counts(),
-            "mail": await parts.sender.metrics(),
+            "mail": mail,
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
             "storage": {"commits": parts.store.commits, "units": parts.store.units},
+            **await self._status_extra(parts, ami_status, mail),
         }
 
     async def _cmd_accounts_import(self, args: dict[str, Any]) -> Any:
@@ -601,6 +676,159 @@ class Daemon:
 
     async def _cmd_bounce(self, args: dict[str, Any]) -> dict[str, Any]:
         return {**await bounce_command(self._running().store, self.config.smtp, args), "by": "daemon"}
+
+    # ---- the intake services: HTTP API and CLI verbs share them ---------------------------------
+
+    def _build_api_services(self, store: SqliteStore, parts: Components) -> IntakeServices:
+        """Intake, consent, broadcasts and policies: built whether or not the HTTP API listens,
+        since the CLI verbs reach the same services through the control socket."""
+        cfg = self.config
+        secret = self.loaded.secrets.unsubscribe_secret
+        secret_bytes = secret.encode("utf-8") if secret else None
+
+        def intake_settings() -> IntakeSettings:
+            c = self.config  # smtp and billing follow a reload
+            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
+
+        def consent_settings() -> ConsentSettings:
+            return ConsentSettings(self.config.billing.timezone, secret_bytes)
+
+        def broadcast_settings() -> BroadcastSettings:
+            c = self.config
+            return BroadcastSettings(c.billing.timezone, c.api.public_base_url, secret_bytes, c.api.broadcast_chunk)
+
+        def policy_settings() -> PolicySettings:
+            return PolicySettings(self.config.api.public_base_url, self.config.api.broadcast_chunk)
+
+        renderer = Renderer(cfg.notifications.templates_dir, timezone=cfg.billing.timezone)
+        return IntakeServices(
+            intake=Intake(store, self.clock, renderer, intake_settings),
+            consent=ConsentService(store, consent_settings),
+            broadcasts=BroadcastService(store, self.clock, renderer, broadcast_settings),
+            policies=PolicyService(store, self.clock, policy_settings),
+        )
+
+    def _figures(self) -> dict[str, Any]:
+        """Counters for /metrics that the status command does not carry."""
+        out: dict[str, Any] = {}
+        parts, api = self._parts, self._api
+        if parts is not None and parts.agi is not None:
+            out["agi_latency"] = parts.agi.latency.snapshot()
+        if api is not None:
+            out["broadcasts"] = dict(api.broadcasts.broadcasts)
+            out["broadcast_mails"] = {**api.broadcasts.mails, "policy_changed": api.policies.mails}
+            out["consent_changes"] = dict(api.consent.changes)
+            out["unsubscribes"] = api.consent.unsubscribes
+            out["unsubscribes_refused"] = api.consent.unsubscribe_refused
+            out["policies_published"] = api.policies.published
+        return out
+
+    def _register_intake_commands(self, table: CommandTable) -> None:
+        table.register("intake.event", self._cmd_intake_event)
+        table.register("intake.consent", self._cmd_intake_consent)
+        table.register("intake.broadcast", self._cmd_intake_broadcast)
+        table.register("intake.policy.publish", self._cmd_policy_publish)
+        table.register("intake.policy.list", self._cmd_policy_list)
+        table.register("intake.policy.show", self._cmd_policy_show)
+
+    def _intake_services(self) -> IntakeServices:
+        self._running()
+        if self._api is None:
+            raise CommandError("the daemon is still starting")
+        return self._api
+
+    async def _cmd_intake_event(self, args: dict[str, Any]) -> dict[str, Any]:
+        code, key, body = _request_args(args)
+        digest = body_hash("POST", f"/v1/accounts/{code}/events", body)
+        return await _as_reply(self._intake_services().intake.post_event(key, digest, code, body, ""))
+
+    async def _cmd_intake_consent(self, args: dict[str, Any]) -> dict[str, Any]:
+        code, key, body = _request_args(args)
+        digest = body_hash("PUT", f"/v1/accounts/{code}/consent", body)
+        consent = self._intake_services().consent
+        return await _as_reply(consent.put_consent(key, digest, code, body, "", source="cli"))
+
+    async def _cmd_intake_broadcast(self, args: dict[str, Any]) -> dict[str, Any]:
+        _, key, body = _request_args(args, code=False)
+        digest = body_hash("POST", "/v1/broadcasts", body)
+        return await _as_reply(self._intake_services().broadcasts.post(key, digest, body))
+
+    async def _cmd_policy_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await _as_reply(self._intake_services().policies.publish(args.get("body")))
+
+    async def _cmd_policy_list(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return await _as_reply(self._intake_services().policies.list())
+
+    async def _cmd_policy_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        policies = self._intake_services().policies
+
+        async def show() -> Reply:
+            return Reply(200, policy_json(await policies.get(str(args.get("version"))), text=True))
+
+        return await _as_reply(show())
+
+    async def _status_extra(
+        self, parts: Components, ami: dict[str, Any] | None, mail: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Health (the same computation as /healthz), today's charges, the retention job."""
+        zone = ZoneInfo(self.config.billing.timezone)
+        day = local_day(self.clock.now(), zone)
+        calls, amount = await parts.store.charges_between(*day_bounds(day, zone))
+        return {
+            "health": await health(parts.store, ami, mail),
+            "charges_today": {"day": day.isoformat(), "calls": calls, "bani": amount},
+            "retention": None if parts.retention is None else parts.retention.snapshot(),
+        }
+
+    async def _cmd_privacy_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        code = _code_arg(args)
+        try:
+            return await privacy.export_account(self._running().store, self.clock, code, numbering(self.config))
+        except privacy.UnknownAccount as exc:
+            raise CommandError(str(exc)) from None
+
+    async def _cmd_privacy_erase(self, args: dict[str, Any]) -> dict[str, Any]:
+        code = _code_arg(args)
+        try:
+            return {**await privacy.erase_account(self._running().store, code, numbering(self.config)), "by": "daemon"}
+        except privacy.UnknownAccount as exc:
+            raise CommandError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class IntakeServices:
+    intake: Intake
+    consent: ConsentService
+    broadcasts: BroadcastService
+    policies: PolicyService
+
+
+def _request_args(args: dict[str, Any], *, code: bool = True) -> tuple[str, str, Any]:
+    """(account code, Idempotency-Key, body) of a CLI request, the key checked as the API checks it."""
+    account = args.get("code") if code else ""
+    if not isinstance(account, str):
+        raise CommandError("code: expected an account code")
+    try:
+        key = check_key(args.get("key"))
+    except ApiError as exc:
+        raise CommandError(f"--key: {exc.message}") from None
+    return account, key, args.get("body")
+
+
+async def _as_reply(pending: Awaitable[Reply]) -> dict[str, Any]:
+    """The service's answer as the HTTP API would give it: ``{"status": ..., "body": ...}``."""
+    try:
+        reply = await pending
+    except ApiError as exc:
+        return {"status": exc.status, "body": {"error": exc.message, "field": exc.field}}
+    return {"status": reply.status, "body": reply.body}
+
+
+def _code_arg(args: dict[str, Any]) -> str:
+    code = args.get("code")
+    if not isinstance(code, str) or not code:
+        raise CommandError("code: expected an account code")
+    return code
 
 
 async def _bounded(task: Awaitable[Any], seconds: float) -> bool:

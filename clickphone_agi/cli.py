@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ EX_CONFIG = 78
 OUTBOX_STATUSES = ("pending", "sent", "dead", "expired", "bounced")
 PURGEABLE_STATUSES = ("sent", "dead", "expired", "bounced")
 MAX_DSN_BYTES = 10 * 1024 * 1024
+PRIVACY_SCHEMA = 6  # consent_records and marketing_suppressions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (what systemd starts)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
-    sub.add_parser("status", parents=[common], help="ask the running daemon for its status")
+    st = sub.add_parser("status", parents=[common], help="health and key figures of the running daemon")
+    st.add_argument("--json", action="store_true", help="the whole status reply as JSON")
     mt = sub.add_parser("mail-test", parents=[common], help="queue a test e-mail to ADDRESS")
     mt.add_argument("address")
     db = sub.add_parser("db", help="database maintenance")
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
     r.add_argument("file", type=Path)
     _add_money_parsers(sub, common)
+    _add_intake_parsers(sub, common)
+    _add_privacy_parsers(sub, common)
     demo = sub.add_parser("demo", help="run the built-in demo on loopback")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="where e-mails, database and report go")
     demo.add_argument("--debug", action="store_true")
@@ -152,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preview": _cmd_preview,
         "outbox": _cmd_outbox,
         "bounce": _cmd_bounce,
+        "event": _cmd_event,
+        "policy": _cmd_policy,
+        "consent": _cmd_consent,
+        "broadcast": _cmd_broadcast,
+        "privacy": _cmd_privacy,
     }
     if args.command not in ("run", "demo"):
         # CLI verbs print their result on stdout; their own logs go to stderr, masked
@@ -216,7 +225,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     configure_from(loaded.config)
     daemon = Daemon(loaded, config_path=args.config, overrides=tuple(args.overrides))
-    return asyncio.run(daemon.run())
+    return run_loop(daemon.run(), loaded.config.daemon.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Run the daemon on uvloop (libuv) when configured and installed, else on asyncio's loop."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # a platform without it (the dependency is skipped on Windows)
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -234,11 +255,17 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 when not (AMI down, database not writable), 69 when no daemon runs."""
     from clickphone_agi.adapters import control
+    from clickphone_agi.status_view import format_status
 
     loaded = _load(args, require_secrets=False)
-    _print(control.call(loaded.config.daemon.control_socket, "status"))
-    return EX_OK
+    status = control.call(loaded.config.daemon.control_socket, "status")
+    if args.json:
+        _print(status)
+    else:
+        print(format_status(status))
+    return EX_OK if (status.get("health") or {}).get("ok") else EX_ERROR
 
 
 def _as_writer(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
@@ -589,10 +616,210 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _add_privacy_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``privacy export|erase``: the data-rights verbs (part of :func:`_parser`)."""
+    pr = sub.add_parser("privacy", help="data rights: export or erase what is held about an account")
+    prsub = pr.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+    exp = prsub.add_parser("export", parents=[common], help="everything held about an account, as JSON")
+    exp.add_argument("code")
+    exp.add_argument("--out", type=Path, help="file to write, mode 0600 (default: stdout)")
+    era = prsub.add_parser("erase", parents=[common], help="anonymise an account; its money totals stay")
+    era.add_argument("code")
+    era.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from clickphone_agi.adapters import control
+    from clickphone_agi.app import numbering
+    from clickphone_agi.services import privacy
+
+    code: str = args.code
+    try:
+        if args.privacy_command == "export":
+            return _privacy_export(args, code)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("clickphone-agi: privacy erase: add --yes to confirm (no terminal to ask on)", file=sys.stderr)
+                return EX_USAGE
+            answer = input(f"Erase the personal data of account {code}? This cannot be undone. Type the code: ")
+            if answer.strip() != code:
+                print("clickphone-agi: not confirmed; nothing erased", file=sys.stderr)
+                return EX_USAGE
+
+        def local(loaded: Any) -> Awaitable[Any]:
+            return _with_store(
+                loaded, lambda store, _clock: privacy.erase_account(store, code, numbering(loaded.config))
+            )
+
+        _print(_as_writer(args, "privacy.erase", {"code": code}, local))
+        return EX_OK
+    except (privacy.UnknownAccount, control.CommandError) as exc:
+        if not str(exc).startswith("no account"):
+            raise
+        print(f"clickphone-agi: {exc}", file=sys.stderr)
+        return EX_DATAERR
+
+
+def _privacy_export(args: argparse.Namespace, code: str) -> int:
+    """Through the daemon when it runs, else straight from the database (an export only reads)."""
+    import os
+    from datetime import UTC, datetime
+
+    from clickphone_agi.adapters import control
+    from clickphone_agi.adapters.storage import privacy as privacy_sql
+    from clickphone_agi.adapters.storage import sqlite as db
+    from clickphone_agi.app import numbering
+    from clickphone_agi.services.privacy import UnknownAccount, forms_for
+
+    loaded = _load(args, require_secrets=False)
+    dbc = loaded.config.database
+    try:
+        result = control.call(loaded.config.daemon.control_socket, "privacy.export", {"code": code}, timeout=300)
+    except control.ControlUnavailable:
+        with contextlib.closing(db.outbox_reader(dbc.path, dbc.busy_timeout, minimum=PRIVACY_SCHEMA)) as conn:
+            found = privacy_sql.export_account(conn, code, forms_for(numbering(loaded.config)))
+        if found is None:
+            raise UnknownAccount(f"no account {code!r}") from None
+        result = {"generated_at": datetime.now(UTC).isoformat(), **found}
+    text = json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return EX_OK
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    cdrs, mails = len(result["cdrs"]), len(result["outbox"])
+    print(f"clickphone-agi: export of {code} written to {args.out} ({cdrs} CDRs, {mails} mails)")
+    return EX_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clickphone_agi.sim.demo import run_demo
 
     return asyncio.run(run_demo(args.output))
+
+
+# ---- the intake verbs: the HTTP API's operations from shell scripts, through the daemon -----------
+
+
+def _add_intake_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """event, policy, consent and broadcast: the same service layer as the HTTP intake API."""
+    ev = sub.add_parser("event", parents=[common], help="report a subscriber event (mails its notice)")
+    ev.add_argument("code")
+    ev.add_argument("type", help="password_changed, password_recovery, pin_created, topup, payment_confirmed, ...")
+    ev.add_argument("--data", default="{}", help="JSON object, or @FILE holding one")
+    ev.add_argument("--key", required=True, help="idempotency key: a repeat with the same key does nothing")
+    pol = sub.add_parser("policy", help="the privacy-policy archive")
+    polsub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    pub = polsub.add_parser("publish", parents=[common], help="archive FILE as a version and mail every account")
+    pub.add_argument("file", type=Path)
+    pub.add_argument("--version", dest="policy_version", required=True)
+    pub.add_argument("--effective", required=True, help="ISO date the version takes effect")
+    pub.add_argument("--summary", required=True, help="what changed, for the mail (or @FILE)")
+    polsub.add_parser("list", parents=[common], help="every archived version with its sha256")
+    show = polsub.add_parser("show", parents=[common], help="one version (--raw: the text only, byte for byte)")
+    show.add_argument("policy_version", metavar="VERSION")
+    show.add_argument("--raw", action="store_true")
+    con = sub.add_parser("consent", parents=[common], help="grant or withdraw an account's marketing consent")
+    con.add_argument("code")
+    con.add_argument("action", choices=["grant", "withdraw"])
+    con.add_argument("--policy-version", help="the policy version consented under (default: the one in force)")
+    con.add_argument("--how", help="how it was given or withdrawn, e.g. 'phone call to support, ticket 123'")
+    con.add_argument("--key", help="idempotency key (default: a new one)")
+    bc = sub.add_parser("broadcast", help="queue a tariff change or an offer")
+    bcsub = bc.add_subparsers(dest="broadcast_kind", required=True, metavar="KIND")
+    tc = bcsub.add_parser("tariff-change", parents=[common], help="service notice, every selected account")
+    tc.add_argument("--tariff", required=True)
+    tc.add_argument("--effective", required=True, help="ISO date, at least one month ahead")
+    tc.add_argument("--changes", required=True, help="what changes (or @FILE)")
+    of = bcsub.add_parser("offer", parents=[common], help="marketing: consenting, unsuppressed accounts only")
+    of.add_argument("--title", required=True)
+    of.add_argument("--body", required=True, help="the offer's text (or @FILE)")
+    of.add_argument("--valid-until", required=True, help="ISO date")
+    for p in (tc, of):
+        p.add_argument("--id", required=True, help="the broadcast id (its idempotency key)")
+        p.add_argument("--url", required=True, help="https link with the details")
+        p.add_argument("--account", action="append", help="only this account (repeatable; default: all)")
+        p.add_argument("--billing", choices=["prepaid", "postpaid"])
+
+
+def _text_arg(value: str) -> str:
+    """A value given inline, or ``@FILE`` for the file's UTF-8 text."""
+    return Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+
+
+def _intake_call(args: argparse.Namespace, cmd: str, payload: dict[str, Any]) -> int:
+    """Send one intake request to the daemon; print the body, exit 0 (2xx), 65 (refused), 75 (busy)."""
+    from clickphone_agi.adapters import control
+
+    loaded = _load(args, require_secrets=False)
+    answer = control.call(loaded.config.daemon.control_socket, cmd, payload, timeout=600)
+    status, body = int(answer["status"]), answer["body"]
+    if status < 300:
+        if getattr(args, "raw", False):
+            sys.stdout.write(body["text"])
+        else:
+            _print(body)
+        return EX_OK
+    where = f"{body.get('field')}: " if body.get("field") else ""
+    print(f"clickphone-agi: {where}{body.get('error')} ({status})", file=sys.stderr)
+    return EX_TEMPFAIL if status == 503 else EX_DATAERR
+
+
+def _cmd_event(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(_text_arg(args.data))
+    except (OSError, ValueError) as exc:
+        print(f"clickphone-agi: --data: not a JSON object: {exc}", file=sys.stderr)
+        return EX_USAGE
+    body = {"type": args.type, "data": data}
+    return _intake_call(args, "intake.event", {"code": args.code, "key": args.key, "body": body})
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "list":
+        return _intake_call(args, "intake.policy.list", {})
+    if args.policy_command == "show":
+        return _intake_call(args, "intake.policy.show", {"version": args.policy_version})
+    try:
+        text = args.file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"clickphone-agi: {args.file}: cannot read the policy as UTF-8 text: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    body = {
+        "version": args.policy_version,
+        "text": text,
+        "effective_on": args.effective,
+        "summary": _text_arg(args.summary),
+    }
+    return _intake_call(args, "intake.policy.publish", {"body": body})
+
+
+def _cmd_consent(args: argparse.Namespace) -> int:
+    import uuid
+
+    body: dict[str, Any] = {"marketing": args.action == "grant"}
+    if args.how:
+        body["how"] = args.how
+    if args.policy_version:
+        body["policy_version"] = args.policy_version
+    key = args.key or f"cli-consent:{uuid.uuid4().hex}"
+    return _intake_call(args, "intake.consent", {"code": args.code, "key": key, "body": body})
+
+
+def _cmd_broadcast(args: argparse.Namespace) -> int:
+    body: dict[str, Any]
+    if args.broadcast_kind == "tariff-change":
+        body = {"kind": "tariff_change", "tariff": args.tariff, "effective": args.effective}
+        body["changes"] = _text_arg(args.changes)
+    else:
+        body = {"kind": "offer", "title": args.title, "body": _text_arg(args.body), "valid_until": args.valid_until}
+    body["url"] = args.url
+    if args.account:
+        body["accounts"] = args.account
+    if args.billing:
+        body["billing"] = args.billing
+    return _intake_call(args, "intake.broadcast", {"key": args.id, "body": body})
 
 
 def entry() -> None:

@@ -43,6 +43,20 @@ class SystemClock:
         await asyncio.sleep(max(0.0, seconds))
 
 
+class ShiftedClock(SystemClock):
+    """The real clock, moved to another wall-clock moment; monotonic time and sleeps stay real.
+
+    For the demo, which replays calls recorded on one day: "today" (daily spend, limits) must be
+    that day whatever the date the demo runs on, or its limit warnings would depend on the calendar.
+    """
+
+    def __init__(self, start: datetime) -> None:
+        self._offset = start - datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._offset
+
+
 class FakeClock:
     """A clock that only moves when a test advances it; sleepers wake in order."""
 

@@ -13,10 +13,12 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.consent import Candidate, ConsentRecord
 from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
+from clickphone_agi.domain.policy import Policy
 
 T = TypeVar("T")
 
@@ -143,6 +145,77 @@ class WriteTx(Protocol):
         """Delete finished rows created before ``before`` (bodies only with ``keep_rows``); never pending."""
         ...
 
+    # consent, suppressions, the policy archive, broadcasts
+    def consent(self, code: str) -> bool | None:
+        """The newest marketing consent record: True granted, False withdrawn, None never recorded."""
+        ...
+
+    def record_consent(
+        self, code: str, granted: bool, source: str, policy_version: str | None, evidence: str | None
+    ) -> ConsentRecord:
+        """Append a grant or withdrawal (when = the transaction's time)."""
+        ...
+
+    def marketing_suppression(self, address: str) -> str | None:
+        """Why ``address`` gets no marketing (it is on the suppression list), or None."""
+        ...
+
+    def add_marketing_suppression(self, address: str, reason: str) -> bool: ...
+
+    def remove_marketing_suppression(self, address: str) -> bool: ...
+
+    def policy(self, version: str) -> Policy | None: ...
+
+    def publish_policy(self, policy: Policy) -> bool:
+        """Archive a new version; False if the version exists (versions are immutable)."""
+        ...
+
+    def policy_in_force(self, day: str) -> str | None:
+        """The latest version effective on or before local ``day`` (ISO date)."""
+        ...
+
+    def broadcast(self, broadcast_id: str) -> tuple[str, str] | None:
+        """(kind, params JSON) of a broadcast started under this id."""
+        ...
+
+    def start_broadcast(self, broadcast_id: str, kind: str, params: str) -> bool: ...
+
+    def finish_broadcast(self, broadcast_id: str, recipients: int, skipped: int) -> None: ...
+
+    def candidates(self, after: str | None, limit: int) -> list[Candidate]:
+        """The next ``limit`` accounts in code order after ``after``, with consent and suppressions."""
+
+    # data rights and retention
+    def marketing_suppressed(self, address: str) -> str | None:
+        """Why ``address`` gets no marketing (its plain or erased form is on the list), or None."""
+        ...
+
+    def erase_account(
+        self,
+        code: str,
+        *,
+        forms: Callable[[str], tuple[str, ...]],
+        outbox_ids: Collection[int],
+        outbox_seen_up_to: int,
+        salt: bytes,
+    ) -> dict[str, Any] | None:
+        """Anonymise an account, keeping its money totals; None if there is no such account."""
+        ...
+
+    def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
+        """Delete rows of ``step`` older than ``cutoff`` in the next ``limit`` keys; (deleted, next start)."""
+        ...
+
+    def purge_bodies_window(
+        self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
+    ) -> tuple[int, int | None]:
+        """Clear finished outbox bodies older than ``cutoff`` (``at_once`` kinds at any age) in one window."""
+        ...
+
+    def drop_body(self, row_id: int) -> None:
+        """Forget a finished row's body now."""
+        ...
+
 
 class Store(Protocol):
     """What the daemon's services need from storage."""
@@ -178,3 +251,33 @@ class Store(Protocol):
     async def get_meta(self, key: str) -> str | None: ...
 
     async def has_event(self, key: str) -> bool: ...
+
+    async def outbox_status(self, key: str) -> str | None:
+        """The status of the outbox row queued under ``key`` (``None``: no such row)."""
+
+    async def consent_history(self, code: str, limit: int = 500) -> list[ConsentRecord]: ...
+
+    async def marketing_suppression(self, address: str) -> str | None: ...
+
+    async def policies(self) -> list[dict[str, Any]]: ...
+
+    async def policy(self, version: str) -> Policy | None: ...
+
+    async def notifications(self, code: str, limit: int, before: int | None) -> list[OutboxRow]:
+        """One account's outbox rows (no bodies), newest first, ids below ``before``."""
+
+    async def export_account(self, code: str, forms: Callable[[str], tuple[str, ...]]) -> dict[str, Any] | None:
+        """Everything stored about an account, as one snapshot; None if there is no such account."""
+        ...
+
+    async def erasure_candidates(self, code: str) -> tuple[list[int], int]:
+        """Outbox row ids of the account or its addresses, and the highest row id seen."""
+        ...
+
+    async def checkpoint(self, attempts: int = 5) -> tuple[int, int, int]:
+        """Move the write-ahead log into the database file and empty it: (busy, frames, checkpointed)."""
+        ...
+
+    async def charges_between(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """(calls charged, bani) for calls answered in [start, end)."""
+        ...

@@ -12,6 +12,8 @@ import structlog
 from clickphone_agi.sim.ami_server import AmiReplayServer
 from clickphone_agi.sim.smtp_sink import SmtpSink
 
+pytest_plugins = ["tests.api_harness"]  # the intake API tests' shared `api` fixture
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "etc" / "clickphone-agi.yaml"
 

@@ -714,7 +714,8 @@ async def test_kill_between_250_and_the_update_duplicates_once_with_the_same_mes
     sink.handler_.on_data = kill_daemon
     await daemon.start()
     try:
-        await daemon.wait_log(lambda e: e.get("event") == "daemon.ready")
+        ready = await daemon.wait_log(lambda e: e.get("event") == "daemon.ready")
+        assert ready["event_loop"] == "uvloop"  # the configured default, as systemd runs it
         code, _, err = await run_cli("mail-test", TO, "-c", str(cfg))
         assert code == 0, err
         await sink.wait_for(1)

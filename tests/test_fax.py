@@ -389,3 +389,21 @@ def test_scan_lists_plain_tiffs_with_their_sidecars(root: Path, tmp_path: Path) 
     refused = sorted(e["path"].rsplit("/", 1)[1] for e in logs if e["event"] == "fax_file_refused")
     assert refused == ["dir.tif", "fifo.tif", "rx-3.tif", "rx-4.tif"]
     assert scan_fax_spool(tmp_path / "absent") == []
+
+
+def test_scan_lists_a_lone_sidecar_whose_reception_left_no_tiff(root: Path) -> None:
+    """A reception that failed before the first page leaves only the sidecar; the scan must still
+    report it (regression: it listed TIFFs only, so the "fax failed" notice was lost)."""
+    failed = REAL_SIDECAR.replace("SUCCESS", "FAILED").replace("pages=2", "pages=0")
+    (root / "rx-9.tif.result").write_text(failed)
+    (root / "rx-10.tiff.result").write_text(failed.replace("end=1\n", ""))  # still being written
+    (root / "rx-11.tif.result").symlink_to(root / "rx-9.tif.result")
+    with capture_logs() as logs:
+        found = scan_fax_spool(root)
+    assert [(f.path.name, f.sidecar is not None) for f in found] == [(G3, False), ("rx-9.tif", True), (G4, False)]
+    lone = found[1]
+    assert lone.path == root.resolve() / "rx-9.tif"
+    assert not lone.path.exists()
+    assert lone.sidecar is not None
+    assert (lone.sidecar.status, lone.sidecar.pages) == ("FAILED", 0)
+    assert [e["path"].rsplit("/", 1)[1] for e in logs if e["event"] == "fax_sidecar_refused"] == ["rx-11.tif.result"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import sqlite3
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,39 +17,10 @@ from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.api_harness import TOKEN, Api, _free_port
 from tests.conftest import REPO
 
 ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
-TOKEN = "s3cret-api-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Api:
-    daemon: Daemon
-    base: str
-    session: aiohttp.ClientSession
-    db: Path
-
-    async def call(
-        self, method: str, path: str, body: Any = None, *, key: str | None = None, token: str | None = TOKEN
-    ) -> tuple[int, Any]:
-        headers = {}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        if key is not None:
-            headers["Idempotency-Key"] = key
-        async with self.session.request(method, self.base + path, json=body, headers=headers) as resp:
-            return resp.status, await resp.json()
-
-    def ledger_sum(self, code: str) -> int:
-        with sqlite3.connect(self.db) as conn:
-            return int(conn.execute("SELECT SUM(amount) FROM ledger WHERE account = ?", (code,)).fetchone()[0])
 
 
 async def _start(

@@ -39,9 +39,12 @@ def _spool(root: Path) -> tuple[Path, Path]:
 
 
 async def _daemon(
-    write_config: Callable[..., Path], root: Path, ami_port: int, smtp_port: int, language: str
-) -> AsyncIterator[Daemon]:
+    write_config: Callable[..., Path], root: Path, ami_port: int, smtp_port: int, language: str,
+    sidecars: dict[str, str] | None = None,
+) -> AsyncIterator[Daemon]:  # fmt: skip
     vm, fax = _spool(root)
+    for name, text in (sidecars or {}).items():  # written by the dialplan while the daemon was down
+        (fax / name).write_text(text)
     cfg = write_config(
         ami_port=ami_port or 5038,
         smtp_port=smtp_port,
@@ -148,3 +151,39 @@ async def test_voicemail_left_while_stopped_is_mailed_at_start(
         await anext(gen, None)
     (only,) = [_parse(m.data) for m in smtp_sink.messages]
     assert _kind(only) == "voicemail"
+
+
+FAILED_RX_SIDECAR = """direction=receive
+status=FAILED
+error=The call dropped prematurely
+statusstr=The call dropped prematurely
+pages=0
+rate=14400
+resolution=8031x7700
+local=+40212345679
+remote=+40212345678
+account=acct1001
+uniqueid=1795882966.20
+linkedid=1795882966.19
+end=1
+"""
+
+
+async def test_failed_fax_received_while_stopped_is_mailed_at_start_from_its_lone_sidecar(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    """A reception that failed before the first page leaves no TIFF, only the sidecar (regression:
+    the scan looked for TIFFs only, so this notice was lost when it happened during a downtime)."""
+    sidecars = {"rx-1795882966.20.tif.result": FAILED_RX_SIDECAR}
+    gen = _daemon(write_config, short_tmp / "spool", 0, smtp_sink.port, "en", sidecars)
+    await anext(gen)
+    try:
+        await smtp_sink.wait_for(2, timeout=20)  # the spool's voicemail and the failed fax
+        await asyncio.sleep(0.3)  # anything extra would arrive now
+    finally:
+        await anext(gen, None)
+    mails = {_kind(m): m for m in (_parse(m.data) for m in smtp_sink.messages)}
+    assert sorted(mails) == ["fax_failed", "voicemail"]
+    text = mails["fax_failed"].get_body(("plain",))
+    assert text is not None
+    assert "The call dropped prematurely" in text.get_content()

@@ -207,7 +207,7 @@ async def test_retry_through_the_daemon_delivers_at_once(
         assert json.loads(out) == {"retried": [row_id], "skipped": {}, "by": "daemon"}
         await smtp_sink.wait_for(1)
         await daemon.wait_log(lambda e: e.get("event") == "mail.sent")
-        code, out, _ = await run_cli("status", "-c", str(cfg))
+        code, out, _ = await run_cli("status", "--json", "-c", str(cfg))
         mail = json.loads(out)["mail"]
         assert (mail["sent"], mail["dead"], mail["pending"]) == (1, 0, 0)
         assert mail["by_kind"]["mail_test"]["sent"] == 1
@@ -258,7 +258,7 @@ async def test_bounce_pipe_through_the_daemon_marks_bounced_and_suppresses(
         code, _, err = await run_cli("mail-test", TO, "-c", str(cfg))  # the address is suppressed now
         assert code == 0, err
         await daemon.wait_log(lambda e: e.get("event") == "mail.suppressed")
-        code, out, _ = await run_cli("status", "-c", str(cfg))
+        code, out, _ = await run_cli("status", "--json", "-c", str(cfg))
         mail = json.loads(out)["mail"]
         assert (mail["bounced"], mail["suppressed"], mail["suppressed_addresses"]) == (1, 1, 1)
         daemon.signal(signal.SIGTERM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from clickphone_agi.app import Daemon
 from clickphone_agi.sim.ami_server import AmiReplayServer
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from tests.test_notices import _daemon
@@ -44,21 +46,47 @@ async def test_pin_and_voicemail_password_and_refused_money(
                         ("Event", "UserEvent"), ("Privilege", "user,all"), ("UserEvent", "ClickPhoneTopup"),
                         ("Account", "acct1001"), ("Amount", "1000.00"),
                     )
+                    + _frame(
+                        ("Event", "UserEvent"), ("Privilege", "user,all"), ("UserEvent", "ClickPhonePayment"),
+                        ("Account", "acct1001"), ("Amount", "50.00"), ("Reference", "INV-77"),
+                    )
+                    # the same box changes its password again: a second notice (the event has no id)
+                    + _frame(
+                        ("Event", "VoicemailPasswordChange"), ("Privilege", "call,all"), ("Context", "default"),
+                        ("Mailbox", "100"), ("NewPassword", "n3w-s3cr3t-5555"),
+                    )
                 )  # fmt: skip
-                await smtp_sink.wait_for(3, timeout=20)
+                await smtp_sink.wait_for(4, timeout=20)
+                await _settled(daemon)
             status = await daemon._cmd_status({})
+            await daemon._running().store.checkpoint()
+            raw = _raw(daemon.config.database.path)
         finally:
             await anext(gen, None)
     mails = [email.message_from_bytes(m.data, policy=email.policy.default) for m in smtp_sink.messages]
     kinds = sorted(str(m["X-ClickPhone-Kind"]) for m in mails)
-    assert kinds == ["password_changed", "pin_created", "voicemail"]
+    assert kinds == ["password_changed", "password_changed", "pin_created", "voicemail"]
+    secrets = (b"4711", b"s3cr3t-9876", b"n3w-s3cr3t-5555")
     for m in smtp_sink.messages:
-        assert b"4711" not in m.data  # the PIN itself is never mailed
-        assert b"s3cr3t-9876" not in m.data
-    (pwd,) = [m for m in mails if m["X-ClickPhone-Kind"] == "password_changed"]
-    assert pwd["To"] == "ion.popescu@example.ro"
+        assert not [s for s in secrets if s in m.data]  # the PIN and the passwords are never mailed...
+    assert not [s for s in secrets if s in raw]  # ...nor stored (database file and its -wal)
+    assert b"INV-77" not in raw  # the refused payment left nothing either
+    pwd = [m for m in mails if m["X-ClickPhone-Kind"] == "password_changed"]
+    assert {m["To"] for m in pwd} == {"ion.popescu@example.ro"}
     refused = [e for e in logs if e["event"] == "security.money_user_event_refused"]
-    assert refused
-    assert refused[0]["user_event"] == "ClickPhoneTopup"
-    assert all("s3cr3t-9876" not in repr(e) for e in logs)
+    assert [e["user_event"] for e in refused] == ["ClickPhoneTopup", "ClickPhonePayment"]
+    assert all(e["log_level"] == "error" for e in refused)
+    assert not [e for e in logs if any(s.decode() in repr(e) for s in secrets)]  # ...nor logged
     assert status["money"] is None or status["money"]["charged"] == 0
+
+
+async def _settled(daemon: Daemon) -> None:
+    """Every mail that is going to be sent was sent (the sink saw the 250s before the rows were updated)."""
+    async with asyncio.timeout(20):
+        while (await daemon._cmd_status({}))["mail"]["pending"]:
+            await asyncio.sleep(0.05)
+
+
+def _raw(path: Path) -> bytes:
+    wal = path.with_name(path.name + "-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")

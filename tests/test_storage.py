@@ -197,3 +197,38 @@ def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(db.StorageError, match="not a clickphone-agi database"):
         db.restore(foreign, target)
     assert not target.exists()
+
+
+async def test_bulk_mail_waits_behind_every_other_due_mail(tmp_path: Path) -> None:
+    """A broadcast queued first must not hold back a voicemail queued after it (rate-limited sender)."""
+    clock = FakeClock(NOW)
+    store = await db.SqliteStore.open(tmp_path / "t.db", clock)
+    store.start()
+    try:
+        bulk = [
+            OutboxMessage.build(
+                key=f"bc:b1:acct{i:04d}",
+                kind="tariff_change",
+                recipient=f"a{i}@example.ro",
+                account=f"acct{i:04d}",
+                mime=b"Subject: x\r\n\r\nbody\r\n",
+                now=clock.now(),
+                lifetime=timedelta(days=30),
+            )
+            for i in range(50)
+        ]
+        await store.write(lambda tx: [tx.enqueue(m) for m in bulk])
+        await clock.advance(60)
+        await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:1", clock)))
+        await clock.advance(1)
+        due = await store.due_mail(clock.now(), 10)
+        plan = await store._fetchall(
+            "EXPLAIN QUERY PLAN SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY bulk, next_attempt_at, id LIMIT 10",
+            (db.to_db(clock.now()),),
+        )
+    finally:
+        await store.close()
+    assert [d.row.idempotency_key for d in due][:2] == ["vm:pbx1:100@default:1", "bc:b1:acct0000"]
+    assert len(due) == 10
+    assert any("outbox_due_bulk" in str(tuple(r)) for r in plan)  # ordered by the index, not a sort

@@ -87,6 +87,7 @@ def test_secrets_come_from_load_credential(unit: dict[str, list[tuple[str, str]]
         "ami-secret": "/etc/clickphone-agi/secrets/ami-secret",
         "smtp-password": "/etc/clickphone-agi/secrets/smtp-password",
         "api-token": "/etc/clickphone-agi/secrets/api-token",
+        "unsubscribe-secret": "/etc/clickphone-agi/secrets/unsubscribe-secret",
     }
 
 

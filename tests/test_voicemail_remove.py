@@ -156,6 +156,41 @@ async def test_refused_removal_is_logged_and_counted_and_the_row_stays_sent(
     assert failed["msg_id"] == MSG_ID
 
 
+@pytest.mark.slow
+async def test_a_failed_removal_is_retried_by_the_spool_scan_until_asterisk_removes_it(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    """The spool is the state: a delivered message still in the box is removed again at the next
+    scan (also what happens after a crash between the 250 and the removal); never mailed twice."""
+    async with AmiReplayServer("clickphone", "labsecret") as ami:
+        ami.voicemail_remove_error = "Permission denied"
+        ami.voicemail_spool = short_tmp / "spool" / "voicemail"  # deletes the files as Asterisk does
+        gen = _daemon(write_config, short_tmp / "spool", ami, smtp_sink.port, True)
+        daemon = await anext(gen)
+        inbox = ami.voicemail_spool / "default" / "100" / "INBOX"
+        try:
+            await smtp_sink.wait_for(1, timeout=20)
+            await _until(lambda: daemon.voicemail_remove_failures == 1)
+            assert sorted(p.suffix for p in inbox.iterdir()) == [".WAV", ".txt", ".wav"]  # still there
+
+            await daemon._running().notifier.scan_all()  # Asterisk still refuses: retried, still there
+            assert daemon.voicemail_remove_failures == 2
+            assert list(inbox.iterdir())
+
+            ami.voicemail_remove_error = None
+            await daemon._running().notifier.scan_all()
+            assert daemon.voicemail_removed == 1
+            assert list(inbox.iterdir()) == []
+
+            await daemon._running().notifier.scan_all()  # nothing left: no further action
+            rows = await daemon._running().store.outbox_rows()
+        finally:
+            await anext(gen, None)
+    assert len(_removes(ami)) == 3
+    assert len(smtp_sink.messages) == 1  # the retries never re-send the mail
+    assert [row.status for row in rows] == ["sent"]
+
+
 # ---- AmiClient.send_action -------------------------------------------------------------------
 
 

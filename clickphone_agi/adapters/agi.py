@@ -40,7 +40,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
@@ -397,6 +397,36 @@ class AgiRouter:
 # -- server -----------------------------------------------------------------------------------
 
 
+class LatencyHistogram:
+    """Session durations in fixed buckets (seconds), for the Prometheus histogram on /metrics.
+
+    Plain counters, no lock: only the event loop touches them.
+    """
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counts by upper bound (``"+Inf"`` last), the sum and the count."""
+        cumulative: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip((*(repr(b) for b in self.BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return {"buckets": cumulative, "sum": self.sum, "count": running}
+
+
 class FastAgiServer:
     """Accepts FastAGI connections and runs the routed script for each.
 
@@ -443,6 +473,7 @@ class FastAgiServer:
         self._route_errors = 0
         self._timeouts = 0
         self._completed = 0
+        self.latency = LatencyHistogram()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -575,8 +606,14 @@ class FastAgiServer:
         finally:
             self._tasks.discard(task)
             await self._close_writer(writer, graceful=graceful)
-            duration_ms = round((loop.time() - started) * 1000, 1)
-            level = "info" if outcome in {"completed", "hangup", "header_error"} else "warning"
+            elapsed = loop.time() - started
+            duration_ms = round(elapsed * 1000, 1)
+            if info["script"] is not None:  # a request was read: how long Asterisk waited for its answer
+                self.latency.observe(elapsed)
+            # a completed session is already told by its route's own line (agi.authorize): debug
+            level = (
+                "debug" if outcome == "completed" else "info" if outcome in {"hangup", "header_error"} else "warning"
+            )
             getattr(log, level)("agi.session", outcome=outcome, duration_ms=duration_ms, **info)
 
     async def _serve(
@@ -625,28 +662,46 @@ class FastAgiServer:
             return "timeout", session is not None
 
     async def _read_request(self, reader: asyncio.StreamReader) -> AgiRequest:
+        """The header block, bounded by size and time.
+
+        Asterisk writes LF-terminated lines: after the first two, the rest of the block is taken
+        with one ``readuntil(b"\\n\\n")`` instead of a read per line (a real request has ~30
+        lines). Anything else (CRLF, a very short block) goes line by line.
+        """
         lines: list[bytes] = []
-        total = 0
         try:
             async with asyncio.timeout(self._header_timeout):
+                total = 0
                 while True:
-                    try:
-                        raw = await reader.readline()
-                    except ValueError as exc:  # one line over the stream limit
-                        raise AgiHeaderError("oversized") from exc
-                    except ConnectionError as exc:
-                        raise AgiHeaderError("closed", type(exc).__name__) from exc
+                    raw = await self._header_read(reader, b"\n")
                     total += len(raw)
                     if total > self._max_header_bytes:
                         raise AgiHeaderError("oversized")
-                    if not raw.endswith(b"\n"):
-                        raise AgiHeaderError("closed")
                     if raw in (b"\n", b"\r\n"):
                         break
                     lines.append(raw)
+                    if len(lines) == 2 and not any(line.endswith(b"\r\n") for line in lines):
+                        block = await self._header_read(reader, b"\n\n")
+                        total += len(block)
+                        if total > self._max_header_bytes:
+                            raise AgiHeaderError("oversized")
+                        if block != b"\n":
+                            lines.extend(block[:-2].split(b"\n"))
+                        break
         except TimeoutError as exc:
             raise AgiHeaderError("timeout") from exc
         return parse_request(lines)
+
+    @staticmethod
+    async def _header_read(reader: asyncio.StreamReader, separator: bytes) -> bytes:
+        try:
+            return await reader.readuntil(separator)
+        except asyncio.IncompleteReadError as exc:  # EOF before the separator
+            raise AgiHeaderError("closed") from exc
+        except asyncio.LimitOverrunError as exc:  # no separator within the stream limit
+            raise AgiHeaderError("oversized") from exc
+        except ConnectionError as exc:
+            raise AgiHeaderError("closed", type(exc).__name__) from exc
 
     @staticmethod
     async def _close_writer(writer: asyncio.StreamWriter, *, graceful: bool) -> None:
@@ -656,7 +711,8 @@ class FastAgiServer:
             return
         writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT)
+            async with asyncio.timeout(_CLOSE_TIMEOUT):  # not wait_for: no extra task per session
+                await writer.wait_closed()
         except (TimeoutError, ConnectionError):
             writer.transport.abort()
         except asyncio.CancelledError:

@@ -23,7 +23,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 8 * 1024 * 1024  # a privacy-policy text travels in one request (policy publish)
 
 
 class CommandError(Exception):

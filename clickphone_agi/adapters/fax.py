@@ -80,6 +80,7 @@ _RESUNIT_CM: Final = 3
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,254}")
 _MAX_DEPTH: Final = 8
 _FAX_SUFFIXES: Final = (".tif", ".tiff")
+_SIDECAR_SUFFIXES: Final = (".tif.result", ".tiff.result")
 _RESOLUTION_RE: Final = re.compile(r"([0-9]{1,7})x([0-9]{1,7})")
 _COUNT_RE: Final = re.compile(r"[0-9]{1,9}")
 
@@ -368,7 +369,12 @@ def _count(raw: str) -> int | None:
 def scan_fax_spool(root: Path) -> list[FaxFile]:
     """The ``*.tif``/``*.tiff`` regular files directly under ``root`` (no recursion; symlinks and
     odd names skipped and reported), sorted by name, each with its sidecar if complete. For the
-    start-up scan that finds faxes received while the daemon was down."""
+    start-up scan that finds faxes received while the daemon was down.
+
+    A sidecar whose TIFF does not exist is listed too (its ``path`` names the absent TIFF): a
+    reception that failed before the first page leaves no TIFF, only the dialplan's ``.result``,
+    and that "fax failed" notice must not be lost because the daemon was down when it happened.
+    """
     base = root.resolve()
     try:
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -378,9 +384,16 @@ def scan_fax_spool(root: Path) -> list[FaxFile]:
         entries = [(e.name, e.is_file(follow_symlinks=False), e.is_symlink()) for e in os.scandir(fd)]
     finally:
         os.close(fd)
+    names = {name for name, _, _ in entries}
     found: list[FaxFile] = []
     for name, is_file, is_link in sorted(entries):
-        if not name.lower().endswith(_FAX_SUFFIXES):
+        lower = name.lower()
+        if lower.endswith(_SIDECAR_SUFFIXES) and name[: -len(".result")] not in names:
+            orphan = _orphan_sidecar(base, name, is_file=is_file, is_link=is_link)
+            if orphan is not None:
+                found.append(orphan)
+            continue
+        if not lower.endswith(_FAX_SUFFIXES):
             continue
         path = base / name
         if is_link or not is_file or not _NAME_RE.fullmatch(name):
@@ -392,4 +405,18 @@ def scan_fax_spool(root: Path) -> list[FaxFile]:
             log.warning("fax_sidecar_refused", path=str(path), reason=str(e))
             sidecar = None
         found.append(FaxFile(path=path, sidecar=sidecar))
-    return found
+    return sorted(found, key=lambda f: f.path.name)
+
+
+def _orphan_sidecar(base: Path, name: str, *, is_file: bool, is_link: bool) -> FaxFile | None:
+    """A complete sidecar without its TIFF, or None (incomplete, refused: reported)."""
+    if is_link or not is_file or not _NAME_RE.fullmatch(name):
+        log.warning("fax_sidecar_refused", path=str(base / name)[:300], reason="not a plain file")
+        return None
+    tif = base / name[: -len(".result")]
+    try:
+        sidecar = read_sidecar(tif, root=base)
+    except FaxFileError as e:
+        log.warning("fax_sidecar_refused", path=str(base / name), reason=str(e))
+        return None
+    return None if sidecar is None else FaxFile(path=tif, sidecar=sidecar)

@@ -11,24 +11,39 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
+import html
 import ipaddress
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.resources import files
 from typing import Any
 
 import structlog
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from clickphone_agi.ports import Store
+from clickphone_agi.services.audit import notifications
+from clickphone_agi.services.broadcasts import BroadcastService
+from clickphone_agi.services.consent import ConsentService
 from clickphone_agi.services.intake import ApiError, Intake, Reply, body_hash, check_key
+from clickphone_agi.services.policies import PolicyService, policy_json
 
 log = structlog.get_logger(__name__)
 
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 _JSON_CONTENT = "application/json"
+# no bearer token: what the operator's web front publishes to subscribers (one-click unsubscribe,
+# the archived policy texts) and the API description itself
+_PUBLIC = re.compile(r"/v1/(unsubscribe/[^/]+|policies/[^/]+/text|openapi\.json)")
 
 
 MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
@@ -69,6 +84,7 @@ class StatusCollector(Collector):
 
     def __init__(self) -> None:
         self.status: dict[str, Any] = {}
+        self.figures: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Metric]:
         s = self.status
@@ -91,8 +107,23 @@ class StatusCollector(Collector):
         if money is not None:
             charges = CounterMetricFamily("clickphone_money_decisions", "money decisions", labels=["decision"])
             for name in ("allowed", "denied", "charged", "unrated"):
-                charges.add_metric([name], float(money.get(name, 0)))
+                value = money.get(name, 0)  # denied is a count by reason
+                charges.add_metric([name], float(sum(value.values()) if isinstance(value, dict) else value))
             yield charges
+            denied = money.get("denied")
+            if isinstance(denied, dict):
+                reasons = CounterMetricFamily(
+                    "clickphone_agi_denied", "FastAGI authorisations denied, by reason", labels=["reason"]
+                )
+                trips = CounterMetricFamily(
+                    "clickphone_limit_trips", "calls refused by a money limit", labels=["limit"]
+                )
+                for reason, count in sorted(denied.items()):
+                    reasons.add_metric([str(reason)], float(count))
+                trips.add_metric(["daily_limit"], float(denied.get("daily_limit", 0)))
+                trips.add_metric(["credit"], float(denied.get("no_credit", 0)))
+                yield reasons
+                yield trips
         mail = s.get("mail") or {}
         rows = GaugeMetricFamily(
             "clickphone_outbox_messages", "outbox rows by kind and outcome", labels=["kind", "outcome"]
@@ -109,6 +140,54 @@ class StatusCollector(Collector):
         for kind, count in sorted(((s.get("notices") or {}).get("queued") or {}).items()):
             notices.add_metric([str(kind)], float(count))
         yield notices
+        yield from _figure_families(self.figures)
+        yield from _retention_metrics(s.get("retention"))
+
+
+def _figure_families(f: dict[str, Any]) -> Iterator[Metric]:
+    """The API services' own counters and the FastAGI latency histogram (see ``ApiServices.figures``)."""
+    latency = f.get("agi_latency")
+    if latency is not None:
+        histogram = HistogramMetricFamily(
+            "clickphone_agi_session_seconds", "FastAGI session duration (request read to connection closed)"
+        )
+        histogram.add_metric([], [(b, float(c)) for b, c in latency["buckets"]], sum_value=latency["sum"])
+        yield histogram
+    for name, doc, label in (
+        ("broadcasts", "broadcasts completed since start, by kind", "kind"),
+        ("broadcast_mails", "mails queued by broadcasts and policy notices since start, by kind", "kind"),
+        ("consent_changes", "consent records appended since start", "change"),
+    ):
+        family = CounterMetricFamily(f"clickphone_{name}", doc, labels=[label])
+        for value, count in sorted((f.get(name) or {}).items()):
+            family.add_metric([str(value)], float(count))
+        yield family
+    for name, doc in (
+        ("unsubscribes", "one-click unsubscribes accepted since start"),
+        ("unsubscribes_refused", "unsubscribe requests with a malformed or forged token since start"),
+        ("policies_published", "privacy-policy versions published since start"),
+    ):
+        yield CounterMetricFamily(f"clickphone_{name}", doc, value=float(f.get(name, 0)))
+
+
+def _retention_metrics(retention: dict[str, Any] | None) -> Iterator[Metric]:
+    if retention is None:
+        return
+    purged = CounterMetricFamily("clickphone_retention_purged", "rows purged by retention since start", labels=["what"])
+    for what, count in sorted((retention.get("purged_since_start") or {}).items()):
+        purged.add_metric([str(what)], float(count))
+    yield purged
+    yield CounterMetricFamily("clickphone_retention_runs", "retention runs since start", value=retention["runs"])
+    yield CounterMetricFamily(
+        "clickphone_retention_failures", "retention runs that failed", value=retention["failures"]
+    )
+    last = retention.get("last_run") or {}
+    if last.get("ok"):
+        yield GaugeMetricFamily(
+            "clickphone_retention_last_success_timestamp_seconds",
+            "when the last successful retention run started (Unix time)",
+            value=datetime.fromisoformat(last["at"]).timestamp(),
+        )
 
 
 class HttpApi:
@@ -123,20 +202,26 @@ class HttpApi:
         port: int,
         max_body_bytes: int,
         status: StatusSource,
+        services: ApiServices | None = None,
+        max_policy_bytes: int | None = None,
     ) -> None:
         self._intake = intake
         self._token = token.encode() if token else None
         self._host = host
         self._port = port
         self._status = status
+        self._services = services or ApiServices()
+        self._max_body = max_body_bytes
+        self._max_policy = max(max_policy_bytes or max_body_bytes, max_body_bytes)
         self._collector = StatusCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self._collector)
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors, self._auth])
+        self.app = web.Application(client_max_size=self._max_policy, middlewares=[self._errors, self._auth])
         self.app.router.add_put("/v1/accounts/{code}", self._put_account)
         self.app.router.add_post("/v1/accounts/{code}/events", self._post_event)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
+        self._add_routes()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -179,7 +264,7 @@ class HttpApi:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
+        if request.path.startswith("/v1/") and not _PUBLIC.fullmatch(request.path):
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             ok = (
@@ -198,7 +283,12 @@ class HttpApi:
     # ---- helpers -------------------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> Any:
+        limit = self._max_policy if request.path == "/v1/policies" else self._max_body
+        if (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length or 0)
         raw = await request.read()
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
         if request.content_type != _JSON_CONTENT:
             raise ApiError(415, f"expected Content-Type {_JSON_CONTENT}", None)
         try:
@@ -244,24 +334,166 @@ class HttpApi:
         return self._reply(await self._intake.post_event(key, digest, code, body, self._caller_ip(request)))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        status = await self._status()
-        ami = status.get("ami")
-        try:
-            await self._intake.ping()
-            writable = True
-        except Exception as exc:
-            log.warning("api.health_db_failed", error=repr(exc))
-            writable = False
-        mail = status.get("mail") or {}
-        ami_ok = ami is None or bool(ami.get("connected"))
-        body = {
-            "ok": ami_ok and writable,
-            "ami": None if ami is None else {"connected": bool(ami.get("connected")), "state": ami.get("state")},
-            "outbox_oldest_pending_age_seconds": mail.get("oldest_pending_age_seconds"),
-            "database_writable": writable,
-        }
+        # computed with the status, by services.health: /healthz and `clickphone-agi status` agree
+        body = (await self._status())["health"]
         return web.json_response(body, status=200 if body["ok"] else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         self._collector.status = await self._status()
+        self._collector.figures = self._services.figures()
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
+
+    # ---- consent, unsubscribe, broadcasts, policies, audit trail, OpenAPI ----------------------
+
+    def _add_routes(self) -> None:
+        r = self.app.router
+        r.add_put("/v1/accounts/{code}/consent", self._put_consent)
+        r.add_get("/v1/accounts/{code}/consent", self._get_consent)
+        r.add_get("/v1/accounts/{code}/notifications", self._get_notifications)
+        r.add_post("/v1/marketing-suppressions", self._post_suppression)
+        r.add_delete("/v1/marketing-suppressions/{address}", self._delete_suppression)
+        r.add_post("/v1/unsubscribe/{token}", self._post_unsubscribe)
+        r.add_get("/v1/unsubscribe/{token}", self._get_unsubscribe)
+        r.add_post("/v1/broadcasts", self._post_broadcast)
+        r.add_post("/v1/policies", self._post_policy)
+        r.add_get("/v1/policies", self._get_policies)
+        r.add_get("/v1/policies/{version}", self._get_policy)
+        r.add_get("/v1/policies/{version}/text", self._get_policy_text)
+        r.add_get("/v1/openapi.json", self._get_openapi)
+
+    def _need(self, service: Any) -> Any:
+        if service is None:
+            raise ApiError(503, "this part of the API is not running", None)
+        return service
+
+    async def _put_consent(self, request: web.Request) -> web.Response:
+        key, digest, body = await self._prepare(request)
+        consent: ConsentService = self._need(self._services.consent)
+        code = request.match_info["code"]
+        return self._reply(await consent.put_consent(key, digest, code, body, self._caller_ip(request)))
+
+    async def _get_consent(self, request: web.Request) -> web.Response:
+        consent: ConsentService = self._need(self._services.consent)
+        return self._reply(await consent.history(request.match_info["code"]))
+
+    async def _get_notifications(self, request: web.Request) -> web.Response:
+        q = request.query
+        code = request.match_info["code"]
+        store = self._need(self._services.store)
+        return self._reply(await notifications(store, code, q.get("limit"), q.get("before")))
+
+    async def _post_suppression(self, request: web.Request) -> web.Response:
+        consent: ConsentService = self._need(self._services.consent)
+        return self._reply(await consent.suppress(await self._body(request)))
+
+    async def _delete_suppression(self, request: web.Request) -> web.Response:
+        consent: ConsentService = self._need(self._services.consent)
+        return self._reply(await consent.unsuppress(request.match_info["address"]))
+
+    async def _post_unsubscribe(self, request: web.Request) -> web.Response:
+        """RFC 8058 one-click: any body (``List-Unsubscribe=One-Click`` form-encoded) is accepted."""
+        consent: ConsentService = self._need(self._services.consent)
+        if (request.content_length or 0) > self._max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self._max_body, actual_size=request.content_length or 0)
+        await request.read()
+        reply = await consent.unsubscribe(request.match_info["token"], self._caller_ip(request))
+        if "text/html" in request.headers.get("Accept", ""):
+            return _page(_DONE_PAGE)
+        return self._reply(reply)
+
+    async def _get_unsubscribe(self, request: web.Request) -> web.Response:
+        """A confirmation page with a POST button: a GET never unsubscribes (scanners prefetch links)."""
+        consent: ConsentService = self._need(self._services.consent)
+        try:
+            consent.check_token(request.match_info["token"])
+        except ApiError as exc:
+            return _page(_BAD_PAGE, status=exc.status)
+        return _page(_CONFIRM_PAGE)
+
+    async def _post_broadcast(self, request: web.Request) -> web.Response:
+        key, digest, body = await self._prepare(request)
+        broadcasts: BroadcastService = self._need(self._services.broadcasts)
+        return self._reply(await broadcasts.post(key, digest, body))
+
+    async def _post_policy(self, request: web.Request) -> web.Response:
+        policies: PolicyService = self._need(self._services.policies)
+        return self._reply(await policies.publish(await self._body(request)))
+
+    async def _get_policies(self, _request: web.Request) -> web.Response:
+        policies: PolicyService = self._need(self._services.policies)
+        return self._reply(await policies.list())
+
+    async def _get_policy(self, request: web.Request) -> web.Response:
+        policies: PolicyService = self._need(self._services.policies)
+        policy = await policies.get(request.match_info["version"])
+        return web.json_response(policy_json(policy, text=True), headers={"ETag": f'"{policy.sha256}"'})
+
+    async def _get_policy_text(self, request: web.Request) -> web.Response:
+        """The archived text byte for byte, its sha256 as the ETag and in ``Repr-Digest`` (RFC 9530)."""
+        policies: PolicyService = self._need(self._services.policies)
+        policy = await policies.get(request.match_info["version"])
+        digest = base64.b64encode(bytes.fromhex(policy.sha256)).decode("ascii")
+        headers = {
+            "ETag": f'"{policy.sha256}"',
+            "Repr-Digest": f"sha-256=:{digest}:",
+            "Cache-Control": "public, max-age=86400, immutable",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if request.headers.get("If-None-Match") == headers["ETag"]:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=policy.text, content_type="text/plain", charset="utf-8", headers=headers)
+
+    async def _get_openapi(self, _request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+
+@dataclass
+class ApiServices:
+    """The services behind the API's later endpoints, and the live figures /metrics adds."""
+
+    store: Store | None = None
+    consent: ConsentService | None = None
+    broadcasts: BroadcastService | None = None
+    policies: PolicyService | None = None
+    figures: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description shipped in the package (``clickphone_agi/openapi.yaml``)."""
+    text = files("clickphone_agi").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
+_PAGE_STYLE = "body{font-family:sans-serif;max-width:32em;margin:3em auto;padding:0 1em;line-height:1.5}"
+_CONFIRM_PAGE = (
+    "<h1>Dezabonare / Unsubscribe</h1>"
+    "<p>Nu mai doriți oferte comerciale ClickPhone pe e-mail? / No more ClickPhone offers by e-mail?</p>"
+    '<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+    '<button type="submit">Dezabonare / Unsubscribe</button></form>'
+    "<p>Mesajele despre serviciu (mesagerie vocală, fax, sold, securitate) continuă. /"
+    " Service messages (voicemail, fax, balance, security) continue.</p>"
+)
+_DONE_PAGE = (
+    "<h1>Dezabonat / Unsubscribed</h1>"
+    "<p>Nu veți mai primi oferte comerciale ClickPhone pe e-mail. / You will receive no more ClickPhone offers"
+    " by e-mail.</p>"
+)
+_BAD_PAGE = (
+    "<h1>Link invalid / Invalid link</h1><p>Acest link de dezabonare nu este valid. / This link is not valid.</p>"
+)
+
+
+def _page(body: str, status: int = 200) -> web.Response:
+    text = (
+        '<!doctype html><html lang="ro"><head><meta charset="utf-8"><meta name="robots" content="noindex">'
+        f"<title>ClickPhone</title><style>{html.escape(_PAGE_STYLE, quote=False)}</style></head>"
+        f"<body>{body}</body></html>"
+    )
+    headers = {
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers=headers)

@@ -34,7 +34,7 @@ import math
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parseaddr
@@ -50,7 +50,10 @@ from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox, verp_address
 from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
 from clickphone_agi.domain.outbox import OutboxRow
-from clickphone_agi.notices.render import Renderer, build_message
+from clickphone_agi.domain.retention import PURGE_AFTER_SEND
+from clickphone_agi.faults import crash_point
+from clickphone_agi.notices.kinds import KINDS
+from clickphone_agi.notices.render import InvalidHeader, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
 
 log = structlog.get_logger(__name__)
@@ -77,8 +80,20 @@ def render_row(row: OutboxRow, cfg: SmtpConfig, renderer: Renderer) -> bytes:
         recipient=row.recipient,
         message_id=message_id(row.idempotency_key, cfg.message_id_domain),
         date=row.created_at,
-        extra_headers={"X-ClickPhone-Kind": row.kind},
+        extra_headers={"X-ClickPhone-Kind": row.kind, **unsubscribe_headers(row.kind, row.payload)},
     )
+
+
+def unsubscribe_headers(kind: str, payload: Mapping[str, Any]) -> dict[str, str]:
+    """RFC 8058 one-click headers for a marketing mail, on the account's own signed link from the
+    payload (a marketing row without one is refused: it must never go out without an unsubscribe)."""
+    spec = KINDS.get(kind)
+    if spec is None or spec.category != "marketing":
+        return {}
+    url = payload.get("unsubscribe_url")
+    if not isinstance(url, str) or not url.startswith("https://") or any(c in url for c in ' <>"\r\n'):
+        raise InvalidHeader(f"{kind}: a marketing mail needs an https unsubscribe_url")
+    return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
 def load_verp_key(path: Path) -> bytes:
@@ -280,7 +295,7 @@ class OutboxSender:
         cfg = self._config()
         now = self._clock.now()
         if now >= row.expires_at:
-            await self._store.write(lambda tx: tx.mark_expired(row.id))
+            await self._store.write(_finishing(row, lambda tx: tx.mark_expired(row.id)))
             self.expired += 1
             log.info("mail.expired", key=row.idempotency_key, kind=row.kind, expired_at=row.expires_at.isoformat())
             return
@@ -300,7 +315,8 @@ class OutboxSender:
                 log.error("mail.no_body", key=row.idempotency_key, kind=row.kind)
                 return
             try:
-                mime = render_row(row, cfg, self._renderer)
+                # off the loop: a broadcast queues thousands of these
+                mime = await asyncio.to_thread(render_row, row, cfg, self._renderer)
             except Exception as exc:  # permanent for this payload: a dead letter to replay once fixed
                 error = f"cannot render the {row.kind} notice: {exc!r}"[:300]
                 await self._store.write(lambda tx: tx.mark_failed(row.id, error, now, dead=True))
@@ -324,7 +340,11 @@ class OutboxSender:
         finally:
             await self._pool.release(conn)
         if outcome.ok:
-            await self._store.write(lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            crash_point("smtp.after_250")
+            await self._store.write(
+                _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            )
+            crash_point("smtp.after_mark_sent")
             self.sent += 1
             log.info(
                 "mail.sent",
@@ -416,6 +436,7 @@ class OutboxSender:
             stage = "rcpt"
             await smtp.rcpt(rcpt)
             stage = "data"
+            crash_point("smtp.before_data")
             response = await smtp.data(mime)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset(conn)
@@ -558,6 +579,18 @@ class OutboxSender:
             },
         }
         return figures
+
+
+def _finishing(row: OutboxRow, mark: Callable[[WriteTx], None]) -> Callable[[WriteTx], None]:
+    """The unit that marks ``row`` sent or expired; for a reset link or payment details it also drops
+    the body, in the same transaction (``domain.retention.PURGE_AFTER_SEND``)."""
+
+    def unit(tx: WriteTx) -> None:
+        mark(tx)
+        if row.kind in PURGE_AFTER_SEND:
+            tx.drop_body(row.id)
+
+    return unit
 
 
 # ---- operator verbs and bounce intake (units shared by the control socket and the local CLI) -------

@@ -44,6 +44,7 @@ class Secrets:
     ami_secret: str | None
     smtp_password: str | None
     api_token: str | None
+    unsubscribe_secret: str | None = None  # HMAC key of the one-click unsubscribe tokens
 
     def __repr__(self) -> str:  # never print secrets, even in a traceback
         def shown(v: str | None) -> str:
@@ -51,7 +52,7 @@ class Secrets:
 
         return (
             f"Secrets(ami_secret={shown(self.ami_secret)}, smtp_password={shown(self.smtp_password)},"
-            f" api_token={shown(self.api_token)})"
+            f" api_token={shown(self.api_token)}, unsubscribe_secret={shown(self.unsubscribe_secret)})"
         )
 
 
@@ -313,6 +314,20 @@ def _read_secret(
     return None
 
 
+def _override_layer(text: str) -> dict[Any, Any]:
+    """One ``--set a.b=value`` as a nested layer ``{"a": {"b": value}}``."""
+    key, value = parse_override(text)
+    odd_keys = _non_text_keys(value, CLI_SOURCE, key)
+    if odd_keys:
+        raise ConfigError(odd_keys)
+    layer: dict[Any, Any] = {}
+    node = layer
+    for part in key[:-1]:
+        node = node.setdefault(part, {})
+    node[key[-1]] = value
+    return layer
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -340,16 +355,7 @@ def load_config(
             files.append(str(extra))
             _merge(merged, _read_file(extra), str(extra), origin)
     for text in overrides:
-        key, value = parse_override(text)
-        odd_keys = _non_text_keys(value, CLI_SOURCE, key)
-        if odd_keys:
-            raise ConfigError(odd_keys)
-        layer: dict[Any, Any] = {}
-        node = layer
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = value
-        _merge(merged, layer, CLI_SOURCE, origin)
+        _merge(merged, _override_layer(text), CLI_SOURCE, origin)
 
     try:
         config = Config.model_validate(merged)
@@ -369,6 +375,14 @@ def load_config(
     if config.smtp.username:
         smtp_password = _read_secret(config.smtp.password_file, ("smtp", "password_file"), "smtp-password", where)
     api_token = _read_secret(config.api.token_file, ("api", "token_file"), "api-token", where)
+    unsubscribe_secret = _read_secret(
+        config.api.unsubscribe_secret_file, ("api", "unsubscribe_secret_file"), "unsubscribe-secret", where
+    )
+    if unsubscribe_secret is not None and len(unsubscribe_secret) < 32:
+        problems.append(
+            f"{_source_for(origin, ('api', 'unsubscribe_secret_file'), str(main))}: api.unsubscribe_secret_file:"
+            f" the unsubscribe secret is {len(unsubscribe_secret)} characters; use 32 or more random ones"
+        )
 
     def missing(enabled: bool, value: str | None, key: KeyPath, credential: str) -> None:
         if not enabled or value is not None or any(format_path(key) in p for p in problems):
@@ -389,7 +403,12 @@ def load_config(
         raise ConfigError(problems)
     return LoadedConfig(
         config=config,
-        secrets=Secrets(ami_secret=ami_secret, smtp_password=smtp_password, api_token=api_token),
+        secrets=Secrets(
+            ami_secret=ami_secret,
+            smtp_password=smtp_password,
+            api_token=api_token,
+            unsubscribe_secret=unsubscribe_secret,
+        ),
         main_file=main,
         files=tuple(files),
         notes=tuple(notes),

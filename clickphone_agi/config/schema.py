@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
+from clickphone_agi.domain.retention import MIN_KEY_RETENTION_DAYS
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
@@ -200,6 +202,12 @@ class ApiConfig(Section):
     token_file: Path | None = None
     public_base_url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/[^\s]*)?$")] | None = None
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 65536
+    # HMAC key of the one-click unsubscribe links (or the credential 'unsubscribe-secret')
+    unsubscribe_secret_file: Path | None = None
+    # largest POST /v1/policies body (a policy text is published in one request)
+    max_policy_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # accounts per unit of work when a broadcast or a policy notice is queued
+    broadcast_chunk: Annotated[int, Field(ge=1, le=10_000)] = 500
 
 
 class LoggingConfig(Section):
@@ -211,11 +219,29 @@ class LoggingConfig(Section):
 class PrivacyConfig(Section):
     cdr_retention_days: Annotated[int, Field(ge=1, le=3650)] = 180
     outbox_body_retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    # idempotency keys; shorter than Master.csv's reach would let a replay look new (domain/retention.py)
+    processed_event_retention_days: Annotated[int, Field(ge=MIN_KEY_RETENTION_DAYS, le=3650)] = 400
+    api_request_retention_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    retention_hour: Annotated[int, Field(ge=0, le=23)] = 3
+    retention_batch: Annotated[int, Field(ge=100, le=100_000)] = 2000
+
+    @field_validator("processed_event_retention_days")
+    @classmethod
+    def _keys_outlive_cdrs(cls, value: int, info: ValidationInfo) -> int:
+        cdr_days = info.data.get("cdr_retention_days")
+        if cdr_days is not None and value < cdr_days:
+            raise ValueError(
+                f"expected at least privacy.cdr_retention_days ({cdr_days}): a CDR's idempotency key must"
+                " outlive the CDR, so that a Master.csv replay of a kept call is recognised"
+            )
+        return value
 
 
 class DaemonConfig(Section):
     control_socket: Path = Path("/run/clickphone-agi/control.sock")
     drain_timeout: PositiveSeconds = 10
+    # uvloop (libuv) roughly halves the CPU of a FastAGI session; asyncio is the fallback switch
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 class Config(Section):

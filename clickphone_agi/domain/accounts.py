@@ -256,6 +256,8 @@ class Account:
     enabled: bool = True
     opt_out: frozenset[str] = field(default_factory=frozenset)
     """Non-essential service notices the subscriber switched off (only kinds in OPT_OUT_KINDS)."""
+    erased: bool = False
+    """Personal data erased (``privacy erase``): no mail, calls denied, the code is never reused."""
 
     def __post_init__(self) -> None:
         _field("code", check_code, self.code)
@@ -286,7 +288,7 @@ class Account:
                     f"opt_out: {show(kind)} cannot be switched off (only {', '.join(sorted(OPT_OUT_KINDS))};"
                     " security, limit, balance and payment notices always go)"
                 )
-        for flag in ("marketing_consent", "enabled"):
+        for flag in ("marketing_consent", "enabled", "erased"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}: expected a bool")
 

@@ -246,6 +246,10 @@ class MissedCallTracker:
         """Calls observed and not decided yet."""
         return len(self._calls)
 
+    def undecided(self, linked_id: str) -> bool:
+        """Whether the call with this Linkedid was observed and is not decided yet."""
+        return linked_id in self._calls
+
     def observe(self, event: DomainEvent, now: datetime) -> None:
         """Take one event into account (see the class doc); ``DialOutcome`` and others are ignored."""
         if isinstance(event, CallEnded):

@@ -40,7 +40,9 @@ class KindSpec:
 
     ``opt_out``: the subscriber may switch this kind off (marketing is, in addition, opt-in: it needs
     recorded consent before the first message). ``lifetime``: how long a queued mail stays worth
-    sending; after that the sender expires it instead of delivering stale news.
+    sending; after that the sender expires it instead of delivering stale news. ``bulk``: queued for
+    many accounts at once (broadcasts, policy notices); the sender takes every other due mail first,
+    so a 100,000-row broadcast never holds back a voicemail or a security alert.
     """
 
     name: str
@@ -50,6 +52,7 @@ class KindSpec:
     sample: Mapping[str, Any]
     required: frozenset[str]
     multiline: frozenset[str] = frozenset()
+    bulk: bool = False
 
 
 def _at(hour: int, minute: int, day: int = 28) -> datetime:
@@ -65,6 +68,7 @@ def _kind(
     opt_out: bool = False,
     lifetime: timedelta = DEFAULT_LIFETIME,
     multiline: frozenset[str] = frozenset(),
+    bulk: bool = False,
 ) -> KindSpec:
     return KindSpec(
         name=name,
@@ -74,6 +78,7 @@ def _kind(
         sample=MappingProxyType(dict(sample)),
         required=frozenset(sample),
         multiline=multiline,
+        bulk=bulk,
     )
 
 
@@ -240,6 +245,7 @@ _SPECS: Final = (
             "Apeluri către rețele fixe naționale: neschimbat, 0,03 lei/min.",
             "url": "https://www.clickphone.example/tarife/2027",
         },
+        bulk=True,
         multiline=frozenset({"changes"}),
     ),
     _kind(
@@ -253,6 +259,7 @@ _SPECS: Final = (
             "Am adăugat lista actualizată a furnizorilor care prelucrează date în numele nostru.",
             "url": "https://www.clickphone.example/confidentialitate/v3.2",
         },
+        bulk=True,
         multiline=frozenset({"summary"}),
     ),
     _kind("mail_test", "service", {"at": _at(14, 21)}, lifetime=timedelta(days=1)),
@@ -271,6 +278,7 @@ _SPECS: Final = (
         },
         opt_out=True,
         lifetime=timedelta(days=2),
+        bulk=True,
         multiline=frozenset({"body"}),
     ),
 )

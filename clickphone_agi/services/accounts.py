@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
 
 from clickphone_agi.domain.accounts import Account
@@ -15,7 +17,8 @@ def import_unit(items: list[tuple[Account, int]]) -> Any:
         created: list[str] = []
         updated: list[str] = []
         for account, opening in items:
-            (created if tx.upsert_account(account, opening) else updated).append(account.code)
+            stored = consent_for_upsert(tx, account, "import", "accounts import")
+            (created if tx.upsert_account(stored, opening) else updated).append(account.code)
         return {"created": created, "updated": updated}
 
     return unit
@@ -31,3 +34,19 @@ def adjust_unit(code: str, amount: int, reason: str, ref: str) -> Any:
         return {"account": code, "amount": amount, "booked": booked, "balance": tx.balance(code)}
 
     return unit
+
+
+def consent_for_upsert(tx: WriteTx, account: Account, source: str, how: str) -> Account:
+    """An account about to be imported or PUT: the consent history decides ``marketing_consent``.
+
+    Without any record the file's ``marketing_consent: true`` is recorded as a grant (policy
+    version unknown; ``how`` says where it came from). With a history the account keeps what the
+    history says: re-importing an old file never re-subscribes someone who unsubscribed. Consent
+    changes go through the consent endpoint, the CLI ``consent`` verb or the unsubscribe link.
+    """
+    recorded = tx.consent(account.code)
+    if recorded is None:
+        if account.marketing_consent:
+            tx.record_consent(account.code, True, source, None, json.dumps({"how": how, "ip": None}, sort_keys=True))
+        return account
+    return account if recorded == account.marketing_consent else replace(account, marketing_consent=recorded)

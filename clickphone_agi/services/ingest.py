@@ -29,6 +29,7 @@ from clickphone_agi.domain.ami_translate import (
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
 from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
+from clickphone_agi.faults import crash_point
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.money import MoneyService
 
@@ -142,12 +143,15 @@ class EventProcessor:
         rated = money.rate(call) if money is not None and call is not None else None
 
         def unit(tx: WriteTx) -> bool:
+            if call is not None and _erased(tx, call.account):
+                return False  # nothing of an erased account is recorded again, not even its key
             if not tx.claim_event(event.key, kind):
                 return False
             if call is not None:
                 tx.record_call(call)
                 if money is not None:
                     money.charge_rated(tx, call, rated)
+                    crash_point("ingest.unit_applied")
             return True
 
         if await self._store.write(unit):
@@ -164,6 +168,11 @@ class EventProcessor:
         self.duplicates[kind] += 1
         log.debug("event.duplicate", key=event.key, kind=kind)
         return False
+
+    def raise_baseline(self, moment: datetime) -> None:
+        """Ignore recovered history older than ``moment`` from now on (the retention's key floor:
+        keys of events that old may have been purged, so a replay of one would look new)."""
+        self._went_live_at = max(self._went_live_at, moment)
 
     def _log_recorded(self) -> None:
         """Log the CDRs committed since the last call (scheduled by the first of them).
@@ -189,6 +198,11 @@ class EventProcessor:
             first_key=calls[0].key,
             last_key=calls[-1].key,
         )
+
+
+def _erased(tx: WriteTx, code: str) -> bool:
+    account = tx.get_account(code) if code else None
+    return account is not None and account.erased
 
 
 def _log_cdr(method: Callable[..., Any], call: CallEnded) -> None:

@@ -31,6 +31,7 @@ from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import NoticeError, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.services.accounts import consent_for_upsert
 
 EVENT_TYPES = ("password_changed", "password_recovery", "pin_created", "topup", "payment_confirmed", "balance_info")
 MAX_KEY = 200
@@ -247,11 +248,18 @@ class Intake:
             def effects(tx: WriteTx) -> dict[str, Any]:
                 if tx.get_account(code) != old:
                     raise _Changed
+                stored = consent_for_upsert(tx, account, "api", "PUT /v1/accounts")
                 try:
-                    created = tx.upsert_account(account, opening)
+                    created = tx.upsert_account(stored, opening)
                 except ValueError as exc:
                     raise ApiError(409, str(exc), "dids") from None
-                return {"account": code, "created": created, "balance": tx.balance(code)}
+                # marketing_consent follows the consent history (PUT .../consent changes it)
+                return {
+                    "account": code,
+                    "created": created,
+                    "balance": tx.balance(code),
+                    "marketing_consent": stored.marketing_consent,
+                }
 
             return _Plan(effects, messages)
 
@@ -292,6 +300,8 @@ class Intake:
         account, balance, spent = await self._store.write(read)
         if account is None:
             raise ApiError(404, f"no account {code!r}", None)
+        if account.erased:
+            raise ApiError(410, f"account {code!r} was erased (privacy erase): it takes no more events", None)
         return account, balance, spent
 
     def _simple(self, code: str, kind: str, account: Account, message: OutboxMessage) -> _Plan:

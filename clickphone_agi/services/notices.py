@@ -12,8 +12,9 @@ baseline ever is.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ from clickphone_agi.domain.events import (
 from clickphone_agi.domain.missed import MissedCall, MissedCallTracker
 from clickphone_agi.domain.money import format_ron  # noqa: F401 - re-exported for templates' callers
 from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
@@ -79,10 +81,17 @@ class Notifier:
             max_attachment_bytes=settings.max_attachment_bytes,
         )  # fmt: skip
         self._tracker = MissedCallTracker(settings.missed_call_grace, owner_of=self._owner_of)
+        # decided missed, mail not committed yet (by Linkedid): still "undecided" for the reconciler
+        self._missed_due: dict[str, MissedCall] = {}
         self._fax_files: OrderedDict[str, FaxReceived | FaxSent] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._boxes_due: set[tuple[str, str]] = set()
+        # set by the composition root with notifications.voicemail_remove_after_send: called for a
+        # message still in the spool whose mail was delivered (a removal that failed or never ran)
+        self.remove_delivered: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
+        self.remove_enabled: Callable[[], bool] = lambda: False
+        self._changes = itertools.count(1)  # tells apart voicemail password changes in the same microsecond
         self.queued: dict[str, int] = {}
         self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
@@ -115,6 +124,10 @@ class Notifier:
     async def _security(self, event: VoicemailPasswordChanged | AccountEvent) -> None:
         """A password or PIN changed on the PBX: tell the subscriber (never the secret itself)."""
         key = f"notice:{event.key}"  # the event's own key is claimed by the ingest processor
+        if isinstance(event, VoicemailPasswordChanged):
+            # the event carries no id: its key is the same for every change of a box, and AMI never
+            # replays an event, so each one seen is a new change: scope the notice's key in time
+            key = f"{key}:{self._clock.now():%Y%m%dT%H%M%S.%fZ}:{next(self._changes)}"
         try:
             if await self._store.has_event(key):
                 return
@@ -140,6 +153,17 @@ class Notifier:
             self.errors += 1
             log.exception("notices.security_failed", key=event.key)
 
+    def raise_baseline(self, moment: datetime) -> None:
+        """Never mail spool messages older than ``moment`` (the retention's key floor: their keys may
+        be gone, so an old message still in a box would look new)."""
+        self._went_live_at = max(self._went_live_at, moment)
+
+    def undecided(self, linked_id: str) -> bool:
+        """Whether this call's missed-call notice may still be lost with the process: not decided
+        yet, or decided missed and its mail not committed. The reconciler keeps the call's
+        Master.csv rows replayable until then."""
+        return self._tracker.undecided(linked_id) or linked_id in self._missed_due
+
     def _owner_of(self, call: CallEnded) -> str | None:
         """Inbound calls are recognised by context: the account code alone cannot tell the
         direction (the dialplan sets it on outbound calls too). No contexts, no missed calls."""
@@ -162,8 +186,7 @@ class Notifier:
                 boxes, self._boxes_due = self._boxes_due, set()
                 for context, mailbox in sorted(boxes):
                     await self.voicemail_box(context, mailbox)
-                for missed in self._tracker.due(self._clock.now()):
-                    await self._missed(missed)
+                await self._missed_calls(self._clock.now())
             except Exception:
                 self.errors += 1
                 log.exception("notices.pass_failed")
@@ -172,22 +195,32 @@ class Notifier:
             await wait_any(self._clock, min(5.0, self.settings.scan_interval), stop, self._wake)
 
         # stopping: decide pending missed calls now rather than lose them with the process
-        for missed in self._tracker.due(self._clock.now() + timedelta(days=1)):
-            try:
-                await self._missed(missed)
-            except Exception:
-                self.errors += 1
-                log.exception("notices.missed_flush_failed", key=missed.key)
+        try:
+            await self._missed_calls(self._clock.now() + timedelta(days=1))
+        except Exception:
+            self.errors += 1
+            log.exception("notices.missed_flush_failed")
+
+    async def _missed_calls(self, now: datetime) -> None:
+        """Queue the mail of every call decided missed by ``now``; one that fails stays due and is
+        tried again on the next pass (the tracker has forgotten it: this is its only record)."""
+        for missed in self._tracker.due(now):
+            self._missed_due[missed.linked_id] = missed
+        for linked_id, missed in list(self._missed_due.items()):
+            await self._missed(missed)
+            del self._missed_due[linked_id]
 
     async def scan_all(self) -> None:
         """Every voicemail box and the fax directory: what arrived while we were not looking."""
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
             await self.voicemail_box(context, mailbox)
+            crash_point("notices.scan_item")
         faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
         for fax in faxes:
             if fax.sidecar is not None:
                 await self._fax(fax.sidecar, fax.path)
+                crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
 
@@ -209,6 +242,14 @@ class Notifier:
                 continue  # the go-live baseline: old messages are never mailed
             key = f"vm:{self.settings.system_name}:{box}:{msg.meta.msg_id}"
             if await self._store.has_event(key):
+                # the spool is the state: a delivered message still here is removed again (durably
+                # retried at every scan, also after a crash between the 250 and the removal)
+                if (
+                    self.remove_delivered is not None
+                    and self.remove_enabled()
+                    and await self._store.outbox_status(key) == "sent"
+                ):
+                    await self.remove_delivered(key, _location(msg))
                 continue
             await self._voicemail(account, box, msg, key)
 
@@ -229,9 +270,8 @@ class Notifier:
             suffix = self.settings.audio_format.lower()
             attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
         # where the message sits, for the optional VoicemailRemove after the 250 (app.py)
-        where = {"context": msg.context, "mailbox": msg.mailbox, "folder": msg.folder, "msg_id": msg.meta.msg_id}
         await self._queue(
-            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": where}
+            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": _location(msg)}
         )
 
     # ---- fax -----------------------------------------------------------------------------------
@@ -330,6 +370,7 @@ class Notifier:
             )  # fmt: skip
 
         mime = await asyncio.to_thread(render)
+        crash_point("notices.rendered")
         message = OutboxMessage.build(
             key=key, kind=kind, recipient=recipient, account=account.code, mime=mime, now=now,
             lifetime=KINDS[kind].lifetime, payload=payload,
@@ -343,3 +384,8 @@ class Notifier:
             self.queued[kind] = self.queued.get(kind, 0) + 1
             log.info("notice.queued", key=key, kind=kind, account=account.code, to=recipient, bytes=len(mime))
         return bool(queued)
+
+
+def _location(msg: VoicemailMessage) -> dict[str, str]:
+    """Where a message sits now, as AMI ``VoicemailRemove`` names it."""
+    return {"context": msg.context, "mailbox": msg.mailbox, "folder": str(msg.folder), "msg_id": msg.meta.msg_id}

@@ -228,6 +228,8 @@ class AmiReplayServer:
         self.answer_pings = True
         self.voicemail_remove_error: str | None = None
         self.voicemail_remove_answer = True
+        # when set, a successful VoicemailRemove deletes the message's files here, as Asterisk does
+        self.voicemail_spool: Path | None = None
         self.logins_ok = 0
         self.logins_failed = 0
         self.pings_answered = 0
@@ -448,7 +450,9 @@ class AmiReplayServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._socket_send_buffer)
 
-    async def _other_action(self, conn: _Connection, action: str, action_id: str | None) -> None:
+    async def _other_action(
+        self, conn: _Connection, action: str, action_id: str | None, fields: dict[str, str]
+    ) -> None:
         """A logged-in client's action other than Login, Ping and Logoff."""
         if action != "voicemailremove":
             await self._send(conn, _response("Error", action_id, ("Message", "Invalid/unknown command")))
@@ -456,8 +460,23 @@ class AmiReplayServer:
             return
         elif self.voicemail_remove_error is not None:
             await self._send(conn, _response("Error", action_id, ("Message", self.voicemail_remove_error)))
+        elif self.voicemail_spool is not None and not self._remove_message(fields):
+            await self._send(conn, _response("Error", action_id, ("Message", "Message not found")))
         else:
             await self._send(conn, _response("Success", action_id, ("Message", "Message removed successfully")))
+
+    def _remove_message(self, action: dict[str, str]) -> bool:
+        """Delete msgNNNN.* of the message with ID in Context/Mailbox/Folder (no renumbering)."""
+        assert self.voicemail_spool is not None
+        folder = self.voicemail_spool / action.get("Context", "") / action.get("Mailbox", "") / action.get("Folder", "")
+        if not folder.is_dir() or ".." in folder.parts:
+            return False
+        for txt in folder.glob("msg????.txt"):
+            if f"msg_id={action.get('ID')}" in txt.read_text(errors="replace").splitlines():
+                for path in folder.glob(f"{txt.stem}.*"):
+                    path.unlink()
+                return True
+        return False
 
     async def _on_action(self, conn: _Connection, message: AmiMessage) -> None:
         action = (message.get("Action") or "").lower()
@@ -496,4 +515,4 @@ class AmiReplayServer:
         elif not conn.logged_in:
             await self._send(conn, _response("Error", action_id, ("Message", "Authentication Required")))
         else:
-            await self._other_action(conn, action, action_id)
+            await self._other_action(conn, action, action_id, message.as_dict())

@@ -27,6 +27,7 @@ from clickphone_agi.adapters.storage import reports
 from clickphone_agi.adapters.storage import sqlite as db
 from clickphone_agi.adapters.storage.codec import account_to_json
 from clickphone_agi.app import Daemon
+from clickphone_agi.clock import ShiftedClock
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.money import format_ron
 from clickphone_agi.sim.agi_client import agi_call
@@ -38,6 +39,9 @@ SCENARIOS = ("answered_call", "missed_call", "busy_call", "voicemail", "fax", "f
 GAP_SCENARIO = "long_call"  # happens while the AMI link is down: only Master.csv knows it
 # The recorded calls took place on 2026-11-28; the demo's database "went live" before them.
 DEMO_GO_LIVE = datetime(2026, 11, 27, tzinfo=UTC)
+# ... and the daemon runs as of a few minutes after them (16:25 in Bucharest), whatever today's
+# date: the day's spend, the 80 % warning and the daily-limit denial belong to that day.
+DEMO_NOW = datetime(2026, 11, 28, 14, 25, tzinfo=UTC)
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the simulator's own throwaway secret
 
 
@@ -117,7 +121,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _settle(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
+async def _settle(daemon: Daemon, timeout: float = 30.0) -> dict[str, Any]:
     """Wait until the daemon has processed everything it received (backlog empty twice)."""
     quiet = 0
     async with asyncio.timeout(timeout):
@@ -173,8 +177,9 @@ def _write_csv(out: Path, transcript: Transcript) -> None:
 
 async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSink) -> dict[str, Any]:
     """What the simulated Asterisk and operator do, narrated as it happens."""
-    await asyncio.wait_for(daemon.ready.wait(), 10)
-    await ami.wait_for_login(10)
+    # generous bounds: the demo also runs on loaded CI machines; each one only stops a hang
+    await asyncio.wait_for(daemon.ready.wait(), 30)
+    await ami.wait_for_login(30)
     print(f"  daemon ready; logged in to the AMI as 'clickphone' (events: {daemon.config.ami.events})")
     items = await asyncio.to_thread(load_accounts, out / "accounts.yaml")
     payload = {"items": [{"account": account_to_json(i.account), "opening": i.opening_balance} for i in items]}
@@ -197,14 +202,14 @@ async def _script(out: Path, daemon: Daemon, ami: AmiReplayServer, sink: SmtpSin
     queued = await asyncio.to_thread(
         control.call, daemon.config.daemon.control_socket, "mail-test", {"to": "ion.popescu@example.ro"}
     )
-    await sink.wait_for(1)
+    await sink.wait_for(1, timeout=30)
     print(f"  'clickphone-agi mail-test' went through the control socket: {queued['queued']}")
     await ami.play(scenarios["shutdown"])
     _write_csv(out, scenarios[GAP_SCENARIO])
     print(f"  Asterisk said 'Shutdown' and closed the link; meanwhile a {GAP_SCENARIO} ended (only in Master.csv)")
-    await ami.wait_for_login(15, logins=2)
+    await ami.wait_for_login(45, logins=2)
     before = first["reconcile"]["recovered"]
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(45):
         while (status := await _settle(daemon))["reconcile"]["recovered"] == before:  # noqa: ASYNC110 - polls status
             await asyncio.sleep(0.05)
     print(
@@ -293,7 +298,7 @@ async def run_demo(output: Path) -> int:
         config_text = _config_text(out, ami.port, sink.port, runtime / "control.sock", agi_port)
         config_file.write_text(config_text, encoding="utf-8")
         loaded = load_config(config_file)
-        daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False)
+        daemon = Daemon(loaded, config_path=config_file, install_signal_handlers=False, clock=ShiftedClock(DEMO_NOW))
         print(f"clickphone-agi demo: simulated Asterisk on 127.0.0.1:{ami.port}, mail sink on 127.0.0.1:{sink.port}")
         run = asyncio.create_task(daemon.run())
         try:

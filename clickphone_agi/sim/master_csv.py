@@ -2,7 +2,8 @@
 
 cdr_csv quotes every string column (inner quotes doubled), writes Duration/BillableSeconds bare
 and an unset time as an empty unquoted field; columns follow ``loguniqueid=yes``,
-``loguserfield=yes`` (18 columns).
+``loguserfield=yes`` (18 columns), and with ``new_columns`` also ``newcdrcolumns=yes``
+(peeraccount, linkedid, sequence: 21 columns; the sequence bare).
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ CDR_HEADERS = (
 )  # fmt: skip
 
 
-def csv_record(cdr: AmiMessage) -> bytes:
-    """The Master.csv record for one ``Event: Cdr`` message."""
+NEW_CDR_HEADERS = (*CDR_HEADERS, "PeerAccount", "LinkedID", "Sequence")
+_BARE = frozenset({"Duration", "BillableSeconds", "Sequence"})
+
+
+def csv_record(cdr: AmiMessage, *, new_columns: bool = False) -> bytes:
+    """The Master.csv record for one ``Event: Cdr`` message (``new_columns``: ``newcdrcolumns=yes``;
+    linkedid and sequence come from the ``LinkedID``/``Sequence`` headers cdr_manager appends)."""
     parts = []
-    for name in CDR_HEADERS:
+    for name in NEW_CDR_HEADERS if new_columns else CDR_HEADERS:
         value = cdr.get(name) or ""
-        if name in ("Duration", "BillableSeconds") or (name.endswith("Time") and not value):
+        if name in _BARE or (name.endswith("Time") and not value):
             parts.append(value)
         else:
             parts.append('"' + value.replace('"', '""') + '"')

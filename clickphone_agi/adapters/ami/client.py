@@ -16,6 +16,7 @@ import itertools
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import structlog
@@ -29,6 +30,7 @@ from clickphone_agi.adapters.ami.protocol import (
     encode_action,
 )
 from clickphone_agi.clock import Clock
+from clickphone_agi.faults import crash_point
 
 __all__ = ["AmiAuthError", "AmiClient", "AmiNotConnectedError", "ClientState"]
 
@@ -126,6 +128,7 @@ class AmiClient:
         self._callback_errors = 0
         self._last_error: str | None = None
         self._asterisk_version: str | None = None
+        self._connected_since: datetime | None = None  # when the current session logged in
 
     # -- read-only status -------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class AmiClient:
             "callback_errors": self._callback_errors,
             "last_error": self._last_error,
             "asterisk_version": self._asterisk_version,
+            "connected_since": self._connected_since.isoformat() if self._connected_since else None,
         }
 
     # -- actions ----------------------------------------------------------------------------
@@ -293,6 +297,7 @@ class AmiClient:
                 return _Outcome.LOST
 
             self._state = "connected"
+            self._connected_since = self._clock.now()
             self._connects += 1
             log.info(
                 "ami.connected",
@@ -316,6 +321,7 @@ class AmiClient:
                 fut.cancel()
             self._pending.clear()
             self._writer = None
+            self._connected_since = None
             writer.transport.abort()
 
     async def _login(self, writer: asyncio.StreamWriter, reading: asyncio.Future[None]) -> None:
@@ -376,6 +382,8 @@ class AmiClient:
                         self._banner.set_result(item)
                     continue
                 self._dispatch(item)
+            if parser.buffered:
+                crash_point("ami.mid_frame")
 
     def _dispatch(self, message: AmiMessage) -> None:
         self._messages_received += 1

@@ -29,6 +29,8 @@ def account_to_json(account: Account) -> str:
         "enabled": account.enabled,
         "opt_out": sorted(account.opt_out),
     }
+    if account.erased:  # only then: every other account's stored text stays byte for byte the same
+        data["erased"] = True
     return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
 
@@ -54,4 +56,5 @@ def account_from_json(text: str) -> Account:
         marketing_consent=d["marketing_consent"],
         enabled=d["enabled"],
         opt_out=frozenset(d.get("opt_out", ())),
+        erased=bool(d.get("erased", False)),
     )

@@ -241,6 +241,27 @@ MIGRATIONS: tuple[Migration, ...] = (
                ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        7,
+        "the notification audit trail: outbox rows by account",
+        (
+            # GET /v1/accounts/{code}/notifications pages through one account's rows, newest first;
+            # without this index every page scans the whole outbox.
+            "CREATE INDEX outbox_account ON outbox (account, id)",
+        ),
+    ),
+    Migration(
+        8,
+        "bulk mail (broadcasts, policy notices) goes after everything else that is due",
+        (
+            # 1 for the bulk kinds (notices/kinds.py: tariff_change, policy_changed, offer): the
+            # sender reads due rows in (bulk, next_attempt_at) order, so service and security mail
+            # never waits behind a broadcast that the rate limit spreads over hours.
+            "ALTER TABLE outbox ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0",
+            "UPDATE outbox SET bulk = 1 WHERE kind IN ('tariff_change', 'policy_changed', 'offer')",
+            "CREATE INDEX outbox_due_bulk ON outbox (status, bulk, next_attempt_at)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

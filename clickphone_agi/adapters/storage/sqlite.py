@@ -17,21 +17,28 @@ import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 import structlog
 
+from clickphone_agi.adapters.storage import privacy as privacy_sql
 from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
+from clickphone_agi.adapters.storage.privacy import address_hash_sql
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.consent import Candidate, ConsentRecord
 from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
+from clickphone_agi.domain.policy import Policy
+from clickphone_agi.domain.privacy import address_forms
+from clickphone_agi.faults import crash_point
+from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
 
 T = TypeVar("T")
@@ -80,6 +87,12 @@ def configure_connection(conn: sqlite3.Connection, busy_timeout: float = 5.0) ->
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA secure_delete = ON")
     conn.execute("PRAGMA foreign_keys = ON")
+    _add_functions(conn)
+
+
+def _add_functions(conn: sqlite3.Connection) -> None:
+    """SQL functions the queries use: ``address_hash(x)``, a suppressed address's erased form."""
+    conn.create_function("address_hash", 1, address_hash_sql, deterministic=True)
 
 
 def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = False) -> sqlite3.Connection:
@@ -87,6 +100,7 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        _add_functions(conn)
         return conn
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
@@ -474,6 +488,9 @@ class SqliteTx:
 
     def upsert_account(self, account: Account, opening_balance: int) -> bool:
         """Insert or update; the opening balance is booked only for a new account. True if new."""
+        old = self.get_account(account.code)
+        if old is not None and old.erased:
+            raise ValueError(f"{account.code}: this account's data was erased; its code is not reused")
         now = self._batch.now_db
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
@@ -654,11 +671,13 @@ class SqliteTx:
 
     def enqueue_notice(self, notice: Notice) -> bool:
         """An outbox row whose body the sender renders from ``payload`` (decided inside this transaction)."""
+        if self._erased(notice.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
-                    next_attempt_at)
-               VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)""",
+                    next_attempt_at, bulk)
+               VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)""",
             (
                 notice.key,
                 notice.kind,
@@ -668,17 +687,20 @@ class SqliteTx:
                 to_db(self.now),
                 to_db(self.now + notice.lifetime),
                 to_db(self.now),
+                _bulk(notice.kind),
             ),
         )
         self.enqueued += cur.rowcount
         return cur.rowcount == 1
 
     def enqueue(self, message: OutboxMessage) -> bool:
+        if self._erased(message.account):
+            return False
         cur = self._conn.execute(
             """INSERT OR IGNORE INTO outbox
                    (idempotency_key, kind, recipient, account, message, payload, created_at, expires_at,
-                    next_attempt_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    next_attempt_at, bulk)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 message.idempotency_key,
                 message.kind,
@@ -689,13 +711,17 @@ class SqliteTx:
                 to_db(message.created_at),
                 to_db(message.expires_at),
                 to_db(message.created_at),
+                _bulk(message.kind),
             ),
         )
         self.enqueued += cur.rowcount
         return cur.rowcount == 1
 
     def set_message(self, row_id: int, mime: bytes) -> None:
-        self._conn.execute("UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL", (mime, row_id))
+        # pending only: an erasure may have emptied the row while the sender was rendering it
+        self._conn.execute(
+            "UPDATE outbox SET message = ? WHERE id = ? AND message IS NULL AND status = 'pending'", (mime, row_id)
+        )
 
     def mark_sent(self, row_id: int, smtp_reply: str, *, envelope_from: str | None = None) -> None:
         # only a pending row: a DSN may have marked it bounced while the session was still open
@@ -752,28 +778,32 @@ class SqliteTx:
         return cur.rowcount == 1
 
     def suppression(self, address: str) -> str | None:
+        # the plain address, or its digest once its owner's data was erased (domain.privacy)
         row = self._conn.execute(
-            "SELECT reason FROM suppressions WHERE address = lower(?) AND suppressed_at IS NOT NULL", (address,)
+            "SELECT reason FROM suppressions WHERE address IN (?, ?) AND suppressed_at IS NOT NULL",
+            address_forms(address),
         ).fetchone()
         return str(row[0]) if row else None
 
     def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
         now = to_db(self.now)
+        plain, hashed = address_forms(address)
+        # an address kept as its digest since its owner's erasure stays a digest: the plain address
+        # is not stored again, and the diagnostic text loses it too
+        erased = self._conn.execute("SELECT 1 FROM suppressions WHERE address = ?", (hashed,)).fetchone()
+        key, reason = (hashed, privacy_sql.scrub(reason, [plain]) or "") if erased else (plain, reason)
         row = self._conn.execute(
             """INSERT INTO suppressions (address, reason, hard_bounces, created_at, updated_at)
-                   VALUES (lower(?), ?, 1, ?, ?)
+                   VALUES (?, ?, 1, ?, ?)
                ON CONFLICT (address) DO UPDATE SET hard_bounces = hard_bounces + 1,
                    reason = excluded.reason, updated_at = excluded.updated_at
                RETURNING hard_bounces, suppressed_at""",
-            (address, reason[:500], now, now),
+            (key, reason[:500], now, now),
         ).fetchone()
         if row[1] is not None:
             return True
         if int(row[0]) >= limit:
-            self._conn.execute(
-                "UPDATE suppressions SET suppressed_at = ? WHERE address = lower(?)",
-                (now, address),
-            )
+            self._conn.execute("UPDATE suppressions SET suppressed_at = ? WHERE address = ?", (now, key))
             return True
         return False
 
@@ -831,6 +861,196 @@ class SqliteTx:
             sql = f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?"  # noqa: S608 - marks only
         return int(self._conn.execute(sql, (*wanted, to_db(before))).rowcount)
 
+    # ---- consent, suppressions, policies, broadcasts (schema 6) ------------------------------
+
+    def consent(self, code: str) -> bool | None:
+        """The account's newest marketing consent record (True granted, False withdrawn), or None."""
+        row = self._conn.execute(
+            "SELECT granted FROM consent_records WHERE account = ? AND purpose = 'marketing' ORDER BY id DESC LIMIT 1",
+            (code,),
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
+    def record_consent(
+        self, code: str, granted: bool, source: str, policy_version: str | None, evidence: str | None
+    ) -> ConsentRecord:
+        """Append one grant or withdrawal to the account's consent history."""
+        cur = self._conn.execute(
+            "INSERT INTO consent_records (account, purpose, granted, recorded_at, source, policy_version, evidence)"
+            " VALUES (?, 'marketing', ?, ?, ?, ?, ?)",
+            (code, int(granted), to_db(self.now), source, policy_version, evidence),
+        )
+        return ConsentRecord(int(cur.lastrowid or 0), code, granted, self.now, source, policy_version, evidence)
+
+    def marketing_suppression(self, address: str) -> str | None:
+        """Why ``address`` gets no marketing (plain or erased form on the list): :meth:`marketing_suppressed`."""
+        return self.marketing_suppressed(address)
+
+    def add_marketing_suppression(self, address: str, reason: str) -> bool:
+        """Put ``address`` on the marketing suppression list; False if it already was (reason kept)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO marketing_suppressions (address, reason, created_at) VALUES (lower(?), ?, ?)",
+            (address, reason, to_db(self.now)),
+        )
+        return cur.rowcount == 1
+
+    def remove_marketing_suppression(self, address: str) -> bool:
+        cur = self._conn.execute("DELETE FROM marketing_suppressions WHERE address = lower(?)", (address,))
+        return cur.rowcount == 1
+
+    def policy(self, version: str) -> Policy | None:
+        row = self._conn.execute(
+            f"SELECT {_POLICY_COLUMNS} FROM policies WHERE version = ?",  # noqa: S608 - constant columns
+            (version,),
+        ).fetchone()
+        return None if row is None else _policy(row)
+
+    def publish_policy(self, policy: Policy) -> bool:
+        """Archive a version (immutable afterwards: the table's triggers refuse UPDATE and DELETE)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO policies (version, sha256, text, summary, effective_on, published_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                policy.version,
+                policy.sha256,
+                policy.text,
+                policy.summary,
+                policy.effective_on.isoformat(),
+                to_db(policy.published_at),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def policy_in_force(self, day: str) -> str | None:
+        """The version in force on local ``day`` (ISO): the latest effective on or before it."""
+        row = self._conn.execute(
+            "SELECT version FROM policies WHERE effective_on <= ? ORDER BY effective_on DESC, published_at DESC"
+            " LIMIT 1",
+            (day,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def broadcast(self, broadcast_id: str) -> tuple[str, str] | None:
+        """(kind, params JSON) of a broadcast already started under this id."""
+        row = self._conn.execute("SELECT kind, params FROM broadcasts WHERE id = ?", (broadcast_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def start_broadcast(self, broadcast_id: str, kind: str, params: str) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO broadcasts (id, kind, params, created_at) VALUES (?, ?, ?, ?)",
+            (broadcast_id, kind, params, to_db(self.now)),
+        )
+        return cur.rowcount == 1
+
+    def finish_broadcast(self, broadcast_id: str, recipients: int, skipped: int) -> None:
+        self._conn.execute(
+            "UPDATE broadcasts SET recipients = ?, skipped = ? WHERE id = ?", (recipients, skipped, broadcast_id)
+        )
+
+    def candidates(self, after: str | None, limit: int) -> list[Candidate]:
+        """Up to ``limit`` accounts with codes after ``after`` (code order), with their consent and
+        suppressions: one chunk of a broadcast, read in the unit of work that enqueues it."""
+        rows = self._conn.execute(
+            """SELECT a.data,
+                      (SELECT c.granted FROM consent_records c
+                        WHERE c.account = a.code AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1),
+                      EXISTS (SELECT 1 FROM marketing_suppressions m
+                               WHERE m.address = lower(json_extract(a.data, '$.email'))),
+                      EXISTS (SELECT 1 FROM suppressions s
+                               WHERE s.address = lower(json_extract(a.data, '$.email'))
+                                 AND s.suppressed_at IS NOT NULL)
+               FROM accounts a WHERE a.code > ? ORDER BY a.code LIMIT ?""",
+            (after or "", limit),
+        ).fetchall()
+        return [
+            Candidate(account_from_json(r[0]), None if r[1] is None else bool(r[1]), bool(r[2]), bool(r[3]))
+            for r in rows
+        ]
+
+    # ---- data rights and retention (SQL in adapters/storage/privacy.py) ---------------------
+
+    def _erased(self, code: str | None) -> bool:
+        """Whether ``code`` names an erased account: no mail is ever queued for one."""
+        if code is None:
+            return False
+        account = self.get_account(code)
+        return account is not None and account.erased
+
+    def marketing_suppressed(self, address: str) -> str | None:
+        """The reason ``address`` must get no marketing (plain or, after an erasure, hashed), or None.
+
+        Marketing only; :meth:`suppression` is the bounce list that stops every mail.
+        """
+        row = self._conn.execute(
+            "SELECT reason FROM marketing_suppressions WHERE address IN (?, ?)", address_forms(address)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def erase_account(
+        self,
+        code: str,
+        *,
+        forms: Callable[[str], tuple[str, ...]],
+        outbox_ids: Collection[int],
+        outbox_seen_up_to: int,
+        salt: bytes,
+    ) -> dict[str, Any] | None:
+        """Anonymise account ``code`` (see :mod:`~clickphone_agi.adapters.storage.privacy`); None if unknown.
+
+        Raises :class:`~clickphone_agi.adapters.storage.privacy.ErasureDeferred` while this batch
+        still holds deferred rows of the account (written only at COMMIT): the caller retries.
+        """
+        batch = self._batch
+        if (
+            any(row[2] == code for row in batch.cdrs.values())
+            or any(row[0] == code for row in batch.ledger.values())
+            or any(row[1] == code for row in batch.rated.values())
+        ):
+            raise privacy_sql.ErasureDeferred(code)
+        held = [str(r[0]) for r in self._read.execute("SELECT call_id FROM reservations WHERE account = ?", (code,))]
+        done = privacy_sql.erase_account(
+            self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
+            now_db=batch.now_db, salt=salt,
+        )  # fmt: skip
+        if done is None:
+            return None
+        for call_id in held:
+            self.release(call_id)
+        done["reservations"] = len(held)
+        # the writer's cache must see the erased account from the next statement on
+        row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        batch.put(self._cache.accounts, code, account_from_json(row[0]))
+        return done
+
+    def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
+        """One retention window of ``step`` (processed_events, cdrs, rated_calls, api_requests)."""
+        return privacy_sql.purge_window(self._conn, step, to_db(cutoff), after, limit)
+
+    def purge_bodies_window(
+        self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
+    ) -> tuple[int, int | None]:
+        """One retention window of outbox bodies (finished rows only; never pending)."""
+        return privacy_sql.purge_outbox_bodies_window(self._conn, to_db(cutoff), after, limit, at_once)
+
+    def drop_body(self, row_id: int) -> None:
+        """Forget a finished row's body and template data at once (a reset link, payment details)."""
+        self._conn.execute(
+            "UPDATE outbox SET message = NULL, payload = NULL WHERE id = ? AND status != 'pending'", (row_id,)
+        )
+
+
+_POLICY_COLUMNS = "version, text, summary, effective_on, published_at"
+
+
+def _policy(row: sqlite3.Row | tuple[Any, ...]) -> Policy:
+    return Policy(
+        version=str(row[0]),
+        text=bytes(row[1]),
+        summary=str(row[2]),
+        effective_on=date.fromisoformat(row[3]),
+        published_at=from_db(row[4]),
+    )
+
 
 @dataclass
 class _Job:
@@ -871,8 +1091,11 @@ def _run_batch(
                 batch.keep()
                 outcomes.append((True, result))
                 enqueued += tx.enqueued
+            crash_point("writer.after_unit")
         batch.flush(conn)
+        crash_point("writer.before_commit")
         conn.execute("COMMIT")
+        crash_point("writer.after_commit")
     except BaseException:
         cache.clear()  # it may hold what is being rolled back
         if conn.in_transaction:
@@ -1015,10 +1238,12 @@ class SqliteStore:
         marks = ", ".join("?" * len(skip))
         rows = await self._fetchall(
             f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
-            " (SELECT s.reason FROM suppressions s"
-            "   WHERE s.address = lower(outbox.recipient) AND s.suppressed_at IS NOT NULL)"
+            " COALESCE((SELECT s.reason FROM suppressions s"
+            "   WHERE s.address IN (lower(outbox.recipient), address_hash(outbox.recipient))"
+            "   AND s.suppressed_at IS NOT NULL),"
+            f" {_MARKETING_STOP})"
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
-            " ORDER BY next_attempt_at, id LIMIT ?",
+            " ORDER BY bulk, next_attempt_at, id LIMIT ?",  # bulk mail after everything else due
             (to_db(now), *skip, limit),
         )
         return [
@@ -1061,6 +1286,11 @@ class SqliteStore:
         rows = await self._fetchall("SELECT 1 FROM processed_events WHERE key = ?", (key,))
         return bool(rows)
 
+    async def outbox_status(self, key: str) -> str | None:
+        """The status of the outbox row queued under ``key`` (``None``: no such row)."""
+        rows = await self._fetchall("SELECT status FROM outbox WHERE idempotency_key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
     async def get_meta(self, key: str) -> str | None:
         rows = await self._fetchall("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
@@ -1076,6 +1306,105 @@ class SqliteStore:
         rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    # ---- consent, policies, the notification audit trail (reads) ------------------------------
+
+    async def consent_history(self, code: str, limit: int = 500) -> list[ConsentRecord]:
+        """The account's consent records, newest first."""
+        rows = await self._fetchall(
+            "SELECT id, account, granted, recorded_at, source, policy_version, evidence FROM consent_records"
+            " WHERE account = ? AND purpose = 'marketing' ORDER BY id DESC LIMIT ?",
+            (code, limit),
+        )
+        return [ConsentRecord(int(r[0]), str(r[1]), bool(r[2]), from_db(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    async def marketing_suppression(self, address: str) -> str | None:
+        rows = await self._fetchall(
+            "SELECT reason FROM marketing_suppressions WHERE address IN (?, ?)", address_forms(address)
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def policies(self) -> list[dict[str, Any]]:
+        """Every archived version without its text, newest effective date first."""
+        rows = await self._fetchall(
+            "SELECT version, sha256, effective_on, published_at, length(text) FROM policies"
+            " ORDER BY effective_on DESC, published_at DESC"
+        )
+        return [
+            {
+                "version": r[0],
+                "sha256": r[1],
+                "effective_on": r[2],
+                "published_at": from_db(r[3]).isoformat(),
+                "bytes": int(r[4]),
+            }
+            for r in rows
+        ]
+
+    async def policy(self, version: str) -> Policy | None:
+        rows = await self._fetchall(
+            f"SELECT {_POLICY_COLUMNS} FROM policies WHERE version = ?",  # noqa: S608 - constant columns
+            (version,),
+        )
+        return _policy(rows[0]) if rows else None
+
+    async def notifications(self, code: str, limit: int, before: int | None) -> list[OutboxRow]:
+        """One account's outbox rows, newest first, ids below ``before`` (no bodies)."""
+        rows = await self._fetchall(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608 - constant column list
+            " WHERE account = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (code, before if before is not None else 2**63 - 1, limit),
+        )
+        return [_outbox_row(r) for r in rows]
+
+    # ---- data rights, retention, status -------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the read-only connection, in one thread hop (exports, the erasure's scan)."""
+        return await _call(self._reader, fn)
+
+    async def export_account(self, code: str, forms: Callable[[str], tuple[str, ...]]) -> dict[str, Any] | None:
+        """Everything stored about an account, one snapshot (``privacy export``); None if unknown."""
+        return await self.read(lambda conn: privacy_sql.export_account(conn, code, forms))
+
+    async def erasure_candidates(self, code: str) -> tuple[list[int], int]:
+        """The outbox rows an erasure must visit (found on the reader: the outbox has no index for it)."""
+        return await self.read(lambda conn: privacy_sql.outbox_candidates(conn, code))
+
+    async def checkpoint(self, attempts: int = 5) -> tuple[int, int, int]:
+        """``wal_checkpoint(TRUNCATE)``: copy the WAL into the database file and empty it.
+
+        After an erasure this removes the old page images from the ``-wal`` file. Runs on the
+        writer's thread between batches; a reader in the middle of a query makes it report busy,
+        so it is tried a few times. Returns SQLite's (busy, log frames, checkpointed frames).
+        """
+        result: tuple[int, int, int] = (1, -1, -1)
+        for attempt in range(attempts):
+            row = await _call(self._writer, lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            result = (int(row[0]), int(row[1]), int(row[2]))
+            if result[0] == 0:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return result
+
+    async def charges_between(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """(calls charged, bani) for calls answered in [start, end) — today's figures for ``status``."""
+        rows = await self._fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM rated_calls WHERE answered_at >= ? AND answered_at < ?",
+            (to_db(start), to_db(end)),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+
+# Why a queued marketing mail must not go out any more, checked again at every send: an
+# unsubscribe, a withdrawal or a suppression after the broadcast queued it still stops it.
+_MARKETING_KINDS = ", ".join(f"'{name}'" for name, spec in sorted(KINDS.items()) if spec.category == "marketing")
+_MARKETING_STOP = f"""CASE WHEN outbox.kind IN ({_MARKETING_KINDS}) THEN COALESCE(
+        (SELECT 'marketing suppression: ' || m.reason FROM marketing_suppressions m
+          WHERE m.address IN (lower(outbox.recipient), address_hash(outbox.recipient))),
+        CASE WHEN COALESCE((SELECT c.granted FROM consent_records c
+                             WHERE c.account = outbox.account AND c.purpose = 'marketing'
+                             ORDER BY c.id DESC LIMIT 1), 0) = 0
+             THEN 'no marketing consent' END) END"""  # noqa: S608 - kind names from the catalogue
 
 _OUTBOX_COLUMNS = (
     "id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"
@@ -1244,11 +1573,16 @@ _SUMMARY_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "Auto-Submitt
 
 
 def _outbox_reader(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
+    return outbox_reader(db_path, busy_timeout)
+
+
+def outbox_reader(db_path: Path, busy_timeout: float, *, minimum: int = _MAIL_SCHEMA) -> sqlite3.Connection:
+    """A read-only connection for the CLI's direct reads, refused below schema ``minimum``."""
     if not db_path.exists():
         raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
     conn = connect_sync(db_path, busy_timeout, readonly=True)
     version = check_version(conn, db_path)
-    if version < _MAIL_SCHEMA:
+    if version < minimum:
         conn.close()
         raise StorageError(f"{db_path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
     return conn
@@ -1300,7 +1634,8 @@ def outbox_show(db_path: Path, row_id: int, *, body: bool = False, busy_timeout:
             return None
         row = _outbox_row(r)
         suppression = conn.execute(
-            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address = lower(?)", (row.recipient,)
+            "SELECT reason, hard_bounces, suppressed_at FROM suppressions WHERE address IN (?, ?)",
+            address_forms(row.recipient),
         ).fetchone()
     payload, message, envelope_from, bounced_at, retried_at = r[-5:]
     out: dict[str, Any] = {
@@ -1348,3 +1683,9 @@ def _headers_summary(message: bytes) -> dict[str, str | None]:
         return {name: (None if headers[name] is None else str(headers[name])) for name in _SUMMARY_HEADERS}
     except Exception as exc:  # a damaged body must not hide the rest of the row
         return {"error": f"unreadable headers: {type(exc).__name__}"}
+
+
+def _bulk(kind: str) -> int:
+    """1 for a bulk kind (a broadcast, a policy notice): sent after every other due mail."""
+    spec = KINDS.get(kind)
+    return int(spec is not None and spec.bulk)

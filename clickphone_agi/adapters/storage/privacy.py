@@ -1,0 +1,434 @@
+"""The SQL behind data rights (export, erase) and the retention job, as functions on a connection.
+
+:class:`~clickphone_agi.adapters.storage.sqlite.SqliteTx` runs the writing ones inside a unit of
+work (its savepoint, its writer cache); the reading ones run on a read-only connection, in one
+read transaction so an export is one consistent snapshot. The rules (what an erased account looks
+like, how a suppressed address is kept) are in :mod:`clickphone_agi.domain.privacy`.
+
+What erasure does, table by table (README "Data rights and retention" says why):
+
+* ``accounts``: the anonymised account (:func:`~clickphone_agi.domain.privacy.anonymised`);
+  ``account_dids``/``account_mailboxes``/``reservations``: deleted.
+* ``cdrs`` of the account (its account code, or no account code and one of its numbers):
+  numbers and channel names blanked; ``rated_calls``: destination blanked. Their keys — Asterisk's
+  channel names inside a CDR key can hold the dialled number — become ``erased:<digest>``, the
+  digest salted with a random value that is thrown away, so the rows of one call stay linked to
+  each other and to nothing else. The same keys' ``processed_events`` rows are deleted: an erased
+  account's events are ignored from now on, so nothing needs them.
+* ``ledger``: amounts, kinds and dates stay (money totals must); refs become the same digests and
+  the free-text ``reason`` of top-ups and manual adjustments is cleared. The ledger is append-only
+  by trigger; this is the one place that lifts the triggers, inside the erasure's own transaction,
+  for those two columns of that account's rows, and checks the account's sum is unchanged.
+* ``outbox`` rows of the account or to its addresses: body and template data deleted, recipient
+  replaced, the address cut out of the SMTP reply and last error; a pending one is not sent.
+* ``suppressions``/``marketing_suppressions``: the address becomes its ``sha256:`` digest (lookups
+  check both forms). ``consent_records``: the evidence (the IP it was given from) is cleared; the
+  history of grants and withdrawals stays as the proof of lawful processing.
+* ``balances``, ``daily_spend``, ``notice_state``, ``api_requests``: kept (amounts, counters and
+  stored API answers; none holds a name, address or number).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import json
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
+from clickphone_agi.domain.privacy import ERASED_EMAIL, address_forms, address_hash, anonymised, ascii_lower
+from clickphone_agi.domain.retention import FINISHED_STATUSES
+
+ERASED_KEY_PREFIX = "erased:"
+EXPORT_FORMAT = "clickphone-agi privacy export 1"
+
+NumberForms = Callable[[str], tuple[str, ...]]
+
+
+class ErasureDeferred(Exception):
+    """The writer's current batch still holds deferred rows of the account: erase in the next one."""
+
+
+def _rows(conn: sqlite3.Connection | Any, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    cur = conn.execute(sql, tuple(params))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values)) or "NULL"
+
+
+def _addresses(data: dict[str, Any]) -> list[str]:
+    """The account's own addresses, ASCII-lowercased: its e-mail and its mailboxes' ones."""
+    found = [data.get("email") or ""] + [(m or {}).get("email") or "" for m in data.get("mailboxes") or []]
+    return sorted({ascii_lower(a) for a in found if a})
+
+
+def _numbers(data: dict[str, Any], dids: Iterable[str], forms: NumberForms) -> list[str]:
+    return sorted({form for did in {*dids, *(data.get("dids") or [])} for form in forms(did)})
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# ---- export (read-only connection) -----------------------------------------------------------------
+
+
+def decode_message(raw: bytes) -> dict[str, Any]:
+    """A stored MIME message as text a subscriber can read: headers, text parts, attachments listed."""
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        parts: list[dict[str, Any]] = []
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            filename = part.get_filename()
+            content_type = part.get_content_type()
+            if filename is None and part.get_content_maintype() == "text":
+                parts.append({"content_type": content_type, "text": str(part.get_content())})
+            else:
+                payload = part.get_payload(decode=True)
+                size = len(payload) if isinstance(payload, bytes) else 0
+                parts.append({"content_type": content_type, "attachment": filename, "bytes": size})
+        headers = {name: str(msg[name]) for name in ("From", "To", "Subject", "Date", "Message-ID") if msg[name]}
+    except Exception as exc:  # a damaged body must not hide the rest of the export
+        return {"error": f"unreadable message: {type(exc).__name__}", "bytes": len(raw)}
+    return {"headers": headers, "parts": parts}
+
+
+def export_account(conn: sqlite3.Connection, code: str, forms: NumberForms) -> dict[str, Any] | None:
+    """Everything stored about account ``code``, or None if there is no such account.
+
+    Runs in one read transaction: the export is one snapshot even while the daemon writes.
+    """
+    conn.execute("BEGIN")
+    try:
+        return _export(conn, code, forms)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _export(conn: sqlite3.Connection, code: str, forms: NumberForms) -> dict[str, Any] | None:
+    head = conn.execute("SELECT data, created_at, updated_at FROM accounts WHERE code = ?", (code,)).fetchone()
+    if head is None:
+        return None
+    data = json.loads(head[0])
+    dids = [r[0] for r in conn.execute("SELECT did FROM account_dids WHERE account = ? ORDER BY did", (code,))]
+    boxes = [r[0] for r in conn.execute("SELECT box FROM account_mailboxes WHERE account = ? ORDER BY box", (code,))]
+    numbers = _numbers(data, dids, forms)
+    addresses = _addresses(data)
+    balance = conn.execute("SELECT balance FROM balances WHERE account = ?", (code,)).fetchone()
+    nm, am = _marks(numbers), _marks(addresses)
+    cdrs = _rows(
+        conn,
+        f"SELECT * FROM cdrs WHERE account = ? OR source IN ({nm}) OR destination IN ({nm})"  # noqa: S608 - marks only
+        " ORDER BY end_at, key",
+        (code, *numbers, *numbers),
+    )
+    outbox = _rows(
+        conn,
+        "SELECT id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"  # noqa: S608
+        " next_attempt_at, sent_at, bounced_at, last_error, smtp_reply, envelope_from, payload, message"
+        f" FROM outbox WHERE account = ? OR lower(recipient) IN ({am}) ORDER BY id",
+        (code, *addresses),
+    )
+    for row in outbox:
+        message, payload = row.pop("message"), row.pop("payload")
+        row["template_data"] = json.loads(payload) if payload else None
+        row["message"] = decode_message(bytes(message)) if message else None
+        row["body_held"] = bool(message or payload)
+    lookups = [form for a in addresses for form in address_forms(a)]
+    lm = _marks(lookups)
+    keys = {r["key"] for r in cdrs} | {
+        r[0] for r in conn.execute("SELECT ref FROM ledger WHERE account = ? AND kind = 'call'", (code,))
+    }
+    km = _marks(sorted(keys))
+    pattern = f"acct:%:{_like_escape(code)}:%"
+    return {
+        "format": EXPORT_FORMAT,
+        "account": {"code": code, "settings": data, "created_at": head[1], "updated_at": head[2]},
+        "dids": dids,
+        "mailboxes": boxes,
+        "numbers_searched": numbers,
+        "addresses_searched": addresses,
+        "balance": int(balance[0]) if balance else 0,
+        "ledger": _rows(conn, "SELECT * FROM ledger WHERE account = ? ORDER BY id", (code,)),
+        "daily_spend": _rows(conn, "SELECT day, spent FROM daily_spend WHERE account = ? ORDER BY day", (code,)),
+        "reservations": _rows(conn, "SELECT * FROM reservations WHERE account = ? ORDER BY created_at", (code,)),
+        "notice_state": _rows(conn, "SELECT name, value FROM notice_state WHERE account = ? ORDER BY name", (code,)),
+        "rated_calls": _rows(conn, "SELECT * FROM rated_calls WHERE account = ? ORDER BY answered_at, key", (code,)),
+        "cdrs": cdrs,
+        "outbox": outbox,
+        "consent_records": _rows(conn, "SELECT * FROM consent_records WHERE account = ? ORDER BY id", (code,)),
+        "suppressions": _rows(
+            conn,
+            f"SELECT * FROM suppressions WHERE address IN ({lm}) ORDER BY address",  # noqa: S608 - marks only
+            lookups,
+        ),
+        "marketing_suppressions": _rows(
+            conn,
+            f"SELECT * FROM marketing_suppressions WHERE address IN ({lm}) ORDER BY address",  # noqa: S608
+            lookups,
+        ),
+        "api_requests": [
+            {**r, "response": json.loads(r["response"])}
+            for r in _rows(
+                conn,
+                "SELECT key, status, response, created_at FROM api_requests"
+                " WHERE json_valid(response) AND json_extract(response, '$.account') = ? ORDER BY created_at, key",
+                (code,),
+            )
+        ],
+        "processed_events": _rows(
+            conn,
+            f"SELECT key, kind, processed_at FROM processed_events WHERE key IN ({km})"  # noqa: S608 - marks only
+            " OR key LIKE ? ESCAPE '\\' ORDER BY processed_at, key",
+            (*sorted(keys), pattern),
+        ),
+    }
+
+
+# ---- erase (the writer, inside one unit of work) ---------------------------------------------------
+
+
+def outbox_candidates(conn: sqlite3.Connection, code: str) -> tuple[list[int], int]:
+    """Read-only, before the erasure's unit: the outbox rows of the account or to its addresses, and
+    the highest row id seen. The outbox has no index on either column, so this scan runs on a reader;
+    the unit itself only looks at rows added after it (by id, cheaply)."""
+    conn.execute("BEGIN")
+    try:
+        head = conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        addresses = _addresses(json.loads(head[0])) if head else []
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                f"SELECT id FROM outbox WHERE account = ? OR lower(recipient) IN ({_marks(addresses)})",  # noqa: S608
+                (code, *addresses),
+            )
+        ]
+        top = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
+    finally:
+        conn.execute("COMMIT")
+    return ids, top
+
+
+def scrub(text: str | None, addresses: Iterable[str]) -> str | None:
+    """``text`` with every ``addresses`` entry (any case) replaced by ``[erased]``."""
+    if not text:
+        return text
+    for address in addresses:
+        text = re.sub(re.escape(address), "[erased]", text, flags=re.IGNORECASE)
+    return text
+
+
+def _erased_key(salt: bytes, key: str) -> str:
+    return ERASED_KEY_PREFIX + hashlib.sha256(salt + key.encode("utf-8")).hexdigest()[:40]
+
+
+def erase_account(
+    conn: Any,
+    code: str,
+    *,
+    forms: NumberForms,
+    outbox_ids: Sequence[int],
+    outbox_seen_up_to: int,
+    now_db: str,
+    salt: bytes,
+) -> dict[str, Any] | None:
+    """Anonymise account ``code`` (see the module doc); None if there is no such account.
+
+    ``conn`` is the unit's connection (its savepoint opens on the first statement). Returns what
+    was changed, by table. Erasing an erased account again is harmless (it finds less to do).
+    """
+    head = conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+    if head is None:
+        return None
+    data = json.loads(head[0])
+    dids = [r[0] for r in conn.execute("SELECT did FROM account_dids WHERE account = ?", (code,))]
+    numbers = _numbers(data, dids, forms)
+    addresses = set(_addresses(data))
+    done: dict[str, Any] = {"account": code}
+
+    # calls: the account's CDRs, and CDR legs without an account code that carry one of its numbers
+    nm = _marks(numbers)
+    cdr_keys = [r[0] for r in conn.execute("SELECT key FROM cdrs WHERE account = ?", (code,))]
+    cdr_keys += [
+        r[0]
+        for r in conn.execute(
+            f"SELECT key FROM cdrs WHERE account = '' AND (source IN ({nm}) OR destination IN ({nm}))",  # noqa: S608
+            (*numbers, *numbers),
+        )
+    ]
+    ledger = conn.execute("SELECT id, ref FROM ledger WHERE account = ?", (code,)).fetchall()
+    keys = {*cdr_keys, *(ref for _, ref in ledger)}
+    renamed = {key: _erased_key(salt, key) for key in sorted(keys) if not key.startswith(ERASED_KEY_PREFIX)}
+    conn.executemany(
+        "UPDATE cdrs SET key = ?, source = '', destination = '', channel = '', destination_channel = '' WHERE key = ?",
+        [(renamed.get(k, k), k) for k in cdr_keys],
+    )
+    done["cdrs"] = len(cdr_keys)
+    cur = conn.executemany(
+        "UPDATE rated_calls SET key = ?, destination = '' WHERE key = ? AND account = ?",
+        [(new, old, code) for old, new in renamed.items()],
+    )
+    done["rated_calls"] = max(cur.rowcount, 0)
+    cur = conn.executemany("DELETE FROM processed_events WHERE key = ?", [(old,) for old in renamed])
+    done["processed_events"] = max(cur.rowcount, 0)
+    done["ledger"] = _anonymise_ledger(conn, code, [(i, renamed.get(ref, ref)) for i, ref in ledger])
+
+    # the outbox: rows found by the reader, and rows added since
+    later = conn.execute(
+        f"SELECT id FROM outbox WHERE id > ? AND (account = ? OR lower(recipient) IN ({_marks(sorted(addresses))}))",  # noqa: S608
+        (outbox_seen_up_to, code, *sorted(addresses)),
+    ).fetchall()
+    ids = sorted({*outbox_ids, *(int(r[0]) for r in later)})
+    rows = [
+        conn.execute("SELECT id, recipient, last_error, smtp_reply, status FROM outbox WHERE id = ?", (i,)).fetchone()
+        for i in ids
+    ]
+    rows = [r for r in rows if r is not None]
+    addresses |= {ascii_lower(r[1]) for r in rows if r[1] and r[1] != ERASED_EMAIL}
+    conn.executemany(
+        """UPDATE outbox SET recipient = ?, message = NULL, payload = NULL, last_error = ?, smtp_reply = ?,
+               status = CASE WHEN status = 'pending' THEN 'dead' ELSE status END
+           WHERE id = ?""",
+        [
+            (
+                ERASED_EMAIL,
+                "erased: the account's personal data was erased" if status == "pending" else scrub(err, addresses),
+                scrub(reply, addresses),
+                row_id,
+            )
+            for row_id, _, err, reply, status in rows
+        ],
+    )
+    done["outbox"] = len(rows)
+
+    done["suppressions"] = _hash_suppressions(conn, "suppressions", addresses)
+    done["marketing_suppressions"] = _hash_suppressions(conn, "marketing_suppressions", addresses)
+    cur = conn.execute("UPDATE consent_records SET evidence = NULL WHERE account = ? AND evidence IS NOT NULL", (code,))
+    done["consent_evidence"] = cur.rowcount
+    for table in ("account_dids", "account_mailboxes"):
+        conn.execute(f"DELETE FROM {table} WHERE account = ?", (code,))  # noqa: S608 - constant names
+    erased = anonymised(account_from_json(head[0]))
+    conn.execute("UPDATE accounts SET data = ?, updated_at = ? WHERE code = ?", (account_to_json(erased), now_db, code))
+    return done
+
+
+def _anonymise_ledger(conn: Any, code: str, rows: list[tuple[int, str]]) -> int:
+    """New refs and no free-text reason for the account's rows; the append-only triggers are lifted
+    for this statement only, in this transaction, and the account's sum must come out unchanged."""
+    if not rows:
+        return 0
+    triggers = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ledger' ORDER BY name"
+    ).fetchall()
+    before = conn.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM ledger WHERE account = ?", (code,)).fetchone()
+    for name, _ in triggers:
+        conn.execute(f'DROP TRIGGER "{name}"')
+    try:
+        conn.executemany(
+            "UPDATE ledger SET ref = ?, reason = CASE WHEN kind IN ('topup', 'adjustment') THEN NULL ELSE reason END"
+            " WHERE id = ? AND account = ?",
+            [(ref, row_id, code) for row_id, ref in rows],
+        )
+    finally:
+        for _, sql in triggers:
+            conn.execute(sql)
+    after = conn.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM ledger WHERE account = ?", (code,)).fetchone()
+    if tuple(after) != tuple(before):
+        raise RuntimeError(f"{code}: the ledger changed while anonymising it ({tuple(before)} -> {tuple(after)})")
+    return len(rows)
+
+
+def _hash_suppressions(conn: Any, table: str, addresses: Iterable[str]) -> int:
+    """Replace each plain address by its digest, merging with a digest row already there."""
+    changed = 0
+    for address in sorted(addresses):
+        plain, hashed = address_forms(address)
+        row = conn.execute(f"SELECT reason FROM {table} WHERE address = ?", (plain,)).fetchone()  # noqa: S608
+        if row is None:
+            continue
+        reason = scrub(row[0], [plain])
+        if conn.execute(f"SELECT 1 FROM {table} WHERE address = ?", (hashed,)).fetchone() is None:  # noqa: S608
+            conn.execute(f"UPDATE {table} SET address = ?, reason = ? WHERE address = ?", (hashed, reason, plain))  # noqa: S608
+        elif table == "suppressions":
+            conn.execute(
+                """UPDATE suppressions SET
+                       hard_bounces = hard_bounces + (SELECT hard_bounces FROM suppressions WHERE address = ?1),
+                       suppressed_at = COALESCE(suppressed_at,
+                                                (SELECT suppressed_at FROM suppressions WHERE address = ?1))
+                   WHERE address = ?2""",
+                (plain, hashed),
+            )
+            conn.execute("DELETE FROM suppressions WHERE address = ?", (plain,))
+        else:
+            conn.execute(f"DELETE FROM {table} WHERE address = ?", (plain,))  # noqa: S608
+        changed += 1
+    return changed
+
+
+# ---- retention (the writer, one window per unit of work) ------------------------------------------
+
+# what each step deletes: (table, primary key, the time column compared with the cutoff)
+PURGE_STEPS: dict[str, tuple[str, str, str]] = {
+    "processed_events": ("processed_events", "key", "processed_at"),
+    "cdrs": ("cdrs", "key", "end_at"),
+    "rated_calls": ("rated_calls", "key", "answered_at"),
+    "api_requests": ("api_requests", "key", "created_at"),
+}
+
+
+def purge_window(conn: Any, step: str, cutoff_db: str, after: str | None, limit: int) -> tuple[int, str | None]:
+    """Delete the rows older than ``cutoff_db`` among the next ``limit`` primary keys after ``after``.
+
+    Walking the primary key in windows bounds every unit's work (these tables have no index on
+    time), so the writer is never held for long. Returns (deleted, where the next window starts;
+    None when this was the last).
+    """
+    table, pk, column = PURGE_STEPS[step]
+    start = "" if after is None else after
+    upper = conn.execute(
+        f"SELECT {pk} FROM {table} WHERE {pk} > ? ORDER BY {pk} LIMIT 1 OFFSET ?",  # noqa: S608 - constant names
+        (start, limit - 1),
+    ).fetchone()
+    if upper is None:
+        cur = conn.execute(f"DELETE FROM {table} WHERE {pk} > ? AND {column} < ?", (start, cutoff_db))  # noqa: S608
+        return max(cur.rowcount, 0), None
+    cur = conn.execute(
+        f"DELETE FROM {table} WHERE {pk} > ? AND {pk} <= ? AND {column} < ?",  # noqa: S608 - constant names
+        (start, upper[0], cutoff_db),
+    )
+    return max(cur.rowcount, 0), str(upper[0])
+
+
+def purge_outbox_bodies_window(
+    conn: Any, cutoff_db: str, after: int, limit: int, at_once: frozenset[str]
+) -> tuple[int, int | None]:
+    """Clear body and template data of finished rows created before ``cutoff_db`` — and of finished
+    rows of the ``at_once`` kinds whatever their age (a dead one is kept for ``outbox retry``) —
+    among the next ``limit`` row ids after ``after``. The rows themselves stay (audit trail)."""
+    upper = conn.execute(
+        "SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?", (after, limit - 1)
+    ).fetchone()
+    statuses = _marks(FINISHED_STATUSES)
+    kinds = sorted(at_once)
+    sql = (
+        "UPDATE outbox SET message = NULL, payload = NULL WHERE id > ? AND id <= ?"  # noqa: S608 - marks only
+        f" AND status IN ({statuses}) AND (message IS NOT NULL OR payload IS NOT NULL)"
+        f" AND (created_at < ? OR (kind IN ({_marks(kinds)}) AND status != 'dead'))"
+    )
+    top = int(upper[0]) if upper is not None else 2**63 - 1
+    cur = conn.execute(sql, (after, top, *FINISHED_STATUSES, cutoff_db, *kinds))
+    return max(cur.rowcount, 0), (top if upper is not None else None)
+
+
+def address_hash_sql(address: str | None) -> str | None:
+    """:func:`~clickphone_agi.domain.privacy.address_hash` as an SQL function (``address_hash(x)``)."""
+    return None if address is None else address_hash(address)

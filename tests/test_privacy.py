@@ -1,0 +1,307 @@
+"""Data rights: export returns every personal datum held about an account; erase leaves none in the
+database file or its -wal (secure_delete, checkpoint) while the money totals stay; suppressions keep
+working; an erased account takes new events without a crash, and nothing of it comes back."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from clickphone_agi.adapters.storage import reports
+from clickphone_agi.adapters.storage.privacy import ErasureDeferred
+from clickphone_agi.adapters.storage.sqlite import SqliteStore
+from clickphone_agi.clock import FakeClock
+from clickphone_agi.dialplan_vars import Reason
+from clickphone_agi.domain.accounts import Account, Mailbox
+from clickphone_agi.domain.charging import BillingRule, Numbering
+from clickphone_agi.domain.delivery import message_id
+from clickphone_agi.domain.money import Notice
+from clickphone_agi.domain.outbox import OutboxMessage
+from clickphone_agi.domain.privacy import address_hash, number_forms
+from clickphone_agi.notices.render import Renderer, build_message
+from clickphone_agi.services import privacy
+from clickphone_agi.services.accounts import adjust_unit, import_unit
+from clickphone_agi.services.ingest import EventProcessor
+from clickphone_agi.services.money import MoneyService, MoneySettings
+from tests.test_money import SINCE, TABLE, TZ, _calls
+
+NOW = datetime(2026, 11, 28, 18, 0, tzinfo=UTC)
+NUMBERING = Numbering()
+ION = Account(
+    code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", language="en",
+    allowed_ips=(ipaddress.ip_network("198.51.100.77/32"),), dids=("40721000001",),
+    mailboxes=(Mailbox("100@default", "voicemail.ion@example.ro"),), daily_limit=100_000,
+)  # fmt: skip
+MARIA = Account(code="acct2002", name="Maria Dobre", email="maria.dobre@example.org", dids=("40215550000",))
+
+# every personal datum seeded for Ion: none may survive the erasure, all must be in the export
+NEEDLES = {
+    "name": "Ion Popescu",
+    "email": "ion.popescu@example.ro",
+    "mailbox email": "voicemail.ion@example.ro",
+    "DID": "40721000001",
+    "DID as dialled": "0721000001",
+    "allowed IP": "198.51.100.77",
+    "called number": "0040212345678",
+    "called number, E.164": "40212345678",
+    "called number (long call)": "0040216500000",
+    "caller number": "0744123456",
+    "caller name": "Vasile Ionescu",
+    "consent evidence": "203.0.113.9",
+    "adjustment reason": "goodwill after the outage",
+}
+
+
+def _money(store: SqliteStore) -> MoneyService:
+    settings = MoneySettings(tariffs=TABLE, zone=TZ, rule=BillingRule("Dial", ("lab-outbound",), None))
+    return MoneyService(store, FakeClock(NOW), settings)
+
+
+def _mail(kind: str, key: str, to: str, data: dict[str, object]) -> OutboxMessage:
+    rendered = Renderer(None).render(kind, "en", data)
+    mime = build_message(
+        rendered, sender="ClickPhone <no-reply@clickphone.example>", recipient=to,
+        message_id=message_id(key, "clickphone.example"), date=NOW,
+    )  # fmt: skip
+    return OutboxMessage.build(
+        key=key, kind=kind, recipient=to, account="acct1001", mime=mime, now=NOW, lifetime=timedelta(days=1)
+    )
+
+
+async def _seed(store: SqliteStore) -> None:
+    """Ion's calls (charged), mails (one bounced), suppressions, consent, an API answer, a reservation;
+    and Maria's call, which an erasure of Ion must not touch."""
+    await store.write(import_unit([(ION, 5000), (MARIA, 3000)]))
+    processor = EventProcessor(store, SINCE, _money(store))
+    for name in ("answered_call", "long_call", "missed_call", "voicemail"):
+        for call in _calls(name):
+            await processor.handle(call)
+    (maria_call,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    await processor.handle(
+        dataclasses.replace(
+            maria_call, key="cdr:pbx1:maria.1:Local/0215550999@lab-pstn-1;1", account="acct2002",
+            unique_id="maria.1", linked_id="maria.0", source="0215550000", destination="0040215550999",
+            channel="Local/0040215550999@lab-outbound-1;2", destination_channel="Local/0215550999@lab-pstn-1;1",
+        )
+    )  # fmt: skip
+    await store.write(adjust_unit("acct1001", 250, "goodwill after the outage", "adjust:seed"))
+    missed = {
+        "name": "Ion Popescu", "caller_name": "Vasile Ionescu", "caller_number": "0744123456",
+        "number": "+40721000001", "at": NOW, "rang": 4,
+    }  # fmt: skip
+    sent = _mail("missed_call", "missed:pbx1:seed", "ion.popescu@example.ro", missed)
+    bounced = _mail("missed_call", "missed:pbx1:seed2", "voicemail.ion@example.ro", missed)
+    notice = Notice(
+        key="limit:seed", kind="low_balance", recipient="ion.popescu@example.ro", account="acct1001",
+        payload={"name": "Ion Popescu", "balance": "1,00 lei", "threshold": "5,00 lei", "language": "en"},
+    )  # fmt: skip
+
+    def mails(tx: object) -> None:
+        assert tx.enqueue(sent)
+        assert tx.enqueue(bounced)
+        assert tx.enqueue_notice(notice)
+        ids = [r[0] for r in tx._conn.execute("SELECT id FROM outbox ORDER BY id")]  # type: ignore[attr-defined]
+        tx.mark_sent(ids[0], "250 2.0.0 Ok: queued as 4F3A")  # type: ignore[attr-defined]
+        reply = "550 5.1.1 <Voicemail.Ion@example.ro>: Recipient address rejected"
+        tx.mark_failed(ids[1], reply, NOW, dead=True, smtp_reply=reply)  # type: ignore[attr-defined]
+        tx.count_hard_bounce("voicemail.ion@example.ro", reply, 1)  # type: ignore[attr-defined]
+        tx.record_api_request("put-1", "h", 200, json.dumps({"account": "acct1001", "created": True}))  # type: ignore[attr-defined]
+        tx.reserve("1795882999.1", "acct1001", 120, NOW + timedelta(minutes=5))  # type: ignore[attr-defined]
+
+    await store.write(mails)
+    # the consent tables' writers come with the consent API; their rows are what erasure must handle
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute(
+            "INSERT INTO consent_records (account, granted, recorded_at, source, policy_version, evidence)"
+            " VALUES ('acct1001', 1, '2026-11-01T10:00:00.000000Z', 'api', 'v1', '{\"ip\": \"203.0.113.9\"}')"
+        )
+        conn.execute(
+            "INSERT INTO marketing_suppressions (address, reason, created_at)"
+            " VALUES ('ion.popescu@example.ro', 'unsubscribe', '2026-11-02T10:00:00.000000Z')"
+        )
+    conn.close()
+
+
+def _raw(path: Path) -> bytes:
+    wal = path.with_name(path.name + "-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+def _money_totals(path: Path) -> dict[str, object]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {
+            "balances": conn.execute("SELECT account, balance FROM balances ORDER BY account").fetchall(),
+            "ledger": conn.execute("SELECT account, SUM(amount), COUNT(*) FROM ledger GROUP BY account").fetchall(),
+            "spend": conn.execute("SELECT account, day, spent FROM daily_spend ORDER BY 1, 2").fetchall(),
+            "rated": conn.execute("SELECT account, SUM(cost), COUNT(*) FROM rated_calls GROUP BY account").fetchall(),
+        }
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    yield s
+    await s.close()
+
+
+async def test_export_holds_every_personal_datum(store: SqliteStore) -> None:
+    await _seed(store)
+    exported = await privacy.export_account(store, FakeClock(NOW), "acct1001", NUMBERING)
+    text = json.dumps(exported, ensure_ascii=False)
+    missing = [what for what, needle in NEEDLES.items() if needle not in text]
+    assert missing == []
+    assert exported["account"]["settings"]["allowed_ips"] == ["198.51.100.77/32"]
+    assert exported["dids"] == ["40721000001"]
+    assert exported["mailboxes"] == ["100@default"]
+    assert sum(r["amount"] for r in exported["ledger"]) == exported["balance"]
+    # the inbound calls to the DID and the outbound ones from it; none of Maria's
+    assert {r["account"] for r in exported["cdrs"]} == {"acct1001"}
+    assert len(exported["cdrs"]) == 14
+    assert {r["idempotency_key"] for r in exported["outbox"]} >= {"missed:pbx1:seed", "missed:pbx1:seed2", "limit:seed"}
+    (sent,) = [r for r in exported["outbox"] if r["idempotency_key"] == "missed:pbx1:seed"]
+    assert any("Vasile Ionescu" in part.get("text", "") for part in sent["message"]["parts"])
+    assert [s["address"] for s in exported["suppressions"]] == ["voicemail.ion@example.ro"]
+    assert [s["address"] for s in exported["marketing_suppressions"]] == ["ion.popescu@example.ro"]
+    assert [r["key"] for r in exported["api_requests"]] == ["put-1"]
+    assert exported["reservations"][0]["call_id"] == "1795882999.1"
+    with pytest.raises(privacy.UnknownAccount):
+        await privacy.export_account(store, FakeClock(NOW), "nobody", NUMBERING)
+
+
+async def test_erase_leaves_no_personal_datum_in_the_file_or_wal_and_keeps_money(store: SqliteStore) -> None:
+    await _seed(store)
+    before = _money_totals(store.path)
+    raw = _raw(store.path)
+    assert [what for what, needle in NEEDLES.items() if needle.encode() not in raw] == []  # the test can see them
+
+    done = await privacy.erase_account(store, "acct1001", NUMBERING)
+
+    assert done["wal_checkpoint"]["complete"] is True
+    assert done["cdrs"] == 14
+    assert done["ledger"] == 4
+    assert done["outbox"] == 3
+    assert done["reservations"] == 1
+    raw = _raw(store.path)
+    assert [what for what, needle in NEEDLES.items() if needle.encode() in raw] == []
+    assert _money_totals(store.path) == before
+    assert reports.check_balances(store.path) == []
+    # Maria's call is hers: untouched, key and all
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("SELECT destination FROM cdrs WHERE account = 'acct2002'").fetchall() == [("0040215550999",)]
+    conn.close()
+    assert await store.has_event("cdr:pbx1:maria.1:Local/0215550999@lab-pstn-1;1")
+
+
+async def test_erased_account_state_suppressions_and_new_events(store: SqliteStore) -> None:
+    await _seed(store)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    totals = _money_totals(store.path)
+
+    account = await store.write(lambda tx: tx.get_account("acct1001"))
+    assert account is not None
+    assert account.erased
+    assert not account.enabled
+    assert (account.name, account.email, account.dids, account.mailboxes, account.allowed_ips) == (
+        "erased", "erased@erased.invalid", (), (), (),
+    )  # fmt: skip
+    # the suppression lists keep working, through the hashed form
+    assert await store.write(lambda tx: tx.suppression("Voicemail.Ion@example.ro")) is not None
+    assert await store.write(lambda tx: tx.marketing_suppressed("ion.popescu@example.ro")) == "unsubscribe"
+    assert await store.write(lambda tx: tx.marketing_suppressed("someone.else@example.ro")) is None
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("SELECT address FROM suppressions").fetchall() == [(address_hash("voicemail.ion@example.ro"),)]
+    conn.close()
+    # calls are denied as disabled; a replay of its calls records and charges nothing; no mail is queued
+    decision = await _money(store).authorize("acct1001", "0040212345678", "198.51.100.77", "after.1")
+    assert (decision.allow, decision.reason) == (False, Reason.DISABLED)
+    processor = EventProcessor(store, SINCE, _money(store))
+    for call in _calls("answered_call") + _calls("long_call"):
+        assert await processor.handle(call) is False
+    late = _mail("missed_call", "missed:pbx1:late", "someone@example.ro", {
+        "name": "x", "caller_name": "", "caller_number": "", "number": "", "at": NOW, "rang": 1,
+    })  # fmt: skip
+    assert await store.write(lambda tx: tx.enqueue(late)) is False
+    assert _money_totals(store.path) == totals
+    assert [n for n in NEEDLES.values() if n.encode() in _raw(store.path)] == []
+    # its code is retired, and erasing again is harmless
+    with pytest.raises(ValueError, match="erased"):
+        await store.write(import_unit([(dataclasses.replace(ION, code="acct1001"), 0)]))
+    again = await privacy.erase_account(store, "acct1001", NUMBERING)
+    assert again["cdrs"] == 14
+    assert again["outbox"] == 3
+    exported = await privacy.export_account(store, FakeClock(NOW), "acct1001", NUMBERING)
+    assert exported["account"]["settings"]["erased"] is True
+    assert [n for n in NEEDLES.values() if n in json.dumps(exported)] == []
+
+
+async def test_erasure_waits_for_a_batch_holding_the_accounts_rows(store: SqliteStore) -> None:
+    """A CDR's rows are written at COMMIT: an erasure in the same batch would miss them, so it refuses
+    and the service tries again in the next batch."""
+    await store.write(import_unit([(ION, 5000)]))
+    (call,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    forms = privacy.forms_for(NUMBERING)
+
+    def both(tx: object) -> None:
+        tx.record_call(call)  # type: ignore[attr-defined]
+        tx.erase_account("acct1001", forms=forms, outbox_ids=(), outbox_seen_up_to=0, salt=b"s")  # type: ignore[attr-defined]
+
+    with pytest.raises(ErasureDeferred):
+        await store.write(both)
+    assert await store.write(lambda tx: tx.get_account("acct1001")) == ION  # the failed unit left nothing
+    await store.write(lambda tx: tx.record_call(call))
+    done = await privacy.erase_account(store, "acct1001", NUMBERING)
+    assert done["cdrs"] == 1
+    assert b"0040212345678" not in _raw(store.path)
+
+
+async def test_erase_of_an_unknown_account(store: SqliteStore) -> None:
+    with pytest.raises(privacy.UnknownAccount):
+        await privacy.erase_account(store, "nobody", NUMBERING)
+
+
+def test_number_forms_cover_how_a_did_is_dialled() -> None:
+    assert number_forms("40721000001", "40", "0", "00") == (
+        "40721000001", "+40721000001", "0040721000001", "0721000001",
+    )  # fmt: skip
+    assert address_hash("Ion@Example.RO") == address_hash("ion@example.ro")
+    assert address_hash("ion@example.ro").startswith("sha256:")
+    assert "ion" not in address_hash("ion@example.ro")
+
+
+async def test_a_body_rendered_during_the_erasure_is_not_written_back(store: SqliteStore) -> None:
+    """The sender renders payload rows outside any transaction; an erasure in between must win."""
+    await store.write(import_unit([(ION, 5000)]))
+    notice = Notice(
+        key="limit:race", kind="low_balance", recipient="ion.popescu@example.ro", account="acct1001",
+        payload={"name": "Ion Popescu", "balance": "1,00 lei", "threshold": "5,00 lei", "language": "en"},
+    )  # fmt: skip
+    assert await store.write(lambda tx: tx.enqueue_notice(notice))
+    (due,) = await store.due_mail(NOW, 10)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    await store.write(lambda tx: tx.set_message(due.row.id, b"Subject: low balance\r\n\r\nDear Ion Popescu\r\n"))
+    assert b"Ion Popescu" not in _raw(store.path)
+    (row,) = await store.outbox_rows()
+    assert (row.status, row.recipient) == ("dead", "erased@erased.invalid")
+
+
+async def test_a_bounce_after_the_erasure_keeps_the_address_hashed(store: SqliteStore) -> None:
+    await _seed(store)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    reply = "550 5.1.1 <voicemail.ion@example.ro>: mailbox gone"
+    assert await store.write(lambda tx: tx.count_hard_bounce("voicemail.ion@example.ro", reply, 3)) is True
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT address, reason, hard_bounces FROM suppressions").fetchall()
+    conn.close()
+    assert rows == [(address_hash("voicemail.ion@example.ro"), "550 5.1.1 <[erased]>: mailbox gone", 2)]
