@@ -387,18 +387,7 @@ daemon:
         return path
 
     async def _provision(self) -> None:
-        """Go-live baseline before the calls, then the accounts, before any daemon runs."""
-        conn = db.connect_sync(self.db_path)
-        try:
-            db.migrate(conn, GO_LIVE, self.db_path)
-        finally:
-            conn.close()
-        store = await SqliteStore.open(self.db_path, SystemClock())
-        store.start()
-        try:
-            await store.write(import_unit([(a.account(), a.opening) for a in self.accounts]))
-        finally:
-            await store.close()
+        await provision(self.db_path, [(a.account(), a.opening) for a in self.accounts])
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -659,3 +648,18 @@ def report_dir() -> Path:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "yes", "true", "on")
+
+
+async def provision(db_path: Path, accounts: list[tuple[Account, int]]) -> None:
+    """Go-live baseline before the calls, then the accounts (with opening balances), before any daemon runs."""
+    conn = db.connect_sync(db_path)
+    try:
+        db.migrate(conn, GO_LIVE, db_path)
+    finally:
+        conn.close()
+    store = await SqliteStore.open(db_path, SystemClock())
+    store.start()
+    try:
+        await store.write(import_unit(accounts))
+    finally:
+        await store.close()

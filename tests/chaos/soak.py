@@ -29,13 +29,10 @@ from typing import Any
 
 from clickphone_agi.adapters import control
 from clickphone_agi.adapters.storage import sqlite as db
-from clickphone_agi.adapters.storage.sqlite import SqliteStore
-from clickphone_agi.clock import SystemClock
 from clickphone_agi.domain.accounts import Account
-from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.ami_server import AmiReplayServer
 from clickphone_agi.sim.traffic import AsteriskFiles, CallFactory, SynthCall, load_templates
-from tests.chaos.driver import FIRST_CALL, GO_LIVE, SECRET, SYSTEM, TARIFFS, ZONE, price
+from tests.chaos.driver import FIRST_CALL, SECRET, SYSTEM, TARIFFS, ZONE, price, provision
 from tests.daemon_harness import DaemonProcess
 
 # ~80 % of the events are the noise recording; every call has exactly one charged CDR but busy ones
@@ -180,21 +177,10 @@ daemon:
         return path
 
     async def _provision(self) -> None:
-        conn = db.connect_sync(self.db_path)
-        try:
-            db.migrate(conn, GO_LIVE, self.db_path)
-        finally:
-            conn.close()
-        store = await SqliteStore.open(self.db_path, SystemClock())
-        store.start()
-        try:
-            accounts = [
-                (Account(code=c, name=f"Abonat {c}", email=f"{c}@mail.example", billing="postpaid"), 0)
-                for c in ACCOUNTS
-            ]
-            await store.write(import_unit(accounts))
-        finally:
-            await store.close()
+        await provision(
+            self.db_path,
+            [(Account(code=c, name=f"Abonat {c}", email=f"{c}@mail.example", billing="postpaid"), 0) for c in ACCOUNTS],
+        )
 
     async def run(self) -> SoakReport:
         # Asterisk's writetimeout is 100 ms; 1 s here, so that a scheduling hiccup of this shared
