@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import ipaddress
 import multiprocessing
 import os
 import sys
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
+from rating import bench_accounts  # the same 1,000 bench accounts (bench/ is on sys.path when run)
+
 from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters.agi import AgiRequest, AgiRouter, AgiSession, FastAgiServer
 from clickphone_agi.adapters.logging import configure_logging
@@ -55,7 +56,6 @@ from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.adapters.tariff_file import load_tariffs
 from clickphone_agi.clock import SystemClock
 from clickphone_agi.config.schema import AgiConfig
-from clickphone_agi.domain.accounts import Account
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.money import MoneyService, MoneySettings
@@ -66,7 +66,6 @@ REPO = Path(__file__).resolve().parent.parent
 TARIFFS = REPO / "etc" / "tariffs.yaml"
 ZONE = ZoneInfo("Europe/Bucharest")
 MAX_CONNECTIONS = cast(int, AgiConfig.model_fields["max_connections"].default)
-BALANCE = 10**9  # bani: 10 million lei, never the binding budget
 #: Dialled numbers, all priced by etc/tariffs.yaml (fixed 02/03, mobile 07), none blocked.
 NUMBERS = ("0212345678", "0311234567", "0721234567", "0744123456", "0040212345678")
 GOAL_RATE, GOAL_P99_MS = 1000, 5.0
@@ -235,24 +234,6 @@ def echo_router() -> AgiRouter:
 
     router.register(dv.AUTHORIZE_SCRIPT, echo)
     return router
-
-
-def bench_accounts(count: int) -> list[tuple[Account, int]]:
-    localhost = (ipaddress.ip_network("127.0.0.1/32"),)
-    return [
-        (
-            Account(
-                code=f"bench{i:05d}",
-                name=f"Bench {i}",
-                email=f"bench{i}@example.ro",
-                daily_limit=None,
-                allowed_ips=localhost,
-                max_concurrent_calls=1000,
-            ),
-            BALANCE,
-        )
-        for i in range(count)
-    ]
 
 
 @dataclass
