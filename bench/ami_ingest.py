@@ -227,9 +227,10 @@ class CountingProcessor:
     def __init__(self) -> None:
         self.handled: Counter[str] = Counter()
 
-    async def handle(self, event: DomainEvent) -> bool:
-        self.handled[type(event).__name__] += 1
-        return True
+    async def handle_many(self, events: list[DomainEvent]) -> list[bool | Exception]:
+        for event in events:
+            self.handled[type(event).__name__] += 1
+        return [True] * len(events)
 
 
 async def run_ours(port: int, n: int, timeout: float) -> tuple[Run, Counter[str], int]:

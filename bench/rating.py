@@ -58,6 +58,7 @@ from clickphone_agi.domain.ami_translate import TranslateContext, translate
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.ingest import _GROUP as GROUP
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
@@ -212,13 +213,31 @@ async def store_run(
         commits = store.commits
         on_start()
         start = time.perf_counter()
-        for offset in range(0, len(cdrs), chunk):
-            await asyncio.gather(*(processor.handle(c) for c in cdrs[offset : offset + chunk]))
+        await feed(processor, cdrs, chunk)
         elapsed = time.perf_counter() - start
         commits = store.commits - commits
     finally:
         await store.close()
     return StoreRun(elapsed, commits, money.charged, processor.applied["cdr"], money.unrated, ledger_matches(path))
+
+
+async def feed(processor: EventProcessor, cdrs: list[CallEnded], window: int) -> None:
+    """Hand the CDRs to the processor as the ingest worker does: groups of ``GROUP`` through
+    :meth:`EventProcessor.handle_many`, each in its own task, at most ``window`` CDRs in flight
+    (the worker's ``max_in_flight``): the next groups are rated while the writer commits."""
+    room = asyncio.Semaphore(max(1, window // GROUP))
+    tasks = []
+
+    async def group(calls: list[CallEnded]) -> None:
+        try:
+            await processor.handle_many(calls)
+        finally:
+            room.release()
+
+    for start in range(0, len(cdrs), GROUP):
+        await room.acquire()
+        tasks.append(asyncio.create_task(group(cdrs[start : start + GROUP])))
+    await asyncio.gather(*tasks)
 
 
 def ledger_matches(path: Path) -> bool:

@@ -153,10 +153,9 @@ class NotifyingProcessor(EventProcessor):
 
     notifier: Notifier | None = None
 
-    async def handle(self, event: DomainEvent) -> bool:
+    def observe(self, event: DomainEvent) -> None:
         if self.notifier is not None:
             self.notifier.observe(event)
-        return await super().handle(event)
 
 
 def retention_settings(config: Config) -> RetentionSettings:

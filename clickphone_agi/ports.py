@@ -8,7 +8,7 @@ transaction handling inside the adapter and makes each transaction one hop to th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -222,6 +222,13 @@ class Store(Protocol):
 
     async def write(self, work: Callable[[WriteTx], T]) -> T:
         """Run ``work`` in one write transaction (BEGIN IMMEDIATE … COMMIT) and return its result."""
+        ...
+
+    async def write_many(
+        self, works: Sequence[Callable[[WriteTx], T]], *, prefetch_claims: Sequence[str] = ()
+    ) -> list[T | Exception]:
+        """Run each of ``works`` as its own unit of work (one failing leaves the others), in order;
+        each one's result or exception. ``prefetch_claims``: keys the units will claim (a hint)."""
         ...
 
     async def went_live_at(self) -> datetime:

@@ -42,9 +42,8 @@ class RecordingProcessor(EventProcessor):
         super().__init__(store, datetime(2026, 1, 1, tzinfo=UTC))
         self.seen: list[DomainEvent] = []
 
-    async def handle(self, event: DomainEvent) -> bool:
+    def observe(self, event: DomainEvent) -> None:
         self.seen.append(event)
-        return await super().handle(event)
 
 
 async def _replay(server: AmiReplayServer, store: SqliteStore, names: list[str]) -> RecordingProcessor:
@@ -152,6 +151,11 @@ class ListProcessor:
         await asyncio.sleep(0)  # like a real store write, it suspends
         return True
 
+    async def handle_many(self, events: list[DomainEvent]) -> list[bool | Exception]:
+        self.seen.extend(events)  # started together, in order, as EventProcessor.handle_many does
+        await asyncio.sleep(0)
+        return [True] * len(events)
+
 
 def _all_event_messages() -> list[AmiMessage]:
     out: list[AmiMessage] = []
@@ -230,8 +234,8 @@ async def test_worker_yields_to_the_reader_while_working_off_a_backlog(monkeypat
 
 async def test_worker_counts_untranslatable_frames_and_effect_errors_and_goes_on() -> None:
     class Failing(ListProcessor):
-        async def handle(self, event: DomainEvent) -> bool:
-            await super().handle(event)
+        async def handle_many(self, events: list[DomainEvent]) -> list[bool | Exception]:
+            await super().handle_many(events)
             raise RuntimeError("store down")
 
     queue = EventQueue(100, on_overflow=lambda: None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 #: Longest stretch (seconds) the worker works off a backlog before it yields to the event loop,
 #: so the reader always gets its turn well within Asterisk's writetimeout (100 ms by default).
 _SLICE = 0.02
+#: Most domain events handed to the processor as one group (one queue entry on the writer).
+_GROUP = 128
 
 
 class EventQueue:
@@ -130,22 +132,77 @@ class EventProcessor:
 
     async def handle(self, event: DomainEvent) -> bool:
         """True if the event had an effect now; False if none or already processed."""
-        decision = plan(event, self._went_live_at)
-        if decision.kind is None:
-            self.skipped[decision.reason] += 1
-            return False
-        kind = decision.kind
-        call = event if decision.record_call and isinstance(event, CallEnded) else None
+        (outcome,) = await self.handle_many([event])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def handle_many(self, events: Sequence[DomainEvent]) -> list[bool | Exception]:
+        """:meth:`handle` for each event, in order, as one group of units of work.
+
+        Each event keeps its own unit (one failing leaves the others) and its own idempotency key;
+        the group costs the event loop one queue entry and one future, and its keys' claims are
+        read ahead in a few statements. A burst of CDRs (AMI catching up, a Master.csv replay)
+        goes through here. Returns each event's outcome: applied or not, or the exception its unit
+        raised.
+        """
+        for event in events:
+            self.observe(event)
+        outcomes: list[bool | Exception] = [False] * len(events)
+        units: list[Callable[[WriteTx], bool]] = []
+        keys: list[str] = []
+        kinds: list[str] = []
+        slots: list[int] = []
+        for index, event in enumerate(events):
+            decision = plan(event, self._went_live_at)
+            if decision.kind is None:
+                self.skipped[decision.reason] += 1
+                continue
+            try:
+                units.append(self._unit(event, decision.kind, decision.record_call))
+            except Exception as exc:  # rating raised: this event fails alone
+                outcomes[index] = exc
+                continue
+            keys.append(event.key)
+            kinds.append(decision.kind)
+            slots.append(index)
+        if not units:
+            return outcomes
+        results = await self._store.write_many(units, prefetch_claims=keys)
+        for index, kind, result in zip(slots, kinds, results, strict=True):
+            event = events[index]
+            outcomes[index] = result
+            if isinstance(result, Exception):
+                continue
+            if result:
+                self.applied[kind] += 1
+                if isinstance(event, CallEnded):
+                    loop = asyncio.get_running_loop()
+                    if self._log_scheduled is not loop:
+                        self._log_scheduled = loop
+                        loop.call_soon(self._log_recorded)
+                    self._recorded.append(event)
+                else:
+                    log.info("event.recorded", key=event.key, kind=kind)
+            else:
+                self.duplicates[kind] += 1
+                log.debug("event.duplicate", key=event.key, kind=kind)
+        return outcomes
+
+    def _unit(self, event: DomainEvent, kind: str, record_call: bool) -> Callable[[WriteTx], bool]:
+        """The event's unit of work: claim its key, record the CDR, charge it (rated here, now)."""
+        call = event if record_call and isinstance(event, CallEnded) else None
         money = self._money
         if call is None or money is None or not money.is_billing_cdr(call):
             money = None
         # rating is pure: done here, on the event loop, so that the writer's thread only reads and writes
         rated = money.rate(call) if money is not None and call is not None else None
+        key = event.key
 
         def unit(tx: WriteTx) -> bool:
             if call is not None and _erased(tx, call.account):
                 return False  # nothing of an erased account is recorded again, not even its key
-            if not tx.claim_event(event.key, kind):
+            if not tx.claim_event(key, kind):
                 return False
             if call is not None:
                 tx.record_call(call)
@@ -154,20 +211,10 @@ class EventProcessor:
                     crash_point("ingest.unit_applied")
             return True
 
-        if await self._store.write(unit):
-            self.applied[kind] += 1
-            if isinstance(event, CallEnded):
-                loop = asyncio.get_running_loop()
-                if self._log_scheduled is not loop:
-                    self._log_scheduled = loop
-                    loop.call_soon(self._log_recorded)
-                self._recorded.append(event)
-            else:
-                log.info("event.recorded", key=event.key, kind=kind)
-            return True
-        self.duplicates[kind] += 1
-        log.debug("event.duplicate", key=event.key, kind=kind)
-        return False
+        return unit
+
+    def observe(self, event: DomainEvent) -> None:
+        """Called with every event handed in, before its effects (a hook: nothing here)."""
 
     def raise_baseline(self, moment: datetime) -> None:
         """Ignore recovered history older than ``moment`` from now on (the retention's key floor:
@@ -224,7 +271,8 @@ class IngestWorker:
 
     Every event is counted and shown to the correlator, in stream order; only the event names
     :func:`translate` handles (:data:`HANDLED_EVENTS`) are translated; every domain event but
-    ``AsteriskLifecycle`` goes to the processor, each in its own task, started in stream order.
+    ``AsteriskLifecycle`` goes to the processor, in groups, each group in its own task, started
+    in stream order.
     """
 
     def __init__(
@@ -242,7 +290,11 @@ class IngestWorker:
         self._context = context
         self._on_connected = on_connected
         self._correlator = correlator or LinkedIdCorrelator()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._group = max(1, min(_GROUP, max_in_flight))
+        self._events_in_flight = 0
+        self._room = asyncio.Event()
+        self._pending: list[DomainEvent] = []  # translated, not yet handed on
         self._in_flight: set[asyncio.Task[None]] = set()
         self.events_by_type: Counter[str] = Counter()
         self.translated: Counter[str] = Counter()
@@ -257,34 +309,55 @@ class IngestWorker:
 
         Awaits the queue only when it is empty; otherwise it takes what is queued without
         awaiting, and yields to the event loop after ``_SLICE`` seconds of work so that the
-        reader and the effect tasks keep running while a backlog is worked off.
+        reader and the effect tasks keep running while a backlog is worked off. The domain events
+        of one stretch go to the processor together (:meth:`EventProcessor.handle_many`, at most
+        ``_GROUP``): handed on before the worker waits, yields or reports a (re)connect, so none
+        waits longer than it did alone.
         """
         queue = self._queue
+        pending = self._pending
         deadline = time.monotonic() + _SLICE
         while True:
             if queue.depth:
                 message = queue.get_nowait()
             else:
+                await self._dispatch()
                 message = await queue.get()
                 deadline = time.monotonic() + _SLICE
             if message is None:
                 break
             now = self.last_event_monotonic = time.monotonic()
             event = self._translate(message)
-            if event is not None:
-                if isinstance(event, AsteriskLifecycle):
-                    if event.state == "booted":
-                        self._on_connected()
-                else:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._apply(event))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
+            if isinstance(event, AsteriskLifecycle):
+                await self._dispatch()
+                if event.state == "booted":
+                    self._on_connected()
+            elif event is not None:
+                pending.append(event)
+                if len(pending) >= self._group:
+                    await self._dispatch()
             if now >= deadline:
+                await self._dispatch()
                 await asyncio.sleep(0)
                 deadline = time.monotonic() + _SLICE
+        await self._dispatch()
         if self._in_flight:
             await asyncio.gather(*self._in_flight)
+
+    async def _dispatch(self) -> None:
+        """Start the effects of the pending events in a task of their own, once fewer than
+        ``max_in_flight`` events are in flight (the bound that holds memory when the store lags)."""
+        if not self._pending:
+            return
+        events = self._pending[:]
+        self._pending.clear()
+        while self._events_in_flight and self._events_in_flight + len(events) > self._max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        self._events_in_flight += len(events)
+        task = asyncio.create_task(self._apply(events))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
     def _translate(self, message: AmiMessage) -> DomainEvent | None:
         name = message.event
@@ -324,11 +397,21 @@ class IngestWorker:
         else:
             log.warning("ami.unknown_user_event", user_event=unknown)
 
-    async def _apply(self, event: DomainEvent) -> None:
+    async def _apply(self, events: list[DomainEvent]) -> None:
         try:
-            await self._processor.handle(event)
-        except Exception:
-            self.effect_errors += 1
-            log.exception("ingest.effect_failed", key=event.key)
+            try:
+                outcomes: list[bool | Exception] = await self._processor.handle_many(events)
+            except Exception as exc:
+                outcomes = [exc] * len(events)
+            for event, outcome in zip(events, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    self.effect_errors += 1
+                    log.error(
+                        "ingest.effect_failed",
+                        key=event.key,
+                        error=repr(outcome),
+                        exc_info=(type(outcome), outcome, outcome.__traceback__),
+                    )
         finally:
-            self._slots.release()
+            self._events_in_flight -= len(events)
+            self._room.set()

@@ -359,9 +359,9 @@ async def test_the_ingest_worker_survives_a_cdr_it_cannot_translate() -> None:
         def __init__(self) -> None:  # no store: this test only watches what reaches the processor
             pass
 
-        async def handle(self, event: object) -> bool:  # type: ignore[override]
-            seen.append(event)
-            return True
+        async def handle_many(self, events: object) -> list[bool | Exception]:  # type: ignore[override]
+            seen.extend(events)  # type: ignore[call-overload]
+            return [True] * len(events)  # type: ignore[arg-type]
 
     queue = EventQueue(100, on_overflow=lambda: None)
     worker = IngestWorker(queue, Recorder(), TranslateContext("pbx1", ZoneInfo("Europe/Bucharest")))
