@@ -290,3 +290,82 @@ async def test_cdrs_committed_together_log_one_summary_line(store: db.SqliteStor
     assert [e["key"] for e in logs if e["log_level"] == "debug" and e["event"] == "cdr.recorded"] == [
         c.key for c in burst
     ]
+
+
+async def test_reservations_within_one_batch_end_as_if_committed_one_by_one(tmp_path: Path) -> None:
+    """Reservations are written with the batch: reserve, release and reserve again of one call id in
+    one transaction leave the rows (and the next writer's view) a unit-by-unit run would."""
+    later = NOW + timedelta(minutes=5)
+    store = await db.SqliteStore.open(tmp_path / "r.db", FakeClock(NOW))
+    store.start()
+    try:
+        await store.write(lambda tx: tx.reserve("old", ACCOUNT.code, 7, later))
+        outcomes = await _together(
+            store,
+            lambda tx: tx.reserve("a", ACCOUNT.code, 10, later),
+            lambda tx: tx.release("a"),  # reserved in this batch: never reaches the table
+            lambda tx: tx.release("old"),  # committed before: deleted with the batch
+            lambda tx: tx.reserve("old", ACCOUNT.code, 30, later),  # the same id again, a new amount
+            lambda tx: tx.reserve("b", ACCOUNT.code, 20, later),
+            lambda tx: tx.reservations(ACCOUNT.code),
+        )
+        assert outcomes == [True, 10, 7, True, True, (50, 2)]
+        rows = _rows(store, "SELECT call_id, amount FROM reservations ORDER BY call_id")
+        assert rows == [("b", 20), ("old", 30)]
+        assert await store.write(lambda tx: tx.reservations(ACCOUNT.code)) == (50, 2)
+    finally:
+        await store.close()
+    # a restart reads them back from the table: nothing freed early
+    again = await db.SqliteStore.open(tmp_path / "r.db", FakeClock(NOW))
+    again.start()
+    try:
+        assert await again.write(lambda tx: tx.reservations(ACCOUNT.code)) == (50, 2)
+        assert await again.write(lambda tx: tx.reserve("b", ACCOUNT.code, 1, later)) is False
+        assert await again.write(lambda tx: tx.release("b")) == 20
+        assert _rows(again, "SELECT call_id FROM reservations") == [("old",)]
+    finally:
+        await again.close()
+
+
+async def test_write_many_runs_each_unit_alone_in_one_commit(store: db.SqliteStore) -> None:
+    def boom(tx: WriteTx) -> None:
+        tx.set_meta("boom", "1")
+        raise RuntimeError("boom")
+
+    before = store.commits
+    out = await store.write_many(
+        [lambda tx: tx.claim_event("k1", "t"), boom, lambda tx: tx.claim_event("k1", "t"), lambda tx: 5]
+    )
+    assert store.commits == before + 1
+    assert [out[0], out[2], out[3]] == [True, False, 5]
+    assert isinstance(out[1], RuntimeError)
+    assert _rows(store, "SELECT key FROM meta WHERE key = 'boom'") == []  # the failing unit rolled back alone
+    assert await store.write_many([]) == []
+
+
+async def test_prefetched_claims_answer_as_the_point_reads_would(store: db.SqliteStore) -> None:
+    """Keys read ahead for a group: claimed ones stay claimed, a ledger ref counts as booked, and SQL
+    run by a unit in the group (which could change either) sends the rest back to point reads."""
+    await store.write(import_unit([(ACCOUNT, 10_000)]))
+    await store.write(lambda tx: tx.claim_event("seen", "t"))
+    await store.write(lambda tx: tx.post_ledger(ACCOUNT.code, 5, "topup", "booked", None))
+
+    def forget(tx: WriteTx) -> None:
+        tx.set_meta("x", "1")  # any SQL: the prefetch is dropped
+
+    keys = ["seen", "new1", "booked", "new2", "new1"]
+    out = await store.write_many(
+        [
+            lambda tx: tx.claim_event("seen", "t"),
+            lambda tx: tx.claim_event("new1", "t"),
+            lambda tx: tx.claim_event("booked", "t") and tx.post_ledger(ACCOUNT.code, 5, "topup", "booked", None),
+            forget,
+            lambda tx: tx.claim_event("new2", "t"),
+            lambda tx: tx.claim_event("new1", "t"),
+        ],
+        prefetch_claims=keys,
+    )
+    assert out == [False, True, False, None, True, False]
+    claimed = {k for (k,) in _rows(store, "SELECT key FROM processed_events")}
+    assert claimed == {"seen", "new1", "booked", "new2"}
+    assert _ledger_matches(store)

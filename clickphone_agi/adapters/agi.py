@@ -75,7 +75,8 @@ _MAX_REPLY_LINES: Final = 500  # a 520 usage text is a few dozen lines
 _CLOSE_TIMEOUT: Final = 1.0
 _LOG_TEXT_MAX: Final = 80
 
-_HEADER_KEY = re.compile(r"agi_[A-Za-z0-9_]+")
+#: One header line: ``agi_<name>:``, one optional space, the value (its last CR, if any, is not part of it).
+_HEADER_LINE = re.compile(r"^agi_([A-Za-z0-9_]+): ?(.*)$", re.MULTILINE)
 _ARG_KEY = re.compile(r"arg_([1-9][0-9]{0,3})")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,79}")
 _REPLY_LINE = re.compile(r"(\d{3})([ -])(.*)")
@@ -185,19 +186,24 @@ def parse_request(lines: Sequence[bytes]) -> AgiRequest:
     """
     if not lines:
         raise AgiHeaderError("empty")
+    block = b"\n".join(raw[:-1] if raw[-1:] == b"\n" else raw for raw in lines)
+    text = block.decode(_ENCODING, _ERRORS)  # per line or at once: the same (LF is never inside a character)
+    pairs = _HEADER_LINE.findall(text)  # every line at once, in C
+    if len(pairs) != text.count("\n") + 1:  # some line is not "agi_name: value": name the first
+        for line in text.split("\n"):
+            if _HEADER_LINE.fullmatch(line) is None:
+                raise AgiHeaderError("garbage", _for_log(line.removesuffix("\r")))
     env: dict[str, str] = {}
-    for raw in lines:
-        line = _strip_eol(_decode(raw))
-        key, sep, value = line.partition(":")
-        if not sep or _HEADER_KEY.fullmatch(key) is None:
-            raise AgiHeaderError("garbage", _for_log(line))
-        env.setdefault(key[4:], value.removeprefix(" "))
-
-    numbered = []
-    for key, value in env.items():
-        m = _ARG_KEY.fullmatch(key)
-        if m is not None:
-            numbered.append((int(m.group(1)), value))
+    numbered: list[tuple[int, str]] = []
+    for name, raw_value in pairs:
+        if name in env:
+            continue  # a repeated header keeps its first value
+        value = raw_value[:-1] if raw_value[-1:] == "\r" else raw_value
+        env[name] = value
+        if name[:4] == "arg_":
+            m = _ARG_KEY.fullmatch(name)
+            if m is not None:
+                numbered.append((int(m.group(1)), value))
     args = tuple(value for _, value in sorted(numbered))
 
     target = env.get("network_script")

@@ -128,7 +128,9 @@ class MoneyService:
         else:
             reason = str(decision.reason)
             self.denied[reason] = self.denied.get(reason, 0) + 1
-        log.info(
+        # a denial is news (fraud, a limit, a missing tariff); an allowed call is told by its CDR:
+        # at a thousand calls a second a rendered, masked line per call costs ~0.1 ms of the loop
+        (log.debug if decision.allow else log.info)(
             "agi.authorize",
             account=account_code,
             dst=number,

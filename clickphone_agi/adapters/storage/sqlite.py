@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -70,12 +71,13 @@ class WriterBusy(StorageError):
 def to_db(moment: datetime) -> str:
     """UTC, fixed width, so text order is time order: ``2026-11-28T14:00:00.000000Z``.
 
-    The same text as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` (years 1000-9999); ``isoformat`` with
-    ``timespec="microseconds"`` always writes the six digits and a four-digit year, in C, at about
-    a fifth of the cost of formatting the fields in Python: it runs several times per CDR.
+    The same text as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` (years 1000-9999): ``isoformat`` with
+    ``timespec="microseconds"`` always writes the six digits, a four-digit year and, for UTC,
+    ``+00:00`` (replaced by ``Z``), in C, at a fraction of the cost of formatting the fields in
+    Python: it runs several times per CDR on the writer thread.
     """
     m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
-    return m.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return m.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def from_db(text: str) -> datetime:
@@ -238,20 +240,23 @@ class _WriterCache:
         self.balances: dict[str, int] = {}
         self.spend: dict[tuple[str, str], int] = {}
         self.states: dict[tuple[str, str], str | None] = {}
-        # every reservation (call id: amount) once loaded: few (calls in progress), and most CDRs have none
-        self.reservations: dict[str, int] | None = None
+        # every reservation once loaded, call id: (account, amount, expires_at as stored), and the
+        # call ids held by each account: few (calls in progress), and they answer authorize's
+        # "how much is held" without a statement
+        self.reservations: dict[str, tuple[str, int, str]] | None = None
+        self.held: dict[str, dict[str, None]] = {}
 
     def clear(self) -> None:
         self.data_version = None
         self.reservations = None
-        for entries in (self.accounts, self.balances, self.spend, self.states):
+        for entries in (self.accounts, self.balances, self.spend, self.states, self.held):
             entries.clear()
 
     def validate(self, conn: sqlite3.Connection) -> None:
         """At the start of a batch, inside its transaction: forget what someone else may have changed."""
         version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         size = len(self.accounts) + len(self.balances) + len(self.spend) + len(self.states)
-        size += len(self.reservations or ())
+        size += 2 * len(self.reservations or ())
         if version != self.data_version or size > self.MAX_ENTRIES:
             self.clear()
             self.data_version = version
@@ -286,6 +291,9 @@ class _Batch:
         self.balances: dict[str, int] = {}
         self.spend: dict[tuple[str, str], int] = {}
         self.states: dict[tuple[str, str], str] = {}
+        # reservations to write (INSERT OR REPLACE) and to delete; never both for one call id
+        self.reserve_rows: dict[str, tuple[str, str, int, str, str]] = {}
+        self.released: dict[str, None] = {}
         # (claimed, booked) of keys read ahead for the whole batch (:meth:`prefetch_claims`)
         self.claims: dict[str, tuple[bool, bool]] = {}
         self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
@@ -382,11 +390,22 @@ class _Batch:
                 " ON CONFLICT (account, name) DO UPDATE SET value = excluded.value",
                 ((code, name, value) for (code, name), value in self.states.items()),
             )
+        if self.released:
+            conn.executemany("DELETE FROM reservations WHERE call_id = ?", ((c,) for c in self.released))
+        if self.reserve_rows:
+            conn.executemany(
+                "INSERT OR REPLACE INTO reservations (call_id, account, amount, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                self.reserve_rows.values(),
+            )
 
 
 def _ignored(row: tuple[Any, ...], not_null: tuple[int, ...]) -> bool:
     """Whether INSERT OR IGNORE would skip ``row`` for a NULL in one of its ``not_null`` columns."""
     return None in row and any(row[i] is None for i in not_null)
+
+
+_cdr_not_null = operator.itemgetter(*_CDR_NOT_NULL)  # the NOT NULL columns of a cdrs row, in C
 
 
 class _UnitConnection:
@@ -398,16 +417,12 @@ class _UnitConnection:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self.savepoint = False
-        # SQL other than the reservations' ran: it may have changed processed_events or ledger,
-        # so the batch's prefetched claims are dropped after this unit
+        # SQL ran: it may have changed processed_events or ledger, so the batch's prefetched
+        # claims are dropped after this unit
         self.wrote_other = False
 
     def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
         self.wrote_other = True
-        return self.execute_reservations(sql, parameters)
-
-    def execute_reservations(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
-        """A statement on the ``reservations`` table only (it leaves prefetched claims valid)."""
         if not self.savepoint:
             self._conn.execute("SAVEPOINT unit")
             self.savepoint = True
@@ -497,7 +512,7 @@ class SqliteTx:
             str(call.origin),
             batch.now_db,
         )
-        if not _ignored(row, _CDR_NOT_NULL):
+        if None not in _cdr_not_null(row):  # else INSERT OR IGNORE would skip it
             batch.put(batch.cdrs, call.key, row)  # inserted at the end of the batch
 
     def set_meta(self, key: str, value: str) -> None:
@@ -618,47 +633,65 @@ class SqliteTx:
 
     def reservations(self, code: str) -> tuple[int, int]:
         """(amount held, calls) by unexpired reservations of the account."""
-        row = self._read.execute(
-            "SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM reservations WHERE account = ? AND expires_at > ?",
-            (code, self._batch.now_db),
-        ).fetchone()
-        return int(row[0]), int(row[1])
+        reserved = self._reserved()
+        now_db = self._batch.now_db
+        held = calls = 0
+        for call_id in self._cache.held.get(code, ()):
+            _, amount, expires_db = reserved[call_id]
+            if expires_db > now_db:  # fixed-width UTC text: text order is time order
+                held += amount
+                calls += 1
+        return held, calls
 
-    def _reserved(self) -> dict[str, int]:
-        """Every reservation's amount by call id, read once into the writer's cache."""
+    def _reserved(self) -> dict[str, tuple[str, int, str]]:
+        """Every reservation by call id, read once into the writer's cache (with each account's ids)."""
         cache = self._cache
         if cache.reservations is None:
-            rows = self._read.execute("SELECT call_id, amount FROM reservations").fetchall()
-            cache.reservations = {str(call_id): int(amount) for call_id, amount in rows}
+            rows = self._read.execute("SELECT call_id, account, amount, expires_at FROM reservations").fetchall()
+            cache.reservations = {str(c): (str(a), int(m), str(e)) for c, a, m, e in rows}
+            cache.held.clear()
+            for call_id, (code, _, _) in cache.reservations.items():
+                cache.held.setdefault(code, {})[call_id] = None
         return cache.reservations
 
     def reserve(self, call_id: str, code: str, amount: int, expires_at: datetime) -> bool:
+        """Hold ``amount`` for the call until its CDR or ``expires_at``; False if the call id holds one
+        already. Written with the batch (deferred, like the ledger): no statement of its own."""
         reserved = self._reserved()
-        cur = self._conn.execute_reservations(
-            "INSERT OR IGNORE INTO reservations (call_id, account, amount, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (call_id, code, amount, self._batch.now_db, to_db(expires_at)),
-        )
-        if cur.rowcount != 1:
-            return False
-        self._batch.put(reserved, call_id, amount)
+        if call_id in reserved:
+            return False  # as INSERT OR IGNORE on the primary key
+        batch = self._batch
+        row = (call_id, code, amount, batch.now_db, to_db(expires_at))
+        if None in row:
+            return False  # a NOT NULL column: INSERT OR IGNORE would skip it
+        batch.drop(batch.released, call_id)
+        batch.put(batch.reserve_rows, call_id, row)
+        batch.put(reserved, call_id, (code, amount, row[4]))
+        batch.put(self._cache.held.setdefault(code, {}), call_id, None)
         return True
 
     def release(self, call_id: str) -> int | None:
         reserved = self._reserved()
-        amount = reserved.get(call_id)
-        if amount is None:
-            return None  # most CDRs: no statement at all
-        self._conn.execute_reservations("DELETE FROM reservations WHERE call_id = ?", (call_id,))
-        self._batch.drop(reserved, call_id)
+        entry = reserved.get(call_id)
+        if entry is None:
+            return None  # most CDRs without an authorize: nothing at all
+        code, amount, _ = entry
+        batch = self._batch
+        batch.drop(reserved, call_id)
+        batch.drop(self._cache.held.get(code, {}), call_id)
+        batch.drop(batch.reserve_rows, call_id)
+        batch.put(batch.released, call_id, None)  # deleted with the batch (a no-op if never written)
         return amount
 
     def purge_expired_reservations(self) -> int:
         reserved = self._reserved()
-        purged = self._conn.execute_reservations(
+        purged = self._conn.execute(
             "DELETE FROM reservations WHERE expires_at <= ? RETURNING call_id", (self._batch.now_db,)
         ).fetchall()
         for (call_id,) in purged:
+            entry = reserved.get(call_id)
+            if entry is not None:
+                self._batch.drop(self._cache.held.get(entry[0], {}), call_id)
             self._batch.drop(reserved, call_id)
         return len(purged)
 
@@ -1052,7 +1085,8 @@ class SqliteTx:
             or any(row[1] == code for row in batch.rated.values())
         ):
             raise privacy_sql.ErasureDeferred(code)
-        held = [str(r[0]) for r in self._read.execute("SELECT call_id FROM reservations WHERE account = ?", (code,))]
+        self._reserved()
+        held = list(self._cache.held.get(code, ()))  # the cache has this batch's too
         done = privacy_sql.erase_account(
             self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
             now_db=batch.now_db, salt=salt,
