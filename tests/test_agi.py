@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -440,6 +440,84 @@ async def test_session_timeout_ends_a_route_that_never_returns() -> None:
     assert result.closed_by_server
     assert server.timeouts == 1
     assert sessions(logs)[0]["outcome"] == "timeout"
+
+
+_HEADER_LINES = st.lists(
+    st.one_of(
+        st.sampled_from(["network: yes", "network_script: inspect?q=1", "request: agi://h/inspect", "arg_2: b"]),
+        st.builds("{}: {}".format, st.from_regex(r"[a-z_0-9]{1,8}", fullmatch=True), st.text(max_size=8)),
+    ).map(lambda text: ("agi_" + text).encode(errors="surrogateescape")),
+    min_size=1,
+    max_size=12,
+).filter(lambda ls: all(b"\n" not in line and b"\r" not in line for line in ls))
+
+
+@settings(max_examples=150)
+@given(
+    lines=_HEADER_LINES,
+    routed=st.booleans(),
+    crlf=st.booleans(),
+    chunk=st.one_of(st.just(1 << 16), st.integers(min_value=1, max_value=80)),  # at once, or in pieces
+    junk=st.sampled_from([b"", b"", b"not a header\n", b"\n"]),
+)
+async def test_a_header_block_read_in_any_pieces_is_what_parse_request_gives(
+    lines: list[bytes], routed: bool, crlf: bool, chunk: int, junk: bytes
+) -> None:
+    """The server's own header reader (a fast path for Asterisk's LF block, a line scan for
+    anything else) hands the route exactly the request :func:`parse_request` builds from the
+    same lines, or fails with the same kind of header error, however the bytes arrive."""
+    eol = b"\r\n" if crlf else b"\n"
+    if routed:
+        lines = [b"agi_network_script: inspect", *lines]
+    raw = [junk] if junk else []
+    raw += [line + eol for line in lines]
+    payload = b"".join(raw) + eol
+    try:
+        expected: AgiRequest | str = parse_request([line for line in raw if line not in (b"\n", b"\r\n")])
+        if junk == b"\n":
+            expected = "empty"  # a blank first line ends an empty block
+    except AgiHeaderError as exc:
+        expected = exc.kind
+    toys = Toys()
+    with capture_logs() as logs:
+        async with running_server(toys, header_timeout=5.0) as server:
+            async with asyncio.timeout(GUARD):
+                reader, writer = await asyncio.open_connection(HOST, server.port)
+                with contextlib.suppress(ConnectionError):  # a header error aborts the connection
+                    for start in range(0, len(payload), chunk):
+                        writer.write(payload[start : start + chunk])
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                    while await reader.readline():
+                        writer.write(b"200 result=1\n")
+                writer.transport.abort()
+                await wait_for(lambda: server.active == 0)
+    [session] = sessions(logs)
+    if isinstance(expected, str):
+        assert session.get("header_error") == expected
+    elif expected.script != "inspect":
+        assert session["outcome"] == "unknown_script"
+    else:
+        assert toys.requests == [expected]
+
+
+def test_sessions_run_on_uvloop_as_the_daemon_runs_them() -> None:
+    """The daemon's loop is uvloop by default: its transports are not asyncio.Transport objects,
+    and a session, a hangup and a refusal must work on them as on asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[AgiCallResult, AgiCallResult, dict[str, int]]:
+        toys = Toys()
+        async with running_server(toys, max_connections=1) as server:
+            normal = await call(server, "echo", ["on uvloop"])
+            hung = await call(server, "three", [], hangup_after=1)
+            await wait_for(lambda: server.active == 0)
+            return normal, hung, server.stats()
+
+    normal, hung, stats = uvloop.run(main())
+    assert normal.variables == {"TEST_VAR": "on uvloop"}
+    assert hung.agistatus == "HANGUP"
+    assert (stats["completed"], stats["hangups"], stats["route_errors"]) == (1, 1, 0)
 
 
 # -- hostile and broken clients ---------------------------------------------------------------

@@ -40,7 +40,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
@@ -166,10 +166,6 @@ class AgiRequest:
         return self.env.get("context", "")
 
 
-def _decode(raw: bytes) -> str:
-    return raw.decode(_ENCODING, _ERRORS)
-
-
 def _strip_eol(line: str) -> str:
     if line.endswith("\n"):
         line = line[:-1]
@@ -186,7 +182,11 @@ def parse_request(lines: Sequence[bytes]) -> AgiRequest:
     """
     if not lines:
         raise AgiHeaderError("empty")
-    block = b"\n".join(raw[:-1] if raw[-1:] == b"\n" else raw for raw in lines)
+    return _parse_block(b"\n".join(raw[:-1] if raw[-1:] == b"\n" else raw for raw in lines))
+
+
+def _parse_block(block: bytes) -> AgiRequest:
+    """:func:`parse_request` of the header lines joined by LF (no final LF, no blank line)."""
     text = block.decode(_ENCODING, _ERRORS)  # per line or at once: the same (LF is never inside a character)
     pairs = _HEADER_LINE.findall(text)  # every line at once, in C
     if len(pairs) != text.count("\n") + 1:  # some line is not "agi_name: value": name the first
@@ -249,6 +249,8 @@ class AgiReply:
 
 def parse_reply(first: str, more: Sequence[str] = ()) -> AgiReply:
     """Parse a reply from its first line (and, for a ``NNN-`` reply, the lines after it)."""
+    if first == "200 result=1" and not more:
+        return _OK  # every SET VARIABLE's answer: the same frozen object
     m = _REPLY_LINE.fullmatch(first)
     if m is None:
         raise AgiProtocolError(f"not an AGI reply: {_for_log(first)!r}")
@@ -265,6 +267,9 @@ def parse_reply(first: str, more: Sequence[str] = ()) -> AgiReply:
     except ValueError:
         result = None
     return AgiReply(code=code, result=result, data=r.group(2), extra=r.group(3), text=text)
+
+
+_OK: Final = AgiReply(code=200, result=1, text="result=1")
 
 
 def quote_value(value: str) -> str:
@@ -284,11 +289,13 @@ class AgiSession:
 
     Commands run one at a time (a lock keeps concurrent callers from reading each other's
     replies). Once Asterisk has reported a hangup, every command raises :class:`AgiHangup`.
+    Replies are read from the connection's buffer only while a command waits for one, so a
+    ``HANGUP`` line Asterisk writes between replies is seen by the next command, as a blocking
+    reader would see it.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, connection: _AgiConnection) -> None:
+        self._connection = connection
         self._lock = asyncio.Lock()
         self._hung_up = False
         self._commands = 0
@@ -310,7 +317,7 @@ class AgiSession:
         split, :class:`AgiHangup` when the channel hung up or the connection closed, and
         :class:`AgiProtocolError` for a reply that is not AGI.
         """
-        if any(c in line for c in "\r\n\x00"):
+        if "\r" in line or "\n" in line or "\x00" in line:
             raise ValueError(f"CR, LF or NUL in AGI command {_for_log(line)!r}")
         data = line.encode(_ENCODING, _ERRORS) + b"\n"
         if len(data) > MAX_COMMAND_BYTES:
@@ -320,12 +327,10 @@ class AgiSession:
                 raise AgiHangup("the channel has hung up")
             self._commands += 1
             try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except ConnectionError as exc:
+                return await self._connection.exchange(data)
+            except AgiHangup:
                 self._hung_up = True
-                raise AgiHangup(f"connection lost: {exc}") from exc
-            return await self._read_reply()
+                raise
 
     async def set_variable(self, name: str, value: str) -> None:
         """``SET VARIABLE name "value"``; raises :class:`AgiCommandError` unless Asterisk says 200.
@@ -339,39 +344,6 @@ class AgiSession:
         reply = await self.command(command)
         if not reply.ok:
             raise AgiCommandError(command, reply)
-
-    async def _readline(self) -> str:
-        try:
-            raw = await self._reader.readline()
-        except ConnectionError as exc:
-            self._hung_up = True
-            raise AgiHangup(f"connection lost: {exc}") from exc
-        except ValueError as exc:  # longer than the stream limit
-            raise AgiProtocolError("reply line too long") from exc
-        if not raw.endswith(b"\n"):  # EOF, possibly after a partial line
-            self._hung_up = True
-            raise AgiHangup("Asterisk closed the connection")
-        return _strip_eol(_decode(raw))
-
-    async def _read_reply(self) -> AgiReply:
-        first = await self._readline()
-        if first == "HANGUP":
-            self._hung_up = True
-            raise AgiHangup("HANGUP")
-        m = _REPLY_LINE.fullmatch(first)
-        if m is None:
-            raise AgiProtocolError(f"not an AGI reply: {_for_log(first)!r}")
-        more: list[str] = []
-        if m.group(2) == "-":
-            end = f"{m.group(1)} "
-            while True:
-                line = await self._readline()
-                more.append(line)
-                if line.startswith(end):
-                    break
-                if len(more) >= _MAX_REPLY_LINES:
-                    raise AgiProtocolError(f"multi-line {m.group(1)} reply without an end line")
-        return parse_reply(first, more)
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -433,6 +405,315 @@ class LatencyHistogram:
         return {"buckets": cumulative, "sum": self.sum, "count": running}
 
 
+_HEADER, _ROUTE, _DONE = 0, 1, 2  # a connection's phases
+
+
+class _AgiConnection(asyncio.Protocol):
+    """One accepted FastAGI connection, as a protocol: no stream objects, no task until a route runs.
+
+    Reads the header block (bounded by ``max_header_bytes`` and ``header_timeout``), then runs the
+    route in a task of its own and hands it the replies to its commands (:meth:`exchange`). The
+    whole session is bounded by ``session_timeout``. Ends exactly once (:meth:`_finish`), with one
+    ``agi.session`` line and one outcome counted.
+    """
+
+    def __init__(self, server: FastAgiServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._phase = _HEADER
+        self._scanned = 0  # header bytes already split into lines
+        self._lines: list[bytes] = []
+        self._closed: str | None = None  # why no more bytes will come (EOF, connection lost)
+        self._paused = False
+        self._waiter: asyncio.Future[AgiReply] | None = None
+        self._first: re.Match[str] | None = None  # the first line of a multi-line reply being read
+        self._more: list[str] = []
+        self._timers: tuple[asyncio.TimerHandle, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+        self._session: AgiSession | None = None
+        self._timed_out = False
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._started = self._loop.time()
+        self._info: dict[str, object] = {"peer": "", "script": None}
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self._transport = transport = cast(asyncio.Transport, transport)
+        server = self._server
+        peer = transport.get_extra_info("peername")
+        peer_host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._info["peer"] = peer_host
+        if server._closing or len(server._connections) >= server._max_connections:
+            server._refused += 1
+            self._phase = _DONE
+            self.done.set_result(None)
+            transport.abort()
+            log.warning(
+                "agi.refused",
+                peer=peer_host,
+                active=len(server._connections),
+                max_connections=server._max_connections,
+                closing=server._closing,
+                refused=server._refused,
+            )
+            return
+        server._connections.add(self)
+        server._sessions += 1
+        self._timers = (
+            self._loop.call_later(server._header_timeout, self._header_timed_out),
+            self._loop.call_later(server._session_timeout, self._session_timed_out),
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == _DONE:
+            return
+        self._buffer += data
+        if self._phase == _HEADER:
+            self._read_header()
+        elif self._waiter is not None:
+            self._read_reply()
+        elif len(self._buffer) > 2 * _READ_LIMIT and not self._paused:  # nobody asked: stop reading
+            self._paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._gone("Asterisk closed the connection")
+        return True  # keep our side open: the route may still be finishing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone(f"connection lost: {exc}" if exc else "Asterisk closed the connection")
+
+    # -- the header block -------------------------------------------------------------------
+
+    def _read_header(self) -> None:
+        buffer = self._buffer
+        limit = self._server._max_header_bytes
+        if not self._scanned:  # Asterisk's block: LF lines, a blank line; one search, one parse
+            end = buffer.find(b"\n\n")
+            if end > 0 and buffer[0] != 0x0A and buffer.find(b"\r", 0, end) < 0:  # not CRLF, not blank first
+                if end + 2 > limit:
+                    self._header_failed(AgiHeaderError("oversized"))
+                    return
+                block = bytes(buffer[:end])
+                del buffer[: end + 2]  # anything after the blank line is Asterisk's first reply (or HANGUP)
+                self._header_read(block)
+                return
+        pos = self._scanned
+        while True:
+            end = buffer.find(b"\n", pos) + 1
+            if not end:
+                if len(buffer) > limit:
+                    self._header_failed(AgiHeaderError("oversized"))
+                else:
+                    self._scanned = pos
+                return
+            if end > limit:
+                self._header_failed(AgiHeaderError("oversized"))
+                return
+            line = bytes(buffer[pos:end])
+            pos = end
+            if line in (b"\n", b"\r\n"):
+                break
+            self._lines.append(line)
+        del buffer[:pos]  # anything after the blank line is Asterisk's first reply (or HANGUP)
+        lines, self._lines = self._lines, []
+        if not lines:
+            self._header_failed(AgiHeaderError("empty"))
+            return
+        self._header_read(b"\n".join(line[:-1] for line in lines))  # each line ends with LF here
+
+    def _header_read(self, block: bytes) -> None:
+        self._timers[0].cancel()
+        try:
+            request = _parse_block(block)
+        except AgiHeaderError as exc:
+            self._header_failed(exc)
+            return
+        self._start_route(request)
+
+    def _header_failed(self, exc: AgiHeaderError) -> None:
+        self._server._header_errors += 1
+        self._info["header_error"] = exc.kind
+        self._finish("header_error", graceful=False)
+
+    def _header_timed_out(self) -> None:
+        if self._phase == _HEADER:
+            self._header_failed(AgiHeaderError("timeout"))
+
+    # -- the route --------------------------------------------------------------------------
+
+    def _start_route(self, request: AgiRequest) -> None:
+        server = self._server
+        script = request.script
+        self._info.update(script=_for_log(script), uniqueid=_for_log(request.uniqueid), args=len(request.args))
+        route = server._router.get(script)
+        if route is None:
+            server._unknown_scripts += 1
+            log.warning("agi.unknown_script", script=_for_log(script), known=server._router.names())
+            self._finish("unknown_script", graceful=True)
+            return
+        self._phase = _ROUTE
+        self._session = AgiSession(self)
+        self._task = self._loop.create_task(self._run(route, request, self._session))
+        self._task.add_done_callback(self._route_ended)
+
+    async def _run(self, route: Route, request: AgiRequest, session: AgiSession) -> None:
+        server = self._server
+        try:
+            await route(request, session)
+        except AgiHangup:
+            hung_up = True
+        except asyncio.CancelledError:
+            # by the session timeout or by close() giving up; ends quietly either way
+            if self._timed_out:
+                server._timeouts += 1
+                self._info["commands"] = session.commands
+                self._info["timeout"] = server._session_timeout
+                self._finish("timeout", graceful=True)
+            else:
+                self._finish("cancelled", graceful=False)
+            return
+        except Exception as exc:
+            server._route_errors += 1
+            self._info["commands"] = session.commands
+            log.exception("agi.route_error", script=self._info["script"], error=repr(exc))
+            self._finish("route_error", graceful=True)
+            return
+        else:
+            hung_up = session.hung_up
+        self._info["commands"] = session.commands
+        if hung_up:
+            server._hangups += 1
+            self._finish("hangup", graceful=True)
+        else:
+            server._completed += 1
+            self._finish("completed", graceful=True)
+
+    def _session_timed_out(self) -> None:
+        if self._phase == _ROUTE and self._task is not None:
+            self._timed_out = True
+            self._task.cancel()
+        elif self._phase == _HEADER:  # a header timeout longer than the session's
+            self._server._timeouts += 1
+            self._info["timeout"] = self._server._session_timeout
+            self._finish("timeout", graceful=False)
+
+    def _route_ended(self, _task: asyncio.Task[None]) -> None:
+        if self._phase != _DONE:  # cancelled before its first step: _run never ran to finish it
+            if self._timed_out:
+                self._server._timeouts += 1
+            self._finish("timeout" if self._timed_out else "cancelled", graceful=False)
+
+    def abandon(self) -> None:
+        """End now, whatever the route is doing (it ignored its cancellation)."""
+        self._finish("cancelled", graceful=False)
+
+    def cancel(self) -> None:
+        """:meth:`FastAgiServer.close` gave up waiting: end this connection now."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        elif self._phase != _DONE:
+            self._finish("cancelled", graceful=False)
+
+    # -- commands and replies (for AgiSession) ----------------------------------------------
+
+    async def exchange(self, data: bytes) -> AgiReply:
+        """Write one command line and wait for its reply (one at a time: AgiSession's lock)."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or (self._closed and not self._buffer):
+            raise AgiHangup(self._closed or "connection closed")
+        transport.write(data)
+        waiter: asyncio.Future[AgiReply] = self._loop.create_future()
+        self._waiter = waiter
+        self._first, self._more = None, []
+        self._read_reply()
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _read_reply(self) -> None:
+        """Take reply lines from the buffer for the waiting command, as ``readline`` would."""
+        waiter = self._waiter
+        buffer = self._buffer
+        while waiter is not None and not waiter.done():
+            end = buffer.find(b"\n") + 1
+            if not end:
+                if len(buffer) > _READ_LIMIT:
+                    waiter.set_exception(AgiProtocolError("reply line too long"))
+                elif self._closed is not None:  # EOF, possibly after a partial line
+                    waiter.set_exception(AgiHangup(self._closed))
+                break
+            if end > _READ_LIMIT + 1:
+                waiter.set_exception(AgiProtocolError("reply line too long"))
+                break
+            line = _strip_eol(buffer[:end].decode(_ENCODING, _ERRORS))
+            del buffer[:end]
+            first = self._first
+            if first is None:
+                if line == "HANGUP":
+                    waiter.set_exception(AgiHangup("HANGUP"))
+                    break
+                m = _REPLY_LINE.fullmatch(line)
+                if m is None:
+                    waiter.set_exception(AgiProtocolError(f"not an AGI reply: {_for_log(line)!r}"))
+                    break
+                if m.group(2) != "-":
+                    waiter.set_result(parse_reply(line))
+                    break
+                self._first = m
+                continue
+            self._more.append(line)
+            if line.startswith(f"{first.group(1)} "):
+                waiter.set_result(parse_reply(first.group(0), self._more))
+            elif len(self._more) >= _MAX_REPLY_LINES:
+                waiter.set_exception(AgiProtocolError(f"multi-line {first.group(1)} reply without an end line"))
+        if self._paused and len(buffer) <= _READ_LIMIT and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _gone(self, why: str) -> None:
+        if self._closed is None:
+            self._closed = why
+        if self._phase == _HEADER:
+            self._header_failed(AgiHeaderError("closed"))
+        elif self._waiter is not None:
+            self._read_reply()  # a whole reply may still be in the buffer
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self, outcome: str, *, graceful: bool) -> None:
+        """Close (politely after a real session, at once for junk), count and log, once."""
+        if self._phase == _DONE:
+            return
+        self._phase = _DONE
+        for timer in self._timers:
+            timer.cancel()
+        server = self._server
+        server._connections.discard(self)
+        transport = self._transport
+        if transport is not None:
+            if graceful:
+                transport.close()  # what we wrote is flushed first; Asterisk then reads EOF
+                if transport.get_write_buffer_size():  # a peer that does not read: not for ever
+                    self._loop.call_later(_CLOSE_TIMEOUT, transport.abort)
+            else:
+                transport.abort()
+        elapsed = self._loop.time() - self._started
+        if self._info["script"] is not None:  # a request was read: how long Asterisk waited for its answer
+            server.latency.observe(elapsed)
+        # a completed session is already told by its route's own line (agi.authorize): debug
+        level = "debug" if outcome == "completed" else "info" if outcome in {"hangup", "header_error"} else "warning"
+        getattr(log, level)("agi.session", outcome=outcome, duration_ms=round(elapsed * 1000, 1), **self._info)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class FastAgiServer:
     """Accepts FastAGI connections and runs the routed script for each.
 
@@ -445,6 +726,10 @@ class FastAgiServer:
     Outcomes: ``completed``, ``hangup`` (Asterisk reported a hangup or closed), ``route_error``,
     ``timeout`` (session timeout), ``unknown_script``, ``header_error`` (with ``header_error``
     naming the kind), ``cancelled`` (cut by :meth:`close`).
+
+    Each connection is an :class:`asyncio.Protocol` (:class:`_AgiConnection`) rather than a
+    stream pair and a task: at a thousand calls a second, the streams' objects, futures and
+    timeout contexts cost more of the event loop than the session's own work.
     """
 
     def __init__(
@@ -468,7 +753,7 @@ class FastAgiServer:
         self._session_timeout = session_timeout
         self._max_header_bytes = max_header_bytes
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._connections: set[_AgiConnection] = set()
         self._closing = False
 
         self._sessions = 0
@@ -493,7 +778,7 @@ class FastAgiServer:
     @property
     def active(self) -> int:
         """Connections being served now."""
-        return len(self._tasks)
+        return len(self._connections)
 
     @property
     def sessions(self) -> int:
@@ -549,12 +834,9 @@ class FastAgiServer:
         if self._server is not None:
             raise RuntimeError("FastAgiServer already started")
         self._closing = False
-        self._server = await asyncio.start_server(
-            self._handle,
-            self._host,
-            self._port,
-            limit=max(_READ_LIMIT, self._max_header_bytes),
-            backlog=max(128, self._max_connections),
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _AgiConnection(self), self._host, self._port, backlog=max(128, self._max_connections)
         )
         log.info("agi.listening", host=self._host, port=self.port, scripts=self._router.names())
 
@@ -565,165 +847,19 @@ class FastAgiServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        pending = set(self._tasks)
+        pending = {connection.done for connection in self._connections}
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
             if still:
-                await asyncio.gather(*still, return_exceptions=True)
-                log.warning("agi.close_cancelled", sessions=len(still), timeout=timeout)
+                for connection in list(self._connections):
+                    connection.cancel()
+                _, stuck = await asyncio.wait(still, timeout=_CLOSE_TIMEOUT)
+                for connection in list(self._connections):  # a route that ignored its cancellation
+                    connection.abandon()
+                log.warning("agi.close_cancelled", sessions=len(still), timeout=timeout, ignored=len(stuck))
         if server is not None:
             await server.wait_closed()
         log.info("agi.closed", **self.stats())
-
-    # -- one connection -----------------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if self._closing or len(self._tasks) >= self._max_connections:
-            self._refused += 1
-            writer.transport.abort()
-            log.warning(
-                "agi.refused",
-                peer=peer_host,
-                active=len(self._tasks),
-                max_connections=self._max_connections,
-                closing=self._closing,
-                refused=self._refused,
-            )
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._sessions += 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        info: dict[str, object] = {"peer": peer_host, "script": None}
-        outcome = "cancelled"
-        graceful = False
-        try:
-            outcome, graceful = await self._serve(reader, writer, info)
-        except asyncio.CancelledError:
-            # close() gave up waiting. End quietly: asyncio.streams' done-callback calls
-            # task.exception(), which would raise (and get logged) for a cancelled task.
-            outcome = "cancelled"
-        finally:
-            self._tasks.discard(task)
-            await self._close_writer(writer, graceful=graceful)
-            elapsed = loop.time() - started
-            duration_ms = round(elapsed * 1000, 1)
-            if info["script"] is not None:  # a request was read: how long Asterisk waited for its answer
-                self.latency.observe(elapsed)
-            # a completed session is already told by its route's own line (agi.authorize): debug
-            level = (
-                "debug" if outcome == "completed" else "info" if outcome in {"hangup", "header_error"} else "warning"
-            )
-            getattr(log, level)("agi.session", outcome=outcome, duration_ms=duration_ms, **info)
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, object]
-    ) -> tuple[str, bool]:
-        """Run one session; returns (outcome, close gracefully) and updates the counters."""
-        session: AgiSession | None = None
-        try:
-            async with asyncio.timeout(self._session_timeout):
-                try:
-                    request = await self._read_request(reader)
-                except AgiHeaderError as exc:
-                    self._header_errors += 1
-                    info["header_error"] = exc.kind
-                    return "header_error", False
-                script = request.script
-                info.update(script=_for_log(script), uniqueid=_for_log(request.uniqueid), args=len(request.args))
-                route = self._router.get(script)
-                if route is None:
-                    self._unknown_scripts += 1
-                    log.warning("agi.unknown_script", script=_for_log(script), known=self._router.names())
-                    return "unknown_script", True
-                session = AgiSession(reader, writer)
-                try:
-                    await route(request, session)
-                except AgiHangup:
-                    hung_up = True
-                except Exception as exc:
-                    self._route_errors += 1
-                    info["commands"] = session.commands
-                    log.exception("agi.route_error", script=_for_log(script), error=repr(exc))
-                    return "route_error", True
-                else:
-                    hung_up = session.hung_up
-                info["commands"] = session.commands
-                if hung_up:
-                    self._hangups += 1
-                    return "hangup", True
-                self._completed += 1
-                return "completed", True
-        except TimeoutError:
-            self._timeouts += 1
-            if session is not None:
-                info["commands"] = session.commands
-            info["timeout"] = self._session_timeout
-            return "timeout", session is not None
-
-    async def _read_request(self, reader: asyncio.StreamReader) -> AgiRequest:
-        """The header block, bounded by size and time.
-
-        Asterisk writes LF-terminated lines: after the first two, the rest of the block is taken
-        with one ``readuntil(b"\\n\\n")`` instead of a read per line (a real request has ~30
-        lines). Anything else (CRLF, a very short block) goes line by line.
-        """
-        lines: list[bytes] = []
-        try:
-            async with asyncio.timeout(self._header_timeout):
-                total = 0
-                while True:
-                    raw = await self._header_read(reader, b"\n")
-                    total += len(raw)
-                    if total > self._max_header_bytes:
-                        raise AgiHeaderError("oversized")
-                    if raw in (b"\n", b"\r\n"):
-                        break
-                    lines.append(raw)
-                    if len(lines) == 2 and not any(line.endswith(b"\r\n") for line in lines):
-                        block = await self._header_read(reader, b"\n\n")
-                        total += len(block)
-                        if total > self._max_header_bytes:
-                            raise AgiHeaderError("oversized")
-                        if block != b"\n":
-                            lines.extend(block[:-2].split(b"\n"))
-                        break
-        except TimeoutError as exc:
-            raise AgiHeaderError("timeout") from exc
-        return parse_request(lines)
-
-    @staticmethod
-    async def _header_read(reader: asyncio.StreamReader, separator: bytes) -> bytes:
-        try:
-            return await reader.readuntil(separator)
-        except asyncio.IncompleteReadError as exc:  # EOF before the separator
-            raise AgiHeaderError("closed") from exc
-        except asyncio.LimitOverrunError as exc:  # no separator within the stream limit
-            raise AgiHeaderError("oversized") from exc
-        except ConnectionError as exc:
-            raise AgiHeaderError("closed", type(exc).__name__) from exc
-
-    @staticmethod
-    async def _close_writer(writer: asyncio.StreamWriter, *, graceful: bool) -> None:
-        """Close politely after a real session (Asterisk reads EOF), abort junk at once."""
-        if not graceful:
-            writer.transport.abort()
-            return
-        writer.close()
-        try:
-            async with asyncio.timeout(_CLOSE_TIMEOUT):  # not wait_for: no extra task per session
-                await writer.wait_closed()
-        except (TimeoutError, ConnectionError):
-            writer.transport.abort()
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
 
 
 def _for_log(text: str) -> str:
