@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -37,6 +38,7 @@ from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
 TZ = ZoneInfo("Europe/Bucharest")
 NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
 SINCE = datetime(2026, 1, 1, tzinfo=TZ)
+GUARD = 10.0  # seconds; only a hang guard
 ACCOUNT = Account(code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro", daily_limit=None)
 TABLE = TariffTable(
     (
@@ -369,3 +371,37 @@ async def test_prefetched_claims_answer_as_the_point_reads_would(store: db.Sqlit
     claimed = {k for (k,) in _rows(store, "SELECT key FROM processed_events")}
     assert claimed == {"seen", "new1", "booked", "new2"}
     assert _ledger_matches(store)
+
+
+async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
+    """The sender's "sent" marks: a crash between the relay's 250 and their commit sends the mail
+    again, so they do not wait behind queued batches, only for the one in flight."""
+    gate, running = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def unit(name: str, wait: bool = False) -> Any:
+        def work(tx: WriteTx) -> str:
+            if wait:
+                running.set()
+                gate.wait(GUARD)
+            order.append(name)
+            tx.set_meta(f"order:{name}", str(len(order)))
+            return name
+
+        return work
+
+    in_flight = asyncio.ensure_future(store.write(unit("A", wait=True)))
+    async with asyncio.timeout(GUARD):
+        while not running.is_set():  # A's batch is in flight on the writer's thread
+            await asyncio.sleep(0.005)
+    queued = [asyncio.ensure_future(store.write(unit(n))) for n in ("B", "C")]
+    urgent = asyncio.ensure_future(store.write(unit("U"), urgent=True))
+    await asyncio.sleep(0.05)
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(in_flight, *queued, urgent)
+    assert results == ["A", "B", "C", "U"]
+    assert order == ["A", "U", "B", "C"]
+    assert _rows(store, "SELECT key, value FROM meta WHERE key LIKE 'order:%' ORDER BY value") == [
+        ("order:A", "1"), ("order:U", "2"), ("order:B", "3"), ("order:C", "4"),
+    ]  # fmt: skip

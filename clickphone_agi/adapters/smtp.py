@@ -341,8 +341,8 @@ class OutboxSender:
             await self._pool.release(conn)
         if outcome.ok:
             crash_point("smtp.after_250")
-            await self._store.write(
-                _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+            await self._store.write(  # urgent: a crash before this commits sends the mail again
+                _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope)), urgent=True
             )
             crash_point("smtp.after_mark_sent")
             self.sent += 1

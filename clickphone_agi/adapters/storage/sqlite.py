@@ -10,6 +10,7 @@ one failing unit rolls back alone, one ``COMMIT`` (one fsync) for the batch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -1218,6 +1219,13 @@ def _run_unit(
     return outcome, added
 
 
+class _Wake:
+    """Queued with each urgent job, to wake the writer; its job waits in the urgent lane."""
+
+
+_WAKE = _Wake()
+
+
 def _settle(jobs: list[_Job], outcomes: list[Any]) -> None:
     """Hand each job its outcome: a value or exception, or a write_many group's list of them."""
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -1246,7 +1254,8 @@ class SqliteStore:
         self._clock = clock
         self._writer = writer
         self._reader = reader
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job | _Wake | None] = asyncio.Queue()
+        self._urgent: collections.deque[_Job] = collections.deque()  # committed ahead of the queue
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         self.units = 0
@@ -1281,11 +1290,17 @@ class SqliteStore:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._writer_loop(), name="db-writer")
 
-    async def write(self, work: Callable[[WriteTx], T]) -> T:
+    async def write(self, work: Callable[[WriteTx], T], *, urgent: bool = False) -> T:
+        """Run ``work`` as one unit of work in the next batch; an ``urgent`` one goes in a batch of
+        its own ahead of everything queued (a mail's "sent" mark: see :meth:`_writer_loop`)."""
         if self._task is None:
             raise StorageError("store writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(work, future))
+        if urgent:
+            self._urgent.append(_Job(work, future))
+            self._queue.put_nowait(_WAKE)
+        else:
+            self._queue.put_nowait(_Job(work, future))
         return await future
 
     async def write_many(
@@ -1307,11 +1322,30 @@ class SqliteStore:
         return [value for _, value in await future]
 
     async def _writer_loop(self) -> None:
+        """Batch after batch, in queue order; urgent units first, in a batch of their own.
+
+        The urgent lane is for the SMTP sender's "sent" marks: between a relay's 250 and the
+        commit of its mark, a crash means the mail goes again. Behind a backlog of CDR groups
+        that window was several batches long; now it is at most the batch in flight.
+        """
+        held: _Job | _Wake | None = _WAKE  # a job taken from the queue while urgent ones waited
         while True:
-            first = await self._queue.get()
-            if first is None:
-                return
-            jobs, stop_after = self._take_batch(first)
+            if self._urgent:
+                jobs, stop_after = list(self._urgent), False
+                self._urgent.clear()
+            else:
+                if isinstance(held, _Wake):
+                    first = await self._queue.get()
+                else:
+                    first, held = held, _WAKE
+                if isinstance(first, _Wake):
+                    continue  # its urgent job is in the lane (or was taken with an earlier one)
+                if first is None:
+                    return
+                if self._urgent:
+                    held = first
+                    continue
+                jobs, stop_after = self._take_batch(first)
             enqueued = 0
             try:
                 outcomes, enqueued = await _call(self._writer, _run_batch, jobs, self._clock.now(), self._cache)
@@ -1334,6 +1368,8 @@ class SqliteStore:
         units = first.size
         while units < MAX_BATCH and not self._queue.empty():
             nxt = self._queue.get_nowait()
+            if isinstance(nxt, _Wake):
+                continue  # the writer loop looks at the urgent lane before each batch
             if nxt is None:
                 return jobs, True
             jobs.append(nxt)
