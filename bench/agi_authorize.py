@@ -8,8 +8,10 @@ The server side is the daemon's own path, built as the composition root builds i
 ``max_connections`` and logging at ``--log-level`` (default info, as shipped) rendered as JSON to
 /dev/null. Baseline, on a second ``FastAgiServer`` in the same process and event loop: an "echo"
 route under the same script name that sets the same three variables without touching the store.
-The ratio is what authorisation itself costs (one unit of work on the single writer: read the
-account, balance, spend and reservations, insert a reservation, commit with an fsync).
+The ratio is what authorisation itself costs (one unit of work on the single writer: the account,
+balance, spend and held reservations from the writer's cache, the reservation written with the
+batch, a commit with an fsync shared by the requests queued together). As the daemon does once it
+is ready, the server process freezes its startup heap (``gc.freeze``) before the runs.
 
 The load generator runs in a separate process (forked before any event loop or thread exists), so
 the server's event loop is not also the client's. It is OPEN LOOP: request i is due at
@@ -295,6 +297,8 @@ async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: 
     settings = MoneySettings(tariffs=await asyncio.to_thread(load_tariffs, TARIFFS, timezone=ZONE), zone=ZONE)
     money = MoneyService(store, clock, settings)
     await store.write(import_unit(bench_accounts(args.accounts)))
+    gc.collect()
+    gc.freeze()  # as the daemon does once it is ready (Daemon.freeze_heap)
     real = FastAgiServer(build_router(money), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
     echo = FastAgiServer(echo_router(), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
     await real.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -205,6 +206,11 @@ class Daemon:
     clock: Clock = field(default_factory=SystemClock)
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     install_signal_handlers: bool = True
+    #: Move everything built at startup out of the garbage collector's reach (``gc.freeze``), so
+    #: that a full collection no longer walks tariffs, accounts and modules: at a thousand FastAGI
+    #: sessions a second its pauses were the echo route's p99 (8-25 ms against 3 ms without).
+    #: The CLI's ``run`` sets it; in-process test daemons leave the test runner's heap alone.
+    freeze_heap: bool = False
 
     def __post_init__(self) -> None:
         self.notifier = SdNotifier.from_env(self.environ)
@@ -391,6 +397,9 @@ class Daemon:
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._status_loop(), name="status"),
         ]
+        if self.freeze_heap:
+            gc.collect()
+            gc.freeze()
         log.info(
             "daemon.ready",
             version=__version__,

@@ -224,7 +224,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     configure_from(loaded.config)
-    daemon = Daemon(loaded, config_path=args.config, overrides=tuple(args.overrides))
+    daemon = Daemon(loaded, config_path=args.config, overrides=tuple(args.overrides), freeze_heap=True)
     return run_loop(daemon.run(), loaded.config.daemon.event_loop)
 
 
