@@ -57,13 +57,15 @@ class MoneyService:
 
     async def authorize(self, account_code: str, number: str, source_ip: str, call_id: str) -> Decision:
         s = self.settings
+        # what needs no stored state is worked out here, on the event loop: the writer's thread,
+        # which every authorize and CDR queue for, only reads the account's figures and decides
+        emergency = is_emergency(number, s.emergency_numbers)
+        destination = s.numbering.normalise(number)
+        tariff = s.tariffs.match(destination, self._clock.now()) if destination else None
 
         def unit(tx: WriteTx) -> Decision:
             now = tx.now
             account = tx.get_account(account_code)
-            emergency = is_emergency(number, s.emergency_numbers)
-            destination = s.numbering.normalise(number)
-            tariff = s.tariffs.match(destination, now) if destination else None
             held, active = tx.reservations(account_code)
             facts = AuthFacts(
                 account=account,
