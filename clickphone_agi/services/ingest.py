@@ -150,9 +150,7 @@ class EventProcessor:
             self.observe(event)
         outcomes: list[bool | Exception] = [False] * len(events)
         units: list[Callable[[WriteTx], bool]] = []
-        keys: list[str] = []
-        kinds: list[str] = []
-        slots: list[int] = []
+        planned: list[tuple[int, str]] = []  # (index in events, kind) of each unit
         for index, event in enumerate(events):
             decision = plan(event, self._went_live_at)
             if decision.kind is None:
@@ -163,13 +161,12 @@ class EventProcessor:
             except Exception as exc:  # rating raised: this event fails alone
                 outcomes[index] = exc
                 continue
-            keys.append(event.key)
-            kinds.append(decision.kind)
-            slots.append(index)
+            planned.append((index, decision.kind))
         if not units:
             return outcomes
+        keys = [events[index].key for index, _ in planned]
         results = await self._store.write_many(units, prefetch_claims=keys)
-        for index, kind, result in zip(slots, kinds, results, strict=True):
+        for (index, kind), result in zip(planned, results, strict=True):
             event = events[index]
             outcomes[index] = result
             if isinstance(result, Exception):

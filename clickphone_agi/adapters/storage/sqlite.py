@@ -218,8 +218,11 @@ class WriterLock:
 
 _MISSING: Any = object()  # "no entry" in the undo log and the caches (None is a value there)
 _LEDGER_KINDS = frozenset({"opening", "call", "topup", "adjustment"})  # the ledger's CHECK constraint
-_CDR_NOT_NULL = (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19)  # cdrs columns, by position
-_RATED_NOT_NULL = tuple(range(11))  # every rated_calls column
+# the NOT NULL columns of each deferred row, by position (itemgetters: picked in C, see _ignored)
+_EVENT_NOT_NULL = operator.itemgetter(0, 1)
+_CDR_NOT_NULL = operator.itemgetter(0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19)
+_LEDGER_NOT_NULL = operator.itemgetter(0, 1, 2, 3, 5)
+_RATED_NOT_NULL = operator.itemgetter(*range(11))  # every rated_calls column
 
 
 class _WriterCache:
@@ -401,12 +404,9 @@ class _Batch:
             )
 
 
-def _ignored(row: tuple[Any, ...], not_null: tuple[int, ...]) -> bool:
+def _ignored(row: tuple[Any, ...], not_null: operator.itemgetter[Any]) -> bool:
     """Whether INSERT OR IGNORE would skip ``row`` for a NULL in one of its ``not_null`` columns."""
-    return None in row and any(row[i] is None for i in not_null)
-
-
-_cdr_not_null = operator.itemgetter(*_CDR_NOT_NULL)  # the NOT NULL columns of a cdrs row, in C
+    return None in row and None in not_null(row)
 
 
 class _UnitConnection:
@@ -480,7 +480,7 @@ class SqliteTx:
         if claimed:
             return False
         row = (key, kind, batch.now_db)
-        if _ignored(row, (0, 1)):
+        if _ignored(row, _EVENT_NOT_NULL):
             return False
         batch.put(batch.events, key, row)  # inserted at the end of the batch
         if not booked:
@@ -513,7 +513,7 @@ class SqliteTx:
             str(call.origin),
             batch.now_db,
         )
-        if None not in _cdr_not_null(row):  # else INSERT OR IGNORE would skip it
+        if not _ignored(row, _CDR_NOT_NULL):
             batch.put(batch.cdrs, call.key, row)  # inserted at the end of the batch
 
     def set_meta(self, key: str, value: str) -> None:
@@ -607,7 +607,7 @@ class SqliteTx:
         if ref not in batch.unbooked and self._read.execute("SELECT 1 FROM ledger WHERE ref = ?", (ref,)).fetchone():
             return False
         row = (code, amount, kind, ref, reason, batch.now_db)
-        if kind not in _LEDGER_KINDS or _ignored(row, (0, 1, 2, 3, 5)):
+        if kind not in _LEDGER_KINDS or _ignored(row, _LEDGER_NOT_NULL):
             return False  # INSERT OR IGNORE skips a row its CHECK or NOT NULL refuses
         balance = self.balance(code) + amount
         batch.put(batch.ledger, ref, row)  # both written at the end of the batch, in unit order
