@@ -227,10 +227,17 @@ class Store(Protocol):
         ...
 
     async def write_many(
-        self, works: Sequence[Callable[[WriteTx], T]], *, prefetch_claims: Sequence[str] = ()
+        self,
+        works: Sequence[Callable[[WriteTx], T]],
+        *,
+        prefetch_claims: Sequence[str] = (),
+        records: Sequence[tuple[CallEnded, RatedCall | None]] = (),
     ) -> list[T | Exception]:
         """Run each of ``works`` as its own unit of work (one failing leaves the others), in order;
-        each one's result or exception. ``prefetch_claims``: keys the units will claim (a hint)."""
+        each one's result or exception. Hints, which an adapter may ignore: ``prefetch_claims``,
+        keys the units will claim; ``records``, the CDRs (and their ratings) the units will pass
+        to :meth:`WriteTx.record_call` and :meth:`WriteTx.record_rated`, so that their rows can
+        be encoded before the transaction, on the caller's thread."""
         ...
 
     async def went_live_at(self) -> datetime:

@@ -373,6 +373,54 @@ async def test_prefetched_claims_answer_as_the_point_reads_would(store: db.Sqlit
     assert _ledger_matches(store)
 
 
+async def test_rows_encoded_ahead_are_used_only_for_the_objects_encoded(store: db.SqliteStore) -> None:
+    """``records``: CDR and rating rows encoded on the event loop. A unit that records another
+    object under the same key (a stale or different twin) gets its own row, as without the hint."""
+    await store.write(import_unit([(ACCOUNT, 10_000)]))
+    money = _money(store)
+    first, second = _cdrs(2)
+    rated_first, rated_second = money.rate(first), money.rate(second)
+    assert rated_first is not None
+    assert rated_second is not None
+    # the hint for `second` names a twin with another destination and another rating
+    twin = dataclasses.replace(second, destination="0311111111")
+    twin_rated = dataclasses.replace(rated_second, destination="40311111111", cost=1)
+
+    def unit(call: CallEnded, rated: Any) -> Any:
+        def work(tx: WriteTx) -> bool:
+            assert tx.claim_event(call.key, "cdr")
+            tx.record_call(call)
+            tx.record_rated(rated)
+            return True
+
+        return work
+
+    out = await store.write_many(
+        [unit(first, rated_first), unit(second, rated_second)],
+        records=[(first, rated_first), (twin, twin_rated)],
+    )
+    assert out == [True, True]
+    cdrs = dict(_rows(store, "SELECT key, destination FROM cdrs"))
+    assert cdrs == {first.key: first.destination, second.key: second.destination}
+    rated = {k: (d, c) for k, d, c in _rows(store, "SELECT key, destination, cost FROM rated_calls")}
+    assert rated == {
+        first.key: (rated_first.destination, rated_first.cost),
+        second.key: (rated_second.destination, rated_second.cost),
+    }
+    # and the encoded row is the row the writer would have built
+    columns = (
+        "key, system_name, account, unique_id, linked_id, sequence, source, destination, destination_context,"
+        " channel, destination_channel, last_application, disposition, duration, billable_seconds, start_at,"
+        " answer_at, end_at, origin"
+    )
+    conn = sqlite3.connect(store.path)
+    try:
+        row = conn.execute(f"SELECT {columns} FROM cdrs WHERE key = ?", (first.key,)).fetchone()
+    finally:
+        conn.close()
+    assert row == db._cdr_head(first)
+
+
 async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
     """The sender's "sent" marks: a crash between the relay's 250 and their commit sends the mail
     again, so they do not wait behind queued batches, only for the one in flight."""

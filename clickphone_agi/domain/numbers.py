@@ -36,6 +36,7 @@ compared on the raw dialled digits; ``112`` always counts.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -82,7 +83,7 @@ def normalise(
     text = number.strip()
     if not text:
         raise InvalidNumber("empty number")
-    if national_prefix and (text.startswith("+") or text.startswith(international_prefix)):
+    if national_prefix and "(" in text and (text.startswith("+") or text.startswith(international_prefix)):
         # "+40 (0) 21 …": the bracketed national prefix is not dialled from abroad
         text = re.sub(r"\(\s*" + national_prefix + r"\s*\)", "", text, count=1)
     dialled = compact(text)
@@ -164,6 +165,7 @@ def _prefix_applies(prefix: str, bare_is_e164: bool) -> bool:
     return not bare_is_e164 or prefix.startswith("0")
 
 
+@functools.lru_cache(maxsize=16)  # the configured plan, checked once instead of on every number rated
 def _check_params(country_code: str, national_prefix: str, international_prefix: str) -> None:
     if not re.fullmatch(r"[1-9][0-9]{0,2}", country_code):
         raise ValueError(f"country_code must be 1-3 digits not starting with 0, got {country_code!r}")

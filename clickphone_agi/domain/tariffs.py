@@ -98,7 +98,7 @@ class TariffTable:
     currency: str = "RON"
     # prefix -> its entries, most recent effective_from first (equal: later in ``entries`` first)
     _by_prefix: dict[str, tuple[TariffEntry, ...]] = field(init=False, repr=False, compare=False)
-    _longest: int = field(init=False, repr=False, compare=False)
+    _lengths: tuple[int, ...] = field(init=False, repr=False, compare=False)  # prefix lengths, longest first
 
     def __post_init__(self) -> None:
         entries = tuple(self.entries)
@@ -115,7 +115,7 @@ class TariffTable:
             for prefix, items in grouped.items()
         }
         object.__setattr__(self, "_by_prefix", by_prefix)
-        object.__setattr__(self, "_longest", max((len(p) for p in by_prefix), default=0))
+        object.__setattr__(self, "_lengths", tuple(sorted({len(p) for p in by_prefix}, reverse=True)))
 
     def match(self, e164: str, at: datetime) -> TariffEntry | None:
         """The entry for ``e164`` (digits, as :func:`~clickphone_agi.domain.numbers.normalise`
@@ -124,7 +124,10 @@ class TariffTable:
         if at.tzinfo is None:
             raise ValueError("at must be a timezone-aware datetime")
         by_prefix = self._by_prefix
-        for length in range(min(len(e164), self._longest), -1, -1):
+        size = len(e164)
+        for length in self._lengths:  # only the lengths some prefix has: a handful, not 16
+            if length > size:
+                continue
             candidates = by_prefix.get(e164[:length])
             if candidates is None:
                 continue

@@ -29,6 +29,7 @@ from clickphone_agi.domain.ami_translate import (
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
 from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
+from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.faults import crash_point
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.money import MoneyService
@@ -149,23 +150,11 @@ class EventProcessor:
         for event in events:
             self.observe(event)
         outcomes: list[bool | Exception] = [False] * len(events)
-        units: list[Callable[[WriteTx], bool]] = []
-        planned: list[tuple[int, str]] = []  # (index in events, kind) of each unit
-        for index, event in enumerate(events):
-            decision = plan(event, self._went_live_at)
-            if decision.kind is None:
-                self.skipped[decision.reason] += 1
-                continue
-            try:
-                units.append(self._unit(event, decision.kind, decision.record_call))
-            except Exception as exc:  # rating raised: this event fails alone
-                outcomes[index] = exc
-                continue
-            planned.append((index, decision.kind))
+        units, planned, records = self._plan(events, outcomes)
         if not units:
             return outcomes
         keys = [events[index].key for index, _ in planned]
-        results = await self._store.write_many(units, prefetch_claims=keys)
+        results = await self._store.write_many(units, prefetch_claims=keys, records=records)
         for (index, kind), result in zip(planned, results, strict=True):
             event = events[index]
             outcomes[index] = result
@@ -186,8 +175,36 @@ class EventProcessor:
                 log.debug("event.duplicate", key=event.key, kind=kind)
         return outcomes
 
-    def _unit(self, event: DomainEvent, kind: str, record_call: bool) -> Callable[[WriteTx], bool]:
-        """The event's unit of work: claim its key, record the CDR, charge it (rated here, now)."""
+    def _plan(
+        self, events: Sequence[DomainEvent], outcomes: list[bool | Exception]
+    ) -> tuple[list[Callable[[WriteTx], bool]], list[tuple[int, str]], list[tuple[CallEnded, RatedCall | None]]]:
+        """The units of work of ``events``; (index in events, kind) of each; the CDRs they record,
+        rated. An event that needs no unit is counted as skipped; one whose rating raised gets
+        its exception in ``outcomes``."""
+        units: list[Callable[[WriteTx], bool]] = []
+        planned: list[tuple[int, str]] = []
+        records: list[tuple[CallEnded, RatedCall | None]] = []
+        for index, event in enumerate(events):
+            decision = plan(event, self._went_live_at)
+            if decision.kind is None:
+                self.skipped[decision.reason] += 1
+                continue
+            try:
+                unit, record = self._unit(event, decision.kind, decision.record_call)
+            except Exception as exc:  # rating raised: this event fails alone
+                outcomes[index] = exc
+                continue
+            units.append(unit)
+            if record is not None:
+                records.append(record)
+            planned.append((index, decision.kind))
+        return units, planned, records
+
+    def _unit(
+        self, event: DomainEvent, kind: str, record_call: bool
+    ) -> tuple[Callable[[WriteTx], bool], tuple[CallEnded, RatedCall | None] | None]:
+        """The event's unit of work: claim its key, record the CDR, charge it (rated here, now);
+        and the CDR it records with its rating, if any (a hint for the store)."""
         call = event if record_call and isinstance(event, CallEnded) else None
         money = self._money
         if call is None or money is None or not money.is_billing_cdr(call):
@@ -208,7 +225,7 @@ class EventProcessor:
                     crash_point("ingest.unit_applied")
             return True
 
-        return unit
+        return unit, ((call, rated) if call is not None else None)
 
     def observe(self, event: DomainEvent) -> None:
         """Called with every event handed in, before its effects (a hook: nothing here)."""

@@ -72,13 +72,20 @@ class WriterBusy(StorageError):
 def to_db(moment: datetime) -> str:
     """UTC, fixed width, so text order is time order: ``2026-11-28T14:00:00.000000Z``.
 
-    The same text as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` (years 1000-9999): ``isoformat`` with
-    ``timespec="microseconds"`` always writes the six digits, a four-digit year and, for UTC,
-    ``+00:00`` (replaced by ``Z``), in C, at a fraction of the cost of formatting the fields in
-    Python: it runs several times per CDR on the writer thread.
+    The same text as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` (years 1000-9999), by ``%`` on the
+    fields: half the cost of ``isoformat(timespec=...)`` (whose keyword parsing dominates) and a
+    third of ``strftime``'s. It runs four times per CDR on the writer thread.
     """
     m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
-    return m.isoformat(timespec="microseconds")[:-6] + "Z"
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 - measurably faster than f-string/format here
+        m.year,
+        m.month,
+        m.day,
+        m.hour,
+        m.minute,
+        m.second,
+        m.microsecond,
+    )
 
 
 def from_db(text: str) -> datetime:
@@ -300,6 +307,8 @@ class _Batch:
         self.released: dict[str, None] = {}
         # (claimed, booked) of keys read ahead for the whole batch (:meth:`prefetch_claims`)
         self.claims: dict[str, tuple[bool, bool]] = {}
+        # rows encoded before the batch (see _encode); read only
+        self.encoded: dict[str, _Encoded] = {}
         self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def prefetch_claims(self, conn: sqlite3.Connection, keys: list[str]) -> None:
@@ -404,6 +413,59 @@ class _Batch:
             )
 
 
+def _cdr_head(call: CallEnded) -> tuple[Any, ...]:
+    """A ``cdrs`` row but its last column (``recorded_at``, the batch's time)."""
+    return (
+        call.key,
+        call.system_name,
+        call.account,
+        call.unique_id,
+        call.linked_id,
+        call.sequence,
+        call.source,
+        call.destination,
+        call.destination_context,
+        call.channel,
+        call.destination_channel,
+        call.last_application,
+        str(call.disposition),
+        call.duration,
+        call.billable_seconds,
+        to_db(call.start),
+        to_db(call.answer) if call.answer else None,
+        to_db(call.end),
+        str(call.origin),
+    )
+
+
+def _rated_row(rated: RatedCall) -> tuple[Any, ...]:
+    """A ``rated_calls`` row."""
+    return (
+        rated.key,
+        rated.account,
+        rated.destination,
+        rated.prefix,
+        rated.tariff,
+        rated.destination_class,
+        to_db(rated.answered_at),
+        rated.day,
+        rated.billable_seconds,
+        rated.billed_seconds,
+        rated.cost,
+    )
+
+
+# a write_many group's CDRs encoded ahead, by key: (call, its cdrs row head, its rating, that row)
+_Encoded = tuple[CallEnded, tuple[Any, ...], RatedCall | None, tuple[Any, ...] | None]
+
+
+def _encode(records: Sequence[tuple[CallEnded, RatedCall | None]]) -> dict[str, _Encoded]:
+    """Rows of the CDRs and ratings a group's units will record, encoded on the caller's thread
+    (the event loop, mostly idle during a burst) instead of the writer's, which is the one that
+    limits a burst. A unit uses them only for the very objects encoded (checked by identity)."""
+    return {call.key: (call, _cdr_head(call), rated, _rated_row(rated) if rated else None) for call, rated in records}
+
+
 def _ignored(row: tuple[Any, ...], not_null: operator.itemgetter[Any]) -> bool:
     """Whether INSERT OR IGNORE would skip ``row`` for a NULL in one of its ``not_null`` columns."""
     return None in row and None in not_null(row)
@@ -491,28 +553,9 @@ class SqliteTx:
         batch = self._batch
         if call.key in batch.cdrs:
             return  # INSERT OR IGNORE: the first row stays
-        row = (
-            call.key,
-            call.system_name,
-            call.account,
-            call.unique_id,
-            call.linked_id,
-            call.sequence,
-            call.source,
-            call.destination,
-            call.destination_context,
-            call.channel,
-            call.destination_channel,
-            call.last_application,
-            str(call.disposition),
-            call.duration,
-            call.billable_seconds,
-            to_db(call.start),
-            to_db(call.answer) if call.answer else None,
-            to_db(call.end),
-            str(call.origin),
-            batch.now_db,
-        )
+        encoded = batch.encoded.get(call.key)
+        head = encoded[1] if encoded is not None and encoded[0] is call else _cdr_head(call)
+        row = (*head, batch.now_db)
         if not _ignored(row, _CDR_NOT_NULL):
             batch.put(batch.cdrs, call.key, row)  # inserted at the end of the batch
 
@@ -717,19 +760,8 @@ class SqliteTx:
         batch = self._batch
         if rated.key in batch.rated:
             return  # INSERT OR IGNORE: the first row stays
-        row = (
-            rated.key,
-            rated.account,
-            rated.destination,
-            rated.prefix,
-            rated.tariff,
-            rated.destination_class,
-            to_db(rated.answered_at),
-            rated.day,
-            rated.billable_seconds,
-            rated.billed_seconds,
-            rated.cost,
-        )
+        encoded = batch.encoded.get(rated.key)
+        row = encoded[3] if encoded is not None and encoded[2] is rated and encoded[3] else _rated_row(rated)
         if not _ignored(row, _RATED_NOT_NULL):
             batch.put(batch.rated, rated.key, row)  # inserted at the end of the batch
 
@@ -1141,6 +1173,7 @@ class _Job:
     future: asyncio.Future[Any]
     works: list[Callable[[WriteTx], Any]] | None = None
     prefetch: list[str] | None = None
+    encoded: dict[str, _Encoded] | None = None
 
     @property
     def size(self) -> int:
@@ -1168,6 +1201,9 @@ def _run_batch(
         prefetch = [key for job in jobs if job.prefetch for key in job.prefetch]
         if prefetch:
             batch.prefetch_claims(conn, prefetch)
+        for job in jobs:
+            if job.encoded:
+                batch.encoded.update(job.encoded)
         for job in jobs:
             if job.works is None:
                 assert job.work is not None
@@ -1304,21 +1340,27 @@ class SqliteStore:
         return await future
 
     async def write_many(
-        self, works: Sequence[Callable[[WriteTx], T]], *, prefetch_claims: Sequence[str] = ()
+        self,
+        works: Sequence[Callable[[WriteTx], T]],
+        *,
+        prefetch_claims: Sequence[str] = (),
+        records: Sequence[tuple[CallEnded, RatedCall | None]] = (),
     ) -> list[T | Exception]:
         """Run each of ``works`` as its own unit of work, in order, in one transaction.
 
         The same as ``gather(*(write(w) for w in works), return_exceptions=True)`` with one queue
         entry and one future for all of them: a burst of CDRs costs the event loop almost nothing
         per CDR. ``prefetch_claims`` names the idempotency keys the units will claim, read ahead
-        in a few statements instead of one each.
+        in a few statements instead of one each; the rows of ``records`` (CDRs and their ratings)
+        are encoded here, on the event loop, instead of on the writer's thread.
         """
         if self._task is None:
             raise StorageError("store writer is not running")
         if not works:
             return []
         future: asyncio.Future[list[tuple[bool, Any]]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(None, future, list(works), list(prefetch_claims) or None))
+        encoded = _encode(records) if records else None
+        self._queue.put_nowait(_Job(None, future, list(works), list(prefetch_claims) or None, encoded))
         return [value for _, value in await future]
 
     async def _writer_loop(self) -> None:
