@@ -19,6 +19,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.storage import sqlite as db
@@ -419,6 +421,36 @@ async def test_rows_encoded_ahead_are_used_only_for_the_objects_encoded(store: d
     finally:
         conn.close()
     assert row == db._cdr_head(first)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 40), st.one_of(st.none(), st.text(max_size=3))), max_size=400),
+    upsert=st.booleans(),
+)
+def test_multi_row_inserts_write_what_executemany_writes(rows: list[tuple[int, str | None]], upsert: bool) -> None:
+    """The flush's multi-row VALUES lists (chunks of 128, 32, 8, 2, 1) against executemany: the
+    same rows, in the same order (rowids), the same conflicts ignored or upserted."""
+    schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, k INTEGER NOT NULL UNIQUE, v TEXT)"
+    if upsert:
+        head, tail, sql = (
+            "INSERT INTO t (k, v)",
+            " ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            "INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        )
+    else:
+        head, tail, sql = "INSERT OR IGNORE INTO t (k, v)", "", "INSERT OR IGNORE INTO t (k, v) VALUES (?, ?)"
+    ours, theirs = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    try:
+        ours.execute(schema)
+        theirs.execute(schema)
+        db._insert_rows(ours, head, 2, rows, tail)
+        theirs.executemany(sql, rows)
+        query = "SELECT id, k, v FROM t ORDER BY id"
+        assert ours.execute(query).fetchall() == theirs.execute(query).fetchall()
+    finally:
+        ours.close()
+        theirs.close()
 
 
 async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
