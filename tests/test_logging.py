@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from clickphone_agi.adapters.logging import configure_logging, mask_processor
+from clickphone_agi.adapters.logging import configure_logging, debug_enabled, mask_processor
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +120,17 @@ def test_level_filters_lower_levels() -> None:
     log.warning("shown")
 
     assert [line["event"] for line in _json_lines(stream)] == ["shown"]
+
+
+def test_debug_enabled_follows_the_configured_level() -> None:
+    """Hot paths skip building debug lines when it says no: it must say yes whenever one would show."""
+    assert debug_enabled()  # structlog's defaults log everything
+    for level, expected in (("debug", True), ("info", False), ("warning", False), ("debug", True)):
+        stream = io.StringIO()
+        configure_logging(level=level, fmt="json", stream=stream)
+        assert debug_enabled() is expected
+        structlog.get_logger().debug("probe")
+        assert bool(_json_lines(stream)) is expected
 
 
 def test_console_format_produces_key_value_text_not_json() -> None:

@@ -45,6 +45,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
+from clickphone_agi.adapters.logging import debug_enabled
+
 __all__ = [
     "MAX_COMMAND_BYTES",
     "AgiCommandError",
@@ -709,7 +711,8 @@ class _AgiConnection(asyncio.Protocol):
             server.latency.observe(elapsed)
         # a completed session is already told by its route's own line (agi.authorize): debug
         level = "debug" if outcome == "completed" else "info" if outcome in {"hangup", "header_error"} else "warning"
-        getattr(log, level)("agi.session", outcome=outcome, duration_ms=round(elapsed * 1000, 1), **self._info)
+        if level != "debug" or debug_enabled():
+            getattr(log, level)("agi.session", outcome=outcome, duration_ms=round(elapsed * 1000, 1), **self._info)
         if not self.done.done():
             self.done.set_result(None)
 
@@ -864,5 +867,7 @@ class FastAgiServer:
 
 def _for_log(text: str) -> str:
     """Attacker-chosen text made safe for one log field: printable and short."""
+    if len(text) <= _LOG_TEXT_MAX and text.isprintable():
+        return text  # the usual case, checked in C
     out = "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in text[:_LOG_TEXT_MAX])
     return out + ("..." if len(text) > _LOG_TEXT_MAX else "")

@@ -29,6 +29,7 @@ LogFormat = Literal["auto", "json", "console"]
 # Added by our own processors; never personal data.
 _UNMASKED_KEYS = frozenset({"event", "level", "timestamp", "logger"})
 _LEVELS = ("critical", "error", "warning", "info", "debug")
+_DEBUG = 10  # the stdlib logging number structlog's filtering loggers compare with
 _PLAIN_TYPES = (str, int, float, bool, type(None), dict, list, tuple)
 
 
@@ -62,6 +63,17 @@ def mask_processor(logger: WrappedLogger, method_name: str, event_dict: EventDic
         else:
             out[key] = _mask_any(value)
     return out
+
+
+def debug_enabled() -> bool:
+    """Whether a debug line would be emitted under the configuration in force now.
+
+    For hot paths (a FastAGI session, a CDR in a burst) to skip building a line nobody sees: a
+    debug call through a module's lazy logger binds a new logger first (~6 us), this costs ~0.6 us.
+    """
+    wrapper = structlog.get_config()["wrapper_class"]
+    enabled = getattr(wrapper, "is_enabled_for", None)  # the filtering loggers have it
+    return True if enabled is None else bool(enabled(wrapper, _DEBUG))
 
 
 def _is_tty(stream: TextIO) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from clickphone_agi.adapters.ami.protocol import AmiMessage
+from clickphone_agi.adapters.logging import debug_enabled
 from clickphone_agi.domain.ami_translate import (
     HANDLED_EVENTS,
     TranslateContext,
@@ -249,9 +250,10 @@ class EventProcessor:
         if len(calls) == 1:
             _log_cdr(log.info, calls[0])
             return
-        debug = log.bind().debug  # a no-op unless the level is debug (bound now: reloads apply)
-        for call in calls:
-            _log_cdr(debug, call)
+        if debug_enabled():
+            debug = log.bind().debug
+            for call in calls:
+                _log_cdr(debug, call)
         log.info(
             "cdrs.recorded",
             count=len(calls),
