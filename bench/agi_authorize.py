@@ -8,7 +8,10 @@ The server side is the daemon's own path, built as the composition root builds i
 ``max_connections`` and logging at ``--log-level`` (default info, as shipped) rendered as JSON to
 /dev/null. Baseline, on a second ``FastAgiServer`` in the same process and event loop: an "echo"
 route under the same script name that sets the same three variables without touching the store.
-The ratio is what authorisation itself costs (one unit of work on the single writer: the account,
+A third server, "bare", is the floor of this machine and this load generator: a minimal
+``asyncio.Protocol`` that waits for the header block, writes the same three SET VARIABLEs one
+reply at a time and closes (no parsing, routing, timeouts, store or logging). The ratio is what
+authorisation itself costs (one unit of work on the single writer: the account,
 balance, spend and held reservations from the writer's cache, the reservation written with the
 batch, a commit with an fsync shared by the requests queued together). As the daemon does once it
 is ready, the server process freezes its startup heap (``gc.freeze``) before the runs.
@@ -238,6 +241,64 @@ def echo_router() -> AgiRouter:
     return router
 
 
+class _BareSession(asyncio.Protocol):
+    """The floor: the least a FastAGI responder can do for the same exchange. It waits for the
+    header block's blank line, writes the three SET VARIABLEs one reply at a time, and closes: no
+    parsing, routing, timeouts, store or logging."""
+
+    COMMANDS = (
+        f"SET VARIABLE {dv.AUTH} {dv.ALLOW}\n".encode(),
+        f'SET VARIABLE {dv.REASON} ""\n'.encode(),
+        f"SET VARIABLE {dv.MAXSEC} 7200\n".encode(),
+    )
+
+    def __init__(self, server: BareServer) -> None:
+        self.server = server
+        self.buffer = b""
+        self.sent = -1  # commands written; -1 while the header block is still coming
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.sessions += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        marker = b"\n\n" if self.sent < 0 else b"\n"
+        if marker not in self.buffer:
+            return
+        self.buffer = b""
+        self.sent += 1
+        if self.sent < len(self.COMMANDS):
+            self.transport.write(self.COMMANDS[self.sent])
+        else:
+            self.transport.close()
+
+
+class BareServer:
+    """:class:`_BareSession` on a listening socket, shaped like FastAgiServer for :class:`Bench`."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _BareSession(self), HOST, 0, backlog=1024)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": self.sessions}
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 @dataclass
 class Run:
     server: str
@@ -267,7 +328,13 @@ class Bench:
         self.tag = 0
 
     async def run(
-        self, name: str, server: FastAgiServer, rate: float, seconds: float, accounts: int, store: SqliteStore
+        self,
+        name: str,
+        server: FastAgiServer | BareServer,
+        rate: float,
+        seconds: float,
+        accounts: int,
+        store: SqliteStore,
     ) -> Run:
         self.tag += 1
         job = {
@@ -290,7 +357,7 @@ class Bench:
         return self.conn.recv()
 
 
-async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: Path) -> list[tuple[Run, Run]]:
+async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: Path) -> list[tuple[Run, Run, Run]]:
     clock = SystemClock()
     store = await SqliteStore.open(db_dir / "bench.db", clock)
     store.start()
@@ -301,22 +368,26 @@ async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: 
     gc.freeze()  # as the daemon does once it is ready (Daemon.freeze_heap)
     real = FastAgiServer(build_router(money), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
     echo = FastAgiServer(echo_router(), host=HOST, port=0, max_connections=MAX_CONNECTIONS)
+    bare = BareServer()
     await real.start()
     await echo.start()
+    await bare.start()
     bench = Bench(conn, args.timeout)
-    pairs = []
+    runs = []
     try:
-        for server in (echo, real):  # warm-up, not reported
+        for server in (bare, echo, real):  # warm-up, not reported
             await bench.run("warm-up", server, 100, 0.5, args.accounts, store)
         for rate in args.rates:
+            floor = await bench.run("bare", bare, rate, args.seconds, args.accounts, store)
             base = await bench.run("echo", echo, rate, args.seconds, args.accounts, store)
             auth = await bench.run("authorize", real, rate, args.seconds, args.accounts, store)
-            pairs.append((base, auth))
+            runs.append((floor, base, auth))
     finally:
+        await bare.close()
         await echo.close()
         await real.close()
         await store.close()
-    return pairs
+    return runs
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -342,7 +413,7 @@ def _row(run: Run, base: Run | None) -> str:
     )
 
 
-def report(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
+def report(args: argparse.Namespace, runs: list[tuple[Run, Run, Run]]) -> None:
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; FastAGI authorize over loopback TCP, open loop,"
         f" {args.seconds:g} s per rate; {args.accounts} accounts, etc/tariffs.yaml; SQLite WAL synchronous=FULL"
@@ -351,17 +422,21 @@ def report(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
         f"server: SqliteStore + MoneyService + FastAgiServer(build_router(money)), max_connections"
         f" {MAX_CONNECTIONS}, log level {args.log_level} (JSON to /dev/null); load generator: a separate process"
     )
-    print("latency = due time -> server's close (EOF), ms; baseline = echo route (3 SET VARIABLEs, no store)")
+    print(
+        "latency = due time -> server's close (EOF), ms; baseline = echo route (3 SET VARIABLEs, no store);"
+        " bare = a minimal responder (no parsing, routing, timeouts or logging): this machine's floor"
+    )
     print(f"{'':28}{'latency, ms':-^31}{'':17}{'cpu us/call':-^14}")
     print(
         f"{'rate':>6}  {'server':<9}  {'done/s':>7}  {'p50':>6}  {'p90':>6}  {'p99':>6}  {'max':>7}  {'/echo':>6}"
         f"  {'errors':>5}  {'server':>6}  {'client':>6}  {'lag p99':>7}  {'commits':>7}"
     )
-    for base, auth in pairs:
+    for floor, base, auth in runs:
+        print(_row(floor, base))
         print(_row(base, None))
         print(_row(auth, base))
-    for base, auth in pairs:
-        for run in (base, auth):
+    for trio in runs:
+        for run in trio:
             if run.client.errors:
                 print(f"errors at {run.rate:g}/s {run.server}: {dict(run.client.errors)}")
     print(
@@ -370,14 +445,14 @@ def report(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
         " cores with whatever else runs; lag p99: the client's own lateness (due -> connect call), part of the"
         " latency; commits: SQLite transactions during the run; refused: over max_connections, closed unread"
     )
-    goal = [auth for _, auth in pairs if auth.rate == GOAL_RATE]
+    goal = [trio for trio in runs if trio[2].rate == GOAL_RATE]
     if goal:
-        run = goal[0]
+        floor, base, run = goal[0]
         held = run.pct(0.99) <= GOAL_P99_MS and run.errors == 0
         print(
             f"goal p99 <= {GOAL_P99_MS:g} ms at {GOAL_RATE}/s: {'HELD' if held else 'MISSED'}"
-            f" (authorize p99 {run.pct(0.99):.2f} ms, errors {run.errors}; echo p99 at the same rate"
-            f" {next(b for b, _ in pairs if b.rate == GOAL_RATE).pct(0.99):.2f} ms)"
+            f" (authorize p99 {run.pct(0.99):.2f} ms, errors {run.errors}; at the same rate echo p99"
+            f" {base.pct(0.99):.2f} ms, bare p99 {floor.pct(0.99):.2f} ms)"
         )
     else:
         print(f"goal p99 <= {GOAL_P99_MS:g} ms at {GOAL_RATE}/s: not measured (rate not in --rates)")
@@ -407,13 +482,13 @@ def main() -> None:
     try:
         with open(os.devnull, "w", encoding="utf-8") as devnull, tempfile.TemporaryDirectory() as d:
             configure_logging(level=args.log_level, fmt="json", stream=devnull)
-            pairs = asyncio.run(serve_and_measure(args, conn, Path(d)))
+            runs = asyncio.run(serve_and_measure(args, conn, Path(d)))
     finally:
         conn.send(None)
         proc.join(5)
         if proc.is_alive():
             proc.terminate()
-    report(args, pairs)
+    report(args, runs)
 
 
 if __name__ == "__main__":
