@@ -224,6 +224,24 @@ def test_parse_request_orders_args_numerically_and_falls_back_to_agi_request() -
     assert parse_request([b"agi_accountcode: \n", b"agi_accountcode: second\n"]).accountcode == ""
 
 
+def test_parse_request_first_value_wins_and_only_the_last_cr_goes() -> None:
+    """The header dict is built in one go when every name comes once; a repeat (first value wins)
+    and CRLF lines (one CR off the end of a value, one inside it stays) take the slower path."""
+    req = parse_request(
+        [
+            b"agi_network_script: authorize\r\n",
+            b"agi_arg_1: a\r\r\n",
+            b"agi_arg_2: b\rc\r\n",
+            b"agi_arg_1: later\r\n",
+            b"agi_arg_3: \r\n",
+        ]
+    )
+    assert req.script == "authorize"
+    assert req.args == ("a\r", "b\rc", "")
+    assert req.env["arg_1"] == "a\r"
+    assert list(req.env) == ["network_script", "arg_1", "arg_2", "arg_3"]
+
+
 @pytest.mark.parametrize(
     ("lines", "kind"),
     [

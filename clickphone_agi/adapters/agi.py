@@ -187,6 +187,19 @@ def parse_request(lines: Sequence[bytes]) -> AgiRequest:
     return _parse_block(b"\n".join(raw[:-1] if raw[-1:] == b"\n" else raw for raw in lines))
 
 
+def _header_env(pairs: list[tuple[str, str]], *, crlf: bool) -> dict[str, str]:
+    """The (name, value) pairs as a dict: a repeated header keeps its first value, and with CRLF
+    lines (not Asterisk's) a value's last CR is not part of it."""
+    if crlf:
+        pairs = [(name, value[:-1] if value[-1:] == "\r" else value) for name, value in pairs]
+    env = dict(pairs)  # in C; the usual case: every name once
+    if len(env) != len(pairs):
+        env = {}
+        for name, value in pairs:
+            env.setdefault(name, value)
+    return env
+
+
 def _parse_block(block: bytes) -> AgiRequest:
     """:func:`parse_request` of the header lines joined by LF (no final LF, no blank line)."""
     text = block.decode(_ENCODING, _ERRORS)  # per line or at once: the same (LF is never inside a character)
@@ -195,13 +208,9 @@ def _parse_block(block: bytes) -> AgiRequest:
         for line in text.split("\n"):
             if _HEADER_LINE.fullmatch(line) is None:
                 raise AgiHeaderError("garbage", _for_log(line.removesuffix("\r")))
-    env: dict[str, str] = {}
+    env = _header_env(pairs, crlf="\r" in text)
     numbered: list[tuple[int, str]] = []
-    for name, raw_value in pairs:
-        if name in env:
-            continue  # a repeated header keeps its first value
-        value = raw_value[:-1] if raw_value[-1:] == "\r" else raw_value
-        env[name] = value
+    for name, value in env.items():
         if name[:4] == "arg_":
             m = _ARG_KEY.fullmatch(name)
             if m is not None:
@@ -218,8 +227,9 @@ def _parse_block(block: bytes) -> AgiRequest:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
     path, _, query_string = target.partition("?")
     query: dict[str, str] = {}
-    for name, value in parse_qsl(query_string, keep_blank_values=True, encoding=_ENCODING, errors=_ERRORS):
-        query.setdefault(name, value)
+    if query_string:
+        for name, value in parse_qsl(query_string, keep_blank_values=True, encoding=_ENCODING, errors=_ERRORS):
+            query.setdefault(name, value)
     return AgiRequest(
         env=MappingProxyType(env),
         script=path.strip("/"),
@@ -644,6 +654,10 @@ class _AgiConnection(asyncio.Protocol):
         waiter = self._waiter
         buffer = self._buffer
         while waiter is not None and not waiter.done():
+            if self._first is None and buffer[:13] == b"200 result=1\n":  # every SET VARIABLE's answer
+                del buffer[:13]
+                waiter.set_result(_OK)
+                break
             end = buffer.find(b"\n") + 1
             if not end:
                 if len(buffer) > _READ_LIMIT:
@@ -656,28 +670,31 @@ class _AgiConnection(asyncio.Protocol):
                 break
             line = _strip_eol(buffer[:end].decode(_ENCODING, _ERRORS))
             del buffer[:end]
-            first = self._first
-            if first is None:
-                if line == "HANGUP":
-                    waiter.set_exception(AgiHangup("HANGUP"))
-                    break
-                m = _REPLY_LINE.fullmatch(line)
-                if m is None:
-                    waiter.set_exception(AgiProtocolError(f"not an AGI reply: {_for_log(line)!r}"))
-                    break
-                if m.group(2) != "-":
-                    waiter.set_result(parse_reply(line))
-                    break
-                self._first = m
-                continue
-            self._more.append(line)
-            if line.startswith(f"{first.group(1)} "):
-                waiter.set_result(parse_reply(first.group(0), self._more))
-            elif len(self._more) >= _MAX_REPLY_LINES:
-                waiter.set_exception(AgiProtocolError(f"multi-line {first.group(1)} reply without an end line"))
+            self._reply_line(waiter, line)
         if self._paused and len(buffer) <= _READ_LIMIT and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
+
+    def _reply_line(self, waiter: asyncio.Future[AgiReply], line: str) -> None:
+        """One reply line for the waiting command: settles ``waiter`` unless more lines must follow."""
+        first = self._first
+        if first is None:
+            if line == "HANGUP":
+                waiter.set_exception(AgiHangup("HANGUP"))
+                return
+            m = _REPLY_LINE.fullmatch(line)
+            if m is None:
+                waiter.set_exception(AgiProtocolError(f"not an AGI reply: {_for_log(line)!r}"))
+            elif m.group(2) != "-":
+                waiter.set_result(parse_reply(line))
+            else:
+                self._first = m  # a multi-line reply: its lines follow
+            return
+        self._more.append(line)
+        if line.startswith(f"{first.group(1)} "):
+            waiter.set_result(parse_reply(first.group(0), self._more))
+        elif len(self._more) >= _MAX_REPLY_LINES:
+            waiter.set_exception(AgiProtocolError(f"multi-line {first.group(1)} reply without an end line"))
 
     def _gone(self, why: str) -> None:
         if self._closed is None:

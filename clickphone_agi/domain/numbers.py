@@ -137,27 +137,32 @@ def is_emergency(
         return False
     if dialled in EMERGENCY_NUMBERS:
         return True
+    shorts, fulls = _emergency_forms(tuple(extra), country_code, national_prefix, international_prefix)
+    if dialled in shorts:
+        return True
+    return bool(fulls) and _full(dialled, country_code, national_prefix, international_prefix) in fulls
 
-    def full(n: str) -> str | None:
-        try:
-            return normalise(
-                n, country_code=country_code, national_prefix=national_prefix, international_prefix=international_prefix
-            )
-        except InvalidNumber:
-            return None
 
-    as_e164: str | None = None
-    for entry in extra:
-        short = compact(entry.strip())
-        if short == dialled:
-            return True
-        entry_e164 = full(short)
-        if entry_e164 is not None:
-            if as_e164 is None:
-                as_e164 = full(dialled) or ""
-            if entry_e164 == as_e164:
-                return True
-    return False
+def _full(number: str, country_code: str, national_prefix: str, international_prefix: str) -> str | None:
+    try:
+        return normalise(
+            number,
+            country_code=country_code,
+            national_prefix=national_prefix,
+            international_prefix=international_prefix,
+        )
+    except InvalidNumber:
+        return None
+
+
+@functools.lru_cache(maxsize=32)  # the configured list: worked out once, not on every call authorised
+def _emergency_forms(
+    extra: tuple[str, ...], country_code: str, national_prefix: str, international_prefix: str
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The entries of ``extra`` as dialled digits, and those that are full numbers as E.164."""
+    shorts = frozenset(compact(entry.strip()) for entry in extra)
+    fulls = {_full(short, country_code, national_prefix, international_prefix) for short in shorts}
+    return shorts, frozenset(e for e in fulls if e is not None)
 
 
 def _prefix_applies(prefix: str, bare_is_e164: bool) -> bool:

@@ -25,7 +25,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from clickphone_agi.adapters.tariff_file import load_tariffs
-from clickphone_agi.domain.numbers import InvalidNumber, is_emergency, normalise
+from clickphone_agi.domain.numbers import InvalidNumber, compact, is_emergency, normalise
 from clickphone_agi.domain.rating import rate
 from clickphone_agi.domain.tariffs import TariffEntry, TariffTable
 from tests.fuzz.budget import fuzz
@@ -115,6 +115,43 @@ def test_is_emergency_never_raises(number: str, extra: list[str], plan: dict[str
     assert is_emergency(number, extra, **plan) in (True, False)
     if number.strip().replace(" ", "") == "112":
         assert is_emergency(number, extra, **plan)
+
+
+def _is_emergency_entry_by_entry(number: str, extra: list[str], plan: dict[str, str]) -> bool:
+    """The definition, one entry at a time (how is_emergency worked before its forms were cached)."""
+    dialled = compact(number.strip())
+    if not dialled:
+        return False
+    if dialled == "112":
+        return True
+
+    def full(n: str) -> str | None:
+        try:
+            return normalise(n, **plan)
+        except InvalidNumber:
+            return None
+
+    for entry in extra:
+        short = compact(entry.strip())
+        if short == dialled:
+            return True
+        entry_e164 = full(short)
+        if entry_e164 is not None and entry_e164 == (full(dialled) or ""):
+            return True
+    return False
+
+
+@fuzz(200)
+@given(
+    number=TEXT | st.from_regex(r"\+?(00|0)?[0-9 ]{2,12}", fullmatch=True),
+    extra=st.lists(TEXT | st.from_regex(r"\+?(00|0)?[0-9 ]{2,12}", fullmatch=True), max_size=4),
+    plan=plans(),
+)
+def test_is_emergency_agrees_with_its_definition(number: str, extra: list[str], plan: dict[str, str]) -> None:
+    assert is_emergency(number, extra, **plan) is _is_emergency_entry_by_entry(number, extra, plan)
+    for entry in extra:  # every configured entry, dialled as written, is an emergency number
+        if compact(entry.strip()):
+            assert is_emergency(entry, extra, **plan)
 
 
 # ---- tariffs: from the dialled text to the entry ------------------------------------------------------------
