@@ -279,7 +279,7 @@ class _Batch:
 
     The money path's appends (``processed_events``, ``cdrs``, ``ledger``, ``rated_calls``) and its
     moves of balances, daily spend and notice state are kept here and written just before COMMIT
-    with one ``executemany`` per table (:meth:`flush`), in unit order: charging a CDR then costs one
+    with a few multi-row ``INSERT``s per table (:meth:`flush`), in unit order: charging a CDR then costs one
     point read (the claim) instead of 17 statements, and the writer thread hands the GIL back and
     forth far less often. Units keep their isolation: every change here is logged, and a unit that
     raises has its changes undone (:meth:`undo`) along with its savepoint. A unit never sees a
