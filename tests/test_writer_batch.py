@@ -453,6 +453,42 @@ def test_multi_row_inserts_write_what_executemany_writes(rows: list[tuple[int, s
         theirs.close()
 
 
+def test_multi_row_inserts_stay_within_old_sqlite_variable_limits() -> None:
+    """SQLite before 3.32 binds at most 999 values per statement: a cdrs-wide batch still goes in."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        columns = ", ".join(f"c{i}" for i in range(20))
+        conn.execute(f"CREATE TABLE t ({columns})")
+        rows = [tuple(range(n, n + 20)) for n in range(300)]
+        db._insert_rows(conn, f"INSERT INTO t ({columns})", 20, rows)
+        assert conn.execute(f"SELECT {columns} FROM t ORDER BY rowid").fetchall() == rows
+    finally:
+        conn.close()
+
+
+async def test_a_cdr_that_cannot_be_encoded_ahead_fails_alone(store: db.SqliteStore) -> None:
+    """The records hint is encoded on the event loop: a record it cannot encode is left to its
+    unit, which fails on its own; the group's other CDRs are recorded."""
+    await store.write(import_unit([(ACCOUNT, 10_000)]))
+    good, bad = _cdrs(2)
+    broken = dataclasses.replace(bad, end=None)  # type: ignore[arg-type]
+
+    def unit(call: CallEnded) -> Any:
+        def work(tx: WriteTx) -> bool:
+            assert tx.claim_event(call.key, "cdr")
+            tx.record_call(call)
+            return True
+
+        return work
+
+    out = await store.write_many([unit(good), unit(broken)], records=[(good, None), (broken, None)])
+    assert out[0] is True
+    assert isinstance(out[1], AttributeError)
+    assert _rows(store, "SELECT key FROM cdrs") == [(good.key,)]
+    assert _rows(store, "SELECT key FROM processed_events") == [(good.key,)]  # the failed unit's claim undone
+
+
 async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
     """The sender's "sent" marks: a crash between the relay's 250 and their commit sends the mail
     again, so they do not wait behind queued batches, only for the one in flight."""

@@ -412,8 +412,10 @@ class _Batch:
         )
 
 
-# rows per multi-row INSERT: a batch of n rows takes at most 11 statements, from 5 texts per table
+# rows per multi-row INSERT: a batch of n rows takes a dozen statements at most, from 5 texts per
+# table; a chunk never binds more than 999 values, the limit of SQLite builds before 3.32
 _ROW_CHUNKS = (128, 32, 8, 2, 1)
+_MAX_VARIABLES = 999
 
 
 @functools.lru_cache(maxsize=128)
@@ -434,6 +436,8 @@ def _insert_rows(
     ordered = list(rows)
     start, total = 0, len(ordered)
     for size in _ROW_CHUNKS:
+        if size * width > _MAX_VARIABLES:
+            continue
         while total - start >= size:
             chunk = ordered[start : start + size]
             conn.execute(_values_sql(head, width, size, tail), [value for row in chunk for value in row])
@@ -489,8 +493,15 @@ _Encoded = tuple[CallEnded, tuple[Any, ...], RatedCall | None, tuple[Any, ...] |
 def _encode(records: Sequence[tuple[CallEnded, RatedCall | None]]) -> dict[str, _Encoded]:
     """Rows of the CDRs and ratings a group's units will record, encoded on the caller's thread
     (the event loop, mostly idle during a burst) instead of the writer's, which is the one that
-    limits a burst. A unit uses them only for the very objects encoded (checked by identity)."""
-    return {call.key: (call, _cdr_head(call), rated, _rated_row(rated) if rated else None) for call, rated in records}
+    limits a burst. A unit uses them only for the very objects encoded (checked by identity).
+    A record that cannot be encoded is left out: its unit encodes it, and fails alone."""
+    encoded: dict[str, _Encoded] = {}
+    for call, rated in records:
+        try:
+            encoded[call.key] = (call, _cdr_head(call), rated, _rated_row(rated) if rated else None)
+        except Exception:  # noqa: S112 - the unit meets the same error, in its own unit of work
+            continue
+    return encoded
 
 
 def _ignored(row: tuple[Any, ...], not_null: operator.itemgetter[Any]) -> bool:
