@@ -80,6 +80,15 @@ class FakeClock:
         heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), fut))
         await fut
 
+    def next_deadline(self) -> float | None:
+        """The monotonic time the earliest sleeper waits for (None when nobody sleeps)."""
+        return self._sleepers[0][0] if self._sleepers else None
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleepers wait on this clock."""
+        return len(self._sleepers)
+
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper whose deadline has passed, in order."""
         target = self._mono + seconds

@@ -163,6 +163,21 @@ async def test_cli_db_verbs_and_newer_schema_refused(write_config: Callable[...,
     assert "newer than this clickphone-agi supports" in err
 
 
+def _mail_trace(out_dir: Path) -> str:
+    """For a failure message: each .eml's Message-ID and kind, and the daemon's mail lines. A
+    duplicate was seen here twice in ~50 runs (never reproduced since); this says which mail."""
+    lines = []
+    for path in sorted((out_dir / "mail").glob("*.eml")):
+        head = [
+            h for h in path.read_text(errors="replace").splitlines() if h.startswith(("Message-ID:", "X-ClickPhone-"))
+        ]
+        lines.append(f"{path.name}: {' | '.join(head)}")
+    log = out_dir / "daemon.log"
+    if log.exists():
+        lines += [line for line in log.read_text(errors="replace").splitlines() if '"mail.' in line or "outbox" in line]
+    return "\n".join(lines)
+
+
 @pytest.mark.timeout(180)
 async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
@@ -183,7 +198,7 @@ async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     # insufficient funds, IP alert — each exactly once
     assert len(emls) == 10, out
     ids = {line for p in emls for line in p.read_text(errors="replace").splitlines() if line.startswith("Message-ID:")}
-    assert len(ids) == 10
+    assert len(ids) == 10, _mail_trace(out_dir)
     kinds = {line.split(":", 1)[1].strip() for p in emls for line in p.read_text(errors="replace").splitlines()
              if line.startswith("X-ClickPhone-Kind:")}  # fmt: skip
     assert {"voicemail", "fax_received", "fax_failed", "missed_call", "password_changed"} <= kinds

@@ -127,9 +127,25 @@ class World:
         async with asyncio.timeout(30):  # a hang guard only
             while not until():
                 if self.ami.state in ("backoff", "auth_failed", "connected"):
-                    await self.clock.advance(step)
+                    await self._step(until, step)
                 await asyncio.sleep(0.003)
         return self.clock.monotonic() - start
+
+    async def _step(self, until: Callable[[], bool], step: float) -> None:
+        """Advance by ``step``, or only up to the next sleeper's deadline when that comes first;
+        a sleeper woken that way gets real time to act (connect, log in, sleep again) before the
+        clock moves on, so a loaded machine does not add fake seconds to what is measured."""
+        deadline = self.clock.next_deadline()
+        now = self.clock.monotonic()
+        if deadline is None or deadline - now > step:
+            await self.clock.advance(step)
+            return
+        waiting = self.clock.sleepers
+        await self.clock.advance(max(0.0, deadline - now))
+        for _ in range(200):  # up to ~1 s of real time
+            if until() or self.clock.sleepers >= waiting or self.ami.state not in ("backoff", "auth_failed"):
+                return
+            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
