@@ -489,6 +489,40 @@ async def test_a_cdr_that_cannot_be_encoded_ahead_fails_alone(store: db.SqliteSt
     assert _rows(store, "SELECT key FROM processed_events") == [(good.key,)]  # the failed unit's claim undone
 
 
+async def test_batches_stay_short_while_the_sender_marks_mails(
+    store: db.SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an urgent write (a sent mark), what is queued goes in batches of SENDING_BATCH units,
+    so the next mark waits behind a short batch; without one, everything queued goes in one."""
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(tx: WriteTx) -> None:
+        running.set()
+        gate.wait(GUARD)
+
+    async def commits_for(n: int, *, urgent_first: bool) -> int:
+        gate.clear()
+        running.clear()
+        if urgent_first:
+            await store.write(lambda tx: None, urgent=True)
+        in_flight = asyncio.ensure_future(store.write(hold))
+        async with asyncio.timeout(GUARD):
+            while not running.is_set():
+                await asyncio.sleep(0.005)
+        before = store.commits
+        queued = [asyncio.ensure_future(store.write(lambda tx: None)) for _ in range(n)]
+        gate.set()
+        async with asyncio.timeout(GUARD):
+            await asyncio.gather(in_flight, *queued)
+        return store.commits - before
+
+    n = 3 * db.SENDING_BATCH
+    monkeypatch.setattr(db, "SENDING_QUIET", 3600.0)  # however slow the machine, still "sending"
+    assert await commits_for(n, urgent_first=True) == 1 + 3  # the held batch, then three short ones
+    monkeypatch.setattr(db, "SENDING_QUIET", 0.0)  # the sender went quiet
+    assert await commits_for(n, urgent_first=False) == 1 + 1  # the held batch, then one for all
+
+
 async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
     """The sender's "sent" marks: a crash between the relay's 250 and their commit sends the mail
     again, so they do not wait behind queued batches, only for the one in flight."""

@@ -15,9 +15,11 @@ import contextlib
 import fcntl
 import functools
 import json
+import math
 import operator
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
@@ -49,6 +51,10 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
 """Units of work per transaction (a :meth:`SqliteStore.write_many` group joins a batch whole)."""
+SENDING_BATCH = 32
+"""The cap instead, for :data:`SENDING_QUIET` seconds after an urgent write: while the mail sender
+marks mails sent, a mark waits behind a short batch, not a full one (see ``_writer_loop``)."""
+SENDING_QUIET = 0.5
 _PREFETCH_CHUNK = 500  # keys per IN (...) list, well under SQLite's 32,766 variables
 
 
@@ -1330,6 +1336,7 @@ class SqliteStore:
         self._reader = reader
         self._queue: asyncio.Queue[_Job | _Wake | None] = asyncio.Queue()
         self._urgent: collections.deque[_Job] = collections.deque()  # committed ahead of the queue
+        self._urgent_at = -math.inf  # time.monotonic() of the last urgent batch
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         self.units = 0
@@ -1406,13 +1413,16 @@ class SqliteStore:
 
         The urgent lane is for the SMTP sender's "sent" marks: between a relay's 250 and the
         commit of its mark, a crash means the mail goes again. Behind a backlog of CDR groups
-        that window was several batches long; now it is at most the batch in flight.
+        that window was several batches long; now it is at most the batch in flight, and while
+        marks keep coming (a sender working) batches are capped at :data:`SENDING_BATCH` units,
+        so that batch is short too.
         """
         held: _Job | _Wake | None = _WAKE  # a job taken from the queue while urgent ones waited
         while True:
             if self._urgent:
                 jobs, stop_after = list(self._urgent), False
                 self._urgent.clear()
+                self._urgent_at = time.monotonic()
             else:
                 if isinstance(held, _Wake):
                     first = await self._queue.get()
@@ -1443,10 +1453,12 @@ class SqliteStore:
                 return
 
     def _take_batch(self, first: _Job) -> tuple[list[_Job], bool]:
-        """Everything already queued (up to MAX_BATCH) joins ``first`` in one transaction."""
+        """Everything already queued (up to MAX_BATCH, or SENDING_BATCH while the sender marks
+        mails) joins ``first`` in one transaction."""
         jobs = [first]
         units = first.size
-        while units < MAX_BATCH and not self._queue.empty():
+        cap = SENDING_BATCH if time.monotonic() - self._urgent_at < SENDING_QUIET else MAX_BATCH
+        while units < cap and not self._queue.empty():
             nxt = self._queue.get_nowait()
             if isinstance(nxt, _Wake):
                 continue  # the writer loop looks at the urgent lane before each batch
