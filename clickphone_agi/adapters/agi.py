@@ -444,7 +444,6 @@ class _AgiConnection(asyncio.Protocol):
         self._more: list[str] = []
         self._timers: tuple[asyncio.TimerHandle, ...] = ()
         self._task: asyncio.Task[None] | None = None
-        self._session: AgiSession | None = None
         self._timed_out = False
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._started = self._loop.time()
@@ -570,8 +569,7 @@ class _AgiConnection(asyncio.Protocol):
             self._finish("unknown_script", graceful=True)
             return
         self._phase = _ROUTE
-        self._session = AgiSession(self)
-        self._task = self._loop.create_task(self._run(route, request, self._session))
+        self._task = self._loop.create_task(self._run(route, request, AgiSession(self)))
         self._task.add_done_callback(self._route_ended)
 
     async def _run(self, route: Route, request: AgiRequest, session: AgiSession) -> None:

@@ -408,8 +408,10 @@ class _Batch:
             [(code, name, value) for (code, name), value in self.states.items()],
             " ON CONFLICT (account, name) DO UPDATE SET value = excluded.value",
         )
-        if self.released:
-            conn.executemany("DELETE FROM reservations WHERE call_id = ?", ((c,) for c in self.released))
+        released = list(self.released)
+        for start in range(0, len(released), _PREFETCH_CHUNK):
+            chunk = released[start : start + _PREFETCH_CHUNK]
+            conn.execute(f"DELETE FROM reservations WHERE call_id IN ({','.join('?' * len(chunk))})", chunk)  # noqa: S608
         _insert_rows(
             conn,
             "INSERT OR REPLACE INTO reservations (call_id, account, amount, created_at, expires_at)",
@@ -519,28 +521,23 @@ class _UnitConnection:
     """The writer connection as one unit of work sees it: the unit's savepoint opens before its first
     statement. A unit that only reads, and defers its writes to the batch (a CDR), needs none."""
 
-    __slots__ = ("_conn", "savepoint", "wrote_other")
+    __slots__ = ("_conn", "savepoint")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.savepoint = False
-        # SQL ran: it may have changed processed_events or ledger, so the batch's prefetched
-        # claims are dropped after this unit
-        self.wrote_other = False
+        self.savepoint = False  # opened: the unit ran SQL of its own
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.savepoint:
+            self._conn.execute("SAVEPOINT unit")
+            self.savepoint = True
+        return self._conn
 
     def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
-        self.wrote_other = True
-        if not self.savepoint:
-            self._conn.execute("SAVEPOINT unit")
-            self.savepoint = True
-        return self._conn.execute(sql, parameters)
+        return self._open().execute(sql, parameters)
 
     def __getattr__(self, name: str) -> Any:  # executemany, lastrowid, ...: the savepoint first
-        self.wrote_other = True
-        if not self.savepoint:
-            self._conn.execute("SAVEPOINT unit")
-            self.savepoint = True
-        return getattr(self._conn, name)
+        return getattr(self._open(), name)
 
 
 class SqliteTx:
@@ -563,11 +560,6 @@ class SqliteTx:
     def savepoint(self) -> bool:
         """Whether the unit ran SQL that its failure must roll back (its savepoint is open)."""
         return self._conn.savepoint
-
-    @property
-    def wrote_other(self) -> bool:
-        """Whether the unit ran SQL that may invalidate the batch's prefetched claims."""
-        return self._conn.wrote_other
 
     def claim_event(self, key: str, kind: str) -> bool:
         batch = self._batch
@@ -805,7 +797,9 @@ class SqliteTx:
         if rated.key in batch.rated:
             return  # INSERT OR IGNORE: the first row stays
         encoded = batch.encoded.get(rated.key)
-        row = encoded[3] if encoded is not None and encoded[2] is rated and encoded[3] else _rated_row(rated)
+        row = encoded[3] if encoded is not None and encoded[2] is rated else None
+        if row is None:
+            row = _rated_row(rated)
         if not _ignored(row, _RATED_NOT_NULL):
             batch.put(batch.rated, rated.key, row)  # inserted at the end of the batch
 
@@ -1293,7 +1287,7 @@ def _run_unit(
         batch.keep()
         outcome = (True, result)
         added = tx.enqueued
-    if tx.wrote_other and batch.claims:
+    if tx.savepoint and batch.claims:  # its SQL may have claimed or booked: read them again
         batch.claims.clear()  # read again, one key at a time, for the rest of the batch
     crash_point("writer.after_unit")
     return outcome, added
