@@ -232,3 +232,28 @@ async def test_bulk_mail_waits_behind_every_other_due_mail(tmp_path: Path) -> No
     assert [d.row.idempotency_key for d in due][:2] == ["vm:pbx1:100@default:1", "bc:b1:acct0000"]
     assert len(due) == 10
     assert any("outbox_due_bulk" in str(tuple(r)) for r in plan)  # ordered by the index, not a sort
+
+
+# ~0.5-2 s of SQLite work before its one row: a read still running while the test commits. It
+# reads a table, so it opens a read transaction (a snapshot) when it starts
+_SLOW_READ = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000)"
+    " SELECT max(x) + (SELECT COUNT(*) FROM outbox) FROM c"
+)
+
+
+async def test_a_read_issued_after_a_commit_sees_it_even_behind_a_slow_read(store: db.SqliteStore) -> None:
+    """The mail sender's due-mail read must see the "sent" mark its attempt just committed, or the
+    mail goes out twice. Reads share one reader connection: a read that ran its statement in one
+    thread hop and fetched its rows in another left the statement open between the two, and a
+    read queued meanwhile joined its snapshot, taken before the commit (the demo once mailed a
+    low-balance warning twice this way). Each read is now one hop: its own, current snapshot."""
+    clock = FakeClock(NOW)
+    await store.write(lambda tx: tx.enqueue(_message("a", clock)))
+    (row,) = [r for r, _ in await store.due_outbox(NOW, 10)]
+    slow = asyncio.create_task(store._fetchall(_SLOW_READ))
+    await asyncio.sleep(0.05)  # the slow read's statement has started: its snapshot predates the mark
+    await store.write(lambda tx: tx.mark_sent(row.id, "250 2.0.0 Ok"))
+    due = asyncio.create_task(store.due_mail(NOW, 10))  # queued on the reader behind the slow read
+    assert (await slow)[0][0] == 3_000_001
+    assert [m.row.idempotency_key for m in await due] == []

@@ -1473,9 +1473,15 @@ class SqliteStore:
 
     # ---- reads -------------------------------------------------------------------------------
 
-    async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        async with self._reader.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+    async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """All rows of one read, in one hop to the reader's thread.
+
+        Never an ``execute`` hop then a ``fetchall`` hop: between the two the statement is open,
+        so the connection's read transaction is too, and a read another task queued meanwhile
+        runs in that snapshot, older than commits it should see. The mail sender's due-mail read
+        then returned a row whose "sent" mark had committed, and sent it again.
+        """
+        return await _call(self._reader, _fetch_all, sql, params)
 
     async def went_live_at(self) -> datetime:
         rows = await self._fetchall("SELECT value FROM meta WHERE key = 'went_live_at'")
@@ -1565,9 +1571,13 @@ class SqliteStore:
     async def calls(self, account: str | None = None) -> list[dict[str, Any]]:
         """Stored CDRs, oldest first (tests, export)."""
         sql = "SELECT * FROM cdrs WHERE ? IS NULL OR account = ? ORDER BY end_at, key"
-        async with self._reader.execute(sql, (account, account)) as cur:
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = conn.execute(sql, (account, account))
             names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return await _call(self._reader, read)
 
     async def event_counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT kind, COUNT(*) FROM processed_events GROUP BY kind")
@@ -1730,6 +1740,11 @@ def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
         smtp_reply=r[11],
         sent_at=from_db(r[12]) if r[12] else None,
     )
+
+
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """Run ``sql`` to its end: no statement is left open, so neither is a read transaction."""
+    return conn.execute(sql, params).fetchall()
 
 
 async def _call(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
