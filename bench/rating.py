@@ -364,7 +364,7 @@ class TimedConnection:
 def profile_run(path: Path, cdrs: list[CallEnded], accounts: int, chunk: int) -> float:
     """One store run with cProfile on the loop thread and, separately, on the writer thread.
 
-    Relies on the store's private ``_run_batch(conn, jobs, now)``; if its shape changes, only the
+    Relies on the store's private ``_run_batch(conn, jobs, now, ...)``; if its shape changes, only the
     per-statement table is lost.
     """
     loop_profile, writer_profile = cProfile.Profile(), cProfile.Profile()
@@ -373,14 +373,14 @@ def profile_run(path: Path, cdrs: list[CallEnded], accounts: int, chunk: int) ->
     original = sqlite_store._run_batch
     started = threading.Event()  # set once the accounts are imported: only the CDRs are profiled
 
-    def profiled_batch(conn: Any, *rest: Any) -> Any:  # runs on the writer's thread
+    def profiled_batch(conn: Any, *rest: Any, **options: Any) -> Any:  # runs on the writer's thread
         if not started.is_set():
-            return original(conn, *rest)
+            return original(conn, *rest, **options)
         if isinstance(conn, sqlite3.Connection):
             conn = TimedConnection(conn, seconds, calls)
         writer_profile.enable()
         try:
-            return original(conn, *rest)
+            return original(conn, *rest, **options)
         finally:
             writer_profile.disable()
 

@@ -489,40 +489,6 @@ async def test_a_cdr_that_cannot_be_encoded_ahead_fails_alone(store: db.SqliteSt
     assert _rows(store, "SELECT key FROM processed_events") == [(good.key,)]  # the failed unit's claim undone
 
 
-async def test_batches_stay_short_while_the_sender_marks_mails(
-    store: db.SqliteStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After an urgent write (a sent mark), what is queued goes in batches of SENDING_BATCH units,
-    so the next mark waits behind a short batch; without one, everything queued goes in one."""
-    gate, running = threading.Event(), threading.Event()
-
-    def hold(tx: WriteTx) -> None:
-        running.set()
-        gate.wait(GUARD)
-
-    async def commits_for(n: int, *, urgent_first: bool) -> int:
-        gate.clear()
-        running.clear()
-        if urgent_first:
-            await store.write(lambda tx: None, urgent=True)
-        in_flight = asyncio.ensure_future(store.write(hold))
-        async with asyncio.timeout(GUARD):
-            while not running.is_set():
-                await asyncio.sleep(0.005)
-        before = store.commits
-        queued = [asyncio.ensure_future(store.write(lambda tx: None)) for _ in range(n)]
-        gate.set()
-        async with asyncio.timeout(GUARD):
-            await asyncio.gather(in_flight, *queued)
-        return store.commits - before
-
-    n = 3 * db.SENDING_BATCH
-    monkeypatch.setattr(db, "SENDING_QUIET", 3600.0)  # however slow the machine, still "sending"
-    assert await commits_for(n, urgent_first=True) == 1 + 3  # the held batch, then three short ones
-    monkeypatch.setattr(db, "SENDING_QUIET", 0.0)  # the sender went quiet
-    assert await commits_for(n, urgent_first=False) == 1 + 1  # the held batch, then one for all
-
-
 async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteStore) -> None:
     """The sender's "sent" marks: a crash between the relay's 250 and their commit sends the mail
     again, so they do not wait behind queued batches, only for the one in flight."""
@@ -554,4 +520,48 @@ async def test_an_urgent_write_commits_ahead_of_what_is_queued(store: db.SqliteS
     assert order == ["A", "U", "B", "C"]
     assert _rows(store, "SELECT key, value FROM meta WHERE key LIKE 'order:%' ORDER BY value") == [
         ("order:A", "1"), ("order:U", "2"), ("order:B", "3"), ("order:C", "4"),
+    ]  # fmt: skip
+
+
+async def test_an_urgent_write_joins_the_batch_in_flight_and_commits_it_at_once(store: db.SqliteStore) -> None:
+    """A "sent" mark queued while a batch runs does not wait for the whole batch: between two
+    of its jobs the mark joins it and the transaction commits, then the rest of the batch goes
+    on in a new one. The window in which a crash sends the mail again is one job long."""
+    gates = {name: threading.Event() for name in ("X", "A")}
+    running = {name: threading.Event() for name in ("X", "A")}
+    order: list[str] = []
+
+    def unit(name: str) -> Any:
+        def work(tx: WriteTx) -> str:
+            if name in gates:
+                running[name].set()
+                gates[name].wait(GUARD)
+            order.append(name)
+            tx.set_meta(f"order:{name}", str(len(order)))
+            return name
+
+        return work
+
+    async def until(event: threading.Event) -> None:
+        async with asyncio.timeout(GUARD):
+            while not event.is_set():
+                await asyncio.sleep(0.005)
+
+    first = asyncio.ensure_future(store.write(unit("X")))
+    await until(running["X"])  # X's batch is in flight; A and B queue behind it, for one batch
+    batch = [asyncio.ensure_future(store.write(unit(n))) for n in ("A", "B")]
+    await asyncio.sleep(0.05)
+    gates["X"].set()
+    await until(running["A"])  # the batch of A and B is in flight, A running
+    commits = store.commits
+    mark = asyncio.ensure_future(store.write(unit("U"), urgent=True))
+    await asyncio.sleep(0.05)
+    gates["A"].set()
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(first, *batch, mark)
+    assert results == ["X", "A", "B", "U"]
+    assert order == ["X", "A", "U", "B"]  # U ran before B, in A's transaction
+    assert store.commits - commits == 2  # A with U, then B
+    assert _rows(store, "SELECT key, value FROM meta WHERE key LIKE 'order:%' ORDER BY value") == [
+        ("order:X", "1"), ("order:A", "2"), ("order:U", "3"), ("order:B", "4"),
     ]  # fmt: skip

@@ -15,13 +15,11 @@ import contextlib
 import fcntl
 import functools
 import json
-import math
 import operator
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -51,10 +49,6 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
 """Units of work per transaction (a :meth:`SqliteStore.write_many` group joins a batch whole)."""
-SENDING_BATCH = 32
-"""The cap instead, for :data:`SENDING_QUIET` seconds after an urgent write: while the mail sender
-marks mails sent, a mark waits behind a short batch, not a full one (see ``_writer_loop``)."""
-SENDING_QUIET = 0.5
 _PREFETCH_CHUNK = 500  # keys per IN (...) list, well under SQLite's 32,766 variables
 
 
@@ -1218,53 +1212,101 @@ class _Job:
         return 1 if self.works is None else len(self.works)
 
 
+@dataclass
+class _Steal:
+    """The urgent lane as the writer's thread watches it during a batch (see :func:`_run_batch`)."""
+
+    lane: collections.deque[_Job]
+    report: Callable[[list[_Job], list[Any], int], None]  # jobs committed mid-batch, their outcomes
+    taken: list[_Job] = field(default_factory=list)  # every job taken from the lane
+
+
 def _run_batch(
-    conn: sqlite3.Connection, jobs: list[_Job], now: datetime, cache: _WriterCache | None = None
-) -> tuple[list[Any], int]:
+    conn: sqlite3.Connection,
+    jobs: list[_Job],
+    now: datetime,
+    cache: _WriterCache | None = None,
+    *,
+    steal: _Steal | None = None,
+) -> tuple[list[_Job], list[Any], int]:
     """One transaction for the batch, a savepoint per unit that runs SQL; runs on the writer's thread.
 
     The units' deferred writes are flushed just before COMMIT (:class:`_Batch`); ``cache`` is the
-    writer's :class:`_WriterCache` (a throwaway one when None). Returns each job's outcome, an
-    ``(ok, value)`` pair (a list of them for a :meth:`SqliteStore.write_many` group), and how many
-    outbox rows the committed units enqueued.
+    writer's :class:`_WriterCache` (a throwaway one when None).
+
+    ``steal`` watches the store's urgent lane (the mail sender's "sent" marks) between jobs: jobs
+    found there join the transaction at once and it commits, ``steal.report`` is told of every
+    job done so far, and the rest of the batch goes on in a new transaction. A mark thus waits
+    for one job of the batch in flight, not for all of it: a crash in between sends its mail again.
+
+    Returns the jobs not reported, each one's outcome (an ``(ok, value)`` pair, a
+    list of them for a :meth:`SqliteStore.write_many` group) and how many outbox rows they enqueued.
     """
-    outcomes: list[Any] = []
-    enqueued = 0
     if cache is None:
         cache = _WriterCache()
+    done: list[_Job] = []  # jobs of the transaction open now
+    outcomes: list[Any] = []
+    enqueued = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
-        cache.validate(conn)
-        batch = _Batch(cache, now)
-        prefetch = [key for job in jobs if job.prefetch for key in job.prefetch]
-        if prefetch:
-            batch.prefetch_claims(conn, prefetch)
-        for job in jobs:
-            if job.encoded:
-                batch.encoded.update(job.encoded)
-        for job in jobs:
+        batch = _begin(conn, cache, now, jobs)
+        for index, job in enumerate(jobs):
+            if steal is not None and steal.lane:
+                stolen = []
+                while steal.lane:
+                    stolen.append(steal.lane.popleft())
+                steal.taken.extend(stolen)
+                for extra in stolen:  # the lane's jobs are single units
+                    assert extra.work is not None
+                    outcome, added = _run_unit(conn, now, batch, extra.work)
+                    done.append(extra)
+                    outcomes.append(outcome)
+                    enqueued += added
+                _commit(conn, batch)
+                steal.report(done, outcomes, enqueued)
+                done, outcomes, enqueued = [], [], 0
+                conn.execute("BEGIN IMMEDIATE")
+                batch = _begin(conn, cache, now, jobs[index:])
             if job.works is None:
                 assert job.work is not None
                 outcome, added = _run_unit(conn, now, batch, job.work)
                 outcomes.append(outcome)
                 enqueued += added
-                continue
-            group = []
-            for work in job.works:
-                outcome, added = _run_unit(conn, now, batch, work)
-                group.append(outcome)
-                enqueued += added
-            outcomes.append(group)
-        batch.flush(conn)
-        crash_point("writer.before_commit")
-        conn.execute("COMMIT")
-        crash_point("writer.after_commit")
+            else:
+                group = []
+                for work in job.works:
+                    outcome, added = _run_unit(conn, now, batch, work)
+                    group.append(outcome)
+                    enqueued += added
+                outcomes.append(group)
+            done.append(job)
+        _commit(conn, batch)
     except BaseException:
         cache.clear()  # it may hold what is being rolled back
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return outcomes, enqueued
+    return done, outcomes, enqueued
+
+
+def _begin(conn: sqlite3.Connection, cache: _WriterCache, now: datetime, jobs: list[_Job]) -> _Batch:
+    """The deferred writes of a transaction just begun, with the claims of ``jobs`` read ahead."""
+    cache.validate(conn)
+    batch = _Batch(cache, now)
+    prefetch = [key for job in jobs if job.prefetch for key in job.prefetch]
+    if prefetch:
+        batch.prefetch_claims(conn, prefetch)
+    for job in jobs:
+        if job.encoded:
+            batch.encoded.update(job.encoded)
+    return batch
+
+
+def _commit(conn: sqlite3.Connection, batch: _Batch) -> None:
+    batch.flush(conn)
+    crash_point("writer.before_commit")
+    conn.execute("COMMIT")
+    crash_point("writer.after_commit")
 
 
 def _run_unit(
@@ -1330,7 +1372,6 @@ class SqliteStore:
         self._reader = reader
         self._queue: asyncio.Queue[_Job | _Wake | None] = asyncio.Queue()
         self._urgent: collections.deque[_Job] = collections.deque()  # committed ahead of the queue
-        self._urgent_at = -math.inf  # time.monotonic() of the last urgent batch
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         self.units = 0
@@ -1403,20 +1444,19 @@ class SqliteStore:
         return [value for _, value in await future]
 
     async def _writer_loop(self) -> None:
-        """Batch after batch, in queue order; urgent units first, in a batch of their own.
+        """Batch after batch, in queue order; urgent units first.
 
         The urgent lane is for the SMTP sender's "sent" marks: between a relay's 250 and the
         commit of its mark, a crash means the mail goes again. Behind a backlog of CDR groups
-        that window was several batches long; now it is at most the batch in flight, and while
-        marks keep coming (a sender working) batches are capped at :data:`SENDING_BATCH` units,
-        so that batch is short too.
+        that window was several batches long. Now a mark queued while the writer is idle or
+        between batches goes in a batch of its own, ahead of the queue, and one queued while a
+        batch runs joins that batch after the job running (see :func:`_run_batch`).
         """
         held: _Job | _Wake | None = _WAKE  # a job taken from the queue while urgent ones waited
         while True:
             if self._urgent:
                 jobs, stop_after = list(self._urgent), False
                 self._urgent.clear()
-                self._urgent_at = time.monotonic()
             else:
                 if isinstance(held, _Wake):
                     first = await self._queue.get()
@@ -1430,29 +1470,39 @@ class SqliteStore:
                     held = first
                     continue
                 jobs, stop_after = self._take_batch(first)
-            enqueued = 0
+            steal = _Steal(self._urgent, functools.partial(self._report, asyncio.get_running_loop()))
             try:
-                outcomes, enqueued = await _call(self._writer, _run_batch, jobs, self._clock.now(), self._cache)
+                tail, outcomes, enqueued = await _call(
+                    self._writer, functools.partial(_run_batch, steal=steal), jobs, self._clock.now(), self._cache
+                )
             except Exception as exc:
-                # COMMIT itself failed: every unit of the batch failed with it
-                log.error("db.commit_failed", error=str(exc), units=len(jobs))
-                outcomes = [(False, StorageError(f"commit failed: {exc}"))] * len(jobs)
+                # BEGIN or COMMIT failed: every unit of that transaction failed with it (the jobs
+                # of a transaction committed before it were settled already, and are skipped)
+                pending = [job for job in (*jobs, *steal.taken) if not job.future.done()]
+                log.error("db.commit_failed", error=str(exc), units=len(pending))
+                _settle(pending, [(False, StorageError(f"commit failed: {exc}"))] * len(pending))
             else:
-                self.commits += 1
-                self.units += sum(job.size for job in jobs)
-                if enqueued and self.on_outbox is not None:
-                    self.on_outbox()  # committed mail is delivered now, not at the next poll
-            _settle(jobs, outcomes)
+                self._committed(tail, outcomes, enqueued)
             if stop_after:
                 return
 
+    def _report(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], outcomes: list[Any], enqueued: int) -> None:
+        """A transaction committed in the middle of a batch (on the writer's thread)."""
+        loop.call_soon_threadsafe(self._committed, jobs, outcomes, enqueued)
+
+    def _committed(self, jobs: list[_Job], outcomes: list[Any], enqueued: int) -> None:
+        """Settle the jobs of a committed transaction; wake the mail sender if they enqueued mail."""
+        self.commits += 1
+        self.units += sum(job.size for job in jobs)
+        if enqueued and self.on_outbox is not None:
+            self.on_outbox()  # committed mail is delivered now, not at the next poll
+        _settle(jobs, outcomes)
+
     def _take_batch(self, first: _Job) -> tuple[list[_Job], bool]:
-        """Everything already queued (up to MAX_BATCH, or SENDING_BATCH while the sender marks
-        mails) joins ``first`` in one transaction."""
+        """Everything already queued (up to MAX_BATCH units) joins ``first`` in one transaction."""
         jobs = [first]
         units = first.size
-        cap = SENDING_BATCH if time.monotonic() - self._urgent_at < SENDING_QUIET else MAX_BATCH
-        while units < cap and not self._queue.empty():
+        while units < MAX_BATCH and not self._queue.empty():
             nxt = self._queue.get_nowait()
             if isinstance(nxt, _Wake):
                 continue  # the writer loop looks at the urgent lane before each batch
