@@ -565,3 +565,50 @@ async def test_an_urgent_write_joins_the_batch_in_flight_and_commits_it_at_once(
     assert _rows(store, "SELECT key, value FROM meta WHERE key LIKE 'order:%' ORDER BY value") == [
         ("order:X", "1"), ("order:A", "2"), ("order:U", "3"), ("order:B", "4"),
     ]  # fmt: skip
+
+
+async def test_when_the_rest_of_a_split_batch_fails_only_its_jobs_fail(
+    store: db.SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mark that joined a batch commits with the jobs before it; if the transaction of the jobs
+    after it then fails, those fail alone: what committed is reported as committed."""
+    gate, running = threading.Event(), threading.Event()
+    commits: list[int] = []
+    real_commit = db._commit
+
+    def commit(conn: sqlite3.Connection, batch: Any) -> None:
+        commits.append(1)
+        if len(commits) == 3:  # the blocker's, then A's with the mark, then B's
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(conn, batch)
+
+    def unit(name: str, hold: bool = False) -> Any:
+        def work(tx: WriteTx) -> str:
+            if hold:
+                running.set()
+                gate.wait(GUARD)
+            tx.set_meta(f"split:{name}", name)
+            return name
+
+        return work
+
+    blocker = threading.Event()
+    first = asyncio.ensure_future(store.write(lambda tx: blocker.wait(GUARD)))  # A and B queue behind it
+    await asyncio.sleep(0.05)
+    batch = [asyncio.ensure_future(store.write(unit("A", hold=True))), asyncio.ensure_future(store.write(unit("B")))]
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr(db, "_commit", commit)
+    blocker.set()
+    async with asyncio.timeout(GUARD):
+        while not running.is_set():
+            await asyncio.sleep(0.005)
+    mark = asyncio.ensure_future(store.write(unit("U"), urgent=True))
+    await asyncio.sleep(0.05)
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        outcomes = await asyncio.gather(first, *batch, mark, return_exceptions=True)
+    assert outcomes[1] == "A"
+    assert outcomes[3] == "U"
+    assert isinstance(outcomes[2], db.StorageError)
+    assert "disk I/O error" in str(outcomes[2])
+    assert _rows(store, "SELECT value FROM meta WHERE key LIKE 'split:%' ORDER BY value") == [("A",), ("U",)]
