@@ -1253,12 +1253,11 @@ def _run_batch(
         for index, job in enumerate(jobs):
             if steal is not None and steal.lane:
                 stolen = []
-                while steal.lane:
+                while steal.lane:  # this thread is the only one taking from it during a batch
                     stolen.append(steal.lane.popleft())
                 steal.taken.extend(stolen)
-                for extra in stolen:  # the lane's jobs are single units
-                    assert extra.work is not None
-                    outcome, added = _run_unit(conn, now, batch, extra.work)
+                for extra in stolen:
+                    outcome, added = _run_job(conn, now, batch, extra)
                     done.append(extra)
                     outcomes.append(outcome)
                     enqueued += added
@@ -1267,19 +1266,10 @@ def _run_batch(
                 done, outcomes, enqueued = [], [], 0
                 conn.execute("BEGIN IMMEDIATE")
                 batch = _begin(conn, cache, now, jobs[index:])
-            if job.works is None:
-                assert job.work is not None
-                outcome, added = _run_unit(conn, now, batch, job.work)
-                outcomes.append(outcome)
-                enqueued += added
-            else:
-                group = []
-                for work in job.works:
-                    outcome, added = _run_unit(conn, now, batch, work)
-                    group.append(outcome)
-                    enqueued += added
-                outcomes.append(group)
+            outcome, added = _run_job(conn, now, batch, job)
             done.append(job)
+            outcomes.append(outcome)
+            enqueued += added
         _commit(conn, batch)
     except BaseException:
         cache.clear()  # it may hold what is being rolled back
@@ -1287,6 +1277,19 @@ def _run_batch(
             conn.execute("ROLLBACK")
         raise
     return done, outcomes, enqueued
+
+
+def _run_job(conn: sqlite3.Connection, now: datetime, batch: _Batch, job: _Job) -> tuple[Any, int]:
+    """A job's outcome (a list of them for a group) and the outbox rows its units enqueued."""
+    if job.works is None:
+        assert job.work is not None
+        return _run_unit(conn, now, batch, job.work)
+    group, enqueued = [], 0
+    for work in job.works:
+        outcome, added = _run_unit(conn, now, batch, work)
+        group.append(outcome)
+        enqueued += added
+    return group, enqueued
 
 
 def _begin(conn: sqlite3.Connection, cache: _WriterCache, now: datetime, jobs: list[_Job]) -> _Batch:
@@ -1531,7 +1534,7 @@ class SqliteStore:
         runs in that snapshot, older than commits it should see. The mail sender's due-mail read
         then returned a row whose "sent" mark had committed, and sent it again.
         """
-        return await _call(self._reader, _fetch_all, sql, params)
+        return await _call(self._reader, _read_all, sql, params)
 
     async def went_live_at(self) -> datetime:
         rows = await self._fetchall("SELECT value FROM meta WHERE key = 'went_live_at'")
@@ -1792,7 +1795,7 @@ def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
     )
 
 
-def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+def _read_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
     """Run ``sql`` to its end: no statement is left open, so neither is a read transaction."""
     return conn.execute(sql, params).fetchall()
 
