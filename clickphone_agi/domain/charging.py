@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.events import CallEnded, Disposition
 from clickphone_agi.domain.money import Notice, RatedCall, format_ron
-from clickphone_agi.domain.numbers import InvalidNumber, normalise
+from clickphone_agi.domain.numbers import normalise_or_none
 from clickphone_agi.domain.rating import billed_seconds, cost
 from clickphone_agi.domain.tariffs import TariffTable
 from clickphone_agi.domain.thresholds import LowBalanceState, daily_limit_crossings, local_day, low_balance_step
@@ -48,15 +48,7 @@ class Numbering:
     international_prefix: str = "00"
 
     def normalise(self, number: str) -> str | None:
-        try:
-            return normalise(
-                number,
-                country_code=self.country_code,
-                national_prefix=self.national_prefix,
-                international_prefix=self.international_prefix,
-            )
-        except InvalidNumber:
-            return None
+        return normalise_or_none(number, self.country_code, self.national_prefix, self.international_prefix)
 
 
 def rate_call(call: CallEnded, table: TariffTable, numbering: Numbering, zone: ZoneInfo) -> RatedCall | None:

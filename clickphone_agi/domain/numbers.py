@@ -47,6 +47,7 @@ __all__ = [
     "compact",
     "is_emergency",
     "normalise",
+    "normalise_or_none",
 ]
 
 MAX_DIGITS = 15
@@ -140,10 +141,11 @@ def is_emergency(
     shorts, fulls = _emergency_forms(tuple(extra), country_code, national_prefix, international_prefix)
     if dialled in shorts:
         return True
-    return bool(fulls) and _full(dialled, country_code, national_prefix, international_prefix) in fulls
+    return bool(fulls) and normalise_or_none(dialled, country_code, national_prefix, international_prefix) in fulls
 
 
-def _full(number: str, country_code: str, national_prefix: str, international_prefix: str) -> str | None:
+def normalise_or_none(number: str, country_code: str, national_prefix: str, international_prefix: str) -> str | None:
+    """:func:`normalise`, or None for what is not a PSTN number (the caller decides what that means)."""
     try:
         return normalise(
             number,
@@ -161,7 +163,7 @@ def _emergency_forms(
 ) -> tuple[frozenset[str], frozenset[str]]:
     """The entries of ``extra`` as dialled digits, and those that are full numbers as E.164."""
     shorts = frozenset(compact(entry.strip()) for entry in extra)
-    fulls = {_full(short, country_code, national_prefix, international_prefix) for short in shorts}
+    fulls = {normalise_or_none(short, country_code, national_prefix, international_prefix) for short in shorts}
     return shorts, frozenset(e for e in fulls if e is not None)
 
 
