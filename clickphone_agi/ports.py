@@ -220,10 +220,13 @@ class WriteTx(Protocol):
 class Store(Protocol):
     """What the daemon's services need from storage."""
 
-    async def write(self, work: Callable[[WriteTx], T], *, urgent: bool = False) -> T:
+    async def write(self, work: Callable[[WriteTx], T], *, urgent: bool = False, durable: bool = True) -> T:
         """Run ``work`` in one write transaction (BEGIN IMMEDIATE … COMMIT) and return its result;
         ``urgent``: ahead of writes already queued (a sent mail's mark: the shorter the wait, the
-        fewer mails a crash can make go twice)."""
+        fewer mails a crash can make go twice). ``durable=False``: committed when this returns,
+        so it survives a crash or restart of the daemon, but made safe against power loss a few
+        milliseconds later, off the caller's path (an ``authorize`` reservation: a power cut also
+        ends the calls it holds budget for); mail it enqueues is made durable before it returns."""
         ...
 
     async def write_many(

@@ -1,0 +1,192 @@
+"""Relaxed commits: ``write(..., durable=False)`` (the ``authorize`` reservations).
+
+A batch of only such writes commits with ``synchronous=NORMAL`` (no fsync on the caller's path),
+the store's WAL-sync thread makes it durable against power loss soon after, and it survives a
+kill of the daemon at once. Everything else still commits FULL. Power loss itself cannot be
+made here; what can fail here is asserted: the level each batch commits with, that the WAL is
+synced after a relaxed commit (inline when it enqueued mail), that a "sent" mark never rides in
+a relaxed transaction, and that a SIGKILL right after a relaxed commit loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.clock import FakeClock
+from clickphone_agi.domain.money import Notice
+from clickphone_agi.ports import WriteTx
+
+NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
+GUARD = 10.0  # seconds; only a hang guard
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[db.SqliteStore]:
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    yield s
+    await s.close()
+
+
+async def _synchronous(store: db.SqliteStore) -> int:
+    """The writer connection's level now: 1 NORMAL, 2 FULL (it stays as the last batch set it)."""
+    return int(await db._call(store._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]))
+
+
+def _meta(name: str) -> Any:
+    def work(tx: WriteTx) -> str:
+        tx.set_meta(name, "1")
+        return name
+
+    return work
+
+
+def _rows(path: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def _until(check: Any) -> None:
+    async with asyncio.timeout(GUARD):
+        while not check():
+            await asyncio.sleep(0.002)
+
+
+async def test_a_relaxed_write_commits_normal_and_the_wal_is_synced_soon_after(store: db.SqliteStore) -> None:
+    syncs = store.wal_syncs
+    assert await store.write(_meta("held"), durable=False) == "held"
+    assert store.relaxed_commits == 1
+    assert await _synchronous(store) == 1  # NORMAL: COMMIT did not wait for the fsync
+    await _until(lambda: store.wal_syncs > syncs)  # the sync thread did, after it
+    assert _rows(store.path, "SELECT key FROM meta WHERE key = 'held'") == [("held",)]
+
+    assert await store.write(_meta("money")) == "money"  # durable by default: FULL again
+    assert store.relaxed_commits == 1
+    assert await _synchronous(store) == 2
+
+
+async def test_one_durable_write_in_the_batch_makes_it_commit_full(store: db.SqliteStore) -> None:
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(store.write(lambda tx: gate.wait(GUARD), durable=False))
+    await asyncio.sleep(0.05)  # the blocker's batch is in flight; the next two queue for one batch
+    queued = [
+        asyncio.ensure_future(store.write(_meta("relaxed"), durable=False)),
+        asyncio.ensure_future(store.write(_meta("durable"))),
+    ]
+    await asyncio.sleep(0.05)
+    commits = store.commits
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        await asyncio.gather(blocker, *queued)
+    assert store.commits - commits == 2  # the blocker's, then the two together
+    assert store.relaxed_commits == 1  # the blocker's only
+    assert await _synchronous(store) == 2
+
+
+async def test_a_relaxed_write_that_enqueues_mail_syncs_the_wal_before_it_returns(store: db.SqliteStore) -> None:
+    await store.write(_meta("warm-up"), durable=False)
+    await _until(lambda: store.wal_syncs >= 1)
+    await asyncio.sleep(3 * db.WAL_SYNC_INTERVAL)  # the sync thread has nothing left to do
+    syncs = store.wal_syncs
+    notice = Notice(
+        key="ipdeny:acct1001:1718000000.1",
+        kind="ip_denied",
+        recipient="ion.popescu@example.ro",
+        account="acct1001",
+        payload={"name": "Ion Popescu", "language": "ro"},
+    )
+    assert await store.write(lambda tx: tx.enqueue_notice(notice), durable=False) is True
+    assert store.wal_syncs == syncs + 1  # inline, before the commit was reported: not "soon after"
+    assert store.relaxed_commits == 2
+
+
+async def test_a_sent_mark_never_joins_a_relaxed_batch(store: db.SqliteStore) -> None:
+    """An urgent write queued while a relaxed batch runs waits for it and commits FULL on its own
+    (it would join a FULL batch in flight: see test_writer_batch)."""
+    gate, running = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def unit(name: str, hold: bool = False) -> Any:
+        def work(tx: WriteTx) -> str:
+            if hold:
+                running.set()
+                gate.wait(GUARD)
+            order.append(name)
+            tx.set_meta(f"order:{name}", str(len(order)))
+            return name
+
+        return work
+
+    blocker = threading.Event()
+    first = asyncio.ensure_future(store.write(lambda tx: blocker.wait(GUARD), durable=False))
+    await asyncio.sleep(0.05)
+    batch = [
+        asyncio.ensure_future(store.write(unit("A", hold=True), durable=False)),
+        asyncio.ensure_future(store.write(unit("B"), durable=False)),
+    ]
+    await asyncio.sleep(0.05)
+    blocker.set()
+    await _until(running.is_set)  # the relaxed batch of A and B is in flight, A running
+    commits, relaxed = store.commits, store.relaxed_commits
+    mark = asyncio.ensure_future(store.write(unit("U"), urgent=True))
+    await asyncio.sleep(0.05)
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(first, *batch, mark)
+    assert results[1:] == ["A", "B", "U"]
+    assert order == ["A", "B", "U"]  # U waited for the relaxed batch: no mid-batch commit
+    assert store.commits - commits == 2  # A with B, then U
+    assert store.relaxed_commits - relaxed == 1
+    assert await _synchronous(store) == 2  # U's commit was FULL
+
+
+async def test_a_relaxed_commit_survives_a_sigkill_right_after_it(tmp_path: Path) -> None:
+    """The daemon killed the moment a reservation's write returned: the row is there on restart."""
+    path = tmp_path / "killed.db"
+    child = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        from datetime import UTC, datetime
+        from pathlib import Path
+        from clickphone_agi.adapters.storage.sqlite import SqliteStore
+        from clickphone_agi.clock import FakeClock
+
+        async def main():
+            store = await SqliteStore.open(Path({str(path)!r}), FakeClock(datetime(2026, 11, 28, 14, tzinfo=UTC)))
+            store.start()
+            def work(tx):
+                tx.set_meta("reserved", "yes")
+            await store.write(work, durable=False)
+            assert store.relaxed_commits == 1
+            print("committed", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", child, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert out.decode().splitlines()[-1] == "committed"  # (structlog's default output before it)
+    assert Path(f"{path}-wal").exists()  # killed before any close could checkpoint it away
+    assert _rows(path, "SELECT value FROM meta WHERE key = 'reserved'") == [("yes",)]
