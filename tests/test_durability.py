@@ -190,3 +190,51 @@ async def test_a_relaxed_commit_survives_a_sigkill_right_after_it(tmp_path: Path
     assert out.decode().splitlines()[-1] == "committed"  # (structlog's default output before it)
     assert Path(f"{path}-wal").exists()  # killed before any close could checkpoint it away
     assert _rows(path, "SELECT value FROM meta WHERE key = 'reserved'") == [("yes",)]
+
+
+async def test_a_hop_waiting_for_the_writers_thread_runs_between_two_batches_of_a_drain(
+    store: db.SqliteStore,
+) -> None:
+    """The writer's thread drains batch after batch while jobs keep coming; a checkpoint (or any
+    other hop on that thread) queued meanwhile runs after the batch in flight, not after the burst."""
+    gate, running = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def unit(name: str, hold: bool = False) -> Any:
+        def work(tx: WriteTx) -> str:
+            if hold:
+                running.set()
+                gate.wait(GUARD)
+            order.append(name)
+            tx.set_meta(f"drain:{name}", name)
+            return name
+
+        return work
+
+    first = asyncio.ensure_future(store.write(unit("A", hold=True)))
+    await _until(running.is_set)
+    second = asyncio.ensure_future(store.write(unit("B")))  # the next batch of the same drain
+    await asyncio.sleep(0.02)
+    hop = asyncio.ensure_future(db._call(store._writer, lambda conn: order.append("hop")))
+    await asyncio.sleep(0.02)
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        assert await asyncio.gather(first, second) == ["A", "B"]
+        await hop
+    assert order == ["A", "hop", "B"]
+
+
+async def test_a_write_after_close_began_is_refused_not_left_hanging(tmp_path: Path) -> None:
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    gate = threading.Event()
+    queued = asyncio.ensure_future(s.write(lambda tx: gate.wait(GUARD)))
+    await asyncio.sleep(0.02)
+    closing = asyncio.ensure_future(s.close())
+    await asyncio.sleep(0.02)
+    with pytest.raises(db.StorageError, match="not running"):
+        await s.write(_meta("late"))
+    gate.set()
+    async with asyncio.timeout(GUARD):
+        assert await queued is True  # what was queued before close is finished
+        await closing

@@ -1453,13 +1453,6 @@ def _run_unit(
     return outcome, added
 
 
-class _Wake:
-    """Queued with each urgent job, to wake the writer; its job waits in the urgent lane."""
-
-
-_WAKE = _Wake()
-
-
 def _settle(jobs: list[_Job], outcomes: list[Any]) -> None:
     """Hand each job its outcome: a value or exception, or a write_many group's list of them."""
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -1488,9 +1481,14 @@ class SqliteStore:
         self._clock = clock
         self._writer = writer
         self._reader = reader
-        self._queue: asyncio.Queue[_Job | _Wake | None] = asyncio.Queue()
+        # the lanes the writer's thread drains (see _drain); the loop appends under _lanes_lock
+        self._lanes_lock = threading.Lock()
+        self._queue: collections.deque[_Job | None] = collections.deque()  # None: stop after what is before it
         self._urgent: collections.deque[_Job] = collections.deque()  # committed ahead of the queue
-        self._task: asyncio.Task[None] | None = None
+        self._draining = False  # a _drain hop is queued or running on the writer's thread
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start(): where jobs are settled
+        self._closing = False
+        self._stopped: asyncio.Future[None] | None = None
         self._durability = _Durability(Path(f"{path}-wal"))
         self.commits = 0
         self.units = 0
@@ -1523,9 +1521,10 @@ class SqliteStore:
         return cls(path, clock, writer, reader)
 
     def start(self) -> None:
-        if self._task is None:
+        """Let writes in; their jobs are settled on the running event loop."""
+        if self._loop is None:
             self._durability.start()
-            self._task = asyncio.get_running_loop().create_task(self._writer_loop(), name="db-writer")
+            self._loop = asyncio.get_running_loop()
 
     @property
     def wal_syncs(self) -> int:
@@ -1534,16 +1533,10 @@ class SqliteStore:
 
     async def write(self, work: Callable[[WriteTx], T], *, urgent: bool = False, durable: bool = True) -> T:
         """Run ``work`` as one unit of work in the next batch; an ``urgent`` one goes in a batch of
-        its own ahead of everything queued (a mail's "sent" mark: see :meth:`_writer_loop`). A
-        batch of only ``durable=False`` units commits relaxed (:class:`_Durability`)."""
-        if self._task is None:
-            raise StorageError("store writer is not running")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        if urgent:
-            self._urgent.append(_Job(work, future, durable=durable))
-            self._queue.put_nowait(_WAKE)
-        else:
-            self._queue.put_nowait(_Job(work, future, durable=durable))
+        its own ahead of everything queued (a mail's "sent" mark: see :meth:`_drain`). A batch of
+        only ``durable=False`` units commits relaxed (:class:`_Durability`)."""
+        future: asyncio.Future[T] = self._running_loop().create_future()
+        self._submit(_Job(work, future, durable=durable), urgent=urgent)
         return await future
 
     async def write_many(
@@ -1561,91 +1554,132 @@ class SqliteStore:
         in a few statements instead of one each; the rows of ``records`` (CDRs and their ratings)
         are encoded here, on the event loop, instead of on the writer's thread.
         """
-        if self._task is None:
-            raise StorageError("store writer is not running")
+        loop = self._running_loop()
         if not works:
             return []
-        future: asyncio.Future[list[tuple[bool, Any]]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[tuple[bool, Any]]] = loop.create_future()
         encoded = _encode(records) if records else None
-        self._queue.put_nowait(_Job(None, future, list(works), list(prefetch_claims) or None, encoded))
+        self._submit(_Job(None, future, list(works), list(prefetch_claims) or None, encoded))
         return [value for _, value in await future]
 
-    async def _writer_loop(self) -> None:
-        """Batch after batch, in queue order; urgent units first.
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._closing:
+            raise StorageError("store writer is not running")
+        return self._loop
+
+    def _submit(self, job: _Job | None, *, urgent: bool = False) -> None:
+        """Queue ``job`` (None: stop) and, unless the writer's thread is draining, start it."""
+        with self._lanes_lock:
+            if job is not None and urgent:
+                self._urgent.append(job)
+            else:
+                self._queue.append(job)
+            if self._draining:
+                return  # the drain takes it before it stops: it looks under the same lock
+            self._draining = True
+        self._writer._tx.put_nowait((None, self._drain))  # aiosqlite's own hop, without a future (see _call)
+
+    def _drain(self) -> None:
+        """Batch after batch, in queue order, urgent jobs first; runs on the writer's thread.
+
+        One hop of the writer's thread runs every batch queued and takes new jobs as they come,
+        until both lanes are empty. A write thus costs the event loop no hop of its own and no
+        turn to resume a writer task, only the ``call_soon_threadsafe`` that settles its
+        transaction's jobs. If another hop waits for this thread (a checkpoint), the drain goes
+        to the back of its queue between two batches.
 
         The urgent lane is for the SMTP sender's "sent" marks: between a relay's 250 and the
         commit of its mark, a crash means the mail goes again. Behind a backlog of CDR groups
-        that window was several batches long. Now a mark queued while the writer is idle or
-        between batches goes in a batch of its own, ahead of the queue, and one queued while a
-        batch runs joins that batch after the job running (see :func:`_run_batch`).
+        that window was several batches long. A mark queued between batches goes in a batch of
+        its own, ahead of the queue, and one queued while a FULL batch runs joins that batch
+        after the job running (see :func:`_run_batch`).
         """
-        held: _Job | _Wake | None = _WAKE  # a job taken from the queue while urgent ones waited
+        loop = self._loop
+        assert loop is not None
         while True:
-            if self._urgent:
-                jobs, stop_after = list(self._urgent), False
-                self._urgent.clear()
-            else:
-                if isinstance(held, _Wake):
-                    first = await self._queue.get()
-                else:
-                    first, held = held, _WAKE
-                if isinstance(first, _Wake):
-                    continue  # its urgent job is in the lane (or was taken with an earlier one)
-                if first is None:
-                    return
+            with self._lanes_lock:
                 if self._urgent:
-                    held = first
-                    continue
-                jobs, stop_after = self._take_batch(first)
-            steal = _Steal(self._urgent, functools.partial(self._report, asyncio.get_running_loop()))
-            relaxed = not any(job.durable for job in jobs)
-            run = functools.partial(_run_batch, steal=steal, durability=self._durability, relaxed=relaxed)
-            try:
-                tail, outcomes, enqueued = await _call(self._writer, run, jobs, self._clock.now(), self._cache)
-            except Exception as exc:
-                # BEGIN or COMMIT failed: every unit of that transaction failed with it (the jobs
-                # of a transaction committed before it were settled already, and are skipped)
-                pending = [job for job in (*jobs, *steal.taken) if not job.future.done()]
-                log.error("db.commit_failed", error=str(exc), units=len(pending))
-                _settle(pending, [(False, StorageError(f"commit failed: {exc}"))] * len(pending))
-            else:
-                self.relaxed_commits += relaxed
-                self._committed(tail, outcomes, enqueued)
-            if stop_after:
+                    jobs, stop = list(self._urgent), False
+                    self._urgent.clear()
+                elif self._queue:
+                    jobs, stop = self._take_batch()
+                else:
+                    self._draining = False
+                    return
+            if jobs:
+                self._run_jobs(loop, jobs)
+            if stop:
+                with self._lanes_lock:
+                    self._draining = False
+                loop.call_soon_threadsafe(self._drained)
                 return
+            if not self._writer._tx.empty():  # another hop waits for this thread: let it run first
+                self._writer._tx.put_nowait((None, self._drain))
+                return
+
+    def _run_jobs(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        """One batch (on the writer's thread); its jobs are settled on the loop."""
+        steal = _Steal(self._urgent, functools.partial(self._report, loop))
+        relaxed = not any(job.durable for job in jobs)
+        try:
+            tail, outcomes, enqueued = _run_batch(
+                self._writer._conn,
+                jobs,
+                self._clock.now(),
+                self._cache,
+                steal=steal,
+                durability=self._durability,
+                relaxed=relaxed,
+            )
+        except Exception as exc:
+            # BEGIN or COMMIT failed: every unit of that transaction failed with it (the jobs
+            # of a transaction committed before it were settled already, and are skipped)
+            loop.call_soon_threadsafe(self._failed, [*jobs, *steal.taken], exc)
+        else:
+            loop.call_soon_threadsafe(self._committed, tail, outcomes, enqueued, relaxed)
+
+    def _take_batch(self) -> tuple[list[_Job], bool]:
+        """The queue's first jobs, up to MAX_BATCH units, for one transaction; True after the stop."""
+        jobs: list[_Job] = []
+        units = 0
+        queue = self._queue
+        while queue and units < MAX_BATCH:
+            job = queue.popleft()
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            units += job.size
+        return jobs, False
 
     def _report(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], outcomes: list[Any], enqueued: int) -> None:
         """A transaction committed in the middle of a batch (on the writer's thread)."""
-        loop.call_soon_threadsafe(self._committed, jobs, outcomes, enqueued)
+        loop.call_soon_threadsafe(self._committed, jobs, outcomes, enqueued, False)
 
-    def _committed(self, jobs: list[_Job], outcomes: list[Any], enqueued: int) -> None:
+    def _committed(self, jobs: list[_Job], outcomes: list[Any], enqueued: int, relaxed: bool) -> None:
         """Settle the jobs of a committed transaction; wake the mail sender if they enqueued mail."""
         self.commits += 1
+        self.relaxed_commits += relaxed
         self.units += sum(job.size for job in jobs)
         if enqueued and self.on_outbox is not None:
             self.on_outbox()  # committed mail is delivered now, not at the next poll
         _settle(jobs, outcomes)
 
-    def _take_batch(self, first: _Job) -> tuple[list[_Job], bool]:
-        """Everything already queued (up to MAX_BATCH units) joins ``first`` in one transaction."""
-        jobs = [first]
-        units = first.size
-        while units < MAX_BATCH and not self._queue.empty():
-            nxt = self._queue.get_nowait()
-            if isinstance(nxt, _Wake):
-                continue  # the writer loop looks at the urgent lane before each batch
-            if nxt is None:
-                return jobs, True
-            jobs.append(nxt)
-            units += nxt.size
-        return jobs, False
+    def _failed(self, jobs: list[_Job], exc: Exception) -> None:
+        pending = [job for job in jobs if not job.future.done()]
+        log.error("db.commit_failed", error=str(exc), units=len(pending))
+        _settle(pending, [(False, StorageError(f"commit failed: {exc}"))] * len(pending))
+
+    def _drained(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
 
     async def close(self) -> None:
         """Finish every queued write, then close both connections."""
-        if self._task is not None:
-            self._queue.put_nowait(None)
-            await self._task
-            self._task = None
+        if self._loop is not None and not self._closing:
+            self._closing = True
+            self._stopped = self._loop.create_future()
+            self._submit(None)
+            await self._stopped
             await asyncio.to_thread(self._durability.stop)
         await self._reader.close()
         await self._writer.close()
@@ -1930,7 +1964,8 @@ async def _call(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) ->
     """Run ``fn(sqlite3_connection, *args)`` on the connection's own thread: one hop.
 
     aiosqlite has no public API for this; ``_execute`` is how its own methods do it (pinned
-    to aiosqlite < 0.23 in pyproject.toml, covered by the storage tests).
+    to aiosqlite < 0.23 in pyproject.toml, covered by the storage tests). The writer's drain
+    (:meth:`SqliteStore._drain`) puts itself on the same thread's queue, ``_tx``, without a future.
     """
     raw = conn._conn
     execute = cast(Callable[..., Any], conn._execute)
