@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,6 +34,7 @@ from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
 
+REPO = Path(__file__).resolve().parent.parent
 TZ = ZoneInfo("Europe/Bucharest")
 NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
 SINCE = datetime(2026, 1, 1, tzinfo=TZ)
@@ -153,6 +158,58 @@ async def test_twenty_concurrent_authorisations_never_exceed_the_budget(tmp_path
         held_after, _ = await store.write(lambda tx: tx.reservations("acct1001"))
         assert held_after == held + again.reserve
         assert held_after <= 200
+    finally:
+        await store.close()
+
+
+async def test_twenty_concurrent_authorisations_hold_their_budget_across_a_sigkill(tmp_path: Path) -> None:
+    """Reservations commit relaxed (no fsync on the call's path): a daemon killed the moment the
+    twenty answers are out still holds every reserved ban when it comes back."""
+    path = tmp_path / "killed.db"
+    child = textwrap.dedent(
+        f"""
+        import asyncio, os, signal
+        from pathlib import Path
+        from clickphone_agi.adapters.storage.sqlite import SqliteStore
+        from clickphone_agi.clock import FakeClock
+        from clickphone_agi.domain.accounts import Account
+        from tests.test_money import NOW, provision, service
+
+        async def main():
+            store = await SqliteStore.open(Path({str(path)!r}), FakeClock(NOW))
+            store.start()
+            wide = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None,
+                           max_concurrent_calls=100, max_call_seconds=600)
+            await provision(store, 200, wide)
+            money = service(store)
+            decisions = await asyncio.gather(
+                *(money.authorize("acct1001", "0721000001", "127.0.0.1", f"c{{i}}") for i in range(20))
+            )
+            assert store.relaxed_commits >= 1
+            print(sum(d.reserve for d in decisions if d.allow), sum(d.allow for d in decisions), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", child, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert Path(f"{path}-wal").exists()  # killed before a close could checkpoint the WAL away
+    held, allowed = (int(x) for x in out.decode().splitlines()[-1].split())
+    assert 0 < held <= 200
+    assert allowed >= 1
+
+    store = await SqliteStore.open(path, FakeClock(NOW))  # the restart after the kill
+    store.start()
+    try:
+        assert await store.write(lambda tx: tx.reservations("acct1001")) == (held, allowed)
+        again = await service(store).authorize("acct1001", "0721000001", "127.0.0.1", "after-kill")
+        held_after, _ = await store.write(lambda tx: tx.reservations("acct1001"))
+        assert held_after == held + again.reserve <= 200
     finally:
         await store.close()
 
