@@ -4,9 +4,9 @@ Durability settings follow ``shared/NOTES.md``: WAL, ``synchronous=FULL`` (money
 must survive power loss, not only a crash), ``secure_delete=ON`` (deleted mail bodies are
 overwritten). A batch of only ``durable=False`` writes (``authorize`` reservations) commits with
 ``synchronous=NORMAL`` and a thread of its own syncs the WAL soon after (:class:`_Durability`).
-Exactly one writer: a single task owns the writer connection and runs each batch of queued units
-of work in one thread hop — one ``BEGIN IMMEDIATE``, a ``SAVEPOINT`` per unit so
-one failing unit rolls back alone, one ``COMMIT`` (one fsync) for the batch.
+Exactly one writer: the writer connection's own thread drains the queued units of work batch
+after batch (:meth:`SqliteStore._drain`) — one ``BEGIN IMMEDIATE``, a ``SAVEPOINT`` per unit so
+one failing unit rolls back alone, one ``COMMIT`` (one fsync, unless relaxed) for the batch.
 """
 
 from __future__ import annotations
@@ -1274,6 +1274,23 @@ class _Durability:
         """A relaxed commit happened: sync the WAL soon (thread-safe, never blocks)."""
         self._wanted.set()
 
+    def committed(self, *, mail: bool) -> None:
+        """After a relaxed ``COMMIT``, on the writer's thread: sync soon, or now if it enqueued mail
+        (so mail is durable before anyone is told it committed). The commit stands either way: a
+        failed sync is logged and left to the thread to try again, not reported as a failed commit."""
+        if mail:
+            try:
+                self.sync()
+                return
+            except OSError as exc:
+                self._failed(exc)
+        self.request()
+
+    def _failed(self, exc: OSError) -> None:
+        with self._lock:
+            self.failures += 1
+        log.error("db.wal_sync_failed", path=str(self._wal), error=str(exc))
+
     def sync(self) -> None:
         """fsync the WAL file now (on the calling thread): every commit written to it is durable.
 
@@ -1300,9 +1317,7 @@ class _Durability:
             try:
                 self.sync()
             except OSError as exc:
-                with self._lock:
-                    self.failures += 1
-                log.error("db.wal_sync_failed", path=str(self._wal), error=str(exc))
+                self._failed(exc)
             if self._stopping.wait(self._interval):
                 return
 
@@ -1317,7 +1332,7 @@ class _Durability:
         try:
             self.sync()
         except OSError as exc:
-            log.error("db.wal_sync_failed", path=str(self._wal), error=str(exc))
+            self._failed(exc)
 
 
 def _run_batch(
@@ -1382,10 +1397,7 @@ def _run_batch(
             enqueued += added
         _commit(conn, batch)
         if relaxed and durability is not None:
-            if enqueued:
-                durability.sync()  # mail is durable before anyone is told it committed
-            else:
-                durability.request()
+            durability.committed(mail=bool(enqueued))
     except BaseException:
         cache.clear()  # it may hold what is being rolled back
         if conn.in_transaction:
@@ -1596,6 +1608,15 @@ class SqliteStore:
         """
         loop = self._loop
         assert loop is not None
+        try:
+            self._drain_lanes(loop)
+        except BaseException:  # a bug, or the loop closed under it: the next write starts a new drain
+            with self._lanes_lock:
+                self._draining = False
+            log.exception("db.writer_drain_failed")
+            raise
+
+    def _drain_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             with self._lanes_lock:
                 if self._urgent:
