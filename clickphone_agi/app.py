@@ -641,7 +641,7 @@ class Daemon:
             "outbox": await parts.store.outbox_counts(),
             "mail": mail,
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
-            "storage": {"commits": parts.store.commits, "units": parts.store.units},
+            "storage": parts.store.stats(),
             **await self._status_extra(parts, ami_status, mail),
         }
 

@@ -145,8 +145,12 @@ async def test_metrics_and_health(api: Api) -> None:
     async with api.session.get(api.base + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    names = {family.name for family in text_string_to_metric_families(text)}
-    assert {"clickphone_ami_events", "clickphone_ingest_queue_depth", "clickphone_outbox_messages"} <= names
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"clickphone_ami_events", "clickphone_ingest_queue_depth", "clickphone_outbox_messages"} <= set(families)
+    storage = {name: families[f"clickphone_storage_{name}"].samples[0].value for name in ("commits", "relaxed_commits")}
+    assert storage["commits"] >= 1  # the daemon's own writes at start (went live, the retention run, ...)
+    assert storage["relaxed_commits"] == 0  # no authorize yet: nothing committed without fsync
+    assert families["clickphone_storage_wal_sync_failures"].samples[0].value == 0
     async with api.session.get(api.base + "/healthz") as resp:
         assert resp.status == 200
         body = await resp.json()

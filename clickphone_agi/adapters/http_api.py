@@ -140,6 +140,13 @@ class StatusCollector(Collector):
         for kind, count in sorted(((s.get("notices") or {}).get("queued") or {}).items()):
             notices.add_metric([str(kind)], float(count))
         yield notices
+        storage = s.get("storage") or {}
+        for name, doc in (
+            ("commits", "SQLite write transactions committed since start"),
+            ("relaxed_commits", "of them, reservation batches committed without fsync (synced within 10 ms)"),
+            ("wal_sync_failures", "failed fsyncs of the WAL after relaxed commits (a disk problem: act on it)"),
+        ):
+            yield CounterMetricFamily(f"clickphone_storage_{name}", doc, value=float(storage.get(name, 0)))
         yield from _figure_families(self.figures)
         yield from _retention_metrics(s.get("retention"))
 

@@ -1543,6 +1543,16 @@ class SqliteStore:
         """WAL syncs made for relaxed commits (by the sync thread or inline)."""
         return self._durability.syncs
 
+    def stats(self) -> dict[str, int]:
+        """The writer's counters, for ``status`` and ``/metrics``."""
+        return {
+            "commits": self.commits,
+            "units": self.units,
+            "relaxed_commits": self.relaxed_commits,
+            "wal_syncs": self._durability.syncs,
+            "wal_sync_failures": self._durability.failures,
+        }
+
     async def write(self, work: Callable[[WriteTx], T], *, urgent: bool = False, durable: bool = True) -> T:
         """Run ``work`` as one unit of work in the next batch; an ``urgent`` one goes in a batch of
         its own ahead of everything queued (a mail's "sent" mark: see :meth:`_drain`). A batch of
