@@ -59,6 +59,26 @@ def _rows(path: Path, sql: str) -> list[Any]:
         conn.close()
 
 
+class _Recorder:
+    """Units that record the order they ran in on the writer's thread; ``hold=True`` makes one
+    wait there (``running`` set) until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.gate, self.running = threading.Event(), threading.Event()
+
+    def unit(self, name: str, hold: bool = False) -> Any:
+        def work(tx: WriteTx) -> str:
+            if hold:
+                self.running.set()
+                self.gate.wait(GUARD)
+            self.order.append(name)
+            tx.set_meta(f"order:{name}", str(len(self.order)))
+            return name
+
+        return work
+
+
 async def _until(check: Any) -> None:
     async with asyncio.timeout(GUARD):
         while not check():
@@ -116,38 +136,25 @@ async def test_a_relaxed_write_that_enqueues_mail_syncs_the_wal_before_it_return
 async def test_a_sent_mark_never_joins_a_relaxed_batch(store: db.SqliteStore) -> None:
     """An urgent write queued while a relaxed batch runs waits for it and commits FULL on its own
     (it would join a FULL batch in flight: see test_writer_batch)."""
-    gate, running = threading.Event(), threading.Event()
-    order: list[str] = []
-
-    def unit(name: str, hold: bool = False) -> Any:
-        def work(tx: WriteTx) -> str:
-            if hold:
-                running.set()
-                gate.wait(GUARD)
-            order.append(name)
-            tx.set_meta(f"order:{name}", str(len(order)))
-            return name
-
-        return work
-
+    rec = _Recorder()
     blocker = threading.Event()
     first = asyncio.ensure_future(store.write(lambda tx: blocker.wait(GUARD), durable=False))
     await asyncio.sleep(0.05)
     batch = [
-        asyncio.ensure_future(store.write(unit("A", hold=True), durable=False)),
-        asyncio.ensure_future(store.write(unit("B"), durable=False)),
+        asyncio.ensure_future(store.write(rec.unit("A", hold=True), durable=False)),
+        asyncio.ensure_future(store.write(rec.unit("B"), durable=False)),
     ]
     await asyncio.sleep(0.05)
     blocker.set()
-    await _until(running.is_set)  # the relaxed batch of A and B is in flight, A running
+    await _until(rec.running.is_set)  # the relaxed batch of A and B is in flight, A running
     commits, relaxed = store.commits, store.relaxed_commits
-    mark = asyncio.ensure_future(store.write(unit("U"), urgent=True))
+    mark = asyncio.ensure_future(store.write(rec.unit("U"), urgent=True))
     await asyncio.sleep(0.05)
-    gate.set()
+    rec.gate.set()
     async with asyncio.timeout(GUARD):
         results = await asyncio.gather(first, *batch, mark)
     assert results[1:] == ["A", "B", "U"]
-    assert order == ["A", "B", "U"]  # U waited for the relaxed batch: no mid-batch commit
+    assert rec.order == ["A", "B", "U"]  # U waited for the relaxed batch: no mid-batch commit
     assert store.commits - commits == 2  # A with B, then U
     assert store.relaxed_commits - relaxed == 1
     assert await _synchronous(store) == 2  # U's commit was FULL
@@ -158,31 +165,18 @@ async def test_a_hop_waiting_for_the_writers_thread_runs_between_two_batches_of_
 ) -> None:
     """The writer's thread drains batch after batch while jobs keep coming; a checkpoint (or any
     other hop on that thread) queued meanwhile runs after the batch in flight, not after the burst."""
-    gate, running = threading.Event(), threading.Event()
-    order: list[str] = []
-
-    def unit(name: str, hold: bool = False) -> Any:
-        def work(tx: WriteTx) -> str:
-            if hold:
-                running.set()
-                gate.wait(GUARD)
-            order.append(name)
-            tx.set_meta(f"drain:{name}", name)
-            return name
-
-        return work
-
-    first = asyncio.ensure_future(store.write(unit("A", hold=True)))
-    await _until(running.is_set)
-    second = asyncio.ensure_future(store.write(unit("B")))  # the next batch of the same drain
+    rec = _Recorder()
+    first = asyncio.ensure_future(store.write(rec.unit("A", hold=True)))
+    await _until(rec.running.is_set)
+    second = asyncio.ensure_future(store.write(rec.unit("B")))  # the next batch of the same drain
     await asyncio.sleep(0.02)
-    hop = asyncio.ensure_future(db._call(store._writer, lambda conn: order.append("hop")))
+    hop = asyncio.ensure_future(db._call(store._writer, lambda conn: rec.order.append("hop")))
     await asyncio.sleep(0.02)
-    gate.set()
+    rec.gate.set()
     async with asyncio.timeout(GUARD):
         assert await asyncio.gather(first, second) == ["A", "B"]
         await hop
-    assert order == ["A", "hop", "B"]
+    assert rec.order == ["A", "hop", "B"]
 
 
 async def test_a_write_after_close_began_is_refused_not_left_hanging(tmp_path: Path) -> None:
@@ -216,5 +210,6 @@ async def test_a_failed_wal_sync_is_logged_and_the_commit_stands(store: db.Sqlit
         assert await store.write(lambda tx: tx.enqueue_notice(notice), durable=False) is True
     assert store._durability.failures >= 1  # inline, then maybe the thread's retry
     errors = [e["event"] for e in logs if e["log_level"] == "error"]
-    assert errors and set(errors) == {"db.wal_sync_failed"}
+    assert errors
+    assert set(errors) == {"db.wal_sync_failed"}
     assert _rows(store.path, "SELECT idempotency_key FROM outbox") == [(notice.key,)]
