@@ -51,6 +51,17 @@ def _meta(name: str) -> Any:
     return work
 
 
+def _alert(key: str, kind: str) -> Notice:
+    """A mail a denied authorize enqueues (the IP or no-funds alert): what makes a relaxed batch sync inline."""
+    return Notice(
+        key=key,
+        kind=kind,
+        recipient="ion.popescu@example.ro",
+        account="acct1001",
+        payload={"name": "Ion Popescu", "language": "ro"},
+    )
+
+
 def _rows(path: Path, sql: str) -> list[Any]:
     conn = sqlite3.connect(path)
     try:
@@ -121,13 +132,7 @@ async def test_a_relaxed_write_that_enqueues_mail_syncs_the_wal_before_it_return
     await _until(lambda: store.wal_syncs >= 1)
     await asyncio.sleep(3 * db.WAL_SYNC_INTERVAL)  # the sync thread has nothing left to do
     syncs = store.wal_syncs
-    notice = Notice(
-        key="ipdeny:acct1001:1718000000.1",
-        kind="ip_denied",
-        recipient="ion.popescu@example.ro",
-        account="acct1001",
-        payload={"name": "Ion Popescu", "language": "ro"},
-    )
+    notice = _alert("ipdeny:acct1001:1718000000.1", "ip_denied")
     assert await store.write(lambda tx: tx.enqueue_notice(notice), durable=False) is True
     assert store.wal_syncs == syncs + 1  # inline, before the commit was reported: not "soon after"
     assert store.relaxed_commits == 2
@@ -199,13 +204,7 @@ async def test_a_failed_wal_sync_is_logged_and_the_commit_stands(store: db.Sqlit
     """fdatasync can fail (EIO on a dying disk; here EINVAL, from a device that cannot sync): the
     relaxed commit has happened, so its caller gets its result, and the failure is loud."""
     store._durability._wal = Path("/dev/null")  # the one failure this machine can make: EINVAL
-    notice = Notice(
-        key="nofunds:acct1001:1718000000.2",
-        kind="insufficient_funds",
-        recipient="ion.popescu@example.ro",
-        account="acct1001",
-        payload={"name": "Ion Popescu", "language": "ro"},
-    )
+    notice = _alert("nofunds:acct1001:1718000000.2", "insufficient_funds")
     with capture_logs() as logs:
         assert await store.write(lambda tx: tx.enqueue_notice(notice), durable=False) is True
     assert store._durability.failures >= 1  # inline, then maybe the thread's retry
