@@ -32,7 +32,8 @@ def _free_port() -> int:
 async def daemon(write_config: Callable[..., Path]) -> AsyncIterator[tuple[Daemon, int]]:
     port = _free_port()
     cfg = write_config(
-        extra=f"agi:\n  enabled: true\n  port: {port}\nbilling:\n  tariffs_file: {TARIFFS}\n",
+        extra=f"agi:\n  enabled: true\n  port: {port}\nbilling:\n  tariffs_file: {TARIFFS}\n"
+        "  billing_cdr:\n    destination_contexts: [lab-outbound]\n",
     )
     d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
     task = asyncio.create_task(d.run())

@@ -155,3 +155,16 @@ def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: st
     assert proc.returncode == EX_CONFIG
     assert f"{f}: {needle}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_tariff_file_needs_a_billing_cdr_rule_that_excludes_other_legs(tmp_path: Path) -> None:
+    """Without a context or trunk pattern every ANSWERED Dial CDR would be charged: an inbound call
+    to a subscriber, and both halves of a Local-channel call."""
+    tariffs = _write(tmp_path / "tariffs.yaml", "currency: RON\ntariffs: []\n")
+    f = _write(tmp_path / "c.yaml", f"ami:\n  enabled: false\nbilling:\n  tariffs_file: {tariffs}\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}: billing.tariffs_file: with a tariff file, set billing.billing_cdr.")
+    assert "destination_channel_pattern" in problem
+    for rule in ("destination_contexts: [clickphone-outbound]", "destination_channel_pattern: ^PJSIP/trunk-"):
+        f.write_text(f"ami:\n  enabled: false\nbilling:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    {rule}\n")
+        assert load_config(f, environ={}).config.billing.tariffs_file == tariffs

@@ -211,7 +211,9 @@ async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
 ) -> None:
     tariffs = short_tmp / "tariffs.yaml"
     tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
-    cfg = write_config(extra=f"billing:\n  tariffs_file: {tariffs}\n")
+    cfg = write_config(
+        extra=f"billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
+    )
     notify = NotifySocket(short_tmp / "notify")
     daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
     await daemon.start()

@@ -21,7 +21,8 @@ ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
 
 
 def _cfg(write_config: Callable[..., Path]) -> str:
-    return str(write_config(extra=f"billing:\n  tariffs_file: {TARIFFS}\n"))
+    rule = "  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
+    return str(write_config(extra=f"billing:\n  tariffs_file: {TARIFFS}\n{rule}"))
 
 
 async def test_import_show_adjust_check_and_list(write_config: Callable[..., Path]) -> None:

@@ -170,16 +170,30 @@ class BillingCdrConfig(Section):
 class BillingConfig(Section):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "RON"
     timezone: TimeZoneName = "Europe/Bucharest"
+    billing_cdr: BillingCdrConfig = BillingCdrConfig()  # before tariffs_file, which is checked against it
     tariffs_file: Path | None = None
     country_code: Digits = "40"
     national_prefix: Annotated[str, Field(pattern=r"^[0-9]{0,4}$")] = "0"
     international_prefix: Digits = "00"
-    billing_cdr: BillingCdrConfig = BillingCdrConfig()
     daily_limit_warn_at: Annotated[tuple[Percent, ...], Field(min_length=1, max_length=10)] = (80, 100)
     insufficient_funds_every: PositiveSeconds = 21600
     ip_alert_every: PositiveSeconds = 3600
     emergency_numbers: tuple[Annotated[str, Field(pattern=r"^[0-9]{2,6}$")], ...] = ("112",)
     reservation_margin: PositiveSeconds = 300
+
+    @field_validator("tariffs_file")
+    @classmethod
+    def _billing_cdr_narrowed(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        rule = info.data.get("billing_cdr")
+        narrowed = rule is None or rule.destination_contexts or rule.destination_channel_pattern
+        if value is not None and not narrowed:
+            raise ValueError(
+                "with a tariff file, set billing.billing_cdr.destination_contexts (the outbound context) or"
+                " billing.billing_cdr.destination_channel_pattern (the trunk): without either, every ANSWERED"
+                " Dial CDR is charged, inbound calls to a subscriber and both halves of a Local-channel call"
+                " included"
+            )
+        return value
 
 
 class NotificationsConfig(Section):
