@@ -24,12 +24,12 @@ from clickphone_agi.clock import FakeClock
 from clickphone_agi.dialplan_vars import Reason
 from clickphone_agi.domain.accounts import Account, Mailbox
 from clickphone_agi.domain.ami_translate import TranslateContext, translate
-from clickphone_agi.domain.charging import BillingRule
+from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.rating import cost
 from clickphone_agi.domain.tariffs import TariffEntry, TariffTable
-from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from clickphone_agi.sim.ami_server import load_transcript, packaged_scenarios
@@ -325,3 +325,74 @@ async def test_tariff_change_at_midnight_rates_by_answer_time(store: SqliteStore
     costs = [r[0] for r in conn.execute("SELECT cost FROM rated_calls ORDER BY answered_at")]
     conn.close()
     assert costs == [3, 60]
+
+
+async def test_an_unanswered_call_frees_what_its_authorisation_reserved(store: SqliteStore) -> None:
+    """The recorded busy call: its CDRs (BUSY, NO ANSWER) charge nothing, and the one of the channel
+    that asked (the Dial in lab-outbound) ends its reservation at once, not MAXSEC + margin later."""
+    await provision(store, 5000)
+    money = service(store)
+    calls = _calls("busy_call")
+    (dial,) = [c for c in calls if c.last_application == "Dial"]
+    for i in (1, 2):
+        assert (await money.authorize("acct1001", "0212345678", "127.0.0.1", f"other{i}")).allow
+    assert (await money.authorize("acct1001", "0219999999", "127.0.0.1", dial.unique_id)).allow
+    full = await money.authorize("acct1001", "0212345678", "127.0.0.1", "fourth")
+    assert (full.allow, full.reason) == (False, Reason.TOO_MANY_CALLS)  # three calls up: the cap
+    held_before = (await store.write(lambda tx: tx.reservations("acct1001")))[0]
+    processor = EventProcessor(store, SINCE, money)
+    for call in calls:
+        await processor.handle(call)
+    held, active = await store.write(lambda tx: tx.reservations("acct1001"))
+    assert active == 2
+    assert 0 < held < held_before
+    assert money.charged == 0
+    assert await store.write(lambda tx: tx.balance("acct1001")) == 5000
+    assert (await money.authorize("acct1001", "0212345678", "127.0.0.1", "fourth")).allow
+
+
+async def test_a_channel_that_asks_again_replaces_its_reservation(store: SqliteStore) -> None:
+    """A dialplan that retries after BUSY asks again from the same channel (same uniqueid): the new
+    decision's reservation replaces the first one instead of being dropped beside it."""
+    await provision(store, 5000)
+    money = service(store)
+    first = await money.authorize("acct1001", "0212345678", "127.0.0.1", "chan-1")
+    assert await store.write(lambda tx: tx.reservations("acct1001")) == (first.reserve, 1)
+    again = await money.authorize("acct1001", "0721000001", "127.0.0.1", "chan-1")  # a dearer number
+    assert again.reserve != first.reserve
+    assert await store.write(lambda tx: tx.reservations("acct1001")) == (again.reserve, 1)
+
+
+async def test_an_emergency_call_is_never_charged_whatever_it_normalises_to(store: SqliteStore) -> None:
+    """With an empty national prefix, 112 normalises to +40112 and the +40 tariff would price it."""
+    await provision(store, 1000)
+    money = service(store, numbering=Numbering("40", "", "00"))
+    assert money.rate(dataclasses.replace(_dial("answered_call"), destination="112")) is not None  # priceable
+    decision = await money.authorize("acct1001", "112", "203.0.113.9", "e1")
+    assert (decision.allow, decision.reason) == (True, Reason.EMERGENCY)
+    processor = EventProcessor(store, SINCE, money)
+    call = dataclasses.replace(_dial("answered_call"), key="k112", unique_id="e1", destination="112")
+    assert await processor.handle(call) is True  # recorded
+    assert money.charged == 0
+    assert await store.write(lambda tx: tx.balance("acct1001")) == 1000
+
+
+async def test_manual_adjustments_warn_and_rearm_like_any_balance_move(store: SqliteStore) -> None:
+    account = dataclasses.replace(ACCOUNT, low_balance_threshold=500, daily_limit=None)
+    await provision(store, 600, account)
+    await store.write(adjust_unit("acct1001", -150, "correction", "adj-1"))  # 600 -> 450: below, warns
+    await store.write(adjust_unit("acct1001", -50, "correction", "adj-2"))  # still below: silent
+    await store.write(adjust_unit("acct1001", 300, "goodwill", "adj-3"))  # 700: re-armed
+    processor = EventProcessor(store, SINCE, service(store))
+    long = dataclasses.replace(_dial("answered_call"), key="k-long", billable_seconds=10_000, duration=10_000)
+    await processor.handle(long)  # 10,000 s at 3 bani/min = 500 bani: 700 -> 200
+    conn = sqlite3.connect(store.path)
+    keys = [k for (k,) in conn.execute("SELECT idempotency_key FROM outbox WHERE kind = 'low_balance' ORDER BY id")]
+    conn.close()
+    assert keys == ["lowbal:acct1001:adj-1", f"lowbal:acct1001:{long.key}"]
+    assert await store.write(lambda tx: tx.balance("acct1001")) == 200
+
+
+def _dial(name: str) -> CallEnded:
+    (call,) = [c for c in _calls(name) if c.last_application == "Dial"]
+    return call

@@ -108,21 +108,33 @@ def threshold_notices(
                 },
             )
         )
-    fire, new_state = low_balance_step(account.low_balance_threshold, balance_before, balance_after, low_state)
-    if fire and account.billing == "prepaid":
-        notices.append(
-            Notice(
-                key=f"lowbal:{account.code}:{rated.key}",
-                kind="low_balance",
-                recipient=account.email,
-                account=account.code,
-                payload={
-                    "balance": format_ron(balance_after, lang),
-                    "threshold": format_ron(account.low_balance_threshold, lang),
-                    "name": account.name,
-                    "language": lang,
-                },
-                lifetime=timedelta(days=2),
-            )
-        )
+    low, new_state = low_balance_notice(account, rated.key, balance_before, balance_after, low_state)
+    if low is not None:
+        notices.append(low)
     return notices, limit_fired | frozenset(fired), new_state
+
+
+def low_balance_notice(
+    account: Account, ref: str, balance_before: int, balance_after: int, state: LowBalanceState
+) -> tuple[Notice | None, LowBalanceState]:
+    """The "low balance" notice a balance move from ``balance_before`` to ``balance_after`` causes
+    (a call's charge, a manual adjustment; ``ref`` is the move's ledger ref), and the new state:
+    a fall below the threshold warns once, a rise back to it re-arms (:func:`low_balance_step`)."""
+    fire, new_state = low_balance_step(account.low_balance_threshold, balance_before, balance_after, state)
+    if not fire or account.billing != "prepaid":
+        return None, new_state
+    lang = account.language
+    notice = Notice(
+        key=f"lowbal:{account.code}:{ref}",
+        kind="low_balance",
+        recipient=account.email,
+        account=account.code,
+        payload={
+            "balance": format_ron(balance_after, lang),
+            "threshold": format_ron(account.low_balance_threshold, lang),
+            "name": account.name,
+            "language": lang,
+        },
+        lifetime=timedelta(days=2),
+    )
+    return notice, new_state

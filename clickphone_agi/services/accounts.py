@@ -7,6 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.charging import low_balance_notice
+from clickphone_agi.domain.thresholds import LowBalanceState
 from clickphone_agi.ports import WriteTx
 
 
@@ -28,10 +30,22 @@ def adjust_unit(code: str, amount: int, reason: str, ref: str) -> Any:
     """A manual ledger adjustment with its reason; ``ref`` makes a retried command harmless."""
 
     def unit(tx: WriteTx) -> dict[str, Any]:
-        if tx.get_account(code) is None:
+        account = tx.get_account(code)
+        if account is None:
             raise LookupError(f"no account {code!r}")
+        before = tx.balance(code)
         booked = tx.post_ledger(code, amount, "adjustment", ref, reason)
-        return {"account": code, "amount": amount, "booked": booked, "balance": tx.balance(code)}
+        after = tx.balance(code)
+        if booked:
+            # a correction moves the balance like a call or a top-up: one that takes it below the
+            # threshold warns, one that lifts it back re-arms the warning for the next fall
+            armed = LowBalanceState(armed=tx.get_state(code, "low_armed") != "0")
+            notice, state = low_balance_notice(account, ref, before, after, armed)
+            if notice is not None:
+                tx.enqueue_notice(notice)
+            if state != armed:
+                tx.set_state(code, "low_armed", "1" if state.armed else "0")
+        return {"account": code, "amount": amount, "booked": booked, "balance": after}
 
     return unit
 

@@ -207,11 +207,10 @@ class EventProcessor:
         """The event's unit of work: claim its key, record the CDR, charge it (rated here, now);
         and the CDR it records with its rating, if any (a hint for the store)."""
         call = event if record_call and isinstance(event, CallEnded) else None
-        money = self._money
-        if call is None or money is None or not money.is_billing_cdr(call):
-            money = None
+        money = self._money if call is not None else None
+        billing = money is not None and call is not None and money.is_billing_cdr(call)
         # rating is pure: done here, on the event loop, so that the writer's thread only reads and writes
-        rated = money.rate(call) if money is not None and call is not None else None
+        rated = money.rate(call) if billing and money is not None and call is not None else None
         key = event.key
 
         def unit(tx: WriteTx) -> bool:
@@ -221,9 +220,13 @@ class EventProcessor:
                 return False
             if call is not None:
                 tx.record_call(call)
-                if money is not None:
+                if billing and money is not None:
                     money.charge_rated(tx, call, rated)
                     crash_point("ingest.unit_applied")
+                elif money is not None:
+                    # busy, unanswered, failed, emergency: nothing to charge, but the call is over,
+                    # so the budget its authorize reserved is free again (not in two hours)
+                    tx.release(call.unique_id)
             return True
 
         return unit, ((call, rated) if call is not None else None)

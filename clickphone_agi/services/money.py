@@ -60,13 +60,16 @@ class MoneyService:
         s = self.settings
         # what needs no stored state is worked out here, on the event loop: the writer's thread,
         # which every authorize and CDR queue for, only reads the account's figures and decides
-        emergency = is_emergency(number, s.emergency_numbers)
+        emergency = self.is_emergency(number)
         destination = s.numbering.normalise(number)
         tariff = s.tariffs.match(destination, self._clock.now()) if destination else None
 
         def unit(tx: WriteTx) -> Decision:
             now = tx.now
             account = tx.get_account(account_code)
+            # a channel asks again only once its last Dial is over (a retry after BUSY, say): what
+            # that attempt reserved is replaced by this decision, not added to it or kept instead
+            tx.release(call_id)
             held, active = tx.reservations(account_code)
             facts = AuthFacts(
                 account=account,
@@ -160,7 +163,21 @@ class MoneyService:
     # ---- charging (called inside the CDR's unit of work) ----------------------------------
 
     def is_billing_cdr(self, call: CallEnded) -> bool:
-        return self.settings.rule.selects(call)
+        """The configured rule picks the billing CDR; an emergency call is never charged, whatever
+        its number normalises to (with an empty national prefix, 112 would look like +40112)."""
+        return self.settings.rule.selects(call) and not self.is_emergency(call.destination)
+
+    def is_emergency(self, number: str) -> bool:
+        """112 or a configured emergency number, compared in the configured numbering plan."""
+        s = self.settings
+        n = s.numbering
+        return is_emergency(
+            number,
+            s.emergency_numbers,
+            country_code=n.country_code,
+            national_prefix=n.national_prefix,
+            international_prefix=n.international_prefix,
+        )
 
     def rate(self, call: CallEnded) -> RatedCall | None:
         """The billing CDR rated by the current tariffs, or None if none covers it (pure: no storage)."""
