@@ -212,3 +212,79 @@ async def test_a_failed_wal_sync_is_logged_and_the_commit_stands(store: db.Sqlit
     assert errors
     assert set(errors) == {"db.wal_sync_failed"}
     assert _rows(store.path, "SELECT idempotency_key FROM outbox") == [(notice.key,)]
+
+
+async def test_the_wal_synced_is_the_one_sqlite_writes_even_through_a_symlinked_path(tmp_path: Path) -> None:
+    """SQLite resolves a symlinked database path and keeps its -wal beside the target: syncing
+    "<configured path>-wal" would find no file and leave relaxed commits unsynced, silently."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "t.db").symlink_to(tmp_path / "real" / "t.db")
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    try:
+        await s.write(_meta("held"), durable=False)
+        await _until(lambda: s.wal_syncs >= 1)
+        assert (tmp_path / "real" / "t.db-wal").exists()
+        assert not (tmp_path / "t.db-wal").exists()
+        assert s._durability.failures == 0
+    finally:
+        await s.close()
+
+
+async def test_the_sync_thread_tries_a_failed_wal_sync_again(
+    store: db.SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync that failed on the thread leaves the relaxed commits it was for still not durable:
+    the thread tries again (after RETRY_FAILED_SYNC) without waiting for another commit."""
+    monkeypatch.setattr(db, "RETRY_FAILED_SYNC", 0.05)
+    wal = store._durability._wal
+    store._durability._wal = Path("/dev/null")  # EINVAL from fdatasync
+    with capture_logs():
+        await store.write(_meta("held"), durable=False)  # no mail: the thread syncs it
+        await _until(lambda: store._durability.failures >= 1)
+        syncs = store.wal_syncs
+        store._durability._wal = wal  # the disk is back
+        await _until(lambda: store.wal_syncs > syncs)  # no new commit needed
+
+
+async def test_urgent_writes_commit_in_the_order_they_were_made(store: db.SqliteStore) -> None:
+    """An urgent write queued while an urgent batch runs waits for that batch (it would be stolen
+    into it ahead of the batch's later jobs)."""
+    rec = _Recorder()
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(store.write(lambda tx: gate.wait(GUARD)))
+    await asyncio.sleep(0.05)
+    u1 = asyncio.ensure_future(store.write(rec.unit("U1", hold=True), urgent=True))
+    u2 = asyncio.ensure_future(store.write(rec.unit("U2"), urgent=True))
+    await asyncio.sleep(0.02)
+    gate.set()  # the drain takes the urgent lane, U1 and U2, as one batch
+    await _until(rec.running.is_set)
+    u3 = asyncio.ensure_future(store.write(rec.unit("U3"), urgent=True))
+    await asyncio.sleep(0.02)
+    rec.gate.set()
+    async with asyncio.timeout(GUARD):
+        await asyncio.gather(blocker, u1, u2, u3)
+    assert rec.order == ["U1", "U2", "U3"]
+
+
+async def test_a_unit_raising_past_exception_fails_its_batch_and_the_writer_goes_on(store: db.SqliteStore) -> None:
+    """SystemExit from a unit (a bug) must not leave its caller waiting, nor a write queued while
+    that drain ran (it got no hop of its own: a drain was running)."""
+    gate, running = threading.Event(), threading.Event()
+
+    def bad(tx: WriteTx) -> None:
+        running.set()
+        gate.wait(GUARD)
+        raise SystemExit("a unit's bug")
+
+    failing = asyncio.ensure_future(store.write(bad))
+    await _until(running.is_set)
+    behind = asyncio.ensure_future(store.write(_meta("behind")))
+    await asyncio.sleep(0.02)
+    with capture_logs() as logs:
+        gate.set()
+        async with asyncio.timeout(GUARD):
+            with pytest.raises(db.StorageError, match="interrupted"):
+                await failing
+            assert await behind == "behind"
+    assert "db.writer_drain_failed" in [e["event"] for e in logs]

@@ -612,3 +612,21 @@ async def test_when_the_rest_of_a_split_batch_fails_only_its_jobs_fail(
     assert isinstance(outcomes[2], db.StorageError)
     assert "disk I/O error" in str(outcomes[2])
     assert _rows(store, "SELECT value FROM meta WHERE key LIKE 'split:%' ORDER BY value") == [("A",), ("U",)]
+
+
+async def test_a_purge_in_the_batch_that_reserves_a_call_id_again_keeps_the_new_reservation(
+    store: db.SqliteStore,
+) -> None:
+    """authorize releases a channel's earlier reservation and reserves again; a purge of expired
+    rows in the same batch deletes the old row and must leave the new one counted."""
+    await store.write(lambda tx: tx.reserve("c1", ACCOUNT.code, 100, NOW - timedelta(seconds=1)))  # expired
+
+    def again(tx: WriteTx) -> int:
+        tx.release("c1")
+        tx.reserve("c1", ACCOUNT.code, 700, NOW + timedelta(minutes=10))
+        return tx.purge_expired_reservations()
+
+    assert await store.write(again) == 1  # the old row
+    assert await store.write(lambda tx: tx.reservations(ACCOUNT.code)) == (700, 1)
+    assert _rows(store, "SELECT call_id, amount FROM reservations") == [("c1", 700)]
+    assert await store.write(lambda tx: tx.release("c1")) == 700

@@ -55,6 +55,8 @@ MAX_BATCH = 256
 _PREFETCH_CHUNK = 500  # keys per IN (...) list, well under SQLite's 32,766 variables
 WAL_SYNC_INTERVAL = 0.01
 """Seconds, at most, between the WAL syncs that make relaxed commits durable against power loss."""
+RETRY_FAILED_SYNC = 1.0
+"""Seconds before the sync thread tries again after a failed WAL sync (each failure is logged)."""
 
 
 class StorageError(Exception):
@@ -768,6 +770,8 @@ class SqliteTx:
             "DELETE FROM reservations WHERE expires_at <= ? RETURNING call_id", (self._batch.now_db,)
         ).fetchall()
         for (call_id,) in purged:
+            if call_id in self._batch.reserve_rows:
+                continue  # released and reserved again in this batch: the old row went, the new one stays
             entry = reserved.get(call_id)
             if entry is not None:
                 self._batch.drop(self._cache.held.get(entry[0], {}), call_id)
@@ -1149,8 +1153,11 @@ class SqliteTx:
         still holds deferred rows of the account (written only at COMMIT): the caller retries.
         """
         batch = self._batch
+        # the deferred rows erasure would miss: the account's own, and legs without an account
+        # code that carry one of its numbers (the erasure's SQL blanks those too)
+        numbers = set(privacy_sql.account_numbers(self._read, code, forms)) if batch.cdrs else set()
         if (
-            any(row[2] == code for row in batch.cdrs.values())
+            any(row[2] == code or (not row[2] and {row[6], row[7]} & numbers) for row in batch.cdrs.values())
             or any(row[0] == code for row in batch.ledger.values())
             or any(row[1] == code for row in batch.rated.values())
         ):
@@ -1314,11 +1321,14 @@ class _Durability:
             if self._stopping.is_set():
                 return
             self._wanted.clear()
+            pause = self._interval
             try:
                 self.sync()
             except OSError as exc:
                 self._failed(exc)
-            if self._stopping.wait(self._interval):
+                self._wanted.set()  # what it was asked to sync is still not durable: try again
+                pause = max(pause, RETRY_FAILED_SYNC)  # not a log line every 10 ms
+            if self._stopping.wait(pause):
                 return
 
     def stop(self) -> None:
@@ -1488,7 +1498,14 @@ class SqliteStore:
     inside the event loop that will use it, and :meth:`close` to drain queued writes.
     """
 
-    def __init__(self, path: Path, clock: Clock, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        main_file: Path | None = None,
+    ) -> None:
         self.path = path
         self._clock = clock
         self._writer = writer
@@ -1501,7 +1518,8 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start(): where jobs are settled
         self._closing = False
         self._stopped: asyncio.Future[None] | None = None
-        self._durability = _Durability(Path(f"{path}-wal"))
+        # the WAL sits beside the file SQLite opened: through a symlink, that is the link's target
+        self._durability = _Durability(Path(f"{main_file or path}-wal"))
         self.commits = 0
         self.units = 0
         self.relaxed_commits = 0  # of them, committed with synchronous=NORMAL (see _Durability)
@@ -1525,12 +1543,13 @@ class SqliteStore:
                     log.info("db.migrated", path=str(path), applied=applied)
             elif version < LATEST_VERSION:
                 raise StorageError(f"{path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
+            main_file = await _call(writer, _main_file)
             reader = aiosqlite.Connection(lambda: connect_sync(path, busy_timeout, readonly=True), iter_chunk_size=64)
             await reader
         except BaseException:
             await writer.close()
             raise
-        return cls(path, clock, writer, reader)
+        return cls(path, clock, writer, reader, main_file)
 
     def start(self) -> None:
         """Let writes in; their jobs are settled on the running event loop."""
@@ -1620,16 +1639,21 @@ class SqliteStore:
         assert loop is not None
         try:
             self._drain_lanes(loop)
-        except BaseException:  # a bug, or the loop closed under it: the next write starts a new drain
+        except BaseException:  # a bug, or the loop closed under it
             with self._lanes_lock:
-                self._draining = False
+                # jobs queued meanwhile got no hop of their own (a drain was running): start one
+                again = bool(self._queue or self._urgent) and not loop.is_closed()
+                self._draining = again
             log.exception("db.writer_drain_failed")
+            if again:
+                self._writer._tx.put_nowait((None, self._drain))
             raise
 
     def _drain_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             with self._lanes_lock:
-                if self._urgent:
+                urgent = bool(self._urgent)
+                if urgent:
                     jobs, stop = list(self._urgent), False
                     self._urgent.clear()
                 elif self._queue:
@@ -1638,7 +1662,8 @@ class SqliteStore:
                     self._draining = False
                     return
             if jobs:
-                self._run_jobs(loop, jobs)
+                # urgent jobs queued while an urgent batch runs wait for the next one: in submit order
+                self._run_jobs(loop, jobs, steal=not urgent)
             if stop:
                 with self._lanes_lock:
                     self._draining = False
@@ -1648,9 +1673,9 @@ class SqliteStore:
                 self._writer._tx.put_nowait((None, self._drain))
                 return
 
-    def _run_jobs(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+    def _run_jobs(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], *, steal: bool = True) -> None:
         """One batch (on the writer's thread); its jobs are settled on the loop."""
-        steal = _Steal(self._urgent, functools.partial(self._report, loop))
+        stealing = _Steal(self._urgent, functools.partial(self._report, loop)) if steal else None
         relaxed = not any(job.durable for job in jobs)
         try:
             tail, outcomes, enqueued = _run_batch(
@@ -1658,14 +1683,19 @@ class SqliteStore:
                 jobs,
                 self._clock.now(),
                 self._cache,
-                steal=steal,
+                steal=stealing,
                 durability=self._durability,
                 relaxed=relaxed,
             )
-        except Exception as exc:
-            # BEGIN or COMMIT failed: every unit of that transaction failed with it (the jobs
-            # of a transaction committed before it were settled already, and are skipped)
-            loop.call_soon_threadsafe(self._failed, [*jobs, *steal.taken], exc)
+        except BaseException as exc:
+            # BEGIN or COMMIT failed, or a unit raised past Exception: every unit of that
+            # transaction failed with it (the jobs of a transaction committed before it were
+            # settled already, and are skipped); nobody waits for them forever
+            taken = stealing.taken if stealing is not None else []
+            failure = exc if isinstance(exc, Exception) else StorageError(f"writer interrupted: {exc!r}")
+            loop.call_soon_threadsafe(self._failed, [*jobs, *taken], failure)
+            if not isinstance(exc, Exception):
+                raise
         else:
             loop.call_soon_threadsafe(self._committed, tail, outcomes, enqueued, relaxed)
 
@@ -1989,6 +2019,14 @@ def _outbox_row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
 def _read_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
     """Run ``sql`` to its end: no statement is left open, so neither is a read transaction."""
     return conn.execute(sql, params).fetchall()
+
+
+def _main_file(conn: sqlite3.Connection) -> Path | None:
+    """The database file as SQLite opened it (symlinks resolved), from ``PRAGMA database_list``."""
+    for _, name, file in conn.execute("PRAGMA database_list").fetchall():
+        if name == "main" and file:
+            return Path(file)
+    return None
 
 
 async def _call(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
