@@ -4,10 +4,12 @@ working; an erased account takes new events without a crash, and nothing of it c
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -264,6 +266,29 @@ async def test_erasure_waits_for_a_batch_holding_the_accounts_rows(store: Sqlite
     done = await privacy.erase_account(store, "acct1001", NUMBERING)
     assert done["cdrs"] == 1
     assert b"0040212345678" not in _raw(store.path)
+
+
+async def test_erasure_also_waits_for_a_deferred_leg_without_account_that_carries_its_number(
+    store: SqliteStore,
+) -> None:
+    """A leg with no account code (inbound, say) that carries Ion's DID is blanked by the erasure's
+    SQL too; still deferred in the batch, it would be written after the erasure with the number."""
+    await store.write(import_unit([(ION, 5000)]))
+    (call,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    leg = dataclasses.replace(call, key="leg-1", account="", source="0721000001")  # Ion's DID as dialled
+    other = dataclasses.replace(call, key="leg-2", account="", source="0744999999")  # somebody else's
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(store.write(lambda tx: gate.wait(10)))
+    await asyncio.sleep(0.05)  # the next writes queue for one batch: the legs, then the erasure
+    legs = asyncio.ensure_future(store.write_many([lambda tx: tx.record_call(leg), lambda tx: tx.record_call(other)]))
+    erase = asyncio.ensure_future(privacy.erase_account(store, "acct1001", NUMBERING))
+    await asyncio.sleep(0.05)
+    gate.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(blocker, legs, erase)
+    assert erase.result()["cdrs"] == 1  # the leg with Ion's number, found once it was written
+    assert b"0721000001" not in _raw(store.path)
+    assert b"0744999999" in _raw(store.path)  # a stranger's leg is not Ion's to erase
 
 
 async def test_erase_of_an_unknown_account(store: SqliteStore) -> None:

@@ -73,6 +73,15 @@ def _numbers(data: dict[str, Any], dids: Iterable[str], forms: NumberForms) -> l
     return sorted({form for did in {*dids, *(data.get("dids") or [])} for form in forms(did)})
 
 
+def account_numbers(conn: Any, code: str, forms: NumberForms, data: dict[str, Any] | None = None) -> list[str]:
+    """Every form of the account's numbers that a CDR leg without an account code may carry."""
+    if data is None:
+        head = conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        data = json.loads(head[0]) if head else {}
+    dids = [r[0] for r in conn.execute("SELECT did FROM account_dids WHERE account = ?", (code,))]
+    return _numbers(data, dids, forms)
+
+
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -250,8 +259,7 @@ def erase_account(
     if head is None:
         return None
     data = json.loads(head[0])
-    dids = [r[0] for r in conn.execute("SELECT did FROM account_dids WHERE account = ?", (code,))]
-    numbers = _numbers(data, dids, forms)
+    numbers = account_numbers(conn, code, forms, data)
     addresses = set(_addresses(data))
     done: dict[str, Any] = {"account": code}
 
