@@ -36,6 +36,7 @@ from clickphone_agi.adapters.agi import (
     parse_request,
     quote_value,
 )
+from clickphone_agi.config.schema import BillingConfig
 from clickphone_agi.dialplan_vars import Reason
 from clickphone_agi.sim.agi_client import AgiCallResult, agi_call, parse_agi_args
 
@@ -733,6 +734,10 @@ def test_outbound_dialplan_calls_the_registered_script_and_fails_closed() -> Non
     # MAXSEC: validated (positive, no leading zero, <= 6 digits) before L() in milliseconds
     dial = next(line for line in lines if "Dial(" in line)
     assert dial.endswith(f"L(${{{dialplan_vars.MAXSEC}}}000))")
+    # a ring timeout within the reservation margin: a call cannot outlive its reservation
+    ring = re.search(r"Dial\([^,]+,(\d+),L\(", dial)
+    assert ring, dial
+    assert 0 < int(ring.group(1)) < BillingConfig().reservation_margin
     assert 'REGEX("^[1-9][0-9]*$" ${CLICKPHONE_MAXSEC})}?dial:agi_failed' in text
     assert "${LEN(${CLICKPHONE_MAXSEC})} > 6]?agi_failed" in text
     # IPv6 remote_addr "[addr]:port" is not cut on ':'
