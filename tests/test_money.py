@@ -396,3 +396,31 @@ async def test_manual_adjustments_warn_and_rearm_like_any_balance_move(store: Sq
 def _dial(name: str) -> CallEnded:
     (call,) = [c for c in _calls(name) if c.last_application == "Dial"]
     return call
+
+
+async def test_a_rate_change_during_the_ringing_cannot_push_a_call_past_its_budget(tmp_path: Path) -> None:
+    """Authorised at 23:59:30 at 5 bani/min, answered at 00:00:10 under the new 60 bani/min: the
+    tariff at the answer prices the call, so MAXSEC and the reservation come from the dearer one."""
+    cut = datetime(2026, 12, 1, tzinfo=TZ)
+    old = dataclasses.replace(entry("40", "0.05"), effective_to=cut)
+    new = dataclasses.replace(entry("40", "0.60"), name="new", effective_from=cut)
+    eve = cut - timedelta(seconds=30)
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(eve))
+    s.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
+        await provision(s, 300, account)
+        settings = MoneySettings(tariffs=TariffTable((old, new)), zone=TZ, rule=BillingRule("Dial", ("lab-outbound",)))
+        money = MoneyService(s, FakeClock(eve), settings)
+        decision = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")
+        assert (decision.allow, decision.max_seconds, decision.reserve) == (True, 300, 300)  # 5 min at 60 bani
+        answered = cut + timedelta(seconds=10)
+        call = dataclasses.replace(
+            _dial("answered_call"), key="k1", unique_id="c1", destination="0721000001", start=answered,
+            answer=answered, end=answered + timedelta(seconds=decision.max_seconds),
+            billable_seconds=decision.max_seconds, duration=decision.max_seconds,
+        )  # fmt: skip
+        await EventProcessor(s, SINCE, money).handle(call)
+        assert await s.write(lambda tx: tx.balance("acct1001")) == 0  # all of it, and not a ban more
+    finally:
+        await s.close()

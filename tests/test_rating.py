@@ -541,3 +541,22 @@ def test_match_is_the_longest_prefix_in_force(table: TariffTable, e164: str, at:
     assert all(len(e.prefix) <= len(matched.prefix) for e in in_force)
     same = [e for e in in_force if e.prefix == matched.prefix]
     assert matched.effective_from == max(e.effective_from for e in same)
+
+
+def test_entries_in_force_during_a_window_in_time_order() -> None:
+    """What may price a call authorised now and answered within the window: the entry in force now,
+    then each one that takes over before the window ends (on this number's prefixes only)."""
+    cut = datetime(2026, 12, 1, tzinfo=TZ)
+    old = entry("40", "0.05", name="old", until=cut)
+    new = entry("40", "0.60", name="new", since=cut)
+    mobile = entry("407", "0.10", name="mobile")
+    mobile_new = entry("407", "0.20", name="mobile new", since=cut + timedelta(minutes=2))
+    table = TariffTable((old, new, mobile, mobile_new))
+    eve = cut - timedelta(seconds=30)
+    assert table.in_force_during("40212345678", eve, eve + timedelta(minutes=5)) == (old, new)
+    assert table.in_force_during("40212345678", eve, eve + timedelta(seconds=29)) == (old,)  # before the cut
+    assert table.in_force_during("40212345678", cut, cut + timedelta(minutes=5)) == (new,)
+    assert table.in_force_during("40721000001", eve, eve + timedelta(minutes=5)) == (mobile, mobile_new)
+    assert table.in_force_during("44", eve, eve + timedelta(minutes=5)) == ()
+    with pytest.raises(ValueError, match="end"):
+        table.in_force_during("40212345678", eve, eve - timedelta(seconds=1))

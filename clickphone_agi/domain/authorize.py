@@ -8,7 +8,8 @@ jointly spend more than the balance or the daily limit. The budget is
     min(balance - held, daily_limit - spent_today - held)      (prepaid, with a daily limit)
 
 and MAXSEC is the longest duration whose rated cost fits it, capped by the account's maximum call
-length. Emergency numbers are always allowed and never charged.
+length; when the tariff changes before the call can be answered (the reservation margin), under
+every tariff that may price it. Emergency numbers are always allowed and never charged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class AuthFacts:
     spent_today: int
     held: int  # budget held by unexpired reservations
     active_calls: int  # unexpired reservations
+    # entries that take over from ``tariff`` before the call can be answered (a rate change during
+    # the ringing): the tariff at the answer prices the call, so the dearest of them bounds MAXSEC
+    later_tariffs: tuple[TariffEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ def decide(f: AuthFacts) -> Decision:
         return Decision.deny(Reason.IP_NOT_ALLOWED)
     if f.destination is None or f.tariff is None:
         return Decision.deny(Reason.NO_ROUTE)
-    if f.tariff.destination_class in account.blocked_classes:
+    tariffs = (f.tariff, *f.later_tariffs)
+    if any(t.destination_class in account.blocked_classes for t in tariffs):
         return Decision.deny(Reason.BLOCKED_CLASS)
     if f.active_calls >= account.max_concurrent_calls:
         return Decision.deny(Reason.TOO_MANY_CALLS)
@@ -74,9 +79,9 @@ def decide(f: AuthFacts) -> Decision:
         budgets.append((account.daily_limit - f.spent_today - f.held, Reason.DAILY_LIMIT))
     if budgets:
         budget, binding = min(budgets, key=lambda b: b[0])
-        seconds = max_seconds(f.tariff, max(0, budget), cap=account.max_call_seconds)
+        seconds = min(max_seconds(t, max(0, budget), cap=account.max_call_seconds) for t in tariffs)
         if seconds <= 0:
             return Decision.deny(binding)
     else:  # postpaid without a daily limit: only the call length cap applies
         seconds = account.max_call_seconds
-    return Decision(True, None, seconds, cost(f.tariff, seconds))
+    return Decision(True, None, seconds, max(cost(t, seconds) for t in tariffs))

@@ -136,6 +136,31 @@ class TariffTable:
                     return entry
         return None
 
+    def in_force_during(self, e164: str, start: datetime, end: datetime) -> tuple[TariffEntry, ...]:
+        """Every entry :meth:`match` returns for ``e164`` at some instant of ``[start, end]``, in
+        time order: the one in force at ``start``, then each that takes over before ``end``.
+
+        ``authorize`` prices a call before it is answered, and the tariff in force at the answer
+        prices it: a rate change during the ringing must not let a call cost more than its budget.
+        """
+        if end < start:
+            raise ValueError("end must not be before start")
+        instants = {start}
+        size = len(e164)
+        for length in self._lengths:
+            if length > size:
+                continue
+            for entry in self._by_prefix.get(e164[:length], ()):
+                for moment in (entry.effective_from, entry.effective_to):
+                    if moment is not None and start < moment <= end:
+                        instants.add(moment)
+        found: list[TariffEntry] = []
+        for moment in sorted(instants):
+            current = self.match(e164, moment)
+            if current is not None and current not in found:
+                found.append(current)
+        return tuple(found)
+
 
 _Indexed = tuple[int, TariffEntry]
 

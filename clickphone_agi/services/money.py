@@ -24,7 +24,7 @@ from clickphone_agi.domain.charging import BillingRule, Numbering, rate_call, th
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall, format_ron
 from clickphone_agi.domain.numbers import is_emergency
-from clickphone_agi.domain.tariffs import TariffTable
+from clickphone_agi.domain.tariffs import TariffEntry, TariffTable
 from clickphone_agi.domain.thresholds import LowBalanceState, insufficient_funds_due, local_day
 from clickphone_agi.ports import Store, WriteTx
 
@@ -62,7 +62,12 @@ class MoneyService:
         # which every authorize and CDR queue for, only reads the account's figures and decides
         emergency = self.is_emergency(number)
         destination = s.numbering.normalise(number)
-        tariff = s.tariffs.match(destination, self._clock.now()) if destination else None
+        now = self._clock.now()
+        tariff = s.tariffs.match(destination, now) if destination else None
+        # the tariff at the answer prices the call: one taking over during the ringing counts too
+        later: tuple[TariffEntry, ...] = ()
+        if destination and tariff:
+            later = s.tariffs.in_force_during(destination, now, now + s.reservation_margin)[1:]
 
         def unit(tx: WriteTx) -> Decision:
             now = tx.now
@@ -81,6 +86,7 @@ class MoneyService:
                 spent_today=tx.spent(account_code, local_day(now, s.zone).isoformat()),
                 held=held,
                 active_calls=active,
+                later_tariffs=later,
             )
             decision = decide(facts)
             if decision.allow and not emergency:
