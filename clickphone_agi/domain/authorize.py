@@ -5,7 +5,10 @@ spend, budget already held by calls in progress) and this function decides. An A
 the worst-case cost of the call — the cost of MAXSEC seconds — so N simultaneous calls can never
 jointly spend more than the balance or the daily limit. The budget is
 
-    min(balance - held, daily_limit - spent_today - held)      (prepaid, with a daily limit)
+    min(balance - held, daily_limit - spent_today - held_today)      (prepaid, with a daily limit)
+
+where ``held_today`` leaves out reservations made before today's midnight minus the reservation
+margin: those calls were answered yesterday, and yesterday's spend pays for them.
 
 and MAXSEC is the longest duration whose rated cost fits it, capped by the account's maximum call
 length; when the tariff changes before the call can be answered (the reservation margin), under
@@ -37,6 +40,9 @@ class AuthFacts:
     spent_today: int
     held: int  # budget held by unexpired reservations
     active_calls: int  # unexpired reservations
+    # of ``held``, what may still land on today's spend: a call reserved so long before midnight
+    # that it was answered yesterday is charged to yesterday (None: all of it)
+    held_today: int | None = None
     # entries that take over from ``tariff`` before the call can be answered (a rate change during
     # the ringing): the tariff at the answer prices the call, so the dearest of them bounds MAXSEC
     later_tariffs: tuple[TariffEntry, ...] = ()
@@ -76,7 +82,8 @@ def decide(f: AuthFacts) -> Decision:
     if account.billing == "prepaid":
         budgets.append((f.balance - f.held, Reason.NO_CREDIT))
     if account.daily_limit is not None:
-        budgets.append((account.daily_limit - f.spent_today - f.held, Reason.DAILY_LIMIT))
+        held_today = f.held if f.held_today is None else f.held_today
+        budgets.append((account.daily_limit - f.spent_today - held_today, Reason.DAILY_LIMIT))
     if budgets:
         budget, binding = min(budgets, key=lambda b: b[0])
         seconds = min(max_seconds(t, max(0, budget), cap=account.max_call_seconds) for t in tariffs)

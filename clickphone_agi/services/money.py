@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -76,6 +76,11 @@ class MoneyService:
             # that attempt reserved is replaced by this decision, not added to it or kept instead
             tx.release(call_id)
             held, active = tx.reservations(account_code)
+            today = local_day(now, s.zone)
+            # a call answered before midnight is charged to that day; one reserved after midnight
+            # minus the margin (the longest it may ring) may be answered today
+            midnight = datetime.combine(today, time(), tzinfo=s.zone).astimezone(UTC)
+            held_today = tx.held_since(account_code, midnight - s.reservation_margin) if held else 0
             facts = AuthFacts(
                 account=account,
                 emergency=emergency,
@@ -83,9 +88,10 @@ class MoneyService:
                 tariff=tariff,
                 source_ip=source_ip,
                 balance=tx.balance(account_code),
-                spent_today=tx.spent(account_code, local_day(now, s.zone).isoformat()),
+                spent_today=tx.spent(account_code, today.isoformat()),
                 held=held,
                 active_calls=active,
+                held_today=held_today,
                 later_tariffs=later,
             )
             decision = decide(facts)

@@ -262,7 +262,7 @@ class _WriterCache:
         # every reservation once loaded, call id: (account, amount, expires_at as stored), and the
         # call ids held by each account: few (calls in progress), and they answer authorize's
         # "how much is held" without a statement
-        self.reservations: dict[str, tuple[str, int, str]] | None = None
+        self.reservations: dict[str, tuple[str, int, str, str]] | None = None  # + created_at as stored
         self.held: dict[str, dict[str, None]] = {}
 
     def clear(self) -> None:
@@ -718,20 +718,33 @@ class SqliteTx:
         now_db = self._batch.now_db
         held = calls = 0
         for call_id in self._cache.held.get(code, ()):
-            _, amount, expires_db = reserved[call_id]
+            _, amount, expires_db, _ = reserved[call_id]
             if expires_db > now_db:  # fixed-width UTC text: text order is time order
                 held += amount
                 calls += 1
         return held, calls
 
-    def _reserved(self) -> dict[str, tuple[str, int, str]]:
+    def held_since(self, code: str, moment: datetime) -> int:
+        """The amount held by the account's unexpired reservations made at or after ``moment``."""
+        reserved = self._reserved()
+        now_db, since_db = self._batch.now_db, to_db(moment)
+        held = 0
+        for call_id in self._cache.held.get(code, ()):
+            _, amount, expires_db, created_db = reserved[call_id]
+            if expires_db > now_db and created_db >= since_db:
+                held += amount
+        return held
+
+    def _reserved(self) -> dict[str, tuple[str, int, str, str]]:
         """Every reservation by call id, read once into the writer's cache (with each account's ids)."""
         cache = self._cache
         if cache.reservations is None:
-            rows = self._read.execute("SELECT call_id, account, amount, expires_at FROM reservations").fetchall()
-            cache.reservations = {str(c): (str(a), int(m), str(e)) for c, a, m, e in rows}
+            rows = self._read.execute(
+                "SELECT call_id, account, amount, expires_at, created_at FROM reservations"
+            ).fetchall()
+            cache.reservations = {str(c): (str(a), int(m), str(e), str(t)) for c, a, m, e, t in rows}
             cache.held.clear()
-            for call_id, (code, _, _) in cache.reservations.items():
+            for call_id, (code, *_) in cache.reservations.items():
                 cache.held.setdefault(code, {})[call_id] = None
         return cache.reservations
 
@@ -747,7 +760,7 @@ class SqliteTx:
             return False  # a NOT NULL column: INSERT OR IGNORE would skip it
         batch.drop(batch.released, call_id)
         batch.put(batch.reserve_rows, call_id, row)
-        batch.put(reserved, call_id, (code, amount, row[4]))
+        batch.put(reserved, call_id, (code, amount, row[4], row[3]))
         batch.put(self._cache.held.setdefault(code, {}), call_id, None)
         return True
 
@@ -756,7 +769,7 @@ class SqliteTx:
         entry = reserved.get(call_id)
         if entry is None:
             return None  # most CDRs without an authorize: nothing at all
-        code, amount, _ = entry
+        code, amount, *_ = entry
         batch = self._batch
         batch.drop(reserved, call_id)
         batch.drop(self._cache.held.get(code, {}), call_id)
