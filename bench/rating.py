@@ -53,7 +53,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import aiosqlite
@@ -446,6 +446,64 @@ def profile_run(path: Path, cdrs: list[CallEnded], accounts: int, chunk: int) ->
     return run.seconds
 
 
+def phases_run(path: Path, cdrs: list[CallEnded], accounts: int, batch_size: int = 250) -> dict[str, float]:
+    """The work of one CDR, phase by phase, on ONE thread (no event loop, no GIL contention):
+    CPU microseconds per CDR of the loop's part (plan: rate and build the units; encode: the rows)
+    and of the writer's (BEGIN with the claims read ahead, the units, the flush of the deferred
+    rows, COMMIT), in batches of ``batch_size`` as the store makes them.
+
+    Relies on the store's private pieces (``_WriterCache``, ``_Batch``, ``_run_unit``, ``_encode``)
+    and the processor's ``_plan``; if their shapes change, only this breakdown is lost.
+    """
+
+    async def setup() -> None:
+        store = await SqliteStore.open(path, SystemClock())
+        store.start()
+        try:
+            await store.write(import_unit(bench_accounts(accounts)))
+        finally:
+            await store.close()
+
+    asyncio.run(setup())
+    tariffs = load_tariffs(TARIFFS, timezone=ZONE)
+    money = MoneyService(cast(Any, None), SystemClock(), MoneySettings(tariffs=tariffs, zone=ZONE))
+    processor = EventProcessor(cast(Any, None), datetime(2000, 1, 1, tzinfo=UTC), money)
+    conn = connect_sync(path)
+    cache = sqlite_store._WriterCache()
+    spent = dict.fromkeys(("plan", "encode", "begin", "units", "flush", "commit"), 0.0)
+    clock = time.thread_time
+    try:
+        for start in range(0, len(cdrs), batch_size):
+            events = cdrs[start : start + batch_size]
+            t = clock()
+            units, _planned, records = processor._plan(events, [False] * len(events))
+            spent["plan"] += clock() - t
+            t = clock()
+            encoded = sqlite_store._encode(records)
+            spent["encode"] += clock() - t
+            now = datetime.now(UTC)
+            t = clock()
+            conn.execute("BEGIN IMMEDIATE")
+            cache.validate(conn)
+            batch = sqlite_store._Batch(cache, now)
+            batch.prefetch_claims(conn, [e.key for e in events])
+            batch.encoded.update(encoded)
+            spent["begin"] += clock() - t
+            t = clock()
+            for unit in units:
+                sqlite_store._run_unit(conn, now, batch, unit)
+            spent["units"] += clock() - t
+            t = clock()
+            batch.flush(conn)
+            spent["flush"] += clock() - t
+            t = clock()
+            conn.execute("COMMIT")
+            spent["commit"] += clock() - t
+    finally:
+        conn.close()
+    return {phase: 1e6 * seconds / len(cdrs) for phase, seconds in spent.items()}
+
+
 def _fs_type(path: Path) -> str:
     """The file system holding ``path``, from /proc/mounts (tmpfs would make fsync free)."""
     best, kind = "", "file system unknown"
@@ -471,6 +529,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each, alternating (default 3)")
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="auto: if goal missed")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--phases", action="store_true", help="also time each phase of a CDR's work on one thread (no GIL contention)"
+    )
     args = parser.parse_args()
     if min(args.cdrs, args.accounts, args.chunk, args.runs) < 1:
         parser.error("--cdrs, --accounts, --chunk and --runs must be >= 1")
@@ -542,6 +603,18 @@ def _bench(args: argparse.Namespace) -> None:
         )
         held = ours >= GOAL
         print(f"goal >= {GOAL} CDR/s: {'HELD' if held else 'MISSED'} ({ours:.0f} CDR/s)")
+        if args.phases:
+            runs_phases = [phases_run(Path(d) / f"phases{i}.db", cdrs, args.accounts) for i in range(args.runs)]
+            phases = {k: statistics.median(p[k] for p in runs_phases) for k in runs_phases[0]}
+            loop_side = phases["plan"] + phases["encode"]
+            writer_side = phases["begin"] + phases["units"] + phases["flush"] + phases["commit"]
+            print(
+                "one thread, CPU us per CDR (medians of "
+                f"{args.runs}): loop's part {loop_side:.0f} (plan {phases['plan']:.0f}, encode {phases['encode']:.0f});"
+                f" writer's part {writer_side:.0f} (BEGIN + claims {phases['begin']:.0f}, units {phases['units']:.0f},"
+                f" flush {phases['flush']:.0f}, COMMIT {phases['commit']:.0f}); both on one core:"
+                f" {1e6 / (loop_side + writer_side):.0f} CDR/s"
+            )
         if args.profile == "always" or (args.profile == "auto" and not held):
             profile_run(Path(d) / "profile.db", cdrs[: min(n, 5000)], args.accounts, args.chunk)
 
