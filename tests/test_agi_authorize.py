@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters.accounts_file import load_accounts
@@ -100,3 +101,20 @@ async def test_concurrent_calls_and_hostile_clients(daemon: tuple[Daemon, int]) 
     balance = await parts.store.write(lambda tx: tx.balance("acct1001"))
     assert count == len(allowed) <= 2  # acct1001 may hold 2 concurrent calls
     assert held <= balance
+
+
+async def test_a_uniqueid_that_is_not_text_fails_nobody_else(daemon: tuple[Daemon, int]) -> None:
+    """agi_uniqueid as the single byte 0xff (decoded with surrogateescape): the reservation id
+    could not be stored, and queued with the batch it failed every call committed with it."""
+    d, port = daemon
+    with capture_logs() as logs:
+        results = await asyncio.gather(
+            _authorize(port, "acct1001", "0212345678", "127.0.0.1", "ok-1"),
+            _authorize(port, "acct1001", "0212345678", "127.0.0.1", "\udcff"),
+        )
+    assert [(v[dv.AUTH], v[dv.REASON]) for v in results] == [(dv.ALLOW, "")] * 2
+    assert "agi.bad_uniqueid" in [e["event"] for e in logs]
+    store = d._running().store
+    assert await store.write(lambda tx: tx.release("ok-1")) is not None
+    # the odd client's reservation is kept, under an id of the daemon's own: it expires unused
+    assert (await store.write(lambda tx: tx.reservations("acct1001")))[1] == 1

@@ -630,3 +630,21 @@ async def test_a_purge_in_the_batch_that_reserves_a_call_id_again_keeps_the_new_
     assert await store.write(lambda tx: tx.reservations(ACCOUNT.code)) == (700, 1)
     assert _rows(store, "SELECT call_id, amount FROM reservations") == [("c1", 700)]
     assert await store.write(lambda tx: tx.release("c1")) == 700
+
+
+async def test_a_row_that_cannot_be_stored_fails_its_unit_not_the_batch(store: db.SqliteStore) -> None:
+    """Deferred rows are written at COMMIT: one with text SQLite cannot bind (a lone surrogate,
+    as surrogateescape decoding makes of a stray byte) is refused when queued, in its unit."""
+    later = NOW + timedelta(minutes=5)
+    outcomes = await _together(
+        store,
+        lambda tx: tx.reserve("ok-1", ACCOUNT.code, 10, later),
+        lambda tx: tx.reserve("\udcff", ACCOUNT.code, 10, later),
+        lambda tx: tx.claim_event("key-\udcff", "cdr"),
+        lambda tx: tx.reserve("ok-2", ACCOUNT.code, 10, later),
+    )
+    assert outcomes[0] is True
+    assert outcomes[3] is True
+    assert isinstance(outcomes[1], UnicodeEncodeError)
+    assert isinstance(outcomes[2], UnicodeEncodeError)
+    assert _rows(store, "SELECT call_id FROM reservations ORDER BY call_id") == [("ok-1",), ("ok-2",)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import structlog
@@ -13,6 +14,8 @@ from clickphone_agi.services.money import MoneyService
 
 log = structlog.get_logger(__name__)
 
+_UNIQUEID = re.compile(r"[\x21-\x7e]{1,150}")  # AST_MAX_UNIQUEID is 150
+
 
 def build_router(money: MoneyService | None) -> AgiRouter:
     router = AgiRouter()
@@ -23,7 +26,13 @@ def build_router(money: MoneyService | None) -> AgiRouter:
         account = args[0] or request.env.get("accountcode", "")
         number = args[1] or request.env.get("extension", "")
         source_ip = args[2]
-        call_id = request.env.get("uniqueid") or f"agi-{uuid.uuid4().hex}"
+        call_id = request.env.get("uniqueid", "")
+        if not _UNIQUEID.fullmatch(call_id):
+            # Asterisk sends printable ASCII ("1795882904.9"); anything else came from another
+            # client: it gets a decision, and its reservation an id of our own (it expires unused)
+            if call_id:
+                log.warning("agi.bad_uniqueid", uniqueid=repr(call_id[:40]))
+            call_id = f"agi-{uuid.uuid4().hex}"
         if money is None:
             decision = Decision.deny(dv.Reason.NO_ROUTE)  # no tariffs configured: nothing is free
         else:

@@ -513,6 +513,15 @@ def _encode(records: Sequence[tuple[CallEnded, RatedCall | None]]) -> dict[str, 
     return encoded
 
 
+def _check_text(row: tuple[Any, ...]) -> None:
+    """Raise in the unit, as an immediate INSERT would when binding, for text SQLite cannot store
+    (a lone surrogate: FastAGI values are decoded with ``surrogateescape``). Queued, such a row
+    would fail the flush, and with it every unit of the batch."""
+    for value in row:
+        if type(value) is str and not value.isascii():
+            value.encode("utf-8")  # UnicodeEncodeError (a ValueError): this unit fails alone
+
+
 def _ignored(row: tuple[Any, ...], not_null: operator.itemgetter[Any]) -> bool:
     """Whether INSERT OR IGNORE would skip ``row`` for a NULL in one of its ``not_null`` columns."""
     return None in row and None in not_null(row)
@@ -581,6 +590,7 @@ class SqliteTx:
         row = (key, kind, batch.now_db)
         if _ignored(row, _EVENT_NOT_NULL):
             return False
+        _check_text(row)
         batch.put(batch.events, key, row)  # inserted at the end of the batch
         if not booked:
             batch.put(batch.unbooked, key, None)
@@ -594,6 +604,7 @@ class SqliteTx:
         head = encoded[1] if encoded is not None and encoded[0] is call else _cdr_head(call)
         row = (*head, batch.now_db)
         if not _ignored(row, _CDR_NOT_NULL):
+            _check_text(row)
             batch.put(batch.cdrs, call.key, row)  # inserted at the end of the batch
 
     def set_meta(self, key: str, value: str) -> None:
@@ -689,6 +700,7 @@ class SqliteTx:
         row = (code, amount, kind, ref, reason, batch.now_db)
         if kind not in _LEDGER_KINDS or _ignored(row, _LEDGER_NOT_NULL):
             return False  # INSERT OR IGNORE skips a row its CHECK or NOT NULL refuses
+        _check_text(row)
         balance = self.balance(code) + amount
         batch.put(batch.ledger, ref, row)  # both written at the end of the batch, in unit order
         batch.put(batch.balances, code, balance)
@@ -758,6 +770,7 @@ class SqliteTx:
         row = (call_id, code, amount, batch.now_db, to_db(expires_at))
         if None in row:
             return False  # a NOT NULL column: INSERT OR IGNORE would skip it
+        _check_text(row)
         batch.drop(batch.released, call_id)
         batch.put(batch.reserve_rows, call_id, row)
         batch.put(reserved, call_id, (code, amount, row[4], row[3]))
@@ -805,6 +818,7 @@ class SqliteTx:
     def set_state(self, code: str, name: str, value: str) -> None:
         if self.get_state(code, name) == value:
             return  # unchanged: nothing to write
+        _check_text((code, name, value))
         self._batch.put(self._batch.states, (code, name), value)  # written at the end of the batch
         self._batch.put(self._cache.states, (code, name), value)
 
@@ -817,6 +831,7 @@ class SqliteTx:
         if row is None:
             row = _rated_row(rated)
         if not _ignored(row, _RATED_NOT_NULL):
+            _check_text(row)
             batch.put(batch.rated, rated.key, row)  # inserted at the end of the batch
 
     def api_request(self, key: str) -> tuple[str, int, str] | None:
