@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition, MasterCsvTailer
 from clickphone_agi.domain.cdr_csv import BASE_COLUMNS, EXTENDED_COLUMNS, CsvRowError, call_ended_from_csv
@@ -684,3 +685,23 @@ def test_rows_written_in_arbitrary_pieces_are_read_exactly_once(
     assert [e.key for e in events] == [cdr_key(SYSTEM, r.uniqueid, r.dstchannel) for r in rows]
     assert position is not None
     assert position.offset == len(content)
+
+
+def test_a_master_csv_without_linkedid_is_reported_once(tmp_path: Path) -> None:
+    """The 18-column layout has no linkedid: its CDRs are recovered and charged, but a missed call
+    needs the linkedid to group its legs, so the operator is told once to set newcdrcolumns."""
+    master = tmp_path / "Master.csv"
+    append(master, ANSWERED.line(), NO_ANSWER.line())
+    tailer = make_tailer(master)
+    with capture_logs() as logs:
+        batch = tailer.read_new(None)
+        append(master, BUSY.line())
+        tailer.read_new(batch.position)
+    assert [e["event"] for e in logs] == ["cdr_csv.no_linkedid"]
+    assert "newcdrcolumns" in logs[0]["note"]
+    extended = tmp_path / "extended" / "Master.csv"
+    extended.parent.mkdir()
+    append(extended, ANSWERED.line(extended=True))
+    with capture_logs() as logs:
+        make_tailer(extended).read_new(None)
+    assert logs == []

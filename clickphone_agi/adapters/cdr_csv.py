@@ -54,9 +54,13 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+import structlog
+
 from clickphone_agi.adapters.ami.protocol import decode_text
 from clickphone_agi.domain.cdr_csv import CsvRowError, call_ended_from_csv
 from clickphone_agi.domain.events import CallEnded
+
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -223,6 +227,7 @@ class MasterCsvTailer:
         self._max_record_bytes = max_record_bytes
         self._settle_seconds = settle_seconds
         self._clock = clock
+        self._told_no_linkedid = False
 
     @property
     def path(self) -> Path:
@@ -456,4 +461,12 @@ class MasterCsvTailer:
         except (csv.Error, CsvRowError, StopIteration) as exc:
             run.error(f"{file.path}:{lines.at(start)} (byte {start}): {exc}")
             return
+        if event.linked_id is None and not self._told_no_linkedid:
+            self._told_no_linkedid = True  # once per tailer: the layout is the file's, not the row's
+            log.warning(
+                "cdr_csv.no_linkedid",
+                path=str(file.path),
+                note="cdr.conf [csv] newcdrcolumns=yes adds the linkedid that groups a call's CDRs; without"
+                " it, calls missed while AMI was down are recovered and charged but not mailed as missed",
+            )
         run.events.append(event)
