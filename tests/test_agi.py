@@ -369,6 +369,29 @@ async def test_set_variable_raises_agi_command_error_when_asterisk_refuses() -> 
     assert error["error"].startswith("AgiCommandError('SET VARIABLE -> 511 Command Not Permitted")
 
 
+@pytest.mark.parametrize(("line_bytes", "lines"), [(65_000, 100), (1_000, 20)])
+async def test_a_multi_line_reply_that_never_ends_is_cut_at_16_kib(line_bytes: int, lines: int) -> None:
+    """``520-`` then long lines and never the ``520 `` end line: bounded only by line count and
+    length, each session held megabytes until its timeout. It is cut once the reply passes
+    16 KiB, counted as a protocol error, and the server goes on serving."""
+    toys = Toys()
+    header = b"agi_network: yes\nagi_network_script: echo\nagi_arg_1: x\n\n"
+    flood = b"520-Invalid command syntax.  Proper usage follows:\n" + (b"y" * line_bytes + b"\n") * lines
+    with capture_logs() as logs:
+        async with running_server(toys, session_timeout=GUARD) as server:
+            async with asyncio.timeout(2.0):  # well before the session timeout
+                await raw_client(server.port, header + flood)
+            result = await call(server, "echo", ["still serving"])
+            await wait_for(lambda: server.active == 0)
+    assert (server.protocol_errors, server.route_errors, server.completed) == (1, 0, 1)
+    assert server.stats()["protocol_errors"] == 1
+    cut, normal = sessions(logs)
+    assert (cut["outcome"], normal["outcome"]) == ("protocol_error", "completed")
+    assert cut["error"] == "multi-line 520 reply over 16384 bytes"
+    assert cut["log_level"] == "warning"
+    assert result.variables == {"TEST_VAR": "still serving"}
+
+
 # -- hangups ----------------------------------------------------------------------------------
 
 

@@ -73,7 +73,8 @@ MAX_COMMAND_BYTES: Final = 2047
 _ENCODING: Final = "utf-8"
 _ERRORS: Final = "surrogateescape"
 _READ_LIMIT: Final = 64 * 1024  # longest single reply line (GET FULL VARIABLE can be long)
-_MAX_REPLY_LINES: Final = 500  # a 520 usage text is a few dozen lines
+_MAX_REPLY_LINES: Final = 200  # a 520 usage text is a few dozen lines
+_MAX_REPLY_BYTES: Final = 16 * 1024  # a whole multi-line reply; a 520 usage text is under 2 KB
 _CLOSE_TIMEOUT: Final = 1.0
 _LOG_TEXT_MAX: Final = 80
 
@@ -442,6 +443,7 @@ class _AgiConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[AgiReply] | None = None
         self._first: re.Match[str] | None = None  # the first line of a multi-line reply being read
         self._more: list[str] = []
+        self._reply_bytes = 0  # of the multi-line reply being read, newlines included
         self._timers: tuple[asyncio.TimerHandle, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self._timed_out = False
@@ -578,6 +580,13 @@ class _AgiConnection(asyncio.Protocol):
             await route(request, session)
         except AgiHangup:
             hung_up = True
+        except AgiProtocolError as exc:
+            # the peer's fault, not the route's: counted apart, one warning line, no traceback
+            server._protocol_errors += 1
+            self._info["commands"] = session.commands
+            self._info["error"] = str(exc)
+            self._finish("protocol_error", graceful=False)
+            return
         except asyncio.CancelledError:
             # by the session timeout or by close() giving up; ends quietly either way
             if self._timed_out:
@@ -687,9 +696,14 @@ class _AgiConnection(asyncio.Protocol):
                 waiter.set_result(parse_reply(line))
             else:
                 self._first = m  # a multi-line reply: its lines follow
+                self._reply_bytes = len(line) + 1
             return
         self._more.append(line)
-        if line.startswith(f"{first.group(1)} "):
+        # bounded in bytes as well as lines: 200 lines of 64 KiB would hold 13 MB per session
+        self._reply_bytes += len(line) + 1
+        if self._reply_bytes > _MAX_REPLY_BYTES:
+            waiter.set_exception(AgiProtocolError(f"multi-line {first.group(1)} reply over {_MAX_REPLY_BYTES} bytes"))
+        elif line.startswith(f"{first.group(1)} "):
             waiter.set_result(parse_reply(first.group(0), self._more))
         elif len(self._more) >= _MAX_REPLY_LINES:
             waiter.set_exception(AgiProtocolError(f"multi-line {first.group(1)} reply without an end line"))
@@ -742,8 +756,9 @@ class FastAgiServer:
     connection ends with one ``agi.session`` log line (script, outcome, duration_ms, ...).
 
     Outcomes: ``completed``, ``hangup`` (Asterisk reported a hangup or closed), ``route_error``,
-    ``timeout`` (session timeout), ``unknown_script``, ``header_error`` (with ``header_error``
-    naming the kind), ``cancelled`` (cut by :meth:`close`).
+    ``protocol_error`` (a reply that is not AGI, or too long), ``timeout`` (session timeout),
+    ``unknown_script``, ``header_error`` (with ``header_error`` naming the kind), ``cancelled``
+    (cut by :meth:`close`).
 
     Each connection is an :class:`asyncio.Protocol` (:class:`_AgiConnection`) rather than a
     stream pair and a task: at a thousand calls a second, the streams' objects, futures and
@@ -780,6 +795,7 @@ class FastAgiServer:
         self._unknown_scripts = 0
         self._hangups = 0
         self._route_errors = 0
+        self._protocol_errors = 0
         self._timeouts = 0
         self._completed = 0
         self.latency = LatencyHistogram()
@@ -825,6 +841,10 @@ class FastAgiServer:
         return self._route_errors
 
     @property
+    def protocol_errors(self) -> int:
+        return self._protocol_errors
+
+    @property
     def timeouts(self) -> int:
         return self._timeouts
 
@@ -842,6 +862,7 @@ class FastAgiServer:
             "unknown_scripts": self._unknown_scripts,
             "hangups": self._hangups,
             "route_errors": self._route_errors,
+            "protocol_errors": self._protocol_errors,
             "timeouts": self._timeouts,
             "completed": self._completed,
         }
