@@ -32,6 +32,7 @@ from clickphone_agi.adapters.agi import (
     AgiRouter,
     AgiSession,
     FastAgiServer,
+    _LogThrottle,
     parse_reply,
     parse_request,
     quote_value,
@@ -647,6 +648,27 @@ async def test_max_connections_is_enforced_without_reading() -> None:
             result = await call(server, "echo", ["room again"])
     assert result.variables == {"TEST_VAR": "room again"}
     assert next(e for e in logs if e["event"] == "agi.refused")["max_connections"] == 2
+
+
+async def test_refusals_over_max_connections_are_each_counted_but_logged_once_a_minute() -> None:
+    """A client that keeps the cap full and reconnects in a loop must not flood the log: every
+    refusal is counted, one ``agi.refused`` line is written (the next a minute later at most)."""
+    toys = Toys()
+    with capture_logs() as logs:
+        async with running_server(toys, max_connections=1, header_timeout=5.0) as server:
+            _, holder = await asyncio.open_connection(HOST, server.port)
+            await wait_for(lambda: server.active == 1)
+            for _ in range(20):
+                assert await raw_client(server.port, b"agi_network: yes\n\n") == b""
+            holder.transport.abort()
+    assert server.refused == 20
+    [line] = [e for e in logs if e["event"] == "agi.refused"]
+    assert (line["log_level"], line["refused"], line["since_last_line"]) == ("warning", 1, 1)
+
+
+def test_the_refusal_log_throttle_reports_the_count_since_its_last_line() -> None:
+    throttle = _LogThrottle(every=60.0)
+    assert [throttle.due(t) for t in (100.0, 100.5, 130.0, 159.9, 160.0, 161.0, 230.0)] == [1, 0, 0, 0, 4, 0, 2]
 
 
 # -- shutdown ---------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ _READ_LIMIT: Final = 64 * 1024  # longest single reply line (GET FULL VARIABLE c
 _MAX_REPLY_LINES: Final = 200  # a 520 usage text is a few dozen lines
 _MAX_REPLY_BYTES: Final = 16 * 1024  # a whole multi-line reply; a 520 usage text is under 2 KB
 _CLOSE_TIMEOUT: Final = 1.0
+_REFUSAL_LOG_EVERY: Final = 60.0  # seconds; refusals are counted each, logged at most this often
 _LOG_TEXT_MAX: Final = 80
 
 #: One header line: ``agi_<name>:``, one optional space, the value (its last CR, if any, is not part of it).
@@ -418,6 +419,26 @@ class LatencyHistogram:
         return {"buckets": cumulative, "sum": self.sum, "count": running}
 
 
+class _LogThrottle:
+    """At most one log line per ``every`` seconds for one kind of event, however many events come:
+    a client that keeps the session cap full cannot flood the log, and nothing is kept per peer.
+    The line that is written carries the number of events since the previous one."""
+
+    def __init__(self, every: float = _REFUSAL_LOG_EVERY) -> None:
+        self._every = every
+        self._next = float("-inf")
+        self._unlogged = 0
+
+    def due(self, now: float) -> int:
+        """Count one event at ``now``; the number to log (this one included), or 0: stay quiet."""
+        self._unlogged += 1
+        if now < self._next:
+            return 0
+        self._next = now + self._every
+        count, self._unlogged = self._unlogged, 0
+        return count
+
+
 _HEADER, _ROUTE, _DONE = 0, 1, 2  # a connection's phases
 
 
@@ -465,14 +486,17 @@ class _AgiConnection(asyncio.Protocol):
             self._phase = _DONE
             self.done.set_result(None)
             transport.abort()
-            log.warning(
-                "agi.refused",
-                peer=peer_host,
-                active=len(server._connections),
-                max_connections=server._max_connections,
-                closing=server._closing,
-                refused=server._refused,
-            )
+            since_last_line = server._refused_log.due(self._loop.time())
+            if since_last_line:
+                log.warning(
+                    "agi.refused",
+                    peer=peer_host,
+                    active=len(server._connections),
+                    max_connections=server._max_connections,
+                    closing=server._closing,
+                    refused=server._refused,
+                    since_last_line=since_last_line,
+                )
             return
         server._connections.add(self)
         server._sessions += 1
@@ -749,7 +773,8 @@ class _AgiConnection(asyncio.Protocol):
 class FastAgiServer:
     """Accepts FastAGI connections and runs the routed script for each.
 
-    A connection over ``max_connections`` is closed at once, unread. Each accepted one must
+    A connection over ``max_connections`` is closed at once, unread, and counted; it is logged
+    (``agi.refused``) at most once a minute, with the number refused since the last line. Each accepted one must
     deliver its header block (at most ``max_header_bytes``) within ``header_timeout`` seconds
     and finish within ``session_timeout``. An unknown script is logged and closed with nothing
     set; a route that raises is logged and counted and its connection closed. Every accepted
@@ -791,6 +816,7 @@ class FastAgiServer:
 
         self._sessions = 0
         self._refused = 0
+        self._refused_log = _LogThrottle()
         self._header_errors = 0
         self._unknown_scripts = 0
         self._hangups = 0
