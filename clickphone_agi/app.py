@@ -311,7 +311,11 @@ class Daemon:
         agi = None
         if cfg.agi.enabled:
             agi = FastAgiServer(
-                build_router(money), host=cfg.agi.host, port=cfg.agi.port, max_connections=cfg.agi.max_connections
+                build_router(money),
+                host=cfg.agi.host,
+                port=cfg.agi.port,
+                max_connections=cfg.agi.max_connections,
+                allowed_peers=cfg.agi.allowed_peers,
             )
         return Components(store, queue, processor, worker, sender, reconciler, ami, money, agi, notifier)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -120,8 +122,8 @@ class Toys:
 
 
 @asynccontextmanager
-async def running_server(toys: Toys, **options: Any) -> AsyncIterator[FastAgiServer]:
-    server = FastAgiServer(toys.router(), host=HOST, port=0, **options)
+async def running_server(toys: Toys, host: str = HOST, **options: Any) -> AsyncIterator[FastAgiServer]:
+    server = FastAgiServer(toys.router(), host=host, port=0, **options)
     await server.start()
     try:
         yield server
@@ -146,11 +148,13 @@ def sessions(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, A
 
 # -- raw (bad) clients ------------------------------------------------------------------------
 
+ECHO_REQUEST = b"agi_network: yes\nagi_network_script: echo\nagi_arg_1: x\n\n"  # as Asterisk sends it, in short
 
-async def raw_client(port: int, payload: bytes, *, close_at_once: bool = False) -> bytes:
+
+async def raw_client(port: int, payload: bytes, *, close_at_once: bool = False, host: str = HOST) -> bytes:
     """Connect, send ``payload``, then read until the server closes; returns what it sent."""
     async with asyncio.timeout(GUARD):
-        reader, writer = await asyncio.open_connection(HOST, port)
+        reader, writer = await asyncio.open_connection(host, port)
         try:
             if close_at_once:
                 return b""
@@ -376,12 +380,11 @@ async def test_a_multi_line_reply_that_never_ends_is_cut_at_16_kib(line_bytes: i
     length, each session held megabytes until its timeout. It is cut once the reply passes
     16 KiB, counted as a protocol error, and the server goes on serving."""
     toys = Toys()
-    header = b"agi_network: yes\nagi_network_script: echo\nagi_arg_1: x\n\n"
     flood = b"520-Invalid command syntax.  Proper usage follows:\n" + (b"y" * line_bytes + b"\n") * lines
     with capture_logs() as logs:
         async with running_server(toys, session_timeout=GUARD) as server:
             async with asyncio.timeout(2.0):  # well before the session timeout
-                await raw_client(server.port, header + flood)
+                await raw_client(server.port, ECHO_REQUEST + flood)
             result = await call(server, "echo", ["still serving"])
             await wait_for(lambda: server.active == 0)
     assert (server.protocol_errors, server.route_errors, server.completed) == (1, 0, 1)
@@ -664,6 +667,76 @@ async def test_refusals_over_max_connections_are_each_counted_but_logged_once_a_
     assert server.refused == 20
     [line] = [e for e in logs if e["event"] == "agi.refused"]
     assert (line["log_level"], line["refused"], line["since_last_line"]) == ("warning", 1, 1)
+
+
+async def test_a_peer_outside_allowed_peers_is_closed_unread_counted_and_logged_once_a_minute() -> None:
+    """FastAGI has no login: a connection from an address not in ``allowed_peers`` is closed
+    before the server reads its header or writes a command, each one is counted, and a scanner
+    looping on the port gets one log line a minute."""
+    toys = Toys()
+    with capture_logs() as logs:
+        async with running_server(toys, allowed_peers=["198.51.100.0/24", "::1/128"]) as server:
+            sent = [await raw_client(server.port, ECHO_REQUEST) for _ in range(5)]
+    assert sent == [b""] * 5  # no SET VARIABLE: the route never ran
+    assert server.stats() == {**server.stats(), "refused_peers": 5, "refused": 0, "sessions": 0, "completed": 0}
+    assert sessions(logs) == []
+    [line] = [e for e in logs if e["event"] == "agi.refused_peer"]
+    assert line["log_level"] == "warning"
+    assert (line["peer"], line["refused_peers"], line["since_last_line"]) == (HOST, 1, 1)
+
+
+@pytest.mark.parametrize("host", [HOST, "::1"])
+async def test_the_default_allowed_peers_admit_loopback_v4_and_v6(host: str) -> None:
+    toys = Toys()
+    try:
+        server = FastAgiServer(toys.router(), host=host, port=0)
+        await server.start()
+    except OSError:
+        pytest.skip(f"no {host} on this machine")
+    try:
+        result = await agi_call(host, server.port, "echo", ["from loopback"])
+    finally:
+        await server.close(timeout=2.0)
+    assert result.variables == {"TEST_VAR": "from loopback"}
+    assert (server.refused_peers, server.completed) == (0, 1)
+
+
+def _own_address() -> str | None:
+    """This machine's IPv4 address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_by_default_a_server_bound_to_every_address_still_serves_loopback_only() -> None:
+    """``agi.host: 0.0.0.0`` by mistake: a connection to this machine's own LAN address comes
+    from that address, not from loopback, and is refused unread; loopback is still served."""
+    own = _own_address()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    toys = Toys()
+    with capture_logs() as logs:
+        async with running_server(toys, host="0.0.0.0") as server:
+            lan = await raw_client(server.port, ECHO_REQUEST, host=own)
+            local = await call(server, "echo", ["from loopback"])
+            await wait_for(lambda: server.active == 0)
+    assert lan == b""
+    assert local.variables == {"TEST_VAR": "from loopback"}
+    assert (server.refused_peers, server.completed) == (1, 1)
+    assert [e["peer"] for e in logs if e["event"] == "agi.refused_peer"] == [own]
+
+
+@pytest.mark.parametrize(
+    ("peers", "match"),
+    [(["10.0.0.5/24"], "host bits set"), (["localhost"], "does not appear to be"), ([], "at least one")],
+)
+def test_allowed_peers_must_be_networks_and_not_empty(peers: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FastAgiServer(Toys().router(), host=HOST, port=0, allowed_peers=peers)
 
 
 def test_the_refusal_log_throttle_reports_the_count_since_its_last_line() -> None:

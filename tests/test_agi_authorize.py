@@ -4,8 +4,10 @@ hostile clients that do not disturb the others."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def daemon(write_config: Callable[..., Path]) -> AsyncIterator[tuple[Daemon, int]]:
+@asynccontextmanager
+async def _running(write_config: Callable[..., Path], agi: str = "") -> AsyncIterator[tuple[Daemon, int]]:
+    """The daemon with FastAGI on a free port, tariffs and the example accounts; ``agi`` adds keys."""
     port = _free_port()
     cfg = write_config(
-        extra=f"agi:\n  enabled: true\n  port: {port}\nbilling:\n  tariffs_file: {TARIFFS}\n"
+        extra=f"agi:\n  enabled: true\n  port: {port}\n{agi}billing:\n  tariffs_file: {TARIFFS}\n"
         "  billing_cdr:\n    destination_contexts: [lab-outbound]\n",
     )
     d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
@@ -41,9 +44,17 @@ async def daemon(write_config: Callable[..., Path]) -> AsyncIterator[tuple[Daemo
     await asyncio.wait_for(d.ready.wait(), 10)
     parts = d._running()
     await parts.store.write(import_unit([(i.account, i.opening_balance) for i in load_accounts(ACCOUNTS)]))
-    yield d, port
-    d.request_stop()
-    assert await task == 0
+    try:
+        yield d, port
+    finally:
+        d.request_stop()
+        assert await task == 0
+
+
+@pytest.fixture
+async def daemon(write_config: Callable[..., Path]) -> AsyncIterator[tuple[Daemon, int]]:
+    async with _running(write_config) as running:
+        yield running
 
 
 async def _authorize(port: int, account: str, number: str, ip: str, uniqueid: str) -> dict[str, str]:
@@ -118,3 +129,22 @@ async def test_a_uniqueid_that_is_not_text_fails_nobody_else(daemon: tuple[Daemo
     assert await store.write(lambda tx: tx.release("ok-1")) is not None
     # the odd client's reservation is kept, under an id of the daemon's own: it expires unused
     assert (await store.write(lambda tx: tx.reservations("acct1001")))[1] == 1
+
+
+async def test_a_client_outside_agi_allowed_peers_gets_no_decision_and_reserves_nothing(
+    write_config: Callable[..., Path],
+) -> None:
+    """``agi.allowed_peers`` reaches the server: with Asterisk on another host, a local process
+    that connects is closed unread, so it can neither reserve budget nor probe account codes."""
+    async with _running(write_config, agi="  allowed_peers: [198.51.100.7]\n") as (d, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"agi_network: yes\nagi_network_script: authorize\nagi_arg_1: acct1001\nagi_arg_2: 0212345678\n\n")
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+        writer.transport.abort()
+        parts = d._running()
+        assert parts.agi is not None
+        assert parts.agi.stats()["refused_peers"] == 1
+        assert parts.agi.sessions == 0
+        assert (await parts.store.write(lambda tx: tx.reservations("acct1001")))[1] == 0

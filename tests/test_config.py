@@ -168,3 +168,21 @@ def test_a_tariff_file_needs_a_billing_cdr_rule_that_excludes_other_legs(tmp_pat
     for rule in ("destination_contexts: [clickphone-outbound]", "destination_channel_pattern: ^PJSIP/trunk-"):
         f.write_text(f"ami:\n  enabled: false\nbilling:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    {rule}\n")
         assert load_config(f, environ={}).config.billing.tariffs_file == tariffs
+
+
+def test_agi_allowed_peers_are_ip_networks_and_errors_name_the_entry(tmp_path: Path) -> None:
+    """Who may reach FastAGI: loopback by default; an entry that is not an address or network,
+    a network written with host bits, or an empty list (nobody: a disabled server in disguise)
+    is an error naming the key and the entry."""
+    assert Config().agi.allowed_peers == ("127.0.0.1/32", "::1/128")
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\nagi:\n  allowed_peers: [10.0.0.5, 2001:db8::/32]\n")
+    assert load_config(f, environ={}).config.agi.allowed_peers == ("10.0.0.5/32", "2001:db8::/32")
+    f.write_text("ami:\n  enabled: false\nagi:\n  allowed_peers: [10.0.0.5, 10.0.0.5/24, asterisk.lan]\n")
+    assert _problems(f) == [
+        f"{f}: agi.allowed_peers[1]: host bits set in '10.0.0.5/24': write the network address or a single host",
+        f"{f}: agi.allowed_peers[2]: expected an IP address or network such as 192.0.2.10 or 198.51.100.0/24,"
+        " got 'asterisk.lan'",
+    ]
+    f.write_text("ami:\n  enabled: false\nagi:\n  allowed_peers: []\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}: agi.allowed_peers: expected at least one address or network")

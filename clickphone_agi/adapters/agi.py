@@ -36,8 +36,9 @@ one :class:`AgiRouter` table by the composition root.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, cast
@@ -48,6 +49,7 @@ import structlog
 from clickphone_agi.adapters.logging import debug_enabled
 
 __all__ = [
+    "LOOPBACK_PEERS",
     "MAX_COMMAND_BYTES",
     "AgiCommandError",
     "AgiError",
@@ -69,6 +71,9 @@ log = structlog.get_logger(__name__)
 
 MAX_COMMAND_BYTES: Final = 2047
 """Longest command line Asterisk reads whole, newline included (``AGI_BUF_LEN`` 2048 minus NUL)."""
+
+LOOPBACK_PEERS: Final = ("127.0.0.1/32", "::1/128")
+"""Who may connect by default: FastAGI has no login, so whoever reaches the port can authorise calls."""
 
 _ENCODING: Final = "utf-8"
 _ERRORS: Final = "surrogateescape"
@@ -481,11 +486,21 @@ class _AgiConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         peer_host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._info["peer"] = peer_host
+        if not server._admits(peer_host):
+            server._refused_peers += 1
+            self._refuse(transport)
+            since_last_line = server._refused_peer_log.due(self._loop.time())
+            if since_last_line:
+                log.warning(
+                    "agi.refused_peer",
+                    peer=peer_host,
+                    refused_peers=server._refused_peers,
+                    since_last_line=since_last_line,
+                )
+            return
         if server._closing or len(server._connections) >= server._max_connections:
             server._refused += 1
-            self._phase = _DONE
-            self.done.set_result(None)
-            transport.abort()
+            self._refuse(transport)
             since_last_line = server._refused_log.due(self._loop.time())
             if since_last_line:
                 log.warning(
@@ -504,6 +519,12 @@ class _AgiConnection(asyncio.Protocol):
             self._loop.call_later(server._header_timeout, self._header_timed_out),
             self._loop.call_later(server._session_timeout, self._session_timed_out),
         )
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        """Close at once, unread: this connection never becomes a session."""
+        self._phase = _DONE
+        self.done.set_result(None)
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._phase == _DONE:
@@ -773,10 +794,12 @@ class _AgiConnection(asyncio.Protocol):
 class FastAgiServer:
     """Accepts FastAGI connections and runs the routed script for each.
 
-    A connection over ``max_connections`` is closed at once, unread, and counted; it is logged
-    (``agi.refused``) at most once a minute, with the number refused since the last line. Each accepted one must
-    deliver its header block (at most ``max_header_bytes``) within ``header_timeout`` seconds
-    and finish within ``session_timeout``. An unknown script is logged and closed with nothing
+    A connection from outside ``allowed_peers`` (IP networks; loopback by default: FastAGI has
+    no login) or over ``max_connections`` is closed at once, unread, and counted; each kind is
+    logged (``agi.refused_peer``, ``agi.refused``) at most once a minute, with the number refused
+    since the last line. Each accepted one must deliver its header block (at most
+    ``max_header_bytes``) within ``header_timeout`` seconds and finish within
+    ``session_timeout``. An unknown script is logged and closed with nothing
     set; a route that raises is logged and counted and its connection closed. Every accepted
     connection ends with one ``agi.session`` log line (script, outcome, duration_ms, ...).
 
@@ -800,9 +823,13 @@ class FastAgiServer:
         header_timeout: float = 2.0,
         session_timeout: float = 10.0,
         max_header_bytes: int = 16 * 1024,
+        allowed_peers: Iterable[str] = LOOPBACK_PEERS,
     ) -> None:
         if max_connections < 1 or header_timeout <= 0 or session_timeout <= 0 or max_header_bytes < 64:
             raise ValueError("need max_connections >= 1, timeouts > 0 and max_header_bytes >= 64")
+        networks = tuple(ipaddress.ip_network(peer, strict=True) for peer in allowed_peers)
+        if not networks:
+            raise ValueError("need at least one allowed peer network")
         self._router = router
         self._host = host
         self._port = port
@@ -810,6 +837,8 @@ class FastAgiServer:
         self._header_timeout = header_timeout
         self._session_timeout = session_timeout
         self._max_header_bytes = max_header_bytes
+        self._allowed_peers = networks
+        self._last_admitted: str | None = None  # Asterisk connects from one address: checked once, then compared
         self._server: asyncio.Server | None = None
         self._connections: set[_AgiConnection] = set()
         self._closing = False
@@ -817,6 +846,8 @@ class FastAgiServer:
         self._sessions = 0
         self._refused = 0
         self._refused_log = _LogThrottle()
+        self._refused_peers = 0
+        self._refused_peer_log = _LogThrottle()
         self._header_errors = 0
         self._unknown_scripts = 0
         self._hangups = 0
@@ -849,6 +880,11 @@ class FastAgiServer:
     def refused(self) -> int:
         """Connections closed unread because ``max_connections`` were busy (or closing)."""
         return self._refused
+
+    @property
+    def refused_peers(self) -> int:
+        """Connections closed unread because their address is not in ``allowed_peers``."""
+        return self._refused_peers
 
     @property
     def header_errors(self) -> int:
@@ -884,6 +920,7 @@ class FastAgiServer:
             "active": self.active,
             "sessions": self._sessions,
             "refused": self._refused,
+            "refused_peers": self._refused_peers,
             "header_errors": self._header_errors,
             "unknown_scripts": self._unknown_scripts,
             "hangups": self._hangups,
@@ -892,6 +929,19 @@ class FastAgiServer:
             "timeouts": self._timeouts,
             "completed": self._completed,
         }
+
+    def _admits(self, host: str) -> bool:
+        """Whether a peer address is in ``allowed_peers`` (FastAGI itself has no login)."""
+        if host == self._last_admitted:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:  # no IP peer at all (a Unix socket): nothing to admit it by
+            return False
+        if any(address in network for network in self._allowed_peers):
+            self._last_admitted = host
+            return True
+        return False
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
+from clickphone_agi.domain.accounts import parse_network
 from clickphone_agi.domain.retention import MIN_KEY_RETENTION_DAYS
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -71,8 +72,20 @@ def _check_events(value: str) -> str:
     return ",".join(parts)
 
 
+def _check_peer(value: str) -> str:
+    """One ``agi.allowed_peers`` entry, written the canonical way: ``10.0.0.5`` -> ``10.0.0.5/32``."""
+    return str(parse_network(value))
+
+
+def _check_peers(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("expected at least one address or network (to turn FastAGI off, set agi.enabled: false)")
+    return value
+
+
 TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 Host = Annotated[str, AfterValidator(_check_host)]
+PeerNetworks = Annotated[tuple[Annotated[str, AfterValidator(_check_peer)], ...], AfterValidator(_check_peers)]
 
 
 class Section(BaseModel):
@@ -102,6 +115,8 @@ class AgiConfig(Section):
     host: Host = "127.0.0.1"
     port: Port = 4573
     max_connections: Annotated[int, Field(ge=1, le=10_000)] = 200
+    # FastAGI has no login: who may connect at all (IPv4/IPv6 addresses or networks)
+    allowed_peers: PeerNetworks = ("127.0.0.1/32", "::1/128")
 
 
 class SmtpConfig(Section):
