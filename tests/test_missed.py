@@ -33,6 +33,7 @@ from clickphone_agi.domain.events import (
 from clickphone_agi.domain.keys import cdr_key
 from clickphone_agi.domain.missed import (
     DEFAULT_MAX_WAIT,
+    Decision,
     MissedCall,
     MissedCallTracker,
     answered_by_party,
@@ -380,17 +381,69 @@ def test_duplicate_cdrs_count_once_and_do_not_extend_the_grace() -> None:
     assert tracker.due(T0 + GRACE) == [MISSED]
 
 
-def test_a_replay_after_the_decision_derives_the_same_key() -> None:
+def handled_voicemail() -> list[DomainEvent]:
+    """The voicemail call as the shipped dialplan leaves it: its hangup handler
+    (``clickphone-vm-result``, ends in ``Return``) runs last on the VoiceMail channel, so that CDR's
+    LastApplication is ``Return``, as on the recorded fax calls' CDRs; only the MWI says voicemail."""
+    events = run("voicemail")
+    return [
+        dataclasses.replace(e, last_application="Return")
+        if isinstance(e, CallEnded) and e.last_application == "VoiceMail"
+        else e
+        for e in events
+    ]
+
+
+def test_a_decided_call_is_not_decided_again_by_its_master_csv_twins() -> None:
+    """Regression: the twins made a new group without the MWI, decided 'missed', and mailed."""
+    events = handled_voicemail()
+    twins = [dataclasses.replace(e, origin=EventSource.CSV) for e in events if isinstance(e, CallEnded)]
+    assert decide(twins, voicemail=False, owner="acct1001", system="lab") is not None  # the CDRs alone: missed
     tracker = MissedCallTracker(GRACE, owner_of=lab_owner)
-    decisions: list[MissedCall] = []
-    for round_ in range(2):
-        at = T0 + round_ * timedelta(minutes=5)
-        for event in run("missed_call"):
-            tracker.observe(event, at)
-        decisions += tracker.due(at + GRACE)
-    assert decisions == [MISSED, MISSED]  # the caller dedupes by key: one mail
+    for event in events:
+        tracker.observe(event, T0)
+    decisions = tracker.decisions(T0 + GRACE)
+    assert decisions == [Decision("missed:lab:1795882906.12", "1795882906.12", None)]  # the MWI decided it
+    later = T0 + timedelta(minutes=1)  # the next Master.csv pass
+    for twin in twins:
+        tracker.observe(twin, later)
+    assert not tracker.undecided("1795882906.12")
+    assert tracker.decisions(later + DEFAULT_MAX_WAIT) == []
+    assert (len(tracker), tracker.late) == (0, len(twins))
+
+
+def test_a_replay_after_the_decision_is_ignored_and_a_new_tracker_derives_the_same_key() -> None:
+    tracker = MissedCallTracker(GRACE, owner_of=lab_owner)
+    assert replay(run("missed_call"))[1] == [MISSED]
+    for event in run("missed_call"):
+        tracker.observe(event, T0)
+    assert tracker.due(T0 + GRACE) == [MISSED]
+    for event in run("missed_call"):
+        tracker.observe(event, T0 + 5 * GRACE)
+    assert tracker.due(T0 + 10 * GRACE) == []  # decided once
+    # a restarted daemon decides it again: with the same key, which the first decision claimed
+    assert replay(run("missed_call"), at=T0 + 5 * GRACE)[1] == [MISSED]
     assert MISSED.key == missed_key("lab", "1795882897.4") == "missed:lab:1795882897.4"
     assert missed_key("a:b", "1.2\n") == "missed:ab:1.2"  # a value cannot add a ':' or a newline
+
+
+def test_only_owned_calls_get_a_decision_and_decided_linkedids_are_remembered_within_a_bound() -> None:
+    outbound = MissedCallTracker(GRACE, owner_of=lab_owner)
+    for event in run("answered_call"):
+        outbound.observe(event, T0)
+    assert (outbound.decisions(T0 + GRACE), outbound.decided) == ([], 1)  # decided, nobody's: nothing to claim
+    tracker = MissedCallTracker(GRACE, owner_of=lab_owner, max_calls=2)
+    cdrs = cdrs_of("missed_call")
+    for n in range(3):
+        for cdr in as_call(cdrs, n):
+            tracker.observe(cdr, T0 + n * GRACE)
+        assert [d.linked_id for d in tracker.decisions(T0 + (n + 1) * GRACE)] == [f"{n}.1795882897.4"]
+    later = T0 + 4 * GRACE
+    for n in (2, 1, 0):  # the oldest decided Linkedid was forgotten: only its group opens again
+        for cdr in as_call(cdrs, n):
+            tracker.observe(cdr, later)
+    assert (len(tracker), tracker.late) == (1, 2 * len(cdrs))
+    assert tracker.undecided("0.1795882897.4")
 
 
 def test_cdrs_without_a_linkedid_are_counted_not_grouped() -> None:

@@ -13,19 +13,26 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from clickphone_agi.adapters.ami.protocol import AmiMessage, FrameParser
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition, MasterCsvTailer
 from clickphone_agi.adapters.storage.sqlite import SqliteStore, StorageError
+from clickphone_agi.app import NotifyingProcessor
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.ami_translate import TranslateContext, translate
+from clickphone_agi.domain.correlation import LinkedIdCorrelator
+from clickphone_agi.domain.events import DomainEvent
 from clickphone_agi.domain.missed import MissedCallTracker
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.services.reconcile import CURSOR_KEY, REPLAY_KEY, CdrReconciler
+from clickphone_agi.sim.master_csv import csv_record
 from clickphone_agi.sim.traffic import AsteriskFiles, CallFactory, load_templates
 
 ZONE = ZoneInfo("Europe/Bucharest")
+FIXTURES = Path(__file__).parent / "fixtures" / "ami"
 
 
 @dataclass(frozen=True)
@@ -175,3 +182,91 @@ async def test_a_master_csv_backlog_shares_commits_instead_of_one_per_row(store:
     assert await reconciler.run_once() == rows == 600
     assert await store.event_count("cdr") == rows
     assert store.commits - before <= rows // 50  # 600 rows: a handful of batches, not 600 commits
+
+
+def recorded(scenario: str, *, renamed: bytes = b"") -> tuple[list[DomainEvent], bytes]:
+    """A transcript's domain events (as the ingest worker makes them) and its Master.csv with
+    ``newcdrcolumns=yes`` (the recording's Cdr events lack the LinkedID/Sequence mappings: the
+    correlator's Linkedid is written). ``renamed``: the VoiceMail CDR's LastApplication after a
+    hangup handler ran."""
+    raw = (FIXTURES / f"{scenario}.ami").read_bytes()
+    if renamed:
+        raw = raw.replace(b"LastApplication: VoiceMail", b"LastApplication: " + renamed)
+    correlator, events, rows = LinkedIdCorrelator(), [], []
+    for message in FrameParser().feed(raw):
+        if isinstance(message, AmiMessage) and message.is_event:
+            correlator.observe(message.headers)
+            event = translate(message.headers, TranslateContext("lab", ZONE), correlator.linked_id_for)
+            if event is not None:
+                events.append(event)
+            if message.event == "Cdr":
+                linked_id = correlator.linked_id_for(message.get("UniqueID") or "") or ""
+                rows.append(csv_record(message).rstrip(b"\n") + f',"","{linked_id}",{len(rows)}\n'.encode())
+    return events, b"".join(rows)
+
+
+async def notifying(store: SqliteStore, clock: FakeClock, tmp_path: Path, went_live: datetime) -> NotifyingProcessor:
+    settings = NoticeSettings(
+        system_name="lab", sender="ClickPhone <no-reply@clickphone.example>", message_id_domain="clickphone.example",
+        voicemail_root=tmp_path / "vm", fax_root=tmp_path / "fax", inbound_contexts=("lab-inbound",),
+        missed_call_grace=timedelta(seconds=30),
+    )  # fmt: skip
+    await store.write(import_unit([(Account(code="acct1001", name="Ion Popescu", email="ion@example.ro"), 0)]))
+    processor = NotifyingProcessor(store, went_live)
+    processor.notifier = Notifier(store, clock, Renderer(), settings, went_live)
+    return processor
+
+
+@pytest.mark.parametrize("last_app", [b"Return", b"VoiceMail"], ids=["hangup-handler", "plain"])
+async def test_a_voicemail_call_gets_no_missed_call_mail_when_master_csv_brings_its_cdrs_again(
+    store: SqliteStore, tmp_path: Path, last_app: bytes
+) -> None:
+    """Regression: the reconcile pass re-read the call's CDRs (claimed keys) after its MWI had decided
+    it, the tracker opened a new group without the MWI, found it missed, and mailed. The shipped
+    voicemail snippet's hangup handler leaves ``Return`` as the VoiceMail CDR's LastApplication."""
+    events, rows = recorded("voicemail", renamed=last_app)
+    clock = FakeClock()
+    processor = await notifying(store, clock, tmp_path, datetime(2026, 1, 1, tzinfo=UTC))
+    notifier = processor.notifier
+    assert notifier is not None
+    await processor.handle_many(events)
+    assert await store.event_count("cdr") == 4
+    await clock.advance(31)
+    await notifier._missed_calls(clock.now())
+    assert await store.has_event("missed:lab:1795882906.12")  # claimed although nothing was mailed
+    assert not notifier.undecided("1795882906.12")
+
+    (tmp_path / "Master.csv").write_bytes(rows)  # cdr_csv writes the same CDRs a moment later
+    tailer = MasterCsvTailer(tmp_path / "Master.csv", system_name="lab", timezone=ZONE)
+    reconciler = CdrReconciler(store, tailer, processor, clock, 60, undecided=notifier.undecided)
+    assert await reconciler.run_once() == 0  # every row a duplicate
+    assert reconciler.rows_seen == 4
+    await clock.advance(31)
+    await notifier._missed_calls(clock.now() + timedelta(hours=5))
+    assert await store.outbox_rows() == []
+
+    # a restart replays the rows (a read shared with a call still pending): the claimed key holds
+    again = await notifying(store, clock, tmp_path, datetime(2026, 1, 1, tzinfo=UTC))
+    assert again.notifier is not None
+    await again.handle_many(tailer.read_new(None).events)
+    await again.notifier._missed_calls(clock.now() + timedelta(hours=5))
+    assert await store.outbox_rows() == []
+
+
+async def test_master_csv_history_before_go_live_is_not_mailed_as_missed(store: SqliteStore, tmp_path: Path) -> None:
+    """At the first start the reconciler reads Master.csv from its start: a call missed before the
+    daemon went live is history (the ingest records nothing of it), not a notice; live, it is."""
+    events, rows = recorded("missed_call")
+    (tmp_path / "Master.csv").write_bytes(rows)
+    tailer = MasterCsvTailer(tmp_path / "Master.csv", system_name="lab", timezone=ZONE)
+    clock = FakeClock()
+    went_live = datetime(2026, 11, 28, 15, tzinfo=UTC)  # after the call (14:21 UTC)
+    processor = await notifying(store, clock, tmp_path, went_live)
+    assert processor.notifier is not None
+    await processor.handle_many(tailer.read_new(None).events)
+    await processor.notifier._missed_calls(clock.now() + timedelta(hours=5))
+    assert await store.outbox_rows() == []
+    await processor.handle_many(events)  # the same call live on AMI
+    await processor.notifier._missed_calls(clock.now() + timedelta(hours=5))
+    (row,) = await store.outbox_rows()
+    assert (row.idempotency_key, row.kind) == ("missed:lab:1795882897.4", "missed_call")

@@ -51,9 +51,15 @@ When (:class:`MissedCallTracker`): a call is decided ``grace`` after its *last* 
 only once the root channel's CDR (Uniqueid = Linkedid: the caller's own channel) is in, because
 the ringing legs' CDRs can come long before the rest of the call (the voicemail case above; a
 ring-group fork that gave up while another fork talks). Without a root CDR the call is decided
-``max_wait`` after its last CDR with what is there. Decided calls are forgotten: a CDR arriving
-later (or a replay) starts a new group and may decide the same call again, with the same
-:attr:`MissedCall.key`; the caller dedupes by key in the transaction that queues the mail.
+``max_wait`` after its last CDR with what is there.
+
+A call is decided once. Its CDRs come again (the Master.csv twin of every AMI CDR, a replay after a
+restart) *without* the events that may have decided it: a voicemail call whose ``VoiceMail`` CDR
+a hangup handler renamed (the shipped ``clickphone-vm-result`` does) is told from a missed call
+only by its ``MessageWaiting``. So a decided call's Linkedid is remembered (the last ``max_calls``
+of them) and its later events are ignored (counted in ``late``); and every decision of an owned
+call, missed or not, is a :class:`Decision` whose :attr:`~Decision.key` the caller claims, so that a
+re-decision after a restart (memory lost) finds the key taken and mails nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ __all__ = [
     "DEFAULT_MAX_WAIT",
     "DIAL_APPS",
     "VOICEMAIL_APPS",
+    "Decision",
     "MissedCall",
     "MissedCallTracker",
     "OwnerOf",
@@ -120,6 +127,19 @@ class MissedCall:
     called: str
     started_at: datetime
     rang_seconds: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One owned inbound call decided: ``missed`` to mail, or ``None`` (answered, voicemail, …).
+
+    Final either way: the caller claims ``key`` with the mail, or alone when not missed, so no
+    later read of the call's CDRs decides it again (see the module doc).
+    """
+
+    key: str
+    linked_id: str
+    missed: MissedCall | None
 
 
 def missed_key(system: str, linked_id: str) -> str:
@@ -211,8 +231,9 @@ class MissedCallTracker:
     must not go backwards much: the pending calls are kept in order of their last CDR.
 
     Memory is bounded: at most ``max_calls`` undecided calls; beyond that the one whose last CDR
-    is oldest is dropped undecided and counted in ``evictions``. CDRs without a Linkedid cannot be
-    grouped and are counted in ``unlinked``.
+    is oldest is dropped undecided and counted in ``evictions``; and the Linkedids of the last
+    ``max_calls`` decided calls, whose later events are ignored and counted in ``late``. CDRs
+    without a Linkedid cannot be grouped and are counted in ``unlinked``.
     """
 
     def __init__(
@@ -234,7 +255,9 @@ class MissedCallTracker:
         self._max_calls = max_calls
         self._owner_of = owner_of
         self._calls: OrderedDict[str, _Call] = OrderedDict()
+        self._decided: OrderedDict[str, None] = OrderedDict()  # Linkedids, oldest decision first
         self.evictions = 0
+        self.late = 0
         self.unlinked = 0
         self.decided = 0
 
@@ -252,7 +275,9 @@ class MissedCallTracker:
 
     def observe(self, event: DomainEvent, now: datetime) -> None:
         """Take one event into account (see the class doc); ``DialOutcome`` and others are ignored."""
-        if isinstance(event, CallEnded):
+        if isinstance(event, CallEnded | VoicemailWaiting | VoicemailRecorded) and event.linked_id in self._decided:
+            self.late += 1  # a Master.csv twin, a replay: the call was decided without it, once
+        elif isinstance(event, CallEnded):
             self._observe_cdr(event, now)
         elif isinstance(event, VoicemailWaiting | VoicemailRecorded) and event.linked_id:
             call = self._calls.get(event.linked_id)
@@ -262,11 +287,16 @@ class MissedCallTracker:
         # DialOutcome (no time; the CDRs already say who answered) and anything else: ignored
 
     def due(self, now: datetime) -> list[MissedCall]:
-        """Decide every call that is over (its grace since its last CDR has passed) and forget it.
+        """The missed calls among :meth:`decisions`, oldest first."""
+        return [d.missed for d in self.decisions(now) if d.missed is not None]
 
-        Returns the missed ones, oldest first; calls decided as not missed are only forgotten.
+    def decisions(self, now: datetime) -> list[Decision]:
+        """Decide every call that is over (its grace since its last CDR has passed), oldest first.
+
+        Returns a :class:`Decision` per owned call; the others are not anybody's to mail. A decided
+        call's Linkedid is remembered, its CDRs forgotten.
         """
-        out: list[MissedCall] = []
+        out: list[Decision] = []
         for linked_id, call in list(self._calls.items()):
             waited = now - call.touched
             if waited < self._grace:
@@ -275,9 +305,13 @@ class MissedCallTracker:
                 continue
             del self._calls[linked_id]
             self.decided += 1
-            missed = self._decide(call)
-            if missed is not None:
-                out.append(missed)
+            decision = self._decide(linked_id, call)
+            if decision is not None:
+                out.append(decision)
+            if call.cdrs:  # a voicemail event alone decided nothing: the call's CDRs may follow
+                self._decided[linked_id] = None
+                while len(self._decided) > self._max_calls:
+                    self._decided.popitem(last=False)
         return out
 
     def _observe_cdr(self, cdr: CallEnded, now: datetime) -> None:
@@ -305,12 +339,16 @@ class MissedCallTracker:
             self.evictions += 1
         return call
 
-    def _decide(self, call: _Call) -> MissedCall | None:
+    def _decide(self, linked_id: str, call: _Call) -> Decision | None:
         if not call.cdrs:
             return None
         cdrs = list(call.cdrs.values())
+        owner = call_owner(cdrs, self._owner_of)
+        if owner is None:
+            return None
         system = _canonical(cdrs)[0].system_name
-        return decide(cdrs, voicemail=call.voicemail, owner=call_owner(cdrs, self._owner_of), system=system)
+        missed = decide(cdrs, voicemail=call.voicemail, owner=owner, system=system)
+        return Decision(missed_key(system, linked_id), linked_id, missed)
 
 
 def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:

@@ -32,6 +32,7 @@ from clickphone_agi.domain.events import (
     CallEnded,
     DialOutcome,
     DomainEvent,
+    EventSource,
     FaxReceived,
     FaxResult,
     FaxSent,
@@ -39,7 +40,7 @@ from clickphone_agi.domain.events import (
     VoicemailRecorded,
     VoicemailWaiting,
 )
-from clickphone_agi.domain.missed import MissedCall, MissedCallTracker
+from clickphone_agi.domain.missed import Decision, MissedCall, MissedCallTracker
 from clickphone_agi.domain.money import format_ron  # noqa: F401 - re-exported for templates' callers
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.faults import crash_point
@@ -81,8 +82,8 @@ class Notifier:
             max_attachment_bytes=settings.max_attachment_bytes,
         )  # fmt: skip
         self._tracker = MissedCallTracker(settings.missed_call_grace, owner_of=self._owner_of)
-        # decided missed, mail not committed yet (by Linkedid): still "undecided" for the reconciler
-        self._missed_due: dict[str, MissedCall] = {}
+        # decided, the key not claimed yet (by Linkedid): still "undecided" for the reconciler
+        self._missed_due: dict[str, Decision] = {}
         self._fax_files: OrderedDict[str, FaxReceived | FaxSent] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -100,7 +101,9 @@ class Notifier:
 
     def observe(self, event: DomainEvent) -> None:
         now = self._clock.now()
-        if isinstance(event, CallEnded | DialOutcome | VoicemailWaiting | VoicemailRecorded):
+        if isinstance(event, CallEnded) and event.origin is not EventSource.AMI and event.end < self._went_live_at:
+            pass  # recovered history before the baseline (the ingest's rule): its key may be purged
+        elif isinstance(event, CallEnded | DialOutcome | VoicemailWaiting | VoicemailRecorded):
             self._tracker.observe(event, now)
         if isinstance(event, VoicemailWaiting | VoicemailRecorded):
             self._boxes_due.add((event.context, event.mailbox))
@@ -159,9 +162,9 @@ class Notifier:
         self._went_live_at = max(self._went_live_at, moment)
 
     def undecided(self, linked_id: str) -> bool:
-        """Whether this call's missed-call notice may still be lost with the process: not decided
-        yet, or decided missed and its mail not committed. The reconciler keeps the call's
-        Master.csv rows replayable until then."""
+        """Whether this call's decision may still be lost with the process: not decided yet, or
+        decided and its key (with the mail, if missed) not committed. The reconciler keeps the
+        call's Master.csv rows replayable until then."""
         return self._tracker.undecided(linked_id) or linked_id in self._missed_due
 
     def _owner_of(self, call: CallEnded) -> str | None:
@@ -202,12 +205,20 @@ class Notifier:
             log.exception("notices.missed_flush_failed")
 
     async def _missed_calls(self, now: datetime) -> None:
-        """Queue the mail of every call decided missed by ``now``; one that fails stays due and is
-        tried again on the next pass (the tracker has forgotten it: this is its only record)."""
-        for missed in self._tracker.due(now):
-            self._missed_due[missed.linked_id] = missed
-        for linked_id, missed in list(self._missed_due.items()):
-            await self._missed(missed)
+        """Claim the key of every call decided by ``now``, with its mail if missed; one that fails
+        stays due and is tried again on the next pass (the tracker has forgotten it: this is its
+        only record). A call not missed has its key claimed alone: a re-read of its CDRs after a
+        restart, without the MessageWaiting that decided it, could otherwise find it missed."""
+        for decision in self._tracker.decisions(now):
+            self._missed_due[decision.linked_id] = decision
+        settled = [d for d in self._missed_due.values() if d.missed is None]
+        if settled:
+            await self._store.write(lambda tx: [tx.claim_event(d.key, "not_missed") for d in settled])
+            for decision in settled:
+                del self._missed_due[decision.linked_id]
+        for linked_id, decision in list(self._missed_due.items()):
+            if decision.missed is not None:
+                await self._missed(decision.missed)
             del self._missed_due[linked_id]
 
     async def scan_all(self) -> None:
