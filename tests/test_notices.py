@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -20,9 +21,12 @@ from clickphone_agi.app import Daemon
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.accounts import Account, Mailbox
+from clickphone_agi.notices.render import Renderer
 from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.test_missed_replay import FailingOnce
 
 SPOOL = Path(__file__).parent / "fixtures" / "spool"
 pytestmark = pytest.mark.slow
@@ -40,11 +44,13 @@ def _spool(root: Path) -> tuple[Path, Path]:
 
 async def _daemon(
     write_config: Callable[..., Path], root: Path, ami_port: int, smtp_port: int, language: str,
-    sidecars: dict[str, str] | None = None,
+    sidecars: dict[str, str] | None = None, prepare: Callable[[Path, Path], None] | None = None,
 ) -> AsyncIterator[Daemon]:  # fmt: skip
     vm, fax = _spool(root)
     for name, text in (sidecars or {}).items():  # written by the dialplan while the daemon was down
         (fax / name).write_text(text)
+    if prepare is not None:  # what else happened to the spool (voicemail, fax) before the start
+        prepare(vm, fax)
     cfg = write_config(
         ami_port=ami_port or 5038,
         smtp_port=smtp_port,
@@ -187,3 +193,70 @@ async def test_failed_fax_received_while_stopped_is_mailed_at_start_from_its_lon
     text = mails["fax_failed"].get_body(("plain",))
     assert text is not None
     assert "The call dropped prematurely" in text.get_content()
+
+
+def _symlinked_audio(vm: Path, _fax: Path) -> None:
+    wav = vm / "default/100/INBOX/msg0000.wav"
+    wav.unlink()
+    wav.symlink_to("msg0000.WAV")  # even pointing inside the spool: refused (O_NOFOLLOW)
+
+
+def _fifo_audio(vm: Path, _fax: Path) -> None:
+    wav = vm / "default/100/INBOX/msg0000.wav"
+    wav.unlink()
+    os.mkfifo(wav)
+
+
+@pytest.mark.parametrize("prepare", [_symlinked_audio, _fifo_audio], ids=["symlink", "fifo"])
+async def test_a_refused_voicemail_recording_is_mailed_without_it_and_the_scan_goes_on(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink, prepare: Callable[[Path, Path], None]
+) -> None:
+    """Regression: read_audio's refusal escaped the scan, so the message was never mailed (its
+    notice was documented to go without the recording) and nothing after it, the faxes included,
+    ever was: every scan stopped at the same file."""
+    sidecars = {"rx-1795882966.20.tif.result": FAILED_RX_SIDECAR}
+    gen = _daemon(write_config, short_tmp / "spool", 0, smtp_sink.port, "en", sidecars, prepare)
+    daemon = await anext(gen)
+    try:
+        await smtp_sink.wait_for(2, timeout=20)
+        await asyncio.sleep(0.3)  # anything extra would arrive now
+        status = await daemon._cmd_status({})
+    finally:
+        await anext(gen, None)
+    mails = {_kind(m): m for m in (_parse(m.data) for m in smtp_sink.messages)}
+    assert sorted(mails) == ["fax_failed", "voicemail"]
+    assert list(mails["voicemail"].iter_attachments()) == []
+    text = mails["voicemail"].get_body(("plain",))
+    assert text is not None
+    assert "The recording could not be attached" in text.get_content()
+    assert status["notices"]["errors"] == 0
+
+
+async def test_a_message_whose_notice_fails_is_retried_at_the_next_scan_and_the_others_still_go(
+    short_tmp: Path,
+) -> None:
+    """One message's failure (here its commit: a disk error) is counted and logged; the scan goes
+    on to the fax, and the next scan mails the message."""
+    vm, fax = _spool(short_tmp / "spool")
+    (fax / "rx-1795882966.20.tif.result").write_text(FAILED_RX_SIDECAR)
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        account = Account(
+            code="acct1001", name="Ion Popescu", email="ion@example.ro", mailboxes=(Mailbox("100@default"),)
+        )
+        await store.write(import_unit([(account, 1000)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
+        )  # fmt: skip
+        flaky = FailingOnce(store)
+        notifier = Notifier(flaky, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))  # type: ignore[arg-type]
+        await notifier.scan_all()
+        assert notifier.errors == 1
+        assert [r.kind for r in await store.outbox_rows()] == ["fax_failed"]
+        await notifier.scan_all()
+        assert sorted(r.kind for r in await store.outbox_rows()) == ["fax_failed", "voicemail"]
+        assert notifier.errors == 1
+    finally:
+        await store.close()

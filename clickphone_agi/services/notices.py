@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from clickphone_agi.adapters.fax import FaxFileError, FaxSidecar, scan_fax_spool, tiff_to_pdf
-from clickphone_agi.adapters.spool import VoicemailMessage, VoicemailSpool
+from clickphone_agi.adapters.spool import SpoolError, VoicemailMessage, VoicemailSpool
 from clickphone_agi.clock import Clock, wait_any
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.delivery import message_id
@@ -222,15 +222,26 @@ class Notifier:
             del self._missed_due[linked_id]
 
     async def scan_all(self) -> None:
-        """Every voicemail box and the fax directory: what arrived while we were not looking."""
+        """Every voicemail box and the fax directory: what arrived while we were not looking.
+
+        One box or fax that fails is counted and logged and the scan goes on: it is tried again
+        at the next scan, and must not keep every later box and every fax from being mailed."""
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
-            await self.voicemail_box(context, mailbox)
+            try:
+                await self.voicemail_box(context, mailbox)
+            except Exception:
+                self.errors += 1
+                log.exception("notices.voicemail_box_failed", box=f"{mailbox}@{context}")
             crash_point("notices.scan_item")
         faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
         for fax in faxes:
             if fax.sidecar is not None:
-                await self._fax(fax.sidecar, fax.path)
+                try:
+                    await self._fax(fax.sidecar, fax.path)
+                except Exception:
+                    self.errors += 1
+                    log.exception("notices.fax_failed", uniqueid=fax.sidecar.uniqueid)
                 crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
@@ -262,11 +273,21 @@ class Notifier:
                 ):
                     await self.remove_delivered(key, _location(msg))
                 continue
-            await self._voicemail(account, box, msg, key)
+            try:
+                await self._voicemail(account, box, msg, key)
+            except Exception:  # this message only: the box's others still go; retried next scan
+                self.errors += 1
+                log.exception("notices.voicemail_failed", key=key)
 
     async def _voicemail(self, account: Account, box: str, msg: VoicemailMessage, key: str) -> None:
         recipient = account.mailbox_email(box) or account.email
-        audio = await asyncio.to_thread(self._spool.read_audio, msg)
+        try:
+            audio = await asyncio.to_thread(self._spool.read_audio, msg)
+        except (SpoolError, OSError) as exc:
+            # refused (a symlink, not a regular file) or unreadable (EACCES): the message still
+            # goes, saying the recording could not be attached, as for a missing or large file
+            log.warning("notices.voicemail_audio_unreadable", key=key, error=str(exc))
+            audio = None
         data: dict[str, Any] = {
             "name": account.name,
             "mailbox": msg.mailbox,
