@@ -19,6 +19,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -407,3 +408,16 @@ def test_scan_lists_a_lone_sidecar_whose_reception_left_no_tiff(root: Path) -> N
     assert lone.sidecar is not None
     assert (lone.sidecar.status, lone.sidecar.pages) == ("FAILED", 0)
     assert [e["path"].rsplit("/", 1)[1] for e in logs if e["event"] == "fax_sidecar_refused"] == ["rx-11.tif.result"]
+
+
+def test_scan_dates_each_fax_by_its_sidecar_written_at_hangup(root: Path) -> None:
+    """The sidecar holds no time; its mtime (the ``end=1`` line, written when the call hung up) is
+    what the notifier holds against the go-live baseline and the key floor."""
+    (root / f"{G3}.result").write_text(REAL_SIDECAR)
+    (root / "rx-9.tif.result").write_text(REAL_SIDECAR)  # a lone sidecar: dated the same way
+    ended = datetime(2026, 11, 28, 16, 22, 46, tzinfo=UTC)
+    for name in (f"{G3}.result", "rx-9.tif.result"):
+        os.utime(root / name, (ended.timestamp(), ended.timestamp()))
+    os.utime(root / G3, (0, 0))  # the TIFF's own time plays no part
+    found = {f.path.name: f for f in scan_fax_spool(root)}
+    assert (found[G3].written_at, found["rx-9.tif"].written_at, found[G4].written_at) == (ended, ended, None)

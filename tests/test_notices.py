@@ -9,7 +9,7 @@ import email.policy
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from clickphone_agi.clock import FakeClock
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.domain.accounts import Account, Mailbox
 from clickphone_agi.notices.render import Renderer
+from clickphone_agi.ports import WriteTx
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
@@ -258,5 +259,66 @@ async def test_a_message_whose_notice_fails_is_retried_at_the_next_scan_and_the_
         await notifier.scan_all()
         assert sorted(r.kind for r in await store.outbox_rows()) == ["fax_failed", "voicemail"]
         assert notifier.errors == 1
+    finally:
+        await store.close()
+
+
+def _before_go_live(_vm: Path, fax: Path) -> None:
+    """The failed fax and the received one ended the day before the daemon went live."""
+    (fax / "rx-1795882939.18.tif.result").write_text(FAILED_RX_SIDECAR.replace("1795882966.20", "1795882939.18"))
+    (fax / "rx-1795882966.20.tif.result").write_text(FAILED_RX_SIDECAR)
+    day_before = datetime(2026, 11, 27, 12, tzinfo=UTC).timestamp()
+    for name in ("rx-1795882939.18.tif", "rx-1795882939.18.tif.result", "rx-1795882966.20.tif.result"):
+        os.utime(fax / name, (day_before, day_before))
+
+
+async def test_faxes_older_than_the_go_live_baseline_are_not_mailed_at_the_first_start(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    """Regression: the fax scan ignored the baseline the voicemail scan keeps, so the first start
+    mailed every fax still in the spool, however old."""
+    gen = _daemon(write_config, short_tmp / "spool", 0, smtp_sink.port, "en", prepare=_before_go_live)
+    await anext(gen)
+    try:
+        await smtp_sink.wait_for(1, timeout=20)  # the spool's voicemail, left after go-live
+        await asyncio.sleep(0.5)  # anything extra would arrive now
+    finally:
+        await anext(gen, None)
+    assert [_kind(_parse(m.data)) for m in smtp_sink.messages] == ["voicemail"]
+
+
+async def test_a_fax_older_than_the_key_floor_is_not_mailed_again_once_its_key_is_purged(short_tmp: Path) -> None:
+    """The retention job raises the notifier's baseline to the key floor, then purges the keys: a
+    fax still in the spool, its key and its sent row gone (``outbox purge``), must not look new."""
+    vm, fax = _spool(short_tmp / "spool")
+    shutil.rmtree(vm / "default")
+    (fax / "rx-1795882966.20.tif.result").write_text(FAILED_RX_SIDECAR)
+    ended = datetime(2026, 11, 28, 9, 59, tzinfo=UTC)
+    os.utime(fax / "rx-1795882966.20.tif.result", (ended.timestamp(), ended.timestamp()))
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        await store.write(import_unit([(Account(code="acct1001", name="Ion Popescu", email="ion@example.ro"), 0)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
+        )  # fmt: skip
+        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        await notifier.scan_all()
+        (row,) = await store.outbox_rows()
+        assert (row.idempotency_key, row.kind) == ("fax:pbx1:1795882966.20:receive", "fax_failed")
+
+        later = ended + timedelta(days=400)
+        notifier.raise_baseline(ended + timedelta(minutes=1))  # the floor, raised before any key goes
+
+        def purge(tx: WriteTx) -> None:
+            tx.mark_sent(row.id, "250 2.0.0 Ok")
+            tx.purge_outbox(later, ("sent",), keep_rows=False)
+            tx.purge_window("processed_events", later, None, 100)
+
+        await store.write(purge)
+        assert not await store.has_event(row.idempotency_key)
+        await notifier.scan_all()
+        assert await store.outbox_rows() == []
     finally:
         await store.close()

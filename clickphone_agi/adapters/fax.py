@@ -41,6 +41,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -127,6 +128,9 @@ class FaxSidecar:
 class FaxFile:
     path: Path
     sidecar: FaxSidecar | None  # None: no sidecar yet, incomplete, or refused
+    written_at: datetime | None = None
+    """The sidecar's mtime (UTC): its ``end=1`` line is written when the fax call hangs up, so
+    this is when the fax ended (it holds no time of its own). ``None`` without a sidecar."""
 
 
 # -- path safety ---------------------------------------------------------------------------------
@@ -374,6 +378,7 @@ def scan_fax_spool(root: Path) -> list[FaxFile]:
     A sidecar whose TIFF does not exist is listed too (its ``path`` names the absent TIFF): a
     reception that failed before the first page leaves no TIFF, only the dialplan's ``.result``,
     and that "fax failed" notice must not be lost because the daemon was down when it happened.
+    Each fax with a sidecar has its :attr:`FaxFile.written_at`, for the go-live baseline.
     """
     base = root.resolve()
     try:
@@ -404,8 +409,17 @@ def scan_fax_spool(root: Path) -> list[FaxFile]:
         except FaxFileError as e:
             log.warning("fax_sidecar_refused", path=str(path), reason=str(e))
             sidecar = None
-        found.append(FaxFile(path=path, sidecar=sidecar))
+        found.append(FaxFile(path=path, sidecar=sidecar, written_at=_written_at(path) if sidecar else None))
     return sorted(found, key=lambda f: f.path.name)
+
+
+def _written_at(tif: Path) -> datetime | None:
+    """The mtime of ``tif``'s sidecar (just read and checked: a regular file), ``None`` if gone."""
+    try:
+        st = os.stat(tif.with_name(tif.name + ".result"), follow_symlinks=False)
+    except OSError:
+        return None
+    return datetime.fromtimestamp(st.st_mtime, UTC)
 
 
 def _orphan_sidecar(base: Path, name: str, *, is_file: bool, is_link: bool) -> FaxFile | None:
@@ -419,4 +433,4 @@ def _orphan_sidecar(base: Path, name: str, *, is_file: bool, is_link: bool) -> F
     except FaxFileError as e:
         log.warning("fax_sidecar_refused", path=str(base / name), reason=str(e))
         return None
-    return None if sidecar is None else FaxFile(path=tif, sidecar=sidecar)
+    return None if sidecar is None else FaxFile(path=tif, sidecar=sidecar, written_at=_written_at(tif))

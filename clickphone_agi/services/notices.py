@@ -157,8 +157,9 @@ class Notifier:
             log.exception("notices.security_failed", key=event.key)
 
     def raise_baseline(self, moment: datetime) -> None:
-        """Never mail spool messages older than ``moment`` (the retention's key floor: their keys may
-        be gone, so an old message still in a box would look new)."""
+        """Never mail spool messages or faxes older than ``moment``, nor decide calls recovered
+        from Master.csv that ended before it (the retention's key floor: their keys may be gone,
+        so an old message still in a box would look new)."""
         self._went_live_at = max(self._went_live_at, moment)
 
     def undecided(self, linked_id: str) -> bool:
@@ -236,13 +237,14 @@ class Notifier:
             crash_point("notices.scan_item")
         faxes = await asyncio.to_thread(scan_fax_spool, self.settings.fax_root)
         for fax in faxes:
-            if fax.sidecar is not None:
-                try:
-                    await self._fax(fax.sidecar, fax.path)
-                except Exception:
-                    self.errors += 1
-                    log.exception("notices.fax_failed", uniqueid=fax.sidecar.uniqueid)
-                crash_point("notices.scan_item")
+            if fax.sidecar is None or fax.written_at is None or fax.written_at < self._went_live_at:
+                continue  # incomplete, or older than the go-live baseline (or the key floor)
+            try:
+                await self._fax(fax.sidecar, fax.path)
+            except Exception:
+                self.errors += 1
+                log.exception("notices.fax_failed", uniqueid=fax.sidecar.uniqueid)
+            crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
 
