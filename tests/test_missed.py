@@ -361,6 +361,25 @@ def test_sequential_hunt_rang_from_the_first_attempt_to_the_end_of_the_last() ->
     assert missed.rang_seconds == 10
 
 
+def test_a_hunt_across_the_spring_dst_change_rang_for_the_real_seconds() -> None:
+    """2026-03-29 in Bucharest the clocks go from 03:00 to 04:00: the second attempt starting at
+    04:00:05 wall clock is 15 s after the first at 02:59:50, not an hour and 15 s (regression)."""
+    cdrs = ring_group(answered=False)
+    first, second = cdrs[-2], cdrs[-1]
+    before, after = datetime(2026, 3, 29, 2, 59, 50, tzinfo=ZONE), datetime(2026, 3, 29, 4, 0, 5, tzinfo=ZONE)
+    assert (after - before, after.astimezone(UTC) - before.astimezone(UTC)) == (
+        timedelta(hours=1, seconds=15),
+        15 * SECOND,
+    )
+    cdrs = [dataclasses.replace(c, start=before, end=before + 4 * SECOND) for c in cdrs[:-2]] + [
+        dataclasses.replace(first, start=before, end=before + 5 * SECOND, duration=5),
+        dataclasses.replace(second, start=after, end=after + 10 * SECOND, duration=10),
+    ]
+    missed = decide(cdrs, voicemail=False, owner="acct1001", system="lab")
+    assert missed is not None
+    assert (missed.rang_seconds, missed.started_at) == (25, before)
+
+
 # --- order, duplicates, replays, memory ----------------------------------------------------------------
 
 

@@ -40,7 +40,8 @@ Decision (:func:`decide`, one call's CDRs):
 
 Fields: ``rang_seconds`` is the ringing CDRs' ``Duration`` (never StartTime/EndTime, which are
 whole seconds); several ringing CDRs (forks, a sequential hunt) give the span from the first one's
-start to the end of the one that ends last, ``start`` offsets in whole seconds plus ``Duration``.
+start to the end of the one that ends last, ``start`` offsets in whole seconds (real ones, in UTC:
+a hunt across a DST change) plus ``Duration``.
 It includes dialplan time spent before the Dial in the same CDR (nothing in the lab).
 ``called``/``caller_*`` come from the first ringing CDR (caller number falls back to ``Source``),
 ``started_at`` is the earliest CDR start (an aware time in Asterisk's zone; the mail shows it in
@@ -67,7 +68,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from clickphone_agi.domain.events import (
@@ -188,7 +189,8 @@ def decide(cdrs: Sequence[CallEnded], *, voicemail: bool, owner: str | None, sys
     if not ringing:
         return None
     first = ringing[0]
-    rang = max(int((c.start - first.start).total_seconds()) + c.duration for c in ringing)
+    # in UTC: aware datetimes that share a tzinfo subtract as wall clocks, an hour off across DST
+    rang = max(int((_utc(c.start) - _utc(first.start)).total_seconds()) + c.duration for c in ringing)
     linked_id = first.linked_id or ""
     return MissedCall(
         key=missed_key(system, linked_id),
@@ -197,7 +199,7 @@ def decide(cdrs: Sequence[CallEnded], *, voicemail: bool, owner: str | None, sys
         caller_num=first.caller_id_num or first.source or next((c.caller_id_num for c in group if c.caller_id_num), ""),
         caller_name=first.caller_id_name or next((c.caller_id_name for c in group if c.caller_id_name), ""),
         called=first.destination,
-        started_at=min(c.start for c in group),
+        started_at=min((c.start for c in group), key=_utc),
         rang_seconds=rang,
     )
 
@@ -354,7 +356,7 @@ class MissedCallTracker:
 def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:
     """Deduplicated by key (an AMI copy preferred to a Master.csv one) in a fixed order: start,
     Uniqueid, key. Every choice made from "the first" CDR is therefore independent of arrival order."""
-    ordered = sorted(cdrs, key=lambda c: (c.start, c.unique_id, c.key, c.origin is not EventSource.AMI))
+    ordered = sorted(cdrs, key=lambda c: (_utc(c.start), c.unique_id, c.key, c.origin is not EventSource.AMI))
     seen: set[str] = set()
     out: list[CallEnded] = []
     for cdr in ordered:
@@ -362,6 +364,11 @@ def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:
             seen.add(cdr.key)
             out.append(cdr)
     return out
+
+
+def _utc(moment: datetime) -> datetime:
+    """``moment`` in UTC, for arithmetic and order that real time, not the wall clock, decides."""
+    return moment.astimezone(UTC)
 
 
 def _key_part(s: str) -> str:
