@@ -428,6 +428,20 @@ async def test_oversized_frame_drops_the_link_and_the_client_reconnects(
         assert h.client.state == "connected"
 
 
+async def test_events_ahead_of_an_oversized_frame_in_one_read_are_delivered_before_the_link_drops(
+    server: AmiReplayServer, clock: FakeClock
+) -> None:
+    cdr = next(f.raw for f in load_transcript(FIXTURES / "missed_call.ami").replay_frames if f.message.event == "Cdr")
+    async with running_client(server, clock=clock, max_frame_bytes=1024) as h:
+        await h.connected()
+        await server.send_raw(cdr + b"Event: Flood\r\nData: " + b"a" * 2000 + b"\r\n\r\n")
+        await wait_for(lambda: h.client.disconnects == 1)
+        assert [m.raw for m in h.events("Cdr")] == [cdr]
+        assert not h.events("Flood")
+        assert h.client.last_error is not None
+        assert h.client.last_error.startswith("AmiProtocolError")
+
+
 async def test_queued_scenarios_play_to_the_next_client_that_logs_in(server: AmiReplayServer, clock: FakeClock) -> None:
     server.queue_scenarios("user_event", FIXTURES / "shutdown.ami")
     async with running_client(server, clock=clock) as h:

@@ -212,6 +212,19 @@ def test_oversized_complete_frame_raises() -> None:
         parser.feed(b"Event: Big\r\nX: " + b"a" * 80 + b"\r\n\r\n")
 
 
+@pytest.mark.parametrize("ending", [b"\r\n\r\n", b""], ids=["complete", "without-end"])
+def test_frames_ahead_of_an_oversized_one_in_the_same_read_come_with_the_error(ending: bytes) -> None:
+    """Regression: the recorded call's frames, Cdr included, that arrived in the same read as a
+    flood were dropped with it; they are the error's ``parsed``, in order, and the error stays."""
+    data = (FIXTURES / "missed_call.ami").read_bytes()
+    expected = FrameParser().feed(data)
+    flood = b"Event: Flood\r\nData: " + b"a" * 2000 + ending
+    with pytest.raises(AmiProtocolError, match="exceeds 1024 bytes") as caught:
+        FrameParser(max_frame_bytes=1024).feed(data + flood)
+    assert caught.value.parsed == tuple(expected)
+    assert "Cdr" in [m.event for m in messages(list(caught.value.parsed))]
+
+
 def test_default_limit_is_one_mebibyte() -> None:
     parser = FrameParser(expect_banner=False)
     parser.feed(b"Event: Big\r\nX: " + b"a" * (1024 * 1024 - 100))

@@ -371,17 +371,25 @@ class AmiClient:
             self._pending.pop(action_id, None)
 
     async def _read_loop(self, reader: asyncio.StreamReader, parser: FrameParser) -> None:
-        """Read until EOF; the only await is the socket."""
+        """Read until EOF; the only await is the socket. A protocol error ends the link, after the
+        complete frames that came ahead of the bad one in the same read are dispatched."""
         while True:
             data = await reader.read(_READ_SIZE)
             if not data:
                 return
-            for item in parser.feed(data):
+            failure: AmiProtocolError | None = None
+            try:
+                items = parser.feed(data)
+            except AmiProtocolError as exc:
+                items, failure = list(exc.parsed), exc
+            for item in items:
                 if isinstance(item, Banner):
                     if self._banner is not None and not self._banner.done():
                         self._banner.set_result(item)
                     continue
                 self._dispatch(item)
+            if failure is not None:
+                raise failure
             if parser.buffered:
                 crash_point("ami.mid_frame")
 

@@ -34,7 +34,15 @@ _BANNER = re.compile(rb"[^:/\r\n]+/([^\s/:]+)")
 
 
 class AmiProtocolError(Exception):
-    """The peer sent something that is not AMI (oversized frame, no banner)."""
+    """The peer sent something that is not AMI (oversized frame, no banner).
+
+    ``parsed``: what :meth:`FrameParser.feed` had completed from the same read before the bad
+    frame (a Cdr just ahead of a flood): the caller delivers it, then drops the link.
+    """
+
+    def __init__(self, message: str, parsed: Sequence[AmiMessage | Banner] = ()) -> None:
+        super().__init__(message)
+        self.parsed: tuple[AmiMessage | Banner, ...] = tuple(parsed)
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,9 @@ class FrameParser:
     With ``expect_banner`` (the client side) the first CRLF-terminated line must be a banner of
     the form ``<name>/<version>``. A frame (or banner) longer than ``max_frame_bytes`` raises
     :class:`AmiProtocolError`; after an error the parser is unusable and the connection should
-    be dropped. Messages come back lazy (see :class:`AmiMessage`): their headers are decoded
-    when first asked for.
+    be dropped. The complete frames of the same read ahead of the bad one are not lost: they are
+    the error's :attr:`AmiProtocolError.parsed`. Messages come back lazy (see
+    :class:`AmiMessage`): their headers are decoded when first asked for.
     """
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, expect_banner: bool = True) -> None:
@@ -285,7 +294,7 @@ class FrameParser:
             while end >= 0:
                 stop = end + len(_END)
                 if stop - pos > limit:
-                    raise AmiProtocolError(f"AMI frame of {stop - pos} bytes exceeds {limit} bytes")
+                    raise AmiProtocolError(f"AMI frame of {stop - pos} bytes exceeds {limit} bytes", out)
                 raw = chunk[pos:stop]
                 if chunk.startswith(_EVENT_LINE, pos):  # the usual frame: decode only its name
                     # "Event: " holds no CR, so the frame's first CRLF is at or before ``end``
@@ -299,7 +308,7 @@ class FrameParser:
                 end = chunk.find(_END, pos)
             del buf[:pos]
         if len(buf) > self._max:
-            raise AmiProtocolError(f"AMI frame exceeds {self._max} bytes without an end (CRLF CRLF)")
+            raise AmiProtocolError(f"AMI frame exceeds {self._max} bytes without an end (CRLF CRLF)", out)
         # the terminator may straddle this read and the next
         self._scan_from = max(0, len(buf) - 3)
         return out
