@@ -522,7 +522,9 @@ def test_voicemail_password_change_never_keeps_the_password() -> None:
         ("NewPassword", "s3cr3t-4711"),
     ]
     event = translate(frame, CTX)
-    assert event == VoicemailPasswordChanged(key="vmpass:lab:100@default", mailbox="100", context="default")
+    assert event == VoicemailPasswordChanged(
+        key="vmpass:lab:100@default", mailbox="100", context="default", identified=False
+    )
     assert "s3cr3t" not in repr(event)
     assert "4711" not in repr(dataclasses.asdict(event))
 
@@ -558,16 +560,37 @@ def test_account_events_drop_secrets_and_transport_noise() -> None:
     assert event.key == "acct:lab:PinCreated:acct1001:r-1"
 
 
-def test_account_event_without_request_id_has_a_stable_digest_key() -> None:
+def test_account_event_without_request_id_has_a_digest_key_that_a_timestamp_tells_apart() -> None:
+    """Two alike changes without a RequestId share the digest (``identified`` False: the notice is
+    keyed by arrival); Asterisk's Timestamp (timestampevents=yes) tells them apart, and one event
+    read twice keeps its key."""
     base = [("Event", "UserEvent"), ("UserEvent", "ClickPhonePasswordChanged"), ("Account", "a:1")]
     one = translate([*base, ("Username", "ion"), ("ActionID", "x-1")], CTX)
-    again = translate([*base, ("Username", "ion"), ("ActionID", "x-1"), ("Timestamp", "1.0")], CTX)
+    again = translate([*base, ("Username", "ion"), ("ActionID", "x-1")], CTX)
     other = translate([*base, ("Username", "vasile"), ("ActionID", "x-1")], CTX)
-    assert isinstance(one, AccountEvent)
-    assert isinstance(again, AccountEvent)
-    assert isinstance(other, AccountEvent)
+    stamped = [translate([*base, ("Username", "ion"), ("Timestamp", t)], CTX) for t in ("1.000001", "1.000002")]
+    stamped_again = translate([*base, ("Username", "ion"), ("Timestamp", "1.000001")], CTX)
+    by_id = translate([*base, ("Username", "ion"), ("RequestId", "r-9")], CTX)
+    events = [one, again, other, *stamped, stamped_again, by_id]
+    assert all(isinstance(e, AccountEvent) for e in events)
+    one, again, other, first, second, first_again, by_id = events  # type: ignore[assignment]
     assert one.key == again.key != other.key
+    assert (one.identified, again.identified, other.identified) == (False, False, False)
+    assert first.key != second.key != one.key
+    assert first.key == first_again.key
+    assert (first.identified, second.identified, by_id.identified) == (True, True, True)
+    assert "Timestamp" not in first.fields  # transport noise, not the sender's field
     assert one.key.startswith("acct:lab:PasswordChanged:a1:sha256:")  # ':' never enters from a value
+
+
+def test_voicemail_password_change_is_identified_only_by_a_timestamp() -> None:
+    frame = [("Event", "VoicemailPasswordChange"), ("Context", "default"), ("Mailbox", "100"), ("NewPassword", "x")]
+    plain = translate(frame, CTX)
+    stamped = translate([*frame, ("Timestamp", "1795882976.427017")], CTX)
+    assert isinstance(plain, VoicemailPasswordChanged)
+    assert isinstance(stamped, VoicemailPasswordChanged)
+    assert (plain.key, plain.identified) == ("vmpass:lab:100@default", False)
+    assert (stamped.key, stamped.identified) == ("vmpass:lab:100@default:1795882976.427017", True)
 
 
 def test_unknown_clickphone_user_events_are_none_and_reported() -> None:

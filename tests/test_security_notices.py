@@ -82,6 +82,42 @@ async def test_pin_and_voicemail_password_and_refused_money(
     assert status["money"] is None or status["money"]["charged"] == 0
 
 
+async def test_two_alike_password_changes_without_an_id_get_two_notices_a_retried_request_one(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    """Regression: a ClickPhonePasswordChanged without RequestId or ActionID (a dialplan or a sender
+    that sets neither) was keyed by its content alone, so the second change of the same user
+    shared the first one's notice key and its notice was dropped. A RequestId sent twice is the
+    sender retrying one change: one notice."""
+    changed = _frame(
+        ("Event", "UserEvent"), ("Privilege", "user,all"), ("UserEvent", "ClickPhonePasswordChanged"),
+        ("Account", "acct1001"), ("Username", "ion.popescu"), ("ChangedBy", "ivr"),
+    )  # fmt: skip
+    retried = _frame(
+        ("Event", "UserEvent"), ("Privilege", "user,all"), ("UserEvent", "ClickPhonePinChanged"),
+        ("Account", "acct1001"), ("RequestId", "ivr-43"), ("Number", "+40212345679"),
+    )  # fmt: skip
+    async with AmiReplayServer("clickphone", "labsecret") as ami:
+        gen = _daemon(write_config, short_tmp / "spool", ami.port, smtp_sink.port, "en")
+        daemon = await anext(gen)
+        try:
+            await ami.wait_for_login(10)
+            await smtp_sink.wait_for(1, timeout=20)  # the start-up scan mails the spool's voicemail
+            await ami.send_raw(changed + retried)
+            await smtp_sink.wait_for(3, timeout=20)
+            await ami.send_raw(changed + retried)  # later: the user changes it again; the IVR retries
+            await smtp_sink.wait_for(4, timeout=20)
+            await asyncio.sleep(0.3)  # anything extra would arrive now
+            await _settled(daemon)
+        finally:
+            await anext(gen, None)
+    kinds = sorted(
+        str(email.message_from_bytes(m.data, policy=email.policy.default)["X-ClickPhone-Kind"])
+        for m in smtp_sink.messages
+    )
+    assert kinds == ["password_changed", "password_changed", "pin_created", "voicemail"]
+
+
 async def _settled(daemon: Daemon) -> None:
     """Every mail that is going to be sent was sent (the sink saw the 250s before the rows were updated)."""
     async with asyncio.timeout(20):

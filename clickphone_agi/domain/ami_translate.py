@@ -606,12 +606,18 @@ def _account_event(name: str, f: _Frame, headers: Sequence[tuple[str, str]], ctx
         key = f"{prefix}:{_key_part(request_id)}"
     else:
         # No RequestId: a digest of what the event says. A retry by the sender with a new
-        # ActionID is then a new event; senders should always set RequestId.
+        # ActionID is then a new event; senders should always set RequestId. Two changes alike
+        # (same fields, no Uniqueid, an ActionID a restarted sender reuses) share the digest
+        # unless Asterisk stamped them (timestampevents=yes, to the microsecond): see ``identified``.
+        timestamp = f.get("Timestamp")
         material = json.dumps(
-            [sorted(fields.items()), f.get("Uniqueid"), f.get("ActionID")], ensure_ascii=True, separators=(",", ":")
+            [sorted(fields.items()), f.get("Uniqueid"), f.get("ActionID"), *([timestamp] if timestamp else [])],
+            ensure_ascii=True,
+            separators=(",", ":"),
         )
         key = f"{prefix}:sha256:{hashlib.sha256(material.encode()).hexdigest()}"
-    return AccountEvent(key=key, name=name, account=account, fields=fields)
+    identified = bool(request_id or f.get("Timestamp"))
+    return AccountEvent(key=key, name=name, account=account, fields=fields, identified=identified)
 
 
 def _user_event_name(f: _Frame) -> str:
@@ -645,14 +651,16 @@ def _voicemail_password_change(
     f: _Frame, ctx: TranslateContext, linked_id_for: _LinkedIdFor
 ) -> VoicemailPasswordChanged:
     # NewPassword is never read. The event has no unique id: the key is the mailbox plus the
-    # Uniqueid/ActionID if some future version adds one, so two changes of one mailbox share a
-    # key and the second is taken as a duplicate unless the service scopes this key in time.
+    # Timestamp (timestampevents=yes) or the Uniqueid/ActionID if some future version adds one.
+    # Without a Timestamp two changes of one mailbox share a key: the notice is then keyed by its
+    # arrival (``identified``), the event's own claim counts the second as a duplicate.
     mailbox, context = _split_mailbox(f, "Mailbox", f.get("Context"))
-    discriminator = f.first("Uniqueid", "ActionID")
+    timestamp = f.get("Timestamp")
+    discriminator = timestamp or f.first("Uniqueid", "ActionID")
     key = f"vmpass:{_key_part(ctx.system_name)}:{_key_part(mailbox)}@{_key_part(context)}"
     if discriminator:
         key = f"{key}:{_key_part(discriminator)}"
-    return VoicemailPasswordChanged(key=key, mailbox=mailbox, context=context)
+    return VoicemailPasswordChanged(key=key, mailbox=mailbox, context=context, identified=bool(timestamp))
 
 
 def _fully_booted(f: _Frame, ctx: TranslateContext, linked_id_for: _LinkedIdFor) -> AsteriskLifecycle:

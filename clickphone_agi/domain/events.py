@@ -169,11 +169,15 @@ class VoicemailRecorded:
 
 @dataclass(frozen=True)
 class VoicemailPasswordChanged:
-    """Never carries the new password: it is dropped in the translator."""
+    """Never carries the new password: it is dropped in the translator.
+
+    ``identified``: the key tells this change from any other (see :class:`AccountEvent`).
+    """
 
     key: str
     mailbox: str
     context: str
+    identified: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,10 @@ class AccountEvent:
     name: str  # e.g. "PasswordChanged", "PinCreated"
     account: str
     fields: dict[str, str] = field(default_factory=dict)
+    identified: bool = True
+    """The key tells this change from any other: the sender's ``RequestId``, or Asterisk's
+    ``Timestamp`` (``timestampevents=yes``). ``False``: only what the event says, which two alike
+    changes share; AMI delivers an event once, so the notice is then keyed by its arrival."""
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class Notifier:
         # message still in the spool whose mail was delivered (a removal that failed or never ran)
         self.remove_delivered: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
         self.remove_enabled: Callable[[], bool] = lambda: False
-        self._changes = itertools.count(1)  # tells apart voicemail password changes in the same microsecond
+        self._changes = itertools.count(1)  # tells apart security events that arrive in the same microsecond
         self.queued: dict[str, int] = {}
         self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
@@ -127,9 +127,10 @@ class Notifier:
     async def _security(self, event: VoicemailPasswordChanged | AccountEvent) -> None:
         """A password or PIN changed on the PBX: tell the subscriber (never the secret itself)."""
         key = f"notice:{event.key}"  # the event's own key is claimed by the ingest processor
-        if isinstance(event, VoicemailPasswordChanged):
-            # the event carries no id: its key is the same for every change of a box, and AMI never
-            # replays an event, so each one seen is a new change: scope the notice's key in time
+        if not event.identified:
+            # nothing in the event (no RequestId, no Timestamp) tells two alike changes apart, and
+            # AMI delivers an event once and never replays it, so each one seen is a change of its
+            # own: scope the notice's key by its arrival
             key = f"{key}:{self._clock.now():%Y%m%dT%H%M%S.%fZ}:{next(self._changes)}"
         try:
             if await self._store.has_event(key):
