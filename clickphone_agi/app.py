@@ -488,6 +488,7 @@ class Daemon:
             status=lambda: self._cmd_status({}),
             services=ApiServices(store, services.consent, services.broadcasts, services.policies, self._figures),
             max_policy_bytes=cfg.api.max_policy_bytes,
+            trusted_proxies=cfg.api.trusted_proxies,
         )
         await api.start()
         return api

@@ -97,6 +97,15 @@ def test_dangerous_ami_event_class_refused(tmp_path: Path) -> None:
     assert "dialplan" in problem
 
 
+def test_trusted_proxies_are_networks_and_a_typo_names_its_entry(tmp_path: Path) -> None:
+    ok = _write(tmp_path / "ok.yaml", 'ami:\n  enabled: false\napi:\n  trusted_proxies: ["192.0.2.10", "10.0.0.0/8"]\n')
+    assert load_config(ok, environ={}).config.api.trusted_proxies == ("192.0.2.10/32", "10.0.0.0/8")
+    bad = _write(tmp_path / "bad.yaml", 'ami:\n  enabled: false\napi:\n  trusted_proxies: ["10.0.0.1/8", "proxy"]\n')
+    problems = "\n".join(_problems(bad))
+    assert "api.trusted_proxies[0]: host bits set in '10.0.0.1/8'" in problems
+    assert "api.trusted_proxies[1]: expected an IP address or network" in problems
+
+
 def test_missing_secret_file_names_key_and_file(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {tmp_path}/nope\n")
     assert _problems(f) == [f"{f}: ami.secret_file: secret file '{tmp_path}/nope' does not exist"]

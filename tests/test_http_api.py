@@ -24,11 +24,12 @@ ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
 
 
 async def _start(
-    write_config: Callable[..., Path], short_tmp: Path, smtp_port: int, **kwargs: Any
+    write_config: Callable[..., Path], short_tmp: Path, smtp_port: int, *, api_extra: str = "", **kwargs: Any
 ) -> tuple[Daemon, asyncio.Task[int], int]:
     port = _free_port()
     (short_tmp / "api-token").write_text(TOKEN + "\n")
     extra = f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n  max_body_bytes: 2048\n"
+    extra += api_extra
     cfg = write_config(extra=extra, smtp_port=smtp_port, **kwargs)
     d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
     task = asyncio.create_task(d.run())
@@ -168,6 +169,45 @@ async def test_health_503_when_ami_down(
             body = await resp.json()
         assert body["ami"]["connected"] is False
         assert body["database_writable"] is True
+    finally:
+        d.request_stop()
+        assert await task == 0
+
+
+async def _consent_ip(api: Api, forwarded: str) -> str:
+    """PUT a consent change with ``X-Forwarded-For: forwarded``; the address recorded as its evidence."""
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Idempotency-Key": "xff-" + "".join(forwarded.split()),
+        "X-Forwarded-For": forwarded,
+    }
+    path = api.base + "/v1/accounts/acct1001/consent"
+    async with api.session.put(path, json={"marketing": True}, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+    status, consent = await api.call("GET", "/v1/accounts/acct1001/consent")
+    assert status == 200
+    return str(consent["history"][0]["ip"])
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(api: Api) -> None:
+    """No trusted proxy configured: a client cannot choose the address recorded as evidence."""
+    assert await _consent_ip(api, "203.0.113.66") == "127.0.0.1"
+
+
+async def test_forwarded_for_behind_a_trusted_proxy_takes_the_rightmost_untrusted_hop(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    """The peer (127.0.0.1) and 10.0.0.0/8 are our proxies: the client's own entry (left) is not
+    believed, the hop our proxy saw connect is; an unreadable hop on the way gives the peer."""
+    trusted = '  trusted_proxies: ["127.0.0.1", "10.0.0.0/8"]\n'
+    d, task, port = await _start(write_config, short_tmp, smtp_sink.port, api_extra=trusted)
+    try:
+        await d._running().store.write(import_unit([(i.account, i.opening_balance) for i in load_accounts(ACCOUNTS)]))
+        async with aiohttp.ClientSession() as session:
+            api = Api(d, f"http://127.0.0.1:{port}", session, d.config.database.path)
+            assert await _consent_ip(api, "203.0.113.66, 198.51.100.7, 10.1.2.3") == "198.51.100.7"
+            assert await _consent_ip(api, "198.51.100.7, bogus, 10.1.2.3") == "127.0.0.1"
+            assert await _consent_ip(api, "10.9.9.9,10.1.2.3") == "10.9.9.9"
     finally:
         d.request_stop()
         assert await task == 0

@@ -17,7 +17,7 @@ import html
 import ipaddress
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.resources import files
@@ -73,6 +73,16 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, an IPv4-mapped IPv6 one (a dual-stack listener's peer) as IPv4; None if not one."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -211,6 +221,7 @@ class HttpApi:
         status: StatusSource,
         services: ApiServices | None = None,
         max_policy_bytes: int | None = None,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self._intake = intake
         self._token = token.encode() if token else None
@@ -220,6 +231,7 @@ class HttpApi:
         self._services = services or ApiServices()
         self._max_body = max_body_bytes
         self._max_policy = max(max_policy_bytes or max_body_bytes, max_body_bytes)
+        self._proxies = tuple(ipaddress.ip_network(proxy, strict=True) for proxy in trusted_proxies)
         self._collector = StatusCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self._collector)
@@ -309,15 +321,25 @@ class HttpApi:
             raise ApiError(400, f"not valid JSON: {problem}", None)
         return body
 
-    @staticmethod
-    def _caller_ip(request: web.Request) -> str:
-        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-        for candidate in (forwarded, request.remote or ""):
-            try:
-                return str(ipaddress.ip_address(candidate))
-            except ValueError:
-                continue
-        return ""
+    def _caller_ip(self, request: web.Request) -> str:
+        """The TCP peer, or behind a trusted proxy the rightmost X-Forwarded-For hop that is not one
+        of ours: the entries left of it are whatever the client wrote (it is consent evidence).
+        An unreadable hop on the way gives the peer; a chain of our own proxies, its far end."""
+        peer = _address(request.remote or "")
+        if peer is None or not self._trusted(peer):
+            return "" if peer is None else str(peer)
+        caller = peer
+        for hop in reversed(",".join(request.headers.getall("X-Forwarded-For", [])).split(",")):
+            address = _address(hop)
+            if address is None:
+                return str(peer)
+            caller = address
+            if not self._trusted(address):
+                break
+        return str(caller)
+
+    def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in network for network in self._proxies)
 
     @staticmethod
     def _reply(reply: Reply) -> web.Response:

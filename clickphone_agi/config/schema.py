@@ -73,7 +73,7 @@ def _check_events(value: str) -> str:
 
 
 def _check_peer(value: str) -> str:
-    """One ``agi.allowed_peers`` entry, written the canonical way: ``10.0.0.5`` -> ``10.0.0.5/32``."""
+    """One ``agi.allowed_peers`` or ``api.trusted_proxies`` entry, canonical: ``10.0.0.5`` -> ``10.0.0.5/32``."""
     return str(parse_network(value))
 
 
@@ -237,6 +237,8 @@ class ApiConfig(Section):
     max_policy_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     # accounts per unit of work when a broadcast or a policy notice is queued
     broadcast_chunk: Annotated[int, Field(ge=1, le=10_000)] = 500
+    # reverse proxies whose X-Forwarded-For is believed (consent evidence, "from where" in notices)
+    trusted_proxies: tuple[Annotated[str, AfterValidator(_check_peer)], ...] = ()
 
 
 class LoggingConfig(Section):
