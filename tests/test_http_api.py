@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,6 +103,25 @@ async def test_topup_credits_exactly(api: Api) -> None:
     assert after == before + 1250
     assert api.ledger_sum("acct1001") == after
     assert await store.write(lambda tx: tx.get_state("acct1001", "low_armed")) == "1"
+
+
+async def test_topup_key_reused_after_its_request_row_is_purged_is_409(api: Api, smtp_sink: SmtpSink) -> None:
+    """Retention drops the api_requests row, not the ledger's ``api:<key>`` ref: the same key
+    for another top-up must not answer 200 with nothing booked."""
+    store = api.daemon._running().store
+    body = {"type": "topup", "data": {"amount": "12.50"}}
+    assert (await api.call("POST", "/v1/accounts/acct1001/events", body, key="top-old"))[0] == 200
+    await _settle(smtp_sink, 1)
+    with sqlite3.connect(api.db) as conn:
+        assert conn.execute("DELETE FROM api_requests WHERE key = 'top-old'").rowcount == 1
+    before = await store.write(lambda tx: tx.balance("acct1002"))
+    status, reply = await api.call("POST", "/v1/accounts/acct1002/events", body, key="top-old")
+    assert status == 409, reply
+    assert (reply["field"], "already used" in reply["error"]) == ("Idempotency-Key", True)
+    assert await store.write(lambda tx: tx.balance("acct1002")) == before
+    assert api.rows("SELECT account FROM ledger WHERE ref = 'api:top-old'") == [("acct1001",)]
+    assert api.rows("SELECT COUNT(*) FROM api_requests WHERE key = 'top-old'") == [(0,)]
+    await _settle(smtp_sink, 1)  # no top-up mail for the refused one
 
 
 async def test_auth_errors_and_limits(api: Api) -> None:

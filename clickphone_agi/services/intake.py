@@ -356,7 +356,11 @@ class Intake:
         def effects(tx: WriteTx) -> dict[str, Any]:
             if tx.get_account(code) != account or tx.balance(code) != balance:
                 raise _Changed
-            tx.post_ledger(code, amount, "topup", f"api:{key}", f"top-up {reference}")
+            if not tx.post_ledger(code, amount, "topup", f"api:{key}", f"top-up {reference}"):
+                # the key's request row was purged (retention) but its ledger ref stays: a reuse
+                raise ApiError(
+                    409, "this Idempotency-Key was already used for a booked top-up; use a new key", "Idempotency-Key"
+                )
             new = tx.balance(code)
             if new >= account.low_balance_threshold:
                 tx.set_state(code, "low_armed", "1")
