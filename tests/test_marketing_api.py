@@ -292,6 +292,22 @@ async def test_policy_archive_and_one_notice_per_account(api: Api, smtp_sink: Sm
         conn.execute("UPDATE policies SET text = 'x' WHERE version = '1'")
 
 
+async def test_a_client_key_named_like_a_policy_is_not_taken_for_its_publication(api: Api, smtp_sink: SmtpSink) -> None:
+    """The archive records a publication under a key no client can send (a space): an
+    Idempotency-Key ``policy:4`` used earlier neither answers nor blocks publishing version 4."""
+    path = "/v1/accounts/acct1001/consent"
+    first = await api.call("PUT", path, {"marketing": False}, key="policy:4")
+    assert first[0] == 200
+    status, v4 = await api.call("POST", "/v1/policies", policy("4", POLICY_V2))
+    assert status == 201, v4
+    assert (v4["version"], v4["recipients"], v4["queued"]) == ("4", 2, 2)
+    assert await api.call("POST", "/v1/policies", policy("4", POLICY_V2)) == (200, v4)
+    assert await api.call("PUT", path, {"marketing": False}, key="policy:4") == first  # still the client's
+    status, reply = await api.call("PUT", path, {"marketing": False}, key="policy 4")
+    assert (status, reply["field"]) == (400, "Idempotency-Key")
+    await settle(smtp_sink, 2)
+
+
 async def test_broadcast_interrupted_then_retried_completes_without_doubles(
     write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
 ) -> None:

@@ -77,6 +77,28 @@ async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> Non
     assert path.read_bytes() == before
 
 
+async def test_migration_9_moves_only_the_archives_own_policy_keys(tmp_path: Path) -> None:
+    """A ``policy:<v>`` row whose hash is the version's sha256 was the archive's: it becomes
+    ``policy <v>``; a client's ``policy:<v>`` (the hash of its request) is left alone."""
+    path = tmp_path / "t.db"
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    await s.close()
+    sha = "ab" * 32
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = 9")
+        conn.execute("INSERT INTO policies VALUES ('3', ?, x'41', 's', '2027-01-01', 'x')", (sha,))
+        conn.execute("INSERT INTO policies VALUES ('4', ?, x'42', 's', '2027-01-01', 'x')", ("cd" * 32,))
+        for key, body_hash in (("policy:3", sha), ("policy:4", "ef" * 32), ("other", sha)):
+            conn.execute("INSERT INTO api_requests VALUES (?, ?, 201, '{}', 'x')", (key, body_hash))
+    conn.close()
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    await s.close()
+    with sqlite3.connect(path) as conn:
+        keys = [row[0] for row in conn.execute("SELECT key FROM api_requests ORDER BY key")]
+    conn.close()
+    assert keys == ["other", "policy 3", "policy:4"]
+
+
 async def test_claim_event_is_idempotent(store: db.SqliteStore) -> None:
     assert await store.write(lambda tx: tx.claim_event("cdr:pbx1:1.0:x", "cdr")) is True
     assert await store.write(lambda tx: tx.claim_event("cdr:pbx1:1.0:x", "cdr")) is False

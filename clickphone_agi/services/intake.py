@@ -72,6 +72,12 @@ def body_hash(method: str, path: str, body: Any) -> str:
     return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
+def internal_key(kind: str, name: str) -> str:
+    """A key the daemon records for itself beside the clients' keys (``policy 3.2``): its space is
+    a character :func:`check_key` refuses, so no Idempotency-Key a client sends can take it first."""
+    return f"{kind} {name}"
+
+
 def check_key(key: str | None) -> str:
     if key is None or not key.strip():
         raise ApiError(400, "the Idempotency-Key header is required", "Idempotency-Key")

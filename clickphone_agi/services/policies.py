@@ -7,7 +7,7 @@ same text again is harmless and queues nothing more; with another text it is 409
 notice: no offer in it), with the operator's summary and a link to the archived text on
 ``api.public_base_url``, queued in chunks like a broadcast (``policy:<version>:<account>``).
 The version is the idempotency key: the completed publication is recorded under
-``policy:<version>`` in the same table as the API's keys.
+``policy <version>`` in the same table as the API's keys (a space: no client key has one).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from clickphone_agi.domain.policy import Policy, archive_url
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.broadcasts import date_field, fan_out, text_field
-from clickphone_agi.services.intake import ApiError, Reply
+from clickphone_agi.services.intake import ApiError, Reply, internal_key
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +101,7 @@ class PolicyService:
                 400, "api.public_base_url is not configured: the notice must link to the archived text", None
             )
         candidate = Policy(version, text, summary, effective, self._clock.now())
-        done_key = f"policy:{version}"
+        done_key = internal_key("policy", version)
 
         def archive(tx: WriteTx) -> tuple[Policy, Reply | None]:
             existing = tx.policy(version)

@@ -262,6 +262,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX outbox_due_bulk ON outbox (status, bulk, next_attempt_at)",
         ),
     ),
+    Migration(
+        9,
+        "a published policy's own key moves out of the clients' Idempotency-Key space",
+        (
+            # POST /v1/policies recorded its completion as 'policy:<version>', a key a client may
+            # send too. Its rows are those whose body_hash is the version's sha256 (a client's row
+            # holds the hash of its request); they become 'policy <version>' (services/intake.py
+            # internal_key). A client's own 'policy:<version>' row stays as it is.
+            """UPDATE api_requests SET key = 'policy ' || substr(key, 8)
+               WHERE substr(key, 1, 7) = 'policy:'
+                 AND body_hash = (SELECT sha256 FROM policies WHERE version = substr(api_requests.key, 8))""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
