@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from clickphone_agi.domain.consent import add_months
 from clickphone_agi.services.intake import body_hash
@@ -290,6 +291,24 @@ async def test_policy_archive_and_one_notice_per_account(api: Api, smtp_sink: Sm
     assert len(linked) == 2
     with pytest.raises(sqlite3.IntegrityError, match="immutable"), sqlite3.connect(api.db) as conn:
         conn.execute("UPDATE policies SET text = 'x' WHERE version = '1'")
+
+
+async def test_public_routes_are_decided_by_the_route_matched_not_the_path_text(api: Api) -> None:
+    """``x%2Ftext`` decodes to a path ending in /text, but the router matches it as GET
+    /v1/policies/{version} (logged-in only): 401. The public routes still need no token."""
+    assert (await api.call("POST", "/v1/policies", policy("1", POLICY_V1)))[0] == 201
+    async with api.session.get(URL(f"{api.base}/v1/policies/x%2Ftext", encoded=True)) as resp:
+        assert resp.status == 401
+    async with api.session.get(f"{api.base}/v1/nothing-here") as resp:
+        assert resp.status == 401  # no route: not public either
+    for path in ("/v1/policies/1/text", "/v1/openapi.json", "/healthz", "/metrics"):
+        async with api.session.get(api.base + path) as resp:
+            assert resp.status == 200, path
+    async with api.session.head(f"{api.base}/v1/policies/1/text") as resp:
+        assert resp.status == 200
+    for method in ("GET", "POST"):  # the unsubscribe service answers (a bad token), not the auth check
+        async with api.session.request(method, f"{api.base}/v1/unsubscribe/not-a-token") as resp:
+            assert resp.status == 400, method
 
 
 async def test_a_client_key_named_like_a_policy_is_not_taken_for_its_publication(api: Api, smtp_sink: SmtpSink) -> None:

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickphone_agi.adapters.agi import LatencyHistogram
-from clickphone_agi.adapters.http_api import HttpApi, openapi_document
+from clickphone_agi.adapters.http_api import PUBLIC_ROUTES, HttpApi, openapi_document
 from tests.api_harness import Api
 from tests.test_marketing_api import OFFER
 
@@ -47,6 +47,13 @@ async def test_every_route_is_documented_and_every_documented_route_is_served(ap
     assert app_routes == documented, (sorted(app_routes - documented), sorted(documented - app_routes))
     for _method, path in documented:
         assert re.fullmatch(r"(/[a-z0-9.\-]+|/\{[a-z]+\})+", path), path
+    public = {
+        path
+        for path, item in openapi_document()["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS and operation.get("security") == []
+    }
+    assert public == PUBLIC_ROUTES  # what the auth middleware lets through is what the document says
 
 
 def _bare_api() -> HttpApi:

@@ -1,7 +1,8 @@
 """The HTTP intake API (aiohttp): bearer-token auth, idempotency keys, health and metrics.
 
-* ``/v1/*`` needs ``Authorization: Bearer <api token>`` (compared in constant time) and, on
-  POST/PUT, an ``Idempotency-Key`` header; the work itself is :mod:`clickphone_agi.services.intake`.
+* Every route but :data:`PUBLIC_ROUTES` needs ``Authorization: Bearer <api token>`` (compared
+  in constant time) and, on POST/PUT, an ``Idempotency-Key`` header; the work itself is
+  :mod:`clickphone_agi.services.intake`.
 * Every error is JSON ``{"error": "...", "field": <path or null>}``; bodies over
   ``api.max_body_bytes`` are 413.
 * ``GET /healthz`` (no auth): 200 or 503 with the AMI link, the oldest pending mail and whether
@@ -16,7 +17,6 @@ import hmac
 import html
 import ipaddress
 import json
-import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,8 +42,11 @@ log = structlog.get_logger(__name__)
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 _JSON_CONTENT = "application/json"
 # no bearer token: what the operator's web front publishes to subscribers (one-click unsubscribe,
-# the archived policy texts) and the API description itself
-_PUBLIC = re.compile(r"/v1/(unsubscribe/[^/]+|policies/[^/]+/text|openapi\.json)")
+# the archived policy texts), the API description itself, health and metrics. Matched against the
+# route the router chose: the path text is decoded (x%2Ftext ends in /text) where the router's is not.
+PUBLIC_ROUTES = frozenset(
+    {"/v1/unsubscribe/{token}", "/v1/policies/{version}/text", "/v1/openapi.json", "/healthz", "/metrics"}
+)
 
 
 MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
@@ -283,7 +286,8 @@ class HttpApi:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/v1/") and not _PUBLIC.fullmatch(request.path):
+        resource = request.match_info.route.resource  # None: no route (404, 405)
+        if resource is None or resource.canonical not in PUBLIC_ROUTES:
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             ok = (
