@@ -166,6 +166,18 @@ def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: st
     assert "Traceback" not in proc.stderr
 
 
+def test_a_public_base_url_too_long_for_a_list_unsubscribe_line_is_refused(tmp_path: Path) -> None:
+    """The unsubscribe link is base + /v1/unsubscribe/ + a token of up to 164 characters, on one
+    header line of at most 998: a longer base would make every offer a dead letter."""
+    base = "https://cont.clickphone.example/" + "a" * 668
+    f = _write(tmp_path / "c.yaml", f"ami:\n  enabled: false\napi:\n  public_base_url: {base}\n")
+    assert load_config(f, environ={}).config.api.public_base_url == base  # 700: still fine
+    f.write_text(f"ami:\n  enabled: false\napi:\n  public_base_url: {base}a\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}: api.public_base_url:")
+    assert "at most 700 characters" in problem
+
+
 def test_a_tariff_file_needs_a_billing_cdr_rule_that_excludes_other_legs(tmp_path: Path) -> None:
     """Without a context or trunk pattern every ANSWERED Dial CDR would be charged: an inbound call
     to a subscriber, and both halves of a Local-channel call."""

@@ -33,6 +33,8 @@ from clickphone_agi.domain.bounce import VerpToken, find_tokens
 from clickphone_agi.domain.delivery import RateLimiter, ensure_headers, message_id
 from clickphone_agi.domain.money import Notice
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
+from clickphone_agi.domain.unsubscribe import make_token, unsubscribe_url
+from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
 from clickphone_agi.sim.smtp_sink import SinkHandler, SmtpSink
 from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
@@ -529,6 +531,28 @@ async def test_metrics_by_kind(rig: Rig) -> None:
     assert m["by_kind"]["voicemail"]["pending"] == 1
     assert m["by_kind"]["low_balance"]["sent"] == 1
     assert m["sender"]["since_start"]["deferred"] == 1
+
+
+# ---- what the relay receives --------------------------------------------------------------------
+
+
+async def test_an_offers_one_click_headers_reach_the_relay_as_plain_urls(rig: Rig) -> None:
+    """The bytes the relay gets carry ``List-Unsubscribe: <https://…>`` on one line, not the RFC 2047
+    encoded words email.policy.SMTP folds a long URL into (receivers cannot parse those: RFC 8058)."""
+    rig.start()
+    await rig.store.write(lambda tx: tx.record_consent("acct1001", True, "api", "1", None))
+    url = unsubscribe_url("https://cont.clickphone.ro", make_token(b"k" * 32, "acct1001"))
+    assert len(f"List-Unsubscribe: <{url}>") > 78
+    payload = {**KINDS["offer"].sample, "unsubscribe_url": url, "language": "ro", "valid_until": "2026-12-31"}
+    notice = Notice(key="bc:1:acct1001", kind="offer", recipient=TO, account="acct1001", payload=payload)
+    await rig.store.write(lambda tx: tx.enqueue_notice(notice))
+    await rig.sink.wait_for(1)
+    lines = rig.sink.messages[0].data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert f"List-Unsubscribe: <{url}>".encode() in lines
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines
+    assert f"Message-ID: {message_id('bc:1:acct1001', DOMAIN)}".encode() in lines
+    unsubscribe = [line for line in lines if line.lower().startswith(b"list-unsubscribe:")]
+    assert unsubscribe == [f"List-Unsubscribe: <{url}>".encode()]
 
 
 # ---- TLS and AUTH --------------------------------------------------------------------------------

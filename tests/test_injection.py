@@ -205,9 +205,15 @@ def test_display_name_with_a_quoted_comma_is_one_recipient(renderer: Renderer) -
         {"X-ClickPhone-Kind\r\nBcc": "victim@example.com"},
         {"List-Unsubscribe": "<https://a.example/u>", "list-unsubscribe": "<https://b.example/u>"},
         {"List-Unsubscribe": "\r\n"},
+        {"List-Unsubscribe": "<https://cont.clickphone.example/u>\r\nBcc: victim@example.com"},
+        {"List-Unsubscribe": "<https://cont.clickphone.example/u>\u2028Bcc: victim@example.com"},
+        {"List-Unsubscribe": "=?UTF-8?Q?=0A?=Bcc: attacker@example.com"},
+        {"List-Unsubscribe": "<https://cont.clickphone.example/u?a=?UTF-8?Q?=0A?=>"},
+        {"List-Unsubscribe": "https://cont.clickphone.example/u"},
+        {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click\r\nBcc: victim@example.com"},
     ],
 )
-def test_extra_headers_outside_the_allow_list_raise(renderer: Renderer, headers: dict[str, str]) -> None:
+def test_extra_headers_outside_the_allow_list_or_their_shape_raise(renderer: Renderer, headers: dict[str, str]) -> None:
     with pytest.raises(InvalidHeader):
         build(render(renderer, "missed_call", "Maria"), "missed_call", extra_headers=headers)
 
@@ -221,13 +227,39 @@ def test_extra_headers_outside_the_allow_list_raise(renderer: Renderer, headers:
     ],
 )
 def test_allowed_extra_header_values_lose_line_breaks_and_encoded_words(renderer: Renderer, value: str) -> None:
+    raw = build(render(renderer, "missed_call", "Maria"), "missed_call", extra_headers={"X-ClickPhone-Kind": value})
+    msg = assert_clean_message(raw)
+    assert "Bcc:" in str(msg["X-ClickPhone-Kind"]), "the text stays, as text inside the one header"
+
+
+def test_a_long_unsubscribe_url_goes_out_verbatim_on_one_line(renderer: Renderer) -> None:
+    """email.policy.SMTP folded a List-Unsubscribe over 78 characters into =?utf-8?q?=3Chttps...?= words,
+    which no receiver parses as a URI: RFC 8058 one-click broke for every offer."""
+    url = "https://cont.clickphone.example/v1/unsubscribe/" + "bWFya2V0aW5nOmFjY3QxMDAx." + "A" * 43
+    message_id = "<" + "0" * 32 + "@notifications.mail.clickphone-with-a-long-domain.example>"
     raw = build(
         render(renderer, "missed_call", "Maria"),
         "missed_call",
-        extra_headers={"X-ClickPhone-Kind": "missed_call", "List-Unsubscribe": value},
+        message_id=message_id,
+        extra_headers={"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"},
     )
-    msg = assert_clean_message(raw, TOP_HEADERS | {"list-unsubscribe"})
-    assert "Bcc:" in str(msg["List-Unsubscribe"]), "the text stays, as text inside the one header"
+    lines = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert f"List-Unsubscribe: <{url}>".encode() in lines
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in lines
+    assert f"Message-ID: {message_id}".encode() in lines
+    assert not [line for line in lines if line.startswith((b" ", b"\t")) and b"=?" in line]
+
+
+@pytest.mark.parametrize("length", [980, 5000])
+def test_an_unsubscribe_url_too_long_for_a_header_line_is_refused_not_cut(renderer: Renderer, length: int) -> None:
+    url = "https://cont.clickphone.example/v1/unsubscribe/" + "A" * length
+    with pytest.raises(InvalidHeader, match="longer than one header line"):
+        build(render(renderer, "missed_call", "Maria"), "missed_call", extra_headers={"List-Unsubscribe": f"<{url}>"})
+
+
+def test_an_extra_header_too_long_is_refused_not_cut(renderer: Renderer) -> None:
+    with pytest.raises(InvalidHeader, match="longer than 900"):
+        build(render(renderer, "missed_call", "Maria"), "missed_call", extra_headers={"X-ClickPhone-Kind": "k" * 901})
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,9 @@ class ApiConfig(Section):
     host: Host = "127.0.0.1"
     port: Port = 8089
     token_file: Path | None = None
-    public_base_url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/[^\s]*)?$")] | None = None
+    # at most 700 characters: with /v1/unsubscribe/<token> the link must fit one List-Unsubscribe
+    # header line (998), which is refused, never cut, when it does not
+    public_base_url: Annotated[str, Field(max_length=700, pattern=r"^https://[^\s/]+(/[^\s]*)?$")] | None = None
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 65536
     # HMAC key of the one-click unsubscribe links (or the credential 'unsubscribe-secret')
     unsubscribe_secret_file: Path | None = None

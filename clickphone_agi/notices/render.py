@@ -12,6 +12,9 @@ Building (``build_message``): headers are set through the email package only, ad
 ``email.headerregistry.Address``; every header text we set is free of control characters and of
 ``=?`` (on Python < 3.11.10 an encoded word in a header could smuggle a real header: CVE-2024-6923),
 and the generated header block is checked once more before the bytes leave this module.
+Message-ID, List-Unsubscribe and List-Unsubscribe-Post must reach the receiver as plain ASCII on
+one line (a folded, encoded URL breaks one-click unsubscribe): they are checked against their
+exact shape and written verbatim; one too long for a header line is refused, never cut.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ RESERVED_KEYS: Final = frozenset({"lang", "subject"})
 ALLOWED_EXTRA_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
     {name.lower(): name for name in ("List-Unsubscribe", "List-Unsubscribe-Post", "X-ClickPhone-Kind")}
 )
+EXTRA_HEADER_MAX: Final = 900  # characters of an allowed extra header's text; longer is refused, never cut
+LINE_MAX: Final = 998  # RFC 5322 2.1.1: octets of a header line, name and ": " included
 
 PREVIEW_SENDER: Final = "ClickPhone <no-reply@clickphone.example>"
 PREVIEW_RECIPIENT: Final = "Ion Popescu <ion.popescu@example.ro>"
@@ -85,6 +90,22 @@ _MONTHS_EN: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Se
 _MESSAGE_ID_RE: Final = re.compile(r"<[A-Za-z0-9!#$%&'*+/^_`{|}~.-]{1,200}@[A-Za-z0-9.-]{1,200}>")
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}/[a-z0-9][a-z0-9.+-]{0,126}")
 _UNDEFINED_RE: Final = re.compile(r"'([^']{1,200})' is undefined|has no attribute '([^']{1,200})'")
+# RFC 2369 URIs in angle brackets (visible ASCII without <>" and without "=?"), comma-separated
+_LIST_URIS_RE: Final = re.compile(r"<[a-z][a-z0-9+.-]*:[!#-;=?-~]+>(?:, ?<[a-z][a-z0-9+.-]*:[!#-;=?-~]+>)*")
+# Headers written verbatim on one line: email.policy.SMTP treats List-Unsubscribe as unstructured
+# text and folds a token longer than 78 characters (every unsubscribe URL) into RFC 2047 encoded
+# words, which receivers do not decode in a URI field, so RFC 8058 one-click breaks. The Message-ID
+# goes the same way so no Python version can do that to it. Values are validated, never cleaned.
+_VERBATIM: Final[Mapping[str, Callable[[str], bool]]] = MappingProxyType(
+    {
+        "Message-ID": lambda v: _MESSAGE_ID_RE.fullmatch(v) is not None,
+        "List-Unsubscribe": lambda v: _LIST_URIS_RE.fullmatch(v) is not None and "=?" not in v,
+        "List-Unsubscribe-Post": lambda v: v == "List-Unsubscribe=One-Click",  # RFC 8058 3.1
+    }
+)
+# generating with refold_source="none" leaves the verbatim (set_raw) values alone; every other
+# header is a header object, folded by the policy as before
+_POLICY: Final = SMTP.clone(refold_source="none")
 # headers the message itself carries; ``build_message`` refuses output with any other (or a repeat)
 _OWN_HEADERS: Final = frozenset(
     {"from", "to", "subject", "date", "message-id", "auto-submitted", "mime-version", "content-type"}
@@ -454,11 +475,26 @@ def _extra_headers(extra: Mapping[str, str]) -> dict[str, str]:
             raise InvalidHeader(f"header {str(name)[:60]!r} is not allowed (allowed: {sorted(ALLOWED_EXTRA_HEADERS)})")
         if canonical in out:
             raise InvalidHeader(f"header {canonical!r} given twice")
-        cleaned = clean_header_text(str(value), 900)
+        text = str(value)
+        if canonical in _VERBATIM:
+            out[canonical] = _verbatim(canonical, text)
+            continue
+        if len(" ".join(text.split())) > EXTRA_HEADER_MAX:  # cutting would change its meaning
+            raise InvalidHeader(f"header {canonical!r} is longer than {EXTRA_HEADER_MAX} characters")
+        cleaned = clean_header_text(text, EXTRA_HEADER_MAX)
         if not cleaned:
             raise InvalidHeader(f"header {canonical!r} is empty")
         out[canonical] = cleaned
     return out
+
+
+def _verbatim(name: str, value: str) -> str:
+    """A header that goes out exactly as given, on one line: refused unless it has its own strict shape."""
+    if not _VERBATIM[name](value):
+        raise InvalidHeader(f"{name} {value[:80]!r} is not a valid {name} value")
+    if len(name) + 2 + len(value) > LINE_MAX:  # never cut: a cut URL or id is a wrong one
+        raise InvalidHeader(f"{name} is {len(value)} characters: longer than one header line ({LINE_MAX})")
+    return value
 
 
 def _verify_header_block(raw: bytes, expected: frozenset[str]) -> None:
@@ -499,21 +535,23 @@ def build_message(
         raise InvalidHeader("Date: a date-time without a time zone")
     if not _MESSAGE_ID_RE.fullmatch(message_id):
         raise InvalidHeader(f"Message-ID {message_id[:80]!r} is not <local@domain>")
-    extra = _extra_headers(extra_headers)
+    extra = {"Message-ID": message_id, **_extra_headers(extra_headers)}
     parts = [(safe_filename(a.filename), *_content_type(a.content_type), a.data) for a in attachments]
     if envelope_note is not None and not re.fullmatch(r"[ -~\n]{0,2000}", envelope_note):
         raise InvalidHeader("envelope_note: printable ASCII lines only, at most 2000 characters")
 
     # MIMEPart, not EmailMessage: the latter stamps MIME-Version on every body part it creates
-    msg = MIMEPart(policy=SMTP)
+    msg = MIMEPart(policy=_POLICY)
     msg["From"] = _address(sender, "From")
     msg["To"] = _address(recipient, "To")
     msg["Subject"] = clean_header_text(rendered.subject)
     msg["Date"] = format_datetime(date)
-    msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = "auto-generated"
     for name, value in extra.items():
-        msg[name] = value
+        if name in _VERBATIM:
+            msg.set_raw(name, value)
+        else:
+            msg[name] = value
     msg["MIME-Version"] = "1.0"
     msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
@@ -525,6 +563,10 @@ def build_message(
         msg.preamble = envelope_note
     raw = msg.as_bytes()
     _verify_header_block(raw, _OWN_HEADERS | {name.lower() for name in extra})
+    head = raw.partition(b"\r\n\r\n")[0] + b"\r\n"
+    for name, value in extra.items():
+        if name in _VERBATIM and f"\r\n{name}: {value}\r\n".encode("ascii") not in b"\r\n" + head:
+            raise InvalidHeader(f"{name} was not written verbatim on one line")
     return raw
 
 
