@@ -349,6 +349,52 @@ async def test_rcpt_5_1_1_counts_a_hard_bounce_toward_suppression(rig: Rig) -> N
     assert "5.1.1" in (await rig.store.write(lambda tx: tx.suppression(TO)) or "")
 
 
+def _slow_final_reply(rig: Rig, seconds: float) -> None:
+    """The relay queues the message, then takes ``seconds`` to answer the final "." (a before-queue
+    content filter scanning a large voicemail, say)."""
+    handler = rig.sink.handler_
+    accept = CountingHandler.handle_DATA
+
+    async def slow(server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = await accept(handler, server, session, envelope)
+        await asyncio.sleep(seconds)
+        return reply
+
+    handler.handle_DATA = slow  # type: ignore[method-assign]
+
+
+async def test_a_slow_reply_to_the_end_of_data_waits_for_data_timeout_not_timeout(rig: Rig) -> None:
+    """One smtp.timeout used to cover the reply to the final ".": a relay slower than that had
+    queued the mail, the sender deferred it and sent it again at every retry."""
+    _slow_final_reply(rig, 1.5)
+    rig.cfg = rig.cfg.model_copy(update={"timeout": 1, "data_timeout": 5})  # 30 s / 600 s, scaled down
+    rig.start()
+    row_id = await rig.enqueue("vm:slow", kind="voicemail")
+    await until(lambda: _is(rig.status(row_id), OutboxStatus.SENT))
+    assert len(rig.sink.messages) == 1
+    assert (await rig.row(row_id)).attempts == 1
+
+
+async def test_no_reply_to_the_end_of_data_is_an_ambiguous_deferral_after_the_longest_gap(rig: Rig) -> None:
+    """The relay may have queued it: retried (never lost), but after retry_max, and logged as ambiguous."""
+    _slow_final_reply(rig, 1.5)
+    rig.cfg = rig.cfg.model_copy(update={"data_timeout": 0.5})
+    rig.start()
+    with capture_logs() as logs:
+        row_id = await rig.enqueue("vm:slow", kind="voicemail")
+        await until(lambda: _attempts(rig, row_id, 1))
+    row = await rig.row(row_id)
+    assert row.status is OutboxStatus.PENDING
+    assert (row.last_error or "").startswith("ambiguous: no reply to DATA within 0.5 s")
+    assert row.next_attempt_at - row.created_at == timedelta(seconds=rig.cfg.retry_max)  # not retry_min
+    (deferred,) = [e for e in logs if e["event"] == "mail.deferred"]
+    assert deferred["ambiguous"] is True
+    await rig.sink.wait_for(1)  # the relay did queue it
+    await rig.clock.advance(rig.cfg.retry_min)
+    await asyncio.sleep(0.1)
+    assert len(rig.sink.messages) == 1  # no second copy at the usual 300 s retry
+
+
 async def test_server_down_stays_pending_and_is_delivered_when_it_is_back(rig: Rig) -> None:
     port = free_port()  # nothing listens here yet
     rig.cfg = rig.cfg.model_copy(update={"port": port})

@@ -13,7 +13,10 @@ How it runs (one task, :meth:`OutboxSender.run`):
   and closed after :data:`IDLE_CLOSE` seconds unused. One pre-built ``ssl.SSLContext`` serves
   every STARTTLS/TLS connection. ``rate_limit_per_second`` spaces the sends evenly.
 * 4xx replies, timeouts and dropped connections defer the row Postfix-style
-  (:mod:`clickphone_agi.domain.delivery`); 5xx on MAIL/RCPT/DATA dead-letters it at once. A
+  (:mod:`clickphone_agi.domain.delivery`); 5xx on MAIL/RCPT/DATA dead-letters it at once. DATA has
+  its own long ``data_timeout`` (RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final "."):
+  a timeout there is ambiguous (the relay may have queued the mail), so the row is deferred by
+  the longest gap and logged as ambiguous; at-least-once means a possible duplicate, not a loss. A
   failure to connect, say hello, start TLS or log in is the relay's problem, not the message's:
   it defers (never dead-letters) and holds further connection attempts for a short while, so an
   outage costs one cheap deferral per due row and never blocks anything else.
@@ -146,6 +149,7 @@ class _Outcome:
     reply: str
     code: int | None = None
     stage: str = "data"  # connect | mail | rcpt | data
+    ambiguous: bool = False  # no reply to the end of data: the relay may have queued the mail
 
 
 class _ConnectFailed(Exception):
@@ -373,7 +377,9 @@ class OutboxSender:
         cfg = self._config()
         now = self._clock.now()
         policy = self._policy or RetryPolicy.from_seconds(cfg.retry_min, cfg.retry_max, cfg.lifetime)
-        decision = after_failure(policy, now=now, created_at=mail.lifetime_start, code=outcome.code)
+        decision = after_failure(
+            policy, now=now, created_at=mail.lifetime_start, code=outcome.code, ambiguous=outcome.ambiguous
+        )
         # an expiring kind comes due again at its expiry, so it is recorded as expired on time
         next_at = decision.next_attempt_at if decision.dead else min(decision.next_attempt_at, row.expires_at)
         bad_mailbox = outcome.stage == "rcpt" and is_bad_mailbox(outcome.code, outcome.reply)
@@ -393,6 +399,8 @@ class OutboxSender:
             "stage": outcome.stage,
             "error": outcome.reply,
         }
+        if outcome.ambiguous:
+            fields["ambiguous"] = True  # a duplicate is possible: the same Message-ID traces it
         if decision.dead:
             self.dead += 1
             log.warning("mail.dead", **fields, suppressed_now=now_suppressed or None)
@@ -437,10 +445,18 @@ class OutboxSender:
             await smtp.rcpt(rcpt)
             stage = "data"
             crash_point("smtp.before_data")
-            response = await smtp.data(mime)
+            # aiosmtplib applies one timeout to both DATA replies; the long one is meant for the
+            # second (a relay scanning the message), the first comes at once from any live relay
+            response = await smtp.data(mime, timeout=cfg.data_timeout)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset(conn)
             return _Outcome(False, f"{exc.code} {exc.message}", exc.code, stage)
+        except aiosmtplib.SMTPTimeoutError as exc:
+            await self._close(conn)
+            if stage != "data":
+                return _Outcome(False, f"{type(exc).__name__}: {exc}", None, stage)
+            reply = f"ambiguous: no reply to DATA within {cfg.data_timeout:g} s; the relay may have queued it"
+            return _Outcome(False, reply, None, stage, ambiguous=True)
         except (aiosmtplib.SMTPException, OSError, _ConnectFailed) as exc:
             # timeouts and dropped connections count as a 451: the message may be retried
             await self._close(conn)

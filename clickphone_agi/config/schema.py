@@ -129,6 +129,8 @@ class SmtpConfig(Section):
     from_address: Annotated[str, AfterValidator(_check_mailbox)] = "ClickPhone <no-reply@clickphone.example>"
     message_id_domain: Annotated[str, AfterValidator(_check_domain)] = "clickphone.example"
     timeout: PositiveSeconds = 30
+    # DATA: the message and the reply to its final "." (RFC 5321 4.5.3.2.6 gives that reply 10 minutes)
+    data_timeout: Annotated[float, Field(gt=0, le=3600)] = 600
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     rate_limit_per_second: Annotated[float, Field(gt=0)] | None = None
     connection_reuse: Annotated[int, Field(ge=1, le=100_000)] = 100

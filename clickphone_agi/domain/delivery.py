@@ -36,11 +36,19 @@ def is_permanent(code: int | None) -> bool:
     return code is not None and 500 <= code <= 599
 
 
-def after_failure(policy: RetryPolicy, *, now: datetime, created_at: datetime, code: int | None) -> Failure:
-    """``created_at`` is when the message's lifetime started (its creation, or an operator's retry)."""
+def after_failure(
+    policy: RetryPolicy, *, now: datetime, created_at: datetime, code: int | None, ambiguous: bool = False
+) -> Failure:
+    """``created_at`` is when the message's lifetime started (its creation, or an operator's retry).
+
+    ``ambiguous``: no reply came to the end of the data, so the relay may have queued the message.
+    RFC 5321 4.5.3.2.6 still makes that a temporary failure (retrying risks a duplicate, giving up
+    risks a loss); the retry waits the longest gap, not the shortest, so an overloaded relay (the
+    usual cause) can finish what it was doing, and a duplicate never follows within minutes.
+    """
     if is_permanent(code) or now - created_at >= policy.lifetime:
         return Failure(dead=True, next_attempt_at=now)
-    gap = min(max(now - created_at, policy.min_gap), policy.max_gap)
+    gap = policy.max_gap if ambiguous else min(max(now - created_at, policy.min_gap), policy.max_gap)
     return Failure(dead=False, next_attempt_at=now + gap)
 
 
