@@ -164,7 +164,7 @@ async def outbox_rate(folder: Path, sink: Sink, batch: list[tuple[str, bytes]], 
     store = await _fresh_store(folder, f"outbox-{uuid.uuid4().hex}")  # a new database per run
     cfg = SmtpConfig(host="127.0.0.1", port=sink.port, max_concurrency=concurrency, message_id_domain=DOMAIN)
     await enqueue_all(store, batch)
-    sender = OutboxSender(store, SystemClock(), config=lambda: cfg, password=None)
+    sender = OutboxSender(store, SystemClock(), config=lambda: cfg, password=lambda: None)
     store.on_outbox = sender.wake
     stop = asyncio.Event()
     started = time.perf_counter()
@@ -198,7 +198,7 @@ async def raw_rate(sink: Sink, batch: list[tuple[str, bytes]]) -> float:
 async def latency(folder: Path, sink: Sink, rate: float, seconds: float) -> dict[str, float]:
     store = await _fresh_store(folder, "latency")
     cfg = SmtpConfig(host="127.0.0.1", port=sink.port, message_id_domain=DOMAIN)
-    sender = OutboxSender(store, SystemClock(), config=lambda: cfg, password=None)
+    sender = OutboxSender(store, SystemClock(), config=lambda: cfg, password=lambda: None)
     store.on_outbox = sender.wake
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))

@@ -286,7 +286,7 @@ class Daemon:
             store,
             self.clock,
             config=lambda: self.config.smtp,
-            password=self.loaded.secrets.smtp_password,
+            password=lambda: self.loaded.secrets.smtp_password,  # SIGHUP re-reads the password file
             renderer=renderer,
             on_sent=self._remove_voicemail,
         )

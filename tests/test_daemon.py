@@ -9,8 +9,10 @@ import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from clickphone_agi.adapters import control
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
@@ -19,6 +21,7 @@ from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
+from tests.test_delivery import CountingSink
 
 pytestmark = pytest.mark.slow
 
@@ -232,3 +235,46 @@ async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
     finally:
         await daemon.kill()
         notify.close()
+
+
+async def test_sighup_gives_the_sender_a_rotated_smtp_password(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The operator changes the relay's password and the password file, then reloads: the next
+    mail logs in with the new one (the sender used to keep the start-up password until a restart)."""
+    accepted = {"password": b"old-password"}
+    logins: list[bytes] = []
+
+    def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        logins.append(data.password)
+        return AuthResult(success=data.password == accepted["password"], handled=False)
+
+    sink = CountingSink(authenticator=authenticator, auth_require_tls=False)
+    await sink.start()
+    password_file = short_tmp / "smtp-password"
+    password_file.write_text("old-password\n")
+    cfg = write_config(smtp_port=sink.port)
+    cfg.write_text(
+        cfg.read_text().replace("smtp:\n", f"smtp:\n  username: clickphone\n  password_file: {password_file}\n")
+    )
+    notify = NotifySocket(short_tmp / "notify")
+    daemon = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    await daemon.start()
+    try:
+        await notify.wait_for("READY=1")
+        password_file.write_text("new-password\n")
+        accepted["password"] = b"new-password"
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_log(lambda e: e.get("event") == "config.reloaded")
+        code, _, err = await run_cli("mail-test", "ion.popescu@example.ro", "-c", str(cfg))
+        assert code == 0, err
+        await sink.wait_for(1)
+        assert logins == [b"new-password"]
+        await daemon.wait_log(lambda e: e.get("event") == "mail.sent")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.kill()
+        notify.close()
+        await sink.close()

@@ -133,7 +133,7 @@ class Rig:
 
     def start(self, *, password: str | None = None, tls_context: ssl.SSLContext | None = None) -> OutboxSender:
         self.sender = OutboxSender(
-            self.store, self.clock, config=lambda: self.cfg, password=password, tls_context=tls_context
+            self.store, self.clock, config=lambda: self.cfg, password=lambda: password, tls_context=tls_context
         )
         self.store.on_outbox = self.sender.wake
         self.task = asyncio.create_task(self.sender.run(self.stop))

@@ -163,7 +163,7 @@ class OutboxSender:
         clock: Clock,
         *,
         config: Callable[[], SmtpConfig],
-        password: str | None,
+        password: Callable[[], str | None],
         policy: RetryPolicy | None = None,
         tls_context: ssl.SSLContext | None = None,
         renderer: Renderer | None = None,
@@ -175,6 +175,7 @@ class OutboxSender:
         self._renderer = renderer or Renderer()
         self._clock = clock
         self._config = config
+        # read at each login, like the config: a SIGHUP that loaded a rotated secret applies at once
         self._password = password
         self._policy = policy
         # built once: aiosmtplib would otherwise build (and load the CA store into) one per connection
@@ -486,7 +487,7 @@ class OutboxSender:
         try:
             await smtp.connect()
             if cfg.username:
-                await smtp.login(cfg.username, self._password or "")
+                await smtp.login(cfg.username, self._password() or "")
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             raise _ConnectFailed(f"{exc.code} {exc.message}") from None

@@ -140,7 +140,7 @@ class Rig:
     def __init__(self, store: SqliteStore, clock: FakeClock, relay: Relay) -> None:
         self.store, self.clock, self.relay = store, clock, relay
         cfg = SmtpConfig(host="127.0.0.1", port=relay.port, timeout=5, max_concurrency=2, message_id_domain=DOMAIN)
-        self.sender = OutboxSender(store, clock, config=lambda: cfg, password=None)
+        self.sender = OutboxSender(store, clock, config=lambda: cfg, password=lambda: None)
         store.on_outbox = self.sender.wake
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
