@@ -261,6 +261,11 @@ class Store(Protocol):
         """Pending rows due at ``now`` (but not ``exclude``), oldest first, with body, suppression and retry time."""
         ...
 
+    async def send_stop(self, row_id: int) -> str | None:
+        """Why outbox row ``row_id`` must not be sent now (as ``DueMail.suppressed``), or None: the
+        sender asks again right before sending, after any wait since the row was read."""
+        ...
+
     async def next_due_after(self, moment: datetime) -> datetime | None:
         """The earliest ``next_attempt_at`` of a pending row later than ``moment``."""
         ...

@@ -473,6 +473,67 @@ async def test_suppressed_address_is_not_sent_whatever_the_kind(rig: Rig) -> Non
     assert (metrics["suppressed"], metrics["dead"], metrics["suppressed_addresses"]) == (2, 0, 1)
 
 
+async def _settle(rig: Rig, seconds: int) -> None:
+    """Let the fake clock run ``seconds`` one second at a time, giving the sender time to act."""
+    for _ in range(seconds):
+        await rig.clock.advance(1.0)
+        await asyncio.sleep(0.005)
+
+
+async def test_an_unsubscribe_stops_offers_already_waiting_behind_the_rate_limiter(rig: Rig) -> None:
+    """Consent was checked when a row was read: offers in the sender's hands (waiting for a rate
+    slot) still went out minutes after the subscriber's one-click unsubscribe."""
+    rig.cfg = rig.cfg.model_copy(update={"rate_limit_per_second": 0.1, "max_concurrency": 1})
+    rig.start()
+    await rig.store.write(lambda tx: tx.record_consent("acct1001", True, "api", "1", None))
+    url = unsubscribe_url("https://cont.clickphone.ro", make_token(b"k" * 32, "acct1001"))
+    payload = {**KINDS["offer"].sample, "unsubscribe_url": url, "language": "ro", "valid_until": "2026-12-31"}
+    notices = [Notice(f"bc:{i}:acct1001", "offer", TO, "acct1001", payload) for i in range(20)]
+    for notice in notices:
+        await rig.store.write(lambda tx, notice=notice: tx.enqueue_notice(notice))
+    await rig.sink.wait_for(1)
+    assert rig.sender is not None
+    assert len(rig.sender._inflight) > 1  # more offers already read, waiting for their slots
+    await rig.store.write(lambda tx: tx.record_consent("acct1001", False, "unsubscribe", "1", None))
+    with capture_logs() as logs:
+        await _settle(rig, 300)
+    assert len(rig.sink.messages) == 1
+    rows = await rig.store.outbox_rows(100)
+    assert sorted(str(r.status) for r in rows) == ["dead"] * 19 + ["sent"]
+    assert {r.last_error for r in rows if r.status is OutboxStatus.DEAD} == {"suppressed: no marketing consent"}
+    assert sum(1 for e in logs if e["event"] == "mail.suppressed") == 19
+
+
+async def test_a_row_that_expires_while_waiting_for_its_rate_slot_is_expired_not_sent(rig: Rig) -> None:
+    rig.cfg = rig.cfg.model_copy(update={"rate_limit_per_second": 0.1})
+    rig.start()
+    first = await rig.enqueue("bc:1", kind="tariff_change")
+    late = await rig.enqueue("bc:2", kind="tariff_change", lifetime=timedelta(seconds=5))
+    await rig.sink.wait_for(1)
+    await _settle(rig, 15)  # its slot comes 10 s after the first send, 5 s after its expiry
+    assert await rig.status(first) is OutboxStatus.SENT
+    assert await rig.status(late) is OutboxStatus.EXPIRED
+    assert len(rig.sink.messages) == 1
+
+
+async def test_service_mail_that_waited_for_a_connection_is_checked_for_suppression_again(rig: Rig) -> None:
+    handler = rig.sink.handler_
+    handler.gate = asyncio.Event()
+    rig.cfg = rig.cfg.model_copy(update={"max_concurrency": 1})
+    rig.start()
+    held = await rig.enqueue("vm:1", kind="voicemail")
+    await until(lambda: handler.active == 1)
+    waiting = await rig.enqueue("vm:2", kind="voicemail")  # read now, waits for the one connection
+    await asyncio.sleep(0.05)
+    await rig.store.write(lambda tx: tx.count_hard_bounce(TO, "5.1.1 user unknown", 1))
+    await rig.clock.advance(2)  # longer than RECHECK_AFTER
+    handler.gate.set()
+    await until(lambda: _is(rig.status(waiting), OutboxStatus.DEAD))
+    assert await rig.status(held) is OutboxStatus.SENT
+    assert (await rig.row(waiting)).last_error == "suppressed: 5.1.1 user unknown"
+    assert len(rig.sink.messages) == 1
+
+
 async def test_connections_are_reused_up_to_connection_reuse(rig: Rig) -> None:
     rig.cfg = rig.cfg.model_copy(update={"max_concurrency": 1})
     rig.start()

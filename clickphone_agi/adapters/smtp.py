@@ -22,7 +22,10 @@ How it runs (one task, :meth:`OutboxSender.run`):
   outage costs one cheap deferral per due row and never blocks anything else.
 * Before sending: an expired row is marked ``expired``; a suppressed recipient's row is marked
   ``dead`` with ``last_error`` ``suppressed: …`` (the outbox CHECK constraint has no
-  'suppressed' status and SQLite cannot alter it). Neither is sent.
+  'suppressed' status and SQLite cannot alter it). Neither is sent. Both are checked when the row
+  is read and again right before the send, after any wait for a connection or a rate slot:
+  an offer's consent and suppression always (an unsubscribe stops offers already queued), other
+  mail's suppression only after a wait of :data:`RECHECK_AFTER` or more.
 
 This module also holds the units of work behind ``clickphone-agi outbox retry|purge`` and
 ``clickphone-agi bounce``, shared by the daemon's control socket and the CLI's local writer.
@@ -69,6 +72,9 @@ SAFETY_POLL = 60.0  # the loop looks at the outbox at least this often, whatever
 IN_FLIGHT_PER_CONNECTION = 4
 IN_FLIGHT_MIN = 8
 PURGEABLE = ("sent", "dead", "expired", "bounced")
+# a row that waited this long (seconds) for a connection or a rate slot has its recipient's
+# suppression asked again before it is sent; offers always do
+RECHECK_AFTER = 1.0
 
 
 def render_row(row: OutboxRow, cfg: SmtpConfig, renderer: Renderer) -> bytes:
@@ -105,6 +111,11 @@ def load_verp_key(path: Path) -> bytes:
     if len(key) < 16:
         raise ValueError(f"{path}: VERP key too short ({len(key)} bytes): use 32 or more random bytes")
     return key
+
+
+def _is_marketing(kind: str) -> bool:
+    spec = KINDS.get(kind)
+    return spec is not None and spec.category == "marketing"
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,6 +161,14 @@ class _Outcome:
     code: int | None = None
     stage: str = "data"  # connect | mail | rcpt | data
     ambiguous: bool = False  # no reply to the end of data: the relay may have queued the mail
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Why a row read as sendable must not go out after all: it expired, or its recipient is suppressed."""
+
+    reason: str
+    expired: bool = False
 
 
 class _ConnectFailed(Exception):
@@ -298,70 +317,110 @@ class OutboxSender:
     async def _attempt_row(self, mail: DueMail) -> None:
         row = mail.row
         cfg = self._config()
-        now = self._clock.now()
-        if now >= row.expires_at:
-            await self._store.write(_finishing(row, lambda tx: tx.mark_expired(row.id)))
-            self.expired += 1
-            log.info("mail.expired", key=row.idempotency_key, kind=row.kind, expired_at=row.expires_at.isoformat())
+        read_at = self._clock.monotonic()
+        if self._clock.now() >= row.expires_at:
+            await self._expire(row)
             return
         if mail.suppressed is not None:
-            reason = f"suppressed: {mail.suppressed}"
-            await self._store.write(
-                lambda tx: tx.mark_failed(row.id, reason, now, dead=True, count_attempt=False),
-            )
-            self.suppressed += 1
-            log.warning("mail.suppressed", key=row.idempotency_key, kind=row.kind, to=row.recipient, reason=reason)
+            await self._suppress(row, mail.suppressed)
             return
-        mime = mail.mime
-        if not mime:
-            if row.payload is None:
-                await self._store.write(lambda tx: tx.mark_failed(row.id, "no message body", now, dead=True))
-                self.dead += 1
-                log.error("mail.no_body", key=row.idempotency_key, kind=row.kind)
-                return
-            try:
-                # off the loop: a broadcast queues thousands of these
-                mime = await asyncio.to_thread(render_row, row, cfg, self._renderer)
-            except Exception as exc:  # permanent for this payload: a dead letter to replay once fixed
-                error = f"cannot render the {row.kind} notice: {exc!r}"[:300]
-                await self._store.write(lambda tx: tx.mark_failed(row.id, error, now, dead=True))
-                self.dead += 1
-                log.exception("mail.render_failed", key=row.idempotency_key, kind=row.kind)
-                return
-            rendered = mime
-            await self._store.write(lambda tx: tx.set_message(row.id, rendered))
+        mime = await self._body(mail, cfg)
+        if mime is None:
+            return
         mime = ensure_headers(mime, message_id(row.idempotency_key, cfg.message_id_domain))
         envelope = await self._envelope(row, cfg)
 
         conn = await self._pool.acquire(lambda: self._config().max_concurrency)
+        stop: _Stop | None = None
         try:
             wait = self._limiter.reserve(self._clock.monotonic(), cfg.rate_limit_per_second)
             if wait > 0:
                 await self._clock.sleep(wait)
-            if self._clock.monotonic() < self._hold_until:
+            stop = await self._stop_now(row, self._clock.monotonic() - read_at)
+            if stop is not None:
+                outcome = _Outcome(False, stop.reason)
+            elif self._clock.monotonic() < self._hold_until:
                 outcome = _Outcome(False, f"relay unavailable: {self._hold_reason}", None, "connect")
             else:
                 outcome = await self._transact(conn, cfg, envelope, row.recipient, mime)
         finally:
             await self._pool.release(conn)
-        if outcome.ok:
-            crash_point("smtp.after_250")
-            await self._store.write(  # urgent: a crash before this commits sends the mail again
-                _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope)), urgent=True
-            )
-            crash_point("smtp.after_mark_sent")
-            self.sent += 1
-            log.info(
-                "mail.sent",
-                key=row.idempotency_key,
-                kind=row.kind,
-                to=row.recipient,
-                attempt=row.attempts + 1,
-                reply=outcome.reply,
-            )
-            await self._after_sent(row)
-            return
-        await self._failed(mail, outcome, envelope)
+        if stop is not None and stop.expired:
+            await self._expire(row)
+        elif stop is not None:
+            await self._suppress(row, stop.reason)
+        elif outcome.ok:
+            await self._sent(row, outcome, envelope)
+        else:
+            await self._failed(mail, outcome, envelope)
+
+    async def _body(self, mail: DueMail, cfg: SmtpConfig) -> bytes | None:
+        """The stored MIME, or the payload rendered now (and stored); None once a row without one is dead."""
+        row = mail.row
+        if mail.mime:
+            return mail.mime
+        now = self._clock.now()
+        if row.payload is None:
+            await self._store.write(lambda tx: tx.mark_failed(row.id, "no message body", now, dead=True))
+            self.dead += 1
+            log.error("mail.no_body", key=row.idempotency_key, kind=row.kind)
+            return None
+        try:
+            # off the loop: a broadcast queues thousands of these
+            mime = await asyncio.to_thread(render_row, row, cfg, self._renderer)
+        except Exception as exc:  # permanent for this payload: a dead letter to replay once fixed
+            error = f"cannot render the {row.kind} notice: {exc!r}"[:300]
+            await self._store.write(lambda tx: tx.mark_failed(row.id, error, now, dead=True))
+            self.dead += 1
+            log.exception("mail.render_failed", key=row.idempotency_key, kind=row.kind)
+            return None
+        await self._store.write(lambda tx: tx.set_message(row.id, mime))
+        return mime
+
+    async def _sent(self, row: OutboxRow, outcome: _Outcome, envelope: str) -> None:
+        crash_point("smtp.after_250")
+        await self._store.write(  # urgent: a crash before this commits sends the mail again
+            _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope)), urgent=True
+        )
+        crash_point("smtp.after_mark_sent")
+        self.sent += 1
+        log.info(
+            "mail.sent",
+            key=row.idempotency_key,
+            kind=row.kind,
+            to=row.recipient,
+            attempt=row.attempts + 1,
+            reply=outcome.reply,
+        )
+        await self._after_sent(row)
+
+    async def _stop_now(self, row: OutboxRow, waited: float) -> _Stop | None:
+        """Asked right before the send: has the row expired, or must its recipient not get it?
+
+        An offer always asks the database again (an unsubscribe while it waited behind the rate
+        limiter must stop it: consent is checked when sent, not when read); other mail only when
+        it waited at least :data:`RECHECK_AFTER` seconds for a connection or a rate slot, so
+        service mail sent at once costs nothing extra.
+        """
+        if self._clock.now() >= row.expires_at:
+            return _Stop("expired", expired=True)
+        if _is_marketing(row.kind) or waited >= RECHECK_AFTER:
+            reason = await self._store.send_stop(row.id)
+            return None if reason is None else _Stop(reason)
+        return None
+
+    async def _expire(self, row: OutboxRow) -> None:
+        await self._store.write(_finishing(row, lambda tx: tx.mark_expired(row.id)))
+        self.expired += 1
+        log.info("mail.expired", key=row.idempotency_key, kind=row.kind, expired_at=row.expires_at.isoformat())
+
+    async def _suppress(self, row: OutboxRow, why: str) -> None:
+        """Not sent, not to be retried: stored as dead with ``suppressed: …`` (see the module docstring)."""
+        reason = f"suppressed: {why}"
+        now = self._clock.now()
+        await self._store.write(lambda tx: tx.mark_failed(row.id, reason, now, dead=True, count_attempt=False))
+        self.suppressed += 1
+        log.warning("mail.suppressed", key=row.idempotency_key, kind=row.kind, to=row.recipient, reason=reason)
 
     async def _after_sent(self, row: OutboxRow) -> None:
         """The ``on_sent`` hook; the mail was delivered, so nothing it does can change the row."""

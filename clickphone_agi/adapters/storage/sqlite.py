@@ -1812,11 +1812,7 @@ class SqliteStore:
         skip = sorted(exclude)  # rows already in the sender's hands: not read again
         marks = ", ".join("?" * len(skip))
         rows = await self._fetchall(
-            f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at,"  # noqa: S608 - constant columns, ? marks
-            " COALESCE((SELECT s.reason FROM suppressions s"
-            "   WHERE s.address IN (lower(outbox.recipient), address_hash(outbox.recipient))"
-            "   AND s.suppressed_at IS NOT NULL),"
-            f" {_MARKETING_STOP})"
+            f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at, {_SEND_STOP}"  # noqa: S608 - constants, ? marks
             f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
             " ORDER BY bulk, next_attempt_at, id LIMIT ?",  # bulk mail after everything else due
             (to_db(now), *skip, limit),
@@ -1830,6 +1826,10 @@ class SqliteStore:
             )
             for r in rows
         ]
+
+    async def send_stop(self, row_id: int) -> str | None:
+        rows = await self._fetchall(f"SELECT {_SEND_STOP} FROM outbox WHERE id = ?", (row_id,))  # noqa: S608
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def next_due_after(self, moment: datetime) -> datetime | None:
         rows = await self._fetchall(
@@ -1984,6 +1984,10 @@ _MARKETING_STOP = f"""CASE WHEN outbox.kind IN ({_MARKETING_KINDS}) THEN COALESC
                              WHERE c.account = outbox.account AND c.purpose = 'marketing'
                              ORDER BY c.id DESC LIMIT 1), 0) = 0
              THEN 'no marketing consent' END) END"""  # noqa: S608 - kind names from the catalogue
+# Why an outbox row must not be sent now: its recipient is suppressed (any kind), or the marketing stop.
+_SEND_STOP = f"""COALESCE((SELECT s.reason FROM suppressions s
+          WHERE s.address IN (lower(outbox.recipient), address_hash(outbox.recipient))
+          AND s.suppressed_at IS NOT NULL), {_MARKETING_STOP})"""  # noqa: S608 - constant SQL
 
 _OUTBOX_COLUMNS = (
     "id, idempotency_key, kind, recipient, account, status, attempts, created_at, expires_at,"
