@@ -255,6 +255,38 @@ async def test_delivered_at_once_with_stable_message_id_auto_submitted_and_verp_
     assert VerpToken(row_id, tokens[0].mac).verify(key, "vm:100@default:1")
 
 
+async def test_the_verp_key_file_is_retried_after_a_failure_and_reread_when_it_changes(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The key used to be cached by path for good: one unreadable read meant no VERP until a
+    restart, and a rotated file was never seen (while the bounce verb read the new one)."""
+    key_file = tmp_path / "verp-key"
+    rig.cfg = rig.cfg.model_copy(update={"verp_key_file": key_file})
+    rig.start()
+    with capture_logs() as logs:
+        await rig.enqueue("k1")
+        await rig.sink.wait_for(1)
+    assert rig.sink.messages[0].mail_from == "no-reply@clickphone.example"  # no key: no VERP, still sent
+    assert sum(1 for e in logs if e["event"] == "mail.verp_key_unreadable") == 1
+
+    old, new = b"o" * 32, b"n" * 40
+    key_file.write_bytes(old)
+    await rig.clock.advance(5)
+    second = await rig.enqueue("k2")
+    await rig.sink.wait_for(2)
+    (token,) = find_tokens([rig.sink.messages[1].mail_from])
+    assert token.row_id == second
+    assert token.verify(old, "k2")
+
+    key_file.write_bytes(new)  # rotated: what `clickphone-agi bounce` will verify with from now on
+    await rig.clock.advance(5)
+    third = await rig.enqueue("k3")
+    await rig.sink.wait_for(3)
+    (token,) = find_tokens([rig.sink.messages[2].mail_from])
+    assert token.row_id == third
+    assert token.verify(new, "k3")
+
+
 async def _is(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 

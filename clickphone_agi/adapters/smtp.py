@@ -37,11 +37,12 @@ import asyncio
 import contextlib
 import functools
 import math
+import os
 import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 from pathlib import Path
@@ -75,6 +76,9 @@ PURGEABLE = ("sent", "dead", "expired", "bounced")
 # a row that waited this long (seconds) for a connection or a rate slot has its recipient's
 # suppression asked again before it is sent; offers always do
 RECHECK_AFTER = 1.0
+# seconds between looks (one stat) at smtp.verp_key_file: a changed, replaced or repaired key file
+# is used within this long, and an unreadable one is tried again (not given up on until a restart)
+KEY_RECHECK = 5.0
 
 
 def render_row(row: OutboxRow, cfg: SmtpConfig, renderer: Renderer) -> bytes:
@@ -105,12 +109,34 @@ def unsubscribe_headers(kind: str, payload: Mapping[str, Any]) -> dict[str, str]
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
+_FileStamp = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
 def load_verp_key(path: Path) -> bytes:
     """The VERP HMAC key from ``smtp.verp_key_file`` (blocking; run it in a thread)."""
-    key = path.read_bytes().strip()
+    return _read_verp_key(path)[0]
+
+
+def _read_verp_key(path: Path) -> tuple[bytes, _FileStamp]:
+    """The key and the stamp of the very file it was read from (blocking)."""
+    with path.open("rb") as f:
+        stamp = _stamp(os.fstat(f.fileno()))
+        key = f.read().strip()
     if len(key) < 16:
         raise ValueError(f"{path}: VERP key too short ({len(key)} bytes): use 32 or more random bytes")
-    return key
+    return key, stamp
+
+
+def _file_stamp(path: Path) -> _FileStamp | None:
+    """What tells a replaced or rewritten file apart (blocking); None if it cannot be looked at."""
+    try:
+        return _stamp(path.stat())
+    except OSError:
+        return None
+
+
+def _stamp(st: os.stat_result) -> _FileStamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _is_marketing(kind: str) -> bool:
@@ -164,6 +190,16 @@ class _Outcome:
 
 
 @dataclass(frozen=True)
+class _KeyCache:
+    """The VERP key in use: from which file (and which version of it), and when that was last checked."""
+
+    path: Path | None
+    stamp: _FileStamp | None
+    key: bytes | None
+    checked: float
+
+
+@dataclass(frozen=True)
 class _Stop:
     """Why a row read as sendable must not go out after all: it expired, or its recipient is suppressed."""
 
@@ -210,7 +246,7 @@ class OutboxSender:
         self._local_hostname: str | None = None
         self._key_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
-        self._key_cache: tuple[Path | None, bytes | None] | None = None
+        self._key_cache: _KeyCache | None = None
         # counters since start (the durable figures come from the outbox: :meth:`metrics`)
         self.sent = 0
         self.deferred = 0
@@ -620,20 +656,41 @@ class OutboxSender:
         return verp_address(row.id, row.idempotency_key, key, cfg.bounce_domain)
 
     async def verp_key(self, cfg: SmtpConfig) -> bytes | None:
-        """From ``verp_key_file``, else a random key stored in the database at first use."""
+        """From ``verp_key_file``, else a random key stored in the database at first use.
+
+        The file is looked at again (a stat) every :data:`KEY_RECHECK` seconds and re-read when it
+        changed, as the ``bounce`` verb reads it afresh each time; a failure is retried after that
+        same delay, never kept until a restart. The database key never changes: read once.
+        """
+        path = cfg.verp_key_file
         async with self._key_lock:
-            if self._key_cache is not None and self._key_cache[0] == cfg.verp_key_file:
-                return self._key_cache[1]
+            now = self._clock.monotonic()
+            cache = self._key_cache
+            if cache is not None and cache.path == path:
+                if path is None or now - cache.checked < KEY_RECHECK:
+                    return cache.key
+                if cache.key is not None and await asyncio.to_thread(_file_stamp, path) == cache.stamp:
+                    self._key_cache = replace(cache, checked=now)
+                    return cache.key
             key: bytes | None
-            if cfg.verp_key_file is not None:
+            stamp: _FileStamp | None = None
+            if path is not None:
                 try:
-                    key = await asyncio.to_thread(load_verp_key, cfg.verp_key_file)
+                    key, stamp = await asyncio.to_thread(_read_verp_key, path)
                 except (OSError, ValueError) as exc:
-                    log.error("mail.verp_key_unreadable", error=str(exc), envelope="from_address, no bounce tracking")
+                    log.error(
+                        "mail.verp_key_unreadable",
+                        error=str(exc),
+                        envelope="from_address, no bounce tracking",
+                        retry_in_seconds=KEY_RECHECK,
+                    )
                     key = None
+                else:
+                    if cache is not None and cache.path == path and cache.key is not None and cache.key != key:
+                        log.info("mail.verp_key_changed", file=str(path))
             else:
                 key = await self._store.write(lambda tx: tx.verp_key(secrets.token_bytes(32)))
-            self._key_cache = (cfg.verp_key_file, key)
+            self._key_cache = _KeyCache(path, stamp, key, now)
             return key
 
     # ---- status ------------------------------------------------------------------------------
