@@ -257,8 +257,12 @@ class Store(Protocol):
 
     async def outbox_counts(self) -> dict[str, int]: ...
 
-    async def due_mail(self, now: datetime, limit: int, exclude: Collection[int] = ()) -> list[DueMail]:
-        """Pending rows due at ``now`` (but not ``exclude``), oldest first, with body, suppression and retry time."""
+    async def due_mail(
+        self, now: datetime, limit: int, exclude: Collection[int] = (), bulk_limit: int | None = None
+    ) -> list[DueMail]:
+        """Pending rows due at ``now`` (but not ``exclude``), oldest first, with body, suppression and retry time.
+
+        Bulk kinds come after every other row; ``bulk_limit`` caps how many of them are returned."""
         ...
 
     async def send_stop(self, row_id: int) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
+import itertools
 import os
 import shutil
 import signal
@@ -600,11 +601,11 @@ async def test_concurrency_cap_is_honoured(rig: Rig) -> None:
     assert handler.max_active == 2
 
 
-async def test_rate_limit_spreads_sends_on_the_clock(rig: Rig) -> None:
+async def test_rate_limit_spreads_bulk_sends_on_the_clock(rig: Rig) -> None:
     rig.cfg = rig.cfg.model_copy(update={"rate_limit_per_second": 2.0})
     rig.start()
     for i in range(5):
-        await rig.enqueue(f"k{i}")
+        await rig.enqueue(f"k{i}", kind="tariff_change")
     await rig.sink.wait_for(1)
     await asyncio.sleep(0.2)
     assert len(rig.sink.messages) == 1  # the others wait for their slots, on the fake clock
@@ -615,6 +616,30 @@ async def test_rate_limit_spreads_sends_on_the_clock(rig: Rig) -> None:
     times = rig.sink.handler_.times
     assert all(t - times[0] >= i * 0.5 for i, t in enumerate(times))
     assert times[-1] - times[0] < 3.0
+
+
+async def test_a_rate_limited_broadcast_does_not_hold_back_a_voicemail(rig: Rig) -> None:
+    """Bulk rows waiting for their rate slots filled the in-flight window and held every
+    connection: a voicemail queued after a broadcast went out as mail #18, 85 s later."""
+    rig.cfg = rig.cfg.model_copy(update={"rate_limit_per_second": 0.2, "max_concurrency": 4})
+    rig.start()
+    for i in range(100):
+        await rig.enqueue(f"bc:{i}", kind="tariff_change")
+    await rig.sink.wait_for(1)
+    assert rig.sender is not None
+    assert len(rig.sender._inflight) >= 16  # the window is full of bulk rows waiting for slots
+    started = rig.clock.monotonic()
+    await rig.enqueue("vm:urgent", kind="voicemail")
+    await rig.sink.wait_for(2)
+    ids = [email.message_from_bytes(m.data)["Message-ID"] for m in rig.sink.messages]
+    assert ids[1] == message_id("vm:urgent", DOMAIN)
+    assert rig.clock.monotonic() == started  # no rate slot waited for
+    rig.cfg = rig.cfg.model_copy(update={"enabled": False})  # no more reads: the rows in hand drain
+    await _settle(rig, 100)
+    times = rig.sink.handler_.times
+    assert len(times) > 10
+    bulk_times = times[:1] + times[2:]
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(bulk_times))  # the broadcast keeps its rate
 
 
 async def test_server_closing_an_idle_connection_costs_no_retry(rig: Rig) -> None:

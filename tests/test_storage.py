@@ -256,6 +256,41 @@ async def test_bulk_mail_waits_behind_every_other_due_mail(tmp_path: Path) -> No
     assert any("outbox_due_bulk" in str(tuple(r)) for r in plan)  # ordered by the index, not a sort
 
 
+async def test_due_mail_caps_bulk_rows_but_never_service_rows(tmp_path: Path) -> None:
+    """The sender asks for service mail even when bulk rows already fill its window (bulk_limit=0)."""
+    clock = FakeClock(NOW)
+    store = await db.SqliteStore.open(tmp_path / "t.db", clock)
+    store.start()
+    try:
+        bulk = [
+            OutboxMessage.build(
+                key=f"bc:b1:acct{i:04d}",
+                kind="tariff_change",
+                recipient=f"a{i}@example.ro",
+                account=f"acct{i:04d}",
+                mime=b"Subject: x\r\n\r\nbody\r\n",
+                now=clock.now(),
+                lifetime=timedelta(days=30),
+            )
+            for i in range(5)
+        ]
+        await store.write(lambda tx: [tx.enqueue(m) for m in bulk])
+        await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:1", clock)))
+        await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:2", clock)))
+        await clock.advance(1)
+        # the sender already holds the oldest bulk row: the cap counts the rows after it
+        (first,) = [d.row.id for d in await store.due_mail(clock.now(), 10) if d.row.idempotency_key.endswith("0000")]
+        keys = {
+            limit: [d.row.idempotency_key for d in await store.due_mail(clock.now(), 10, {first}, bulk_limit=limit)]
+            for limit in (0, 2, None)
+        }
+    finally:
+        await store.close()
+    assert keys[0] == ["vm:pbx1:100@default:1", "vm:pbx1:100@default:2"]
+    assert keys[2] == ["vm:pbx1:100@default:1", "vm:pbx1:100@default:2", "bc:b1:acct0001", "bc:b1:acct0002"]
+    assert len(keys[None]) == 6  # every due row but the excluded one
+
+
 # ~0.5-2 s of SQLite work before its one row: a read still running while the test commits. It
 # reads a table, so it opens a read transaction (a snapshot) when it starts
 _SLOW_READ = (

@@ -11,7 +11,10 @@ How it runs (one task, :meth:`OutboxSender.run`):
 * Each due row becomes an attempt task. Attempts share a pool of at most ``max_concurrency``
   SMTP connections, reused (most recently used first) for up to ``connection_reuse`` messages
   and closed after :data:`IDLE_CLOSE` seconds unused. One pre-built ``ssl.SSLContext`` serves
-  every STARTTLS/TLS connection. ``rate_limit_per_second`` spaces the sends evenly.
+  every STARTTLS/TLS connection. ``rate_limit_per_second`` spaces the sends of bulk kinds
+  (broadcasts, policy notices) evenly; a bulk row waits for its slot before it takes a
+  connection. Service mail is not rate-limited and is read even when bulk rows fill the window
+  (it has a window of its own), so a broadcast never holds back a voicemail.
 * 4xx replies, timeouts and dropped connections defer the row Postfix-style
   (:mod:`clickphone_agi.domain.delivery`); 5xx on MAIL/RCPT/DATA dead-letters it at once. DATA has
   its own long ``data_timeout`` (RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final "."):
@@ -144,6 +147,11 @@ def _is_marketing(kind: str) -> bool:
     return spec is not None and spec.category == "marketing"
 
 
+def _is_bulk(kind: str) -> bool:
+    spec = KINDS.get(kind)
+    return spec is not None and spec.bulk
+
+
 @functools.lru_cache(maxsize=8)
 def _bare(mailbox: str) -> str:
     return parseaddr(mailbox)[1]
@@ -239,6 +247,7 @@ class OutboxSender:
         self._pool = _Pool()
         self._limiter = RateLimiter()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._bulk_inflight: set[int] = set()  # the ids in _inflight of bulk kinds (broadcasts)
         # rows whose attempt ended while a due-row read was running: that read may predate their update
         self._finished_during_read: set[int] = set()
         self._hold_until = -math.inf
@@ -317,19 +326,26 @@ class OutboxSender:
         cfg = self._config()
         if not cfg.enabled:
             return
-        room = self._window() - len(self._inflight)
+        # Service mail has a window of its own: bulk rows waiting for their rate slots may fill
+        # the shared one, and a voicemail must not wait for them to leave it.
+        window = self._window()
+        room = window - (len(self._inflight) - len(self._bulk_inflight))
         if room <= 0:
             return
+        bulk_room = max(0, window - len(self._inflight))
         self._finished_during_read.clear()
-        for mail in await self._store.due_mail(now, room, exclude=set(self._inflight)):
+        for mail in await self._store.due_mail(now, room, exclude=set(self._inflight), bulk_limit=bulk_room):
             if mail.row.id in self._inflight or mail.row.id in self._finished_during_read:
                 continue  # finished while the read ran: the read may predate its update
             task = asyncio.create_task(self._attempt(mail), name=f"mail-{mail.row.id}")
             self._inflight[mail.row.id] = task
+            if _is_bulk(mail.row.kind):
+                self._bulk_inflight.add(mail.row.id)
             task.add_done_callback(functools.partial(self._finished, mail.row.id))
 
     def _finished(self, row_id: int, task: asyncio.Task[None]) -> None:
         self._inflight.pop(row_id, None)
+        self._bulk_inflight.discard(row_id)
         self._finished_during_read.add(row_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("mail.attempt_crashed", row=row_id, error=repr(task.exception()))
@@ -366,12 +382,10 @@ class OutboxSender:
         mime = ensure_headers(mime, message_id(row.idempotency_key, cfg.message_id_domain))
         envelope = await self._envelope(row, cfg)
 
+        await self._rate_slot(row, cfg)
         conn = await self._pool.acquire(lambda: self._config().max_concurrency)
         stop: _Stop | None = None
         try:
-            wait = self._limiter.reserve(self._clock.monotonic(), cfg.rate_limit_per_second)
-            if wait > 0:
-                await self._clock.sleep(wait)
             stop = await self._stop_now(row, self._clock.monotonic() - read_at)
             if stop is not None:
                 outcome = _Outcome(False, stop.reason)
@@ -429,6 +443,20 @@ class OutboxSender:
             reply=outcome.reply,
         )
         await self._after_sent(row)
+
+    async def _rate_slot(self, row: OutboxRow, cfg: SmtpConfig) -> None:
+        """A bulk row's wait for its ``rate_limit_per_second`` slot, before it takes a connection.
+
+        Only bulk mail is limited (a broadcast is what would swamp the relay or its quota): service
+        mail never queues behind a broadcast's slots, nor finds every connection held by a sleeper.
+        Waiting before the connection means a relay slow to free one can bunch up to
+        ``max_concurrency`` sends; the average rate holds.
+        """
+        if not _is_bulk(row.kind):
+            return
+        wait = self._limiter.reserve(self._clock.monotonic(), cfg.rate_limit_per_second)
+        if wait > 0:
+            await self._clock.sleep(wait)
 
     async def _stop_now(self, row: OutboxRow, waited: float) -> _Stop | None:
         """Asked right before the send: has the row expired, or must its recipient not get it?

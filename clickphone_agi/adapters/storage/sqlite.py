@@ -1808,14 +1808,29 @@ class SqliteStore:
         rows = await self._fetchall("SELECT status, COUNT(*) FROM outbox GROUP BY status")
         return {str(r[0]): int(r[1]) for r in rows}
 
-    async def due_mail(self, now: datetime, limit: int, exclude: Collection[int] = ()) -> list[DueMail]:
+    async def due_mail(
+        self, now: datetime, limit: int, exclude: Collection[int] = (), bulk_limit: int | None = None
+    ) -> list[DueMail]:
         skip = sorted(exclude)  # rows already in the sender's hands: not read again
         marks = ", ".join("?" * len(skip))
+        due = f"status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
+        bulk_params: tuple[Any, ...] = ()
+        if bulk_limit is None:
+            bulk = ""
+        elif bulk_limit <= 0:
+            bulk = " AND bulk = 0"
+        else:
+            # the oldest ``bulk_limit`` due bulk rows only (the index outbox_due_bulk serves both parts)
+            bulk = (
+                f" AND (bulk = 0 OR id IN (SELECT id FROM outbox WHERE {due} AND bulk = 1"  # noqa: S608 - ? marks
+                " ORDER BY next_attempt_at, id LIMIT ?))"
+            )
+            bulk_params = (to_db(now), *skip, bulk_limit)
         rows = await self._fetchall(
             f"SELECT {_OUTBOX_COLUMNS}, payload, message, retried_at, {_SEND_STOP}"  # noqa: S608 - constants, ? marks
-            f" FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({marks})"
+            f" FROM outbox WHERE {due}{bulk}"
             " ORDER BY bulk, next_attempt_at, id LIMIT ?",  # bulk mail after everything else due
-            (to_db(now), *skip, limit),
+            (to_db(now), *skip, *bulk_params, limit),
         )
         return [
             DueMail(
