@@ -164,7 +164,9 @@ async def test_runs_at_start_then_daily_at_the_local_hour(tmp_path: Path) -> Non
     stop = asyncio.Event()
     task = asyncio.create_task(job.run(stop))
     try:
-        await until(lambda: job.runs == 1 and job.next_run is not None)
+        # asleep on the fake clock, not only scheduled: advanced before the sleep starts, the clock
+        # would move the sleep's start too, and the job would wake 15 hours late
+        await until(lambda: job.runs == 1 and job.next_run is not None and clock.sleepers > 0)
         assert job.next_run == datetime(2026, 11, 29, 1, 0, tzinfo=UTC)  # 03:00 EET
         await clock.advance(14 * 3600 + 59 * 60)  # 02:59 local: not yet
         await asyncio.sleep(0.05)
