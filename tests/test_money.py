@@ -4,6 +4,7 @@ threshold notices, and the ledger always summing to the balance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import signal
@@ -430,13 +431,7 @@ async def test_a_call_reserved_well_before_midnight_does_not_hold_todays_limit(t
     """Reserved at 23:30 for the whole daily limit and still up at 00:10: it was answered yesterday
     and yesterday's spend pays for it, so today's limit is free. One reserved at 23:58 may still be
     answered after midnight (it may ring for the margin): it counts against today."""
-    evening = datetime(2026, 11, 28, 23, 30, tzinfo=TZ)
-    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(evening))
-    s.start()
-    try:
-        account = dataclasses.replace(ACCOUNT, daily_limit=300, max_call_seconds=4 * 3600, max_concurrent_calls=5)
-        await provision(s, 10_000, account)
-        money = service(s)
+    async with _limited_at(tmp_path, datetime(2026, 11, 28, 23, 30, tzinfo=TZ)) as (s, money):
         first = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")
         assert (first.allow, first.reserve) == (True, 300)  # the whole day's limit
         s._clock = FakeClock(datetime(2026, 11, 28, 23, 58, tzinfo=TZ))
@@ -446,23 +441,26 @@ async def test_a_call_reserved_well_before_midnight_does_not_hold_todays_limit(t
         today = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c3")
         assert (today.allow, today.reserve) == (True, 300)  # c1 is yesterday's
         assert await s.write(lambda tx: tx.reservations("acct1001")) == (600, 2)  # the balance holds both
-    finally:
-        await s.close()
 
 
 async def test_a_call_reserved_within_the_margin_before_midnight_counts_against_the_new_day(
     tmp_path: Path,
 ) -> None:
-    late = datetime(2026, 11, 28, 23, 58, tzinfo=TZ)
-    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(late))
-    s.start()
-    try:
-        account = dataclasses.replace(ACCOUNT, daily_limit=300, max_call_seconds=4 * 3600, max_concurrent_calls=5)
-        await provision(s, 10_000, account)
-        money = service(s)
+    async with _limited_at(tmp_path, datetime(2026, 11, 28, 23, 58, tzinfo=TZ)) as (s, money):
         assert (await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")).reserve == 300
         s._clock = FakeClock(datetime(2026, 11, 29, 0, 1, tzinfo=TZ))  # c1 may still be ringing
         after = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c2")
         assert (after.allow, after.reason) == (False, Reason.DAILY_LIMIT)
+
+
+@contextlib.asynccontextmanager
+async def _limited_at(tmp_path: Path, moment: datetime) -> AsyncIterator[tuple[SqliteStore, MoneyService]]:
+    """A store whose clock reads ``moment``, acct1001 in it with 100 lei and a 3-lei daily limit."""
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(moment))
+    s.start()
+    try:
+        account = dataclasses.replace(ACCOUNT, daily_limit=300, max_call_seconds=4 * 3600, max_concurrent_calls=5)
+        await provision(s, 10_000, account)
+        yield s, service(s)
     finally:
         await s.close()

@@ -221,24 +221,29 @@ def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def _bulk(count: int, clock: FakeClock) -> list[OutboxMessage]:
+    """``count`` rows of one tariff-change broadcast (a bulk kind), one per account."""
+    return [
+        OutboxMessage.build(
+            key=f"bc:b1:acct{i:04d}",
+            kind="tariff_change",
+            recipient=f"a{i}@example.ro",
+            account=f"acct{i:04d}",
+            mime=b"Subject: x\r\n\r\nbody\r\n",
+            now=clock.now(),
+            lifetime=timedelta(days=30),
+        )
+        for i in range(count)
+    ]
+
+
 async def test_bulk_mail_waits_behind_every_other_due_mail(tmp_path: Path) -> None:
     """A broadcast queued first must not hold back a voicemail queued after it (rate-limited sender)."""
     clock = FakeClock(NOW)
     store = await db.SqliteStore.open(tmp_path / "t.db", clock)
     store.start()
     try:
-        bulk = [
-            OutboxMessage.build(
-                key=f"bc:b1:acct{i:04d}",
-                kind="tariff_change",
-                recipient=f"a{i}@example.ro",
-                account=f"acct{i:04d}",
-                mime=b"Subject: x\r\n\r\nbody\r\n",
-                now=clock.now(),
-                lifetime=timedelta(days=30),
-            )
-            for i in range(50)
-        ]
+        bulk = _bulk(50, clock)
         await store.write(lambda tx: [tx.enqueue(m) for m in bulk])
         await clock.advance(60)
         await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:1", clock)))
@@ -262,18 +267,7 @@ async def test_due_mail_caps_bulk_rows_but_never_service_rows(tmp_path: Path) ->
     store = await db.SqliteStore.open(tmp_path / "t.db", clock)
     store.start()
     try:
-        bulk = [
-            OutboxMessage.build(
-                key=f"bc:b1:acct{i:04d}",
-                kind="tariff_change",
-                recipient=f"a{i}@example.ro",
-                account=f"acct{i:04d}",
-                mime=b"Subject: x\r\n\r\nbody\r\n",
-                now=clock.now(),
-                lifetime=timedelta(days=30),
-            )
-            for i in range(5)
-        ]
+        bulk = _bulk(5, clock)
         await store.write(lambda tx: [tx.enqueue(m) for m in bulk])
         await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:1", clock)))
         await store.write(lambda tx: tx.enqueue(_message("vm:pbx1:100@default:2", clock)))

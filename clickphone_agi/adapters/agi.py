@@ -488,30 +488,17 @@ class _AgiConnection(asyncio.Protocol):
         self._info["peer"] = peer_host
         if not server._admits(peer_host):
             server._refused_peers += 1
-            self._refuse(transport)
-            since_last_line = server._refused_peer_log.due(self._loop.time())
-            if since_last_line:
-                log.warning(
-                    "agi.refused_peer",
-                    peer=peer_host,
-                    refused_peers=server._refused_peers,
-                    since_last_line=since_last_line,
-                )
+            self._refuse(
+                transport, server._refused_peer_log, "agi.refused_peer", peer=peer_host,
+                refused_peers=server._refused_peers,
+            )  # fmt: skip
             return
         if server._closing or len(server._connections) >= server._max_connections:
             server._refused += 1
-            self._refuse(transport)
-            since_last_line = server._refused_log.due(self._loop.time())
-            if since_last_line:
-                log.warning(
-                    "agi.refused",
-                    peer=peer_host,
-                    active=len(server._connections),
-                    max_connections=server._max_connections,
-                    closing=server._closing,
-                    refused=server._refused,
-                    since_last_line=since_last_line,
-                )
+            self._refuse(
+                transport, server._refused_log, "agi.refused", peer=peer_host, active=len(server._connections),
+                max_connections=server._max_connections, closing=server._closing, refused=server._refused,
+            )  # fmt: skip
             return
         server._connections.add(self)
         server._sessions += 1
@@ -520,11 +507,15 @@ class _AgiConnection(asyncio.Protocol):
             self._loop.call_later(server._session_timeout, self._session_timed_out),
         )
 
-    def _refuse(self, transport: asyncio.Transport) -> None:
-        """Close at once, unread: this connection never becomes a session."""
+    def _refuse(self, transport: asyncio.Transport, throttle: _LogThrottle, event: str, **fields: Any) -> None:
+        """Close at once, unread: this connection never becomes a session. Logged through
+        ``throttle``, with the number refused since its last line."""
         self._phase = _DONE
         self.done.set_result(None)
         transport.abort()
+        since_last_line = throttle.due(self._loop.time())
+        if since_last_line:
+            log.warning(event, **fields, since_last_line=since_last_line)
 
     def data_received(self, data: bytes) -> None:
         if self._phase == _DONE:
