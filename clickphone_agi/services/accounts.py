@@ -8,8 +8,8 @@ from typing import Any
 
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.charging import low_balance_notice
-from clickphone_agi.domain.thresholds import LowBalanceState
 from clickphone_agi.ports import WriteTx
+from clickphone_agi.services.money import low_balance_state, save_low_balance_state
 
 
 def import_unit(items: list[tuple[Account, int]]) -> Any:
@@ -39,12 +39,11 @@ def adjust_unit(code: str, amount: int, reason: str, ref: str) -> Any:
         if booked:
             # a correction moves the balance like a call or a top-up: one that takes it below the
             # threshold warns, one that lifts it back re-arms the warning for the next fall
-            armed = LowBalanceState(armed=tx.get_state(code, "low_armed") != "0")
+            armed = low_balance_state(tx, code)
             notice, state = low_balance_notice(account, ref, before, after, armed)
             if notice is not None:
                 tx.enqueue_notice(notice)
-            if state != armed:
-                tx.set_state(code, "low_armed", "1" if state.armed else "0")
+            save_low_balance_state(tx, code, armed, state)
         return {"account": code, "amount": amount, "booked": booked, "balance": after}
 
     return unit

@@ -222,7 +222,7 @@ class MoneyService:
         fired_name = f"limit_fired:{rated.day}"
         fired_text = tx.get_state(account.code, fired_name)
         limit_fired: frozenset[int] = frozenset(json.loads(fired_text)) if fired_text else frozenset()
-        low_before = LowBalanceState(armed=tx.get_state(account.code, "low_armed") != "0")
+        low_before = low_balance_state(tx, account.code)
         notices, fired, low = threshold_notices(
             account,
             rated,
@@ -239,7 +239,17 @@ class MoneyService:
         # the state is written only when it changes (rarely): no row reads as nothing fired, armed
         if fired != limit_fired:
             tx.set_state(account.code, fired_name, json.dumps(sorted(fired)))
-        if low != low_before:
-            tx.set_state(account.code, "low_armed", "1" if low.armed else "0")
+        save_low_balance_state(tx, account.code, low_before, low)
         self.charged += 1
         return rated.cost
+
+
+def low_balance_state(tx: WriteTx, code: str) -> LowBalanceState:
+    """The account's low-balance warning state as stored (no row reads as armed)."""
+    return LowBalanceState(armed=tx.get_state(code, "low_armed") != "0")
+
+
+def save_low_balance_state(tx: WriteTx, code: str, before: LowBalanceState, after: LowBalanceState) -> None:
+    """Store ``after`` if it differs from ``before`` (it rarely does: a charge seldom crosses)."""
+    if after != before:
+        tx.set_state(code, "low_armed", "1" if after.armed else "0")

@@ -726,26 +726,24 @@ class SqliteTx:
 
     def reservations(self, code: str) -> tuple[int, int]:
         """(amount held, calls) by unexpired reservations of the account."""
+        return self._held(code, "")
+
+    def held_since(self, code: str, moment: datetime) -> int:
+        """The amount held by the account's unexpired reservations made at or after ``moment``."""
+        return self._held(code, to_db(moment))[0]
+
+    def _held(self, code: str, since_db: str) -> tuple[int, int]:
+        """(amount, calls) of the account's unexpired reservations made at or after ``since_db``
+        ("" for all): fixed-width UTC text, so text order is time order."""
         reserved = self._reserved()
         now_db = self._batch.now_db
         held = calls = 0
         for call_id in self._cache.held.get(code, ()):
-            _, amount, expires_db, _ = reserved[call_id]
-            if expires_db > now_db:  # fixed-width UTC text: text order is time order
-                held += amount
-                calls += 1
-        return held, calls
-
-    def held_since(self, code: str, moment: datetime) -> int:
-        """The amount held by the account's unexpired reservations made at or after ``moment``."""
-        reserved = self._reserved()
-        now_db, since_db = self._batch.now_db, to_db(moment)
-        held = 0
-        for call_id in self._cache.held.get(code, ()):
             _, amount, expires_db, created_db = reserved[call_id]
             if expires_db > now_db and created_db >= since_db:
                 held += amount
-        return held
+                calls += 1
+        return held, calls
 
     def _reserved(self) -> dict[str, tuple[str, int, str, str]]:
         """Every reservation by call id, read once into the writer's cache (with each account's ids)."""
