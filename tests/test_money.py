@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import signal
 import sqlite3
 import subprocess
@@ -277,6 +278,23 @@ async def test_limit_and_low_balance_notices_fire_once(store: SqliteStore) -> No
     assert kinds == [("limit", "daily_limit"), ("lowbal", "low_balance")]
     assert all(r[2] == "ion.popescu@example.ro" for r in rows)
     assert '"percent": 80' in rows[0][3]
+
+
+async def test_daily_limit_and_no_credit_refusals_each_mail_once_per_period(store: SqliteStore) -> None:
+    """A daily-limit refusal does not use up the no-credit mail: that one asks for a top-up."""
+    capped = dataclasses.replace(ACCOUNT, daily_limit=1, low_balance_threshold=0)  # 1 ban: no minute fits
+    await provision(store, 2000, capped)
+    money = service(store)
+    reasons = [(await money.authorize("acct1001", "0721000001", "127.0.0.1", f"d{i}")).reason for i in range(2)]
+    await store.write(adjust_unit("acct1001", -1998, "correction", "adj-1"))  # 2 bani left
+    await provision(store, 0, dataclasses.replace(capped, daily_limit=None))  # the limit lifted
+    reasons += [(await money.authorize("acct1001", "0721000001", "127.0.0.1", f"n{i}")).reason for i in range(2)]
+    assert reasons == [Reason.DAILY_LIMIT] * 2 + [Reason.NO_CREDIT] * 2
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT idempotency_key, payload FROM outbox WHERE kind = 'insufficient_funds' ORDER BY id")
+    mails = [(key, json.loads(payload)["reason"]) for key, payload in rows]
+    conn.close()
+    assert mails == [("nofunds:acct1001:d0", "daily_limit"), ("nofunds:acct1001:n0", "no_credit")]
 
 
 async def test_expired_reservations_stop_holding_budget(store: SqliteStore) -> None:

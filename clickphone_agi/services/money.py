@@ -119,10 +119,12 @@ class MoneyService:
                     ),
                 )
             elif account is not None and decision.reason in (Reason.NO_CREDIT, Reason.DAILY_LIMIT):
+                # each reason has its own slot: a daily-limit refusal at noon must not keep quiet
+                # the first no-credit refusal that evening, which needs a top-up, not a new day
                 self._rate_limited_notice(
                     tx,
                     account.code,
-                    "insufficient_last",
+                    "insufficient_last" if decision.reason is Reason.NO_CREDIT else "daily_denied_last",
                     s.insufficient_funds_period,
                     Notice(
                         key=f"nofunds:{account.code}:{call_id}",
