@@ -272,6 +272,7 @@ def test_voicemail_gives_message_waiting_and_both_dial_and_voicemail_cdrs() -> N
             caller_id_name="Vasile Ionescu",
             unique_id="1795882906.13",
             linked_id="1795882906.12",
+            system_name="lab",
         )
     ]
     found = {(c.last_application, c.disposition) for c in cdrs(events)}

@@ -253,6 +253,32 @@ async def test_a_voicemail_call_gets_no_missed_call_mail_when_master_csv_brings_
     assert await store.outbox_rows() == []
 
 
+async def test_a_voicemail_call_gets_no_missed_call_mail_after_a_crash_before_its_decision(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    """The daemon dies inside the grace: the MWI was committed, the call not decided yet. The
+    restart reads the CDRs again from Master.csv, without the MWI, and the VoiceMail CDR renamed
+    by the shipped hangup handler: the CDRs alone say "missed". The MWI settled the call's
+    missed-call key when it was committed, so nothing is mailed."""
+    events, rows = recorded("voicemail", renamed=b"Return")
+    clock = FakeClock()
+    processor = await notifying(store, clock, tmp_path, datetime(2026, 1, 1, tzinfo=UTC))
+    await processor.handle_many(events)
+    assert await store.has_event("missed:lab:1795882906.12")  # settled with the MWI, before any decision
+    # SIGKILL here: the notifier's memory of the MWI is gone
+
+    (tmp_path / "Master.csv").write_bytes(rows)
+    tailer = MasterCsvTailer(tmp_path / "Master.csv", system_name="lab", timezone=ZONE)
+    again = await notifying(store, clock, tmp_path, datetime(2026, 1, 1, tzinfo=UTC))
+    assert again.notifier is not None
+    await again.handle_many(tailer.read_new(None).events)
+    decisions = again.notifier._tracker.decisions(clock.now() + timedelta(hours=5))
+    assert [d.missed is not None for d in decisions] == [True]  # the CDRs alone would mail it
+    again.notifier._missed_due.update((d.linked_id, d) for d in decisions)
+    await again.notifier._missed_calls(clock.now() + timedelta(hours=5))
+    assert await store.outbox_rows() == []
+
+
 async def test_master_csv_history_before_go_live_is_not_mailed_as_missed(store: SqliteStore, tmp_path: Path) -> None:
     """At the first start the reconciler reads Master.csv from its start: a call missed before the
     daemon went live is history (the ingest records nothing of it), not a notice; live, it is."""

@@ -506,6 +506,7 @@ def _message_waiting(f: _Frame, ctx: TranslateContext, linked_id_for: _LinkedIdF
         caller_id_name=_snapshot_name(f.get("CallerIDName")),
         unique_id=_ident(unique_id),
         linked_id=_ident(f.get("Linkedid") or linked_id_for(unique_id) or ""),
+        system_name=ctx.system_name,
     )
 
 
@@ -574,6 +575,7 @@ def _voicemail_recorded(f: _Frame, ctx: TranslateContext, linked_id_for: _Linked
         account=_ident(f.get("AccountCode")),
         unique_id=_ident(unique_id),
         linked_id=_ident(f.get("Linkedid") or linked_id_for(unique_id) or ""),
+        system_name=ctx.system_name,
     )
 
 

@@ -24,6 +24,7 @@ from clickphone_agi.domain.events import (
     VoicemailRecorded,
     VoicemailWaiting,
 )
+from clickphone_agi.domain.missed import missed_key
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Plan:
     kind: str | None
     record_call: bool = False
     reason: str = ""
+    # keys settled by this event, claimed with it: a voicemail event decides its call "not missed"
+    # for good, so a crash before the missed-call tracker decided the call cannot turn its CDRs,
+    # read again without the event, into a false missed-call mail
+    settles: tuple[str, ...] = ()
 
 
 def plan(event: DomainEvent, went_live_at: datetime) -> Plan:
@@ -43,10 +48,9 @@ def plan(event: DomainEvent, went_live_at: datetime) -> Plan:
         return Plan("cdr", record_call=True)
     if isinstance(event, (AsteriskLifecycle, DialOutcome)):
         return Plan(None, reason="no durable effect")
-    if isinstance(event, VoicemailWaiting):
-        return Plan("mwi")
-    if isinstance(event, VoicemailRecorded):
-        return Plan("voicemail")
+    if isinstance(event, VoicemailWaiting | VoicemailRecorded):
+        settles = (missed_key(event.system_name, event.linked_id),) if event.system_name and event.linked_id else ()
+        return Plan("mwi" if isinstance(event, VoicemailWaiting) else "voicemail", settles=settles)
     if isinstance(event, FaxResult):
         return Plan("fax_result")
     if isinstance(event, FaxEvent):

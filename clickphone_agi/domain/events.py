@@ -97,6 +97,7 @@ class VoicemailWaiting:
     caller_id_name: str
     unique_id: str
     linked_id: str
+    system_name: str = ""  # the PBX it came from: names the call's missed-call key (see effects.plan)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class VoicemailRecorded:
     account: str
     unique_id: str
     linked_id: str
+    system_name: str = ""  # the PBX it came from: names the call's missed-call key (see effects.plan)
 
 
 @dataclass(frozen=True)

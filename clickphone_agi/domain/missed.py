@@ -60,7 +60,9 @@ a hangup handler renamed (the shipped ``clickphone-vm-result`` does) is told fro
 only by its ``MessageWaiting``. So a decided call's Linkedid is remembered (the last ``max_calls``
 of them) and its later events are ignored (counted in ``late``); and every decision of an owned
 call, missed or not, is a :class:`Decision` whose :attr:`~Decision.key` the caller claims, so that a
-re-decision after a restart (memory lost) finds the key taken and mails nothing.
+re-decision after a restart (memory lost) finds the key taken and mails nothing. A voicemail event
+settles that key itself when it is committed (``effects.plan``): a crash before the decision
+loses the event from memory, not the fact that the call ended in voicemail.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class EventProcessor:
                 self.skipped[decision.reason] += 1
                 continue
             try:
-                unit, record = self._unit(event, decision.kind, decision.record_call)
+                unit, record = self._unit(event, decision.kind, decision.record_call, decision.settles)
             except Exception as exc:  # rating raised: this event fails alone
                 outcomes[index] = exc
                 continue
@@ -202,7 +202,7 @@ class EventProcessor:
         return units, planned, records
 
     def _unit(
-        self, event: DomainEvent, kind: str, record_call: bool
+        self, event: DomainEvent, kind: str, record_call: bool, settles: tuple[str, ...] = ()
     ) -> tuple[Callable[[WriteTx], bool], tuple[CallEnded, RatedCall | None] | None]:
         """The event's unit of work: claim its key, record the CDR, charge it (rated here, now);
         and the CDR it records with its rating, if any (a hint for the store)."""
@@ -218,6 +218,8 @@ class EventProcessor:
                 return False  # nothing of an erased account is recorded again, not even its key
             if not tx.claim_event(key, kind):
                 return False
+            for settled in settles:
+                tx.claim_event(settled, "not_missed")  # taken already (decided, or mailed): fine
             if call is not None:
                 tx.record_call(call)
                 if billing and money is not None:
