@@ -50,7 +50,7 @@ from clickphone_agi.domain.thresholds import day_bounds, local_day
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
 from clickphone_agi.services import privacy
-from clickphone_agi.services.accounts import adjust_unit, import_unit
+from clickphone_agi.services.accounts import ImportRefused, adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.broadcasts import BroadcastService, BroadcastSettings
 from clickphone_agi.services.consent import ConsentService, ConsentSettings
@@ -654,9 +654,13 @@ class Daemon:
         parts = self._running()
         try:
             items = [(account_from_json(i["account"]), int(i["opening"])) for i in args["items"]]
-        except (KeyError, TypeError, ValueError) as exc:
+            wheres = [str(i.get("where", "")) for i in args["items"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CommandError(f"items: malformed account list: {exc}") from None
-        return {**await parts.store.write(import_unit(items)), "by": "daemon"}
+        try:
+            return {**await parts.store.write(import_unit(items, wheres)), "by": "daemon"}
+        except ImportRefused as exc:
+            return {"refused": [str(exc)], "by": "daemon"}
 
     async def _cmd_accounts_adjust(self, args: dict[str, Any]) -> Any:
         parts = self._running()

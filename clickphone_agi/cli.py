@@ -352,18 +352,35 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
     from clickphone_agi.adapters.storage.codec import account_to_json
     from clickphone_agi.domain.accounts import parse_amount
     from clickphone_agi.domain.thresholds import local_day
-    from clickphone_agi.services.accounts import adjust_unit, import_unit
+    from clickphone_agi.services.accounts import ImportRefused, adjust_unit, import_unit
 
     action = args.accounts_command
     if action == "import":
-        from clickphone_agi.adapters.accounts_file import load_accounts
+        from clickphone_agi.adapters.accounts_file import AccountsFileError, load_accounts
 
         items = load_accounts(args.file)
         pairs = [(i.account, i.opening_balance) for i in items]
-        items_payload: dict[str, Any] = {"items": [{"account": account_to_json(a), "opening": o} for a, o in pairs]}
-        _print(
-            _as_writer(args, "accounts.import", items_payload, lambda loaded: _local_unit(loaded, import_unit(pairs)))
-        )
+        # where each row was written, for a clash with a stored account (every row is valid here,
+        # so the n-th item is the file's accounts[n])
+        yaml_file = args.file.suffix.lower() in {".yaml", ".yml"}
+        wheres = [f"{args.file}:{i.line}: " + (f"accounts[{n}]." if yaml_file else "") for n, i in enumerate(items)]
+        items_payload: dict[str, Any] = {
+            "items": [
+                {"account": account_to_json(a), "opening": o, "where": w}
+                for (a, o), w in zip(pairs, wheres, strict=True)
+            ]
+        }
+
+        async def local(loaded: Any) -> Any:
+            try:
+                return await _local_unit(loaded, import_unit(pairs, wheres))
+            except ImportRefused as exc:
+                return {"refused": [str(exc)]}
+
+        result = _as_writer(args, "accounts.import", items_payload, local)
+        if isinstance(result, dict) and result.get("refused"):
+            raise AccountsFileError([str(problem) for problem in result["refused"]])
+        _print(result)
         return EX_OK
     if action == "adjust":
         import uuid

@@ -112,3 +112,32 @@ async def test_preview_writes_eml_and_html(write_config: Callable[..., Path], tm
     assert html.lstrip().lower().startswith("<!doctype html")
     code, _, _ = await run_cli("preview", "nonsense", "-c", cfg)
     assert code == 2
+
+
+async def test_an_import_clashing_with_a_stored_account_names_line_and_field(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A DID or box another account already owns is refused like any invalid row: the file, the
+    line and the field on one line, exit 65, no traceback hint, and nothing of the file imported."""
+    cfg = _cfg(write_config)
+    code, _, err = await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)  # acct1001 owns +40212345678
+    assert code == 0, err
+    clash = tmp_path / "clash.csv"
+    clash.write_text(
+        "code,name,email,dids,mailboxes\n"
+        "acct2001,Ana Pop,ana@example.ro,,\n"
+        "acct2002,Dan Radu,dan@example.ro,0212345678,\n"
+    )
+    code, out, err = await run_cli("accounts", "import", str(clash), "-c", cfg)
+    assert code == EX_DATAERR, out + err
+    assert f"{clash}:3: dids: +40212345678 already belongs to account acct1001" in err
+    assert "--debug" not in err
+    code, _, _ = await run_cli("accounts", "show", "acct2001", "-c", cfg)
+    assert code == EX_DATAERR  # the valid row before it was not imported either
+
+    boxes = tmp_path / "boxes.yaml"
+    boxes.write_text("accounts:\n  - code: acct2003\n    name: Ana Pop\n    email: ana@example.ro\n"
+                     "    mailboxes: [200@default]\n")  # fmt: skip
+    code, _, err = await run_cli("accounts", "import", str(boxes), "-c", cfg)
+    assert code == EX_DATAERR
+    assert f"{boxes}:2: accounts[0].mailboxes: voicemail box 200@default already belongs to account acct1002" in err

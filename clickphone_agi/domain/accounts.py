@@ -44,6 +44,7 @@ __all__ = [
     "MAX_CALL_SECONDS",
     "MAX_CONCURRENT_CALLS",
     "Account",
+    "AccountConflict",
     "AccountImport",
     "Billing",
     "IPNetwork",
@@ -313,6 +314,15 @@ class Account:
             if mailbox.box == box:
                 return mailbox.email if mailbox.email is not None else self.email
         return None
+
+
+class AccountConflict(ValueError):
+    """An account cannot be stored as given because of another stored account (a DID or box it
+    owns) or the code's own history (erased); ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)

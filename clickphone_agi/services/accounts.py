@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.accounts import Account, AccountConflict
 from clickphone_agi.domain.charging import low_balance_notice
 from clickphone_agi.ports import WriteTx
 from clickphone_agi.services.money import low_balance_state, save_low_balance_state
 
 
-def import_unit(items: list[tuple[Account, int]]) -> Any:
-    """Idempotent upsert of every account; an opening balance only for new accounts."""
+class ImportRefused(ValueError):
+    """A row of an import clashes with a stored account; nothing of the import was written.
+
+    The message names the row as the operator wrote it: ``accounts.csv:3: dids: +40212345678
+    already belongs to account acct1001``."""
+
+
+def import_unit(items: list[tuple[Account, int]], wheres: Sequence[str] = ()) -> Any:
+    """Idempotent upsert of every account; an opening balance only for new accounts.
+
+    ``wheres[i]`` says where item ``i`` was written (``accounts.csv:3: `` or ``accounts.yaml:24:
+    accounts[1].``), so a clash with a stored account names the file, the line and the field; the
+    unit then raises :class:`ImportRefused` and none of the items is stored.
+    """
 
     def unit(tx: WriteTx) -> dict[str, Any]:
         created: list[str] = []
         updated: list[str] = []
-        for account, opening in items:
+        for index, (account, opening) in enumerate(items):
             stored = consent_for_upsert(tx, account, "import", "accounts import")
-            (created if tx.upsert_account(stored, opening) else updated).append(account.code)
+            try:
+                is_new = tx.upsert_account(stored, opening)
+            except AccountConflict as exc:
+                where = wheres[index] if index < len(wheres) else f"{account.code}: "
+                raise ImportRefused(f"{where}{exc.field}: {exc}") from None
+            (created if is_new else updated).append(account.code)
         return {"created": created, "updated": updated}
 
     return unit

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from clickphone_agi.adapters.accounts_file import _PARSERS, FIELDS, _Bad, _ManyBad, _Value
 from clickphone_agi.clock import Clock
-from clickphone_agi.domain.accounts import Account, parse_amount
+from clickphone_agi.domain.accounts import Account, AccountConflict, parse_amount
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.money import format_ron
 from clickphone_agi.domain.outbox import OutboxMessage
@@ -257,8 +257,8 @@ class Intake:
                 stored = consent_for_upsert(tx, account, "api", "PUT /v1/accounts")
                 try:
                     created = tx.upsert_account(stored, opening)
-                except ValueError as exc:
-                    raise ApiError(409, str(exc), "dids") from None
+                except AccountConflict as exc:
+                    raise ApiError(409, str(exc), exc.field) from None
                 # marketing_consent follows the consent history (PUT .../consent changes it)
                 return {
                     "account": code,

@@ -35,7 +35,7 @@ from clickphone_agi.adapters.storage.codec import account_from_json, account_to_
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.adapters.storage.privacy import address_hash_sql
 from clickphone_agi.clock import Clock
-from clickphone_agi.domain.accounts import Account
+from clickphone_agi.domain.accounts import Account, AccountConflict
 from clickphone_agi.domain.consent import Candidate, ConsentRecord
 from clickphone_agi.domain.delivery import DueMail
 from clickphone_agi.domain.events import CallEnded
@@ -642,7 +642,7 @@ class SqliteTx:
         """Insert or update; the opening balance is booked only for a new account. True if new."""
         old = self.get_account(account.code)
         if old is not None and old.erased:
-            raise ValueError(f"{account.code}: this account's data was erased; its code is not reused")
+            raise AccountConflict("code", f"{account.code}: this account's data was erased; its code is not reused")
         now = self._batch.now_db
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
@@ -659,9 +659,9 @@ class SqliteTx:
         self._batch.put(self._cache.accounts, account.code, account)
         self._conn.execute("DELETE FROM account_dids WHERE account = ?", (account.code,))
         self._conn.execute("DELETE FROM account_mailboxes WHERE account = ?", (account.code,))
-        for table, column, values in (
-            ("account_dids", "did", account.dids),
-            ("account_mailboxes", "box", tuple(m.box for m in account.mailboxes)),
+        for table, column, key, what, values in (
+            ("account_dids", "did", "dids", "+{}", account.dids),
+            ("account_mailboxes", "box", "mailboxes", "voicemail box {}", tuple(m.box for m in account.mailboxes)),
         ):
             for value in values:
                 owner = self._conn.execute(
@@ -669,7 +669,7 @@ class SqliteTx:
                     (value,),
                 ).fetchone()
                 if owner is not None:
-                    raise ValueError(f"{account.code}: {column} {value} already belongs to account {owner[0]}")
+                    raise AccountConflict(key, f"{what.format(value)} already belongs to account {owner[0]}")
                 self._conn.execute(
                     f"INSERT INTO {table} ({column}, account) VALUES (?, ?)",  # noqa: S608 - constant names
                     (value, account.code),
