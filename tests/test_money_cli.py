@@ -141,3 +141,21 @@ async def test_an_import_clashing_with_a_stored_account_names_line_and_field(
     code, _, err = await run_cli("accounts", "import", str(boxes), "-c", cfg)
     assert code == EX_DATAERR
     assert f"{boxes}:2: accounts[0].mailboxes: voicemail box 200@default already belongs to account acct1002" in err
+
+
+async def test_a_code_differing_only_in_case_from_a_stored_account_is_refused(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Codes are unique ignoring case within a file; across imports too. An operator who writes
+    ACCT1001 to disable acct1001 after a fraud must not get a second, new account with an
+    opening balance while the real one stays enabled."""
+    cfg = _cfg(write_config)
+    code, _, err = await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    assert code == 0, err
+    upper = tmp_path / "upper.csv"
+    upper.write_text("code,name,email,enabled,opening_balance\nACCT1001,Ion Popescu,ion.popescu@example.ro,false,100\n")
+    code, out, err = await run_cli("accounts", "import", str(upper), "-c", cfg)
+    assert code == EX_DATAERR, out + err
+    assert f"{upper}:2: code: 'ACCT1001' differs only in case from the stored account 'acct1001'" in err
+    code, out, _ = await run_cli("accounts", "list", "-c", cfg)
+    assert [a["code"] for a in json.loads(out)] == ["acct1001", "acct1002"]

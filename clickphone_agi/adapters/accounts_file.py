@@ -15,8 +15,9 @@ Rules beyond the per-field ones of :mod:`clickphone_agi.domain.accounts`:
   columns.  ``code``, ``name`` and ``email`` are required; an empty value (CSV cell, YAML
   ``null`` or ``""``) means "use the default".
 * The same account code twice in one file is an error naming both lines; codes are
-  compared ignoring case (``acct1001``/``ACCT1001`` would confuse every report).  A DID or a
-  voicemail box claimed by two accounts is an error too.
+  compared ignoring case (``acct1001``/``ACCT1001`` would confuse every report; storage refuses
+  a new code that differs only in case from a stored one).  A DID or a voicemail box claimed by
+  two accounts is an error too.
 * YAML scalars are read as the text written, never through YAML 1.1 typing: ``0.1`` is the
   amount 0,10 lei exactly (floats are constructed as their original string), ``0212345670``
   stays a number and does not become an octal int, ``1:30`` does not become 90.  Booleans

@@ -647,6 +647,15 @@ class SqliteTx:
         data = account_to_json(account)
         is_new = self._conn.execute("SELECT 1 FROM accounts WHERE code = ?", (account.code,)).fetchone() is None
         if is_new:
+            # acct1001 and ACCT1001 side by side would confuse every report (an import file refuses
+            # them too): a new code may not differ only in case from a stored one
+            twin = self._conn.execute(
+                "SELECT code FROM accounts WHERE code = ? COLLATE NOCASE LIMIT 1", (account.code,)
+            ).fetchone()
+            if twin is not None:
+                raise AccountConflict(
+                    "code", f"{account.code!r} differs only in case from the stored account {twin[0]!r}"
+                )
             self._conn.execute(
                 "INSERT INTO accounts (code, data, created_at, updated_at) VALUES (?, ?, ?, ?)",
                 (account.code, data, now, now),
