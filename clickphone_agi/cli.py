@@ -113,8 +113,8 @@ def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     accsub.add_parser("check", parents=[common], help="verify every cached balance equals its ledger sum")
     adj = accsub.add_parser("adjust", parents=[common], help="manual ledger adjustment (e.g. 12.50 or -3,00)")
     adj.add_argument("code")
-    adj.add_argument("amount")
-    adj.add_argument("--reason", required=True)
+    adj.add_argument("amount", type=_adjust_amount_arg, help="lei, e.g. 12.50 or 12,50; a negative one after --")
+    adj.add_argument("--reason", required=True, type=_reason_arg, help="why (kept in the ledger row)")
     exp = sub.add_parser("export", help="export data for the billing system")
     expsub = exp.add_subparsers(dest="export_command", required=True, metavar="WHAT")
     calls = expsub.add_parser("calls", parents=[common], help="rated calls as CSV (amounts in bani)")
@@ -134,6 +134,25 @@ def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     prev.add_argument("kind", help="e.g. voicemail, missed_call, daily_limit; 'list' shows them all")
     prev.add_argument("--lang", choices=["ro", "en"], default="ro")
     prev.add_argument("--out", type=Path, help="FILE.eml (whole message) or FILE.html (HTML part); default: stdout")
+
+
+def _adjust_amount_arg(text: str) -> int:
+    """``accounts adjust`` AMOUNT: exact bani, not 0 (a usage error otherwise)."""
+    from clickphone_agi.domain.accounts import parse_amount
+
+    try:
+        bani = parse_amount(text, allow_negative=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if bani == 0:
+        raise argparse.ArgumentTypeError("must not be 0")
+    return bani
+
+
+def _reason_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("required: say why the balance moves")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,7 +369,6 @@ async def _local_unit(loaded: Any, unit: Any) -> Any:
 def _cmd_accounts(args: argparse.Namespace) -> int:
     from clickphone_agi.adapters.storage import reports
     from clickphone_agi.adapters.storage.codec import account_to_json
-    from clickphone_agi.domain.accounts import parse_amount
     from clickphone_agi.domain.thresholds import local_day
     from clickphone_agi.services.accounts import ImportRefused, adjust_unit, import_unit
 
@@ -385,7 +403,7 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
     if action == "adjust":
         import uuid
 
-        amount = parse_amount(args.amount, allow_negative=True)
+        amount = args.amount  # bani, parsed by _adjust_amount_arg
         ref = f"adjust:{uuid.uuid4().hex}"
         payload: dict[str, Any] = {"code": args.code, "amount": amount, "reason": args.reason, "ref": ref}
         unit = adjust_unit(args.code, amount, args.reason, ref)

@@ -482,3 +482,11 @@ async def _limited_at(tmp_path: Path, moment: datetime) -> AsyncIterator[tuple[S
         yield s, service(s)
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize(("amount", "reason"), [(500, ""), (500, " \t"), (0, "nothing")])
+def test_a_manual_adjustment_needs_a_reason_and_an_amount(amount: int, reason: str) -> None:
+    """The daemon's control socket builds the same unit as the CLI: a blank reason or a zero
+    amount is refused before anything reaches the ledger."""
+    with pytest.raises(ValueError, match=r"^(reason|amount): "):
+        adjust_unit("acct1001", amount, reason, "adj-x")

@@ -159,3 +159,27 @@ async def test_a_code_differing_only_in_case_from_a_stored_account_is_refused(
     assert f"{upper}:2: code: 'ACCT1001' differs only in case from the stored account 'acct1001'" in err
     code, out, _ = await run_cli("accounts", "list", "-c", cfg)
     assert [a["code"] for a in json.loads(out)] == ["acct1001", "acct1002"]
+
+
+@pytest.mark.parametrize("amount", ["1e3", "NaN", "0.001", "12.5.0", "1.250", "0", "-0,00"])
+async def test_adjust_refuses_a_bad_amount_as_a_usage_error(write_config: Callable[..., Path], amount: str) -> None:
+    """An amount that is not exact bani (or moves nothing) is a usage error on one line, not
+    "error: ValueError ... run again with --debug for the traceback"."""
+    cfg = _cfg(write_config)
+    await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    code, _, err = await run_cli("accounts", "adjust", "-c", cfg, "--reason", "fix", "--", "acct1001", amount)
+    assert code == 2, err
+    assert "argument amount: " in err
+    assert "run again with --debug" not in err
+
+
+@pytest.mark.parametrize("reason", ["", "   "])
+async def test_adjust_requires_a_reason(write_config: Callable[..., Path], reason: str) -> None:
+    """A manual adjustment is booked with its reason: a blank one leaves the ledger unexplained."""
+    cfg = _cfg(write_config)
+    await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    code, _, err = await run_cli("accounts", "adjust", "-c", cfg, "--reason", reason, "acct1001", "5")
+    assert code == 2, err
+    assert "--reason" in err
+    _, out, _ = await run_cli("accounts", "show", "acct1001", "-c", cfg)
+    assert [row["kind"] for row in json.loads(out)["ledger_last_20"]] == ["opening"]

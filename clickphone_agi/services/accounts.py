@@ -45,7 +45,15 @@ def import_unit(items: list[tuple[Account, int]], wheres: Sequence[str] = ()) ->
 
 
 def adjust_unit(code: str, amount: int, reason: str, ref: str) -> Any:
-    """A manual ledger adjustment with its reason; ``ref`` makes a retried command harmless."""
+    """A manual ledger adjustment with its reason; ``ref`` makes a retried command harmless.
+
+    Raises :class:`ValueError` at once for a blank reason (the ledger row must say why) or a
+    zero amount (it would book a row that moves nothing).
+    """
+    if not reason.strip():
+        raise ValueError("reason: required (say why the balance moves)")
+    if amount == 0:
+        raise ValueError("amount: must not be 0")
 
     def unit(tx: WriteTx) -> dict[str, Any]:
         account = tx.get_account(code)
