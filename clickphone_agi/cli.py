@@ -115,6 +115,9 @@ def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     adj.add_argument("code")
     adj.add_argument("amount", type=_adjust_amount_arg, help="lei, e.g. 12.50 or 12,50; a negative one after --")
     adj.add_argument("--reason", required=True, type=_reason_arg, help="why (kept in the ledger row)")
+    adj.add_argument(
+        "--key", type=_key_arg, help="idempotency key: a repeat with the same key books nothing (default: a new one)"
+    )
     exp = sub.add_parser("export", help="export data for the billing system")
     expsub = exp.add_subparsers(dest="export_command", required=True, metavar="WHAT")
     calls = expsub.add_parser("calls", parents=[common], help="rated calls as CSV (amounts in bani)")
@@ -147,6 +150,12 @@ def _adjust_amount_arg(text: str) -> int:
     if bani == 0:
         raise argparse.ArgumentTypeError("must not be 0")
     return bani
+
+
+def _key_arg(text: str) -> str:
+    if not text.strip() or len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("expected 1-200 printable characters")
+    return text
 
 
 def _reason_arg(text: str) -> str:
@@ -404,7 +413,8 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
         import uuid
 
         amount = args.amount  # bani, parsed by _adjust_amount_arg
-        ref = f"adjust:{uuid.uuid4().hex}"
+        # the same --key gives the same ledger ref: a repeat (after a timeout, say) books nothing
+        ref = f"adjust:{args.key or uuid.uuid4().hex}"
         payload: dict[str, Any] = {"code": args.code, "amount": amount, "reason": args.reason, "ref": ref}
         unit = adjust_unit(args.code, amount, args.reason, ref)
         _print(_as_writer(args, "accounts.adjust", payload, lambda loaded: _local_unit(loaded, unit)))

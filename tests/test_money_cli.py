@@ -183,3 +183,21 @@ async def test_adjust_requires_a_reason(write_config: Callable[..., Path], reaso
     assert "--reason" in err
     _, out, _ = await run_cli("accounts", "show", "acct1001", "-c", cfg)
     assert [row["kind"] for row in json.loads(out)["ledger_last_20"]] == ["opening"]
+
+
+async def test_adjust_with_a_key_books_once_when_repeated(write_config: Callable[..., Path]) -> None:
+    """An operator whose adjust timed out on a busy daemon (it may have booked) runs it again:
+    with the same --key the second run books nothing, the balance moves once."""
+    cfg = _cfg(write_config)
+    await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    _, out, _ = await run_cli("accounts", "show", "acct1001", "-c", cfg)
+    opening = json.loads(out)["balance"]
+    args = ("accounts", "adjust", "-c", cfg, "--reason", "bank transfer 42", "--key", "pay-42", "acct1001", "12,50")
+    code, out, err = await run_cli(*args)
+    assert code == 0, err
+    assert (json.loads(out)["booked"], json.loads(out)["balance"]) == (True, opening + 1250)
+    code, out, err = await run_cli(*args)
+    assert code == 0, err
+    assert (json.loads(out)["booked"], json.loads(out)["balance"]) == (False, opening + 1250)
+    code, out, _ = await run_cli("accounts", "check", "-c", cfg)
+    assert (code, json.loads(out)) == (0, {"mismatches": []})
