@@ -461,7 +461,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     zone = ZoneInfo(loaded.config.billing.timezone)
     text = reports.export_calls(loaded.config.database.path, _parse_when(args.start, zone), _parse_when(args.end, zone))
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
+        import os
+
+        # every number each subscriber called (traffic data): owner only, also for an old file
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
         print(f"clickphone-agi: {text.count(chr(10)) - 1} calls written to {args.out}")
     else:
         sys.stdout.write(text)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,3 +202,19 @@ async def test_adjust_with_a_key_books_once_when_repeated(write_config: Callable
     assert (json.loads(out)["booked"], json.loads(out)["balance"]) == (False, opening + 1250)
     code, out, _ = await run_cli("accounts", "check", "-c", cfg)
     assert (code, json.loads(out)) == (0, {"mismatches": []})
+
+
+async def test_export_file_is_readable_by_its_owner_only(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    """The export holds every number each subscriber called (traffic data, Law 506/2004): like
+    `privacy export`, the file is mode 0600 whatever the umask, also when it already existed."""
+    cfg = _cfg(write_config)
+    await run_cli("db", "migrate", "-c", cfg)
+    out = tmp_path / "calls.csv"
+    out.write_text("old\n")
+    out.chmod(0o644)
+    code, _, err = await run_cli(
+        "export", "calls", "--from", "2026-11-01", "--to", "2026-12-01", "--out", str(out), "-c", cfg
+    )
+    assert code == 0, err
+    assert out.read_text().startswith("key,account,destination")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
