@@ -121,8 +121,15 @@ def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     exp = sub.add_parser("export", help="export data for the billing system")
     expsub = exp.add_subparsers(dest="export_command", required=True, metavar="WHAT")
     calls = expsub.add_parser("calls", parents=[common], help="rated calls as CSV (amounts in bani)")
-    calls.add_argument("--from", dest="start", required=True, help="local date or ISO datetime (inclusive)")
-    calls.add_argument("--to", dest="end", required=True, help="local date or ISO datetime (exclusive)")
+    calls.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        help="local date (midnight in billing.timezone) or ISO datetime, inclusive",
+    )
+    calls.add_argument(
+        "--to", dest="end", required=True, help="the same, exclusive: a month is --from 2026-11-01 --to 2026-12-01"
+    )
     calls.add_argument("--out", type=Path, help="file to write (default: stdout)")
     tar = sub.add_parser("tariffs", help="check the tariff file, rate a number")
     tarsub = tar.add_subparsers(dest="tariffs_command", required=True, metavar="ACTION")
@@ -459,7 +466,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     loaded = _load(args, require_secrets=False)
     zone = ZoneInfo(loaded.config.billing.timezone)
-    text = reports.export_calls(loaded.config.database.path, _parse_when(args.start, zone), _parse_when(args.end, zone))
+    bounds = []
+    for flag, value in (("--from", args.start), ("--to", args.end)):
+        try:
+            bounds.append(_parse_when(value, zone))
+        except ValueError:
+            print(
+                f"clickphone-agi: {flag}: expected a date (2026-11-01) or an ISO date and time, got {value!r}",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+    start, end = bounds
+    if end <= start:
+        # swapped bounds would give an empty export, which reads as a period without calls
+        print(
+            f"clickphone-agi: --to must be after --from (calls answered in [from, to)), got {args.start} .. {args.end}",
+            file=sys.stderr,
+        )
+        return EX_USAGE
+    text = reports.export_calls(loaded.config.database.path, start, end)
     if args.out:
         import os
 

@@ -218,3 +218,25 @@ async def test_export_file_is_readable_by_its_owner_only(write_config: Callable[
     assert code == 0, err
     assert out.read_text().startswith("key,account,destination")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [
+        ("2026-13-01", "2026-12-01", "--from: expected a date"),
+        ("2026-11-01", "yesterday", "--to: expected a date"),
+        ("2026-12-01", "2026-11-01", "--to must be after --from"),
+        ("2026-11-01", "2026-11-01", "--to must be after --from"),
+    ],
+)
+async def test_export_refuses_bad_bounds_as_a_usage_error(
+    write_config: Callable[..., Path], start: str, end: str, message: str
+) -> None:
+    """A typo in a bound is a usage error on one line; swapped bounds are not an empty export
+    that the billing system would take for a month without calls."""
+    cfg = _cfg(write_config)
+    await run_cli("db", "migrate", "-c", cfg)
+    code, out, err = await run_cli("export", "calls", "--from", start, "--to", end, "-c", cfg)
+    assert (code, out) == (2, ""), err
+    assert message in err
+    assert "run again with --debug" not in err
