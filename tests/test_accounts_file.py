@@ -155,6 +155,18 @@ def test_semicolon_separated_csv_from_excel_with_romanian_locale(tmp_path: Path)
     assert imp.account.dids == ("40212345678", "40212345679")
 
 
+def test_semicolon_csv_takes_a_quoted_list_cell_with_semicolons(tmp_path: Path) -> None:
+    """Excel with a Romanian locale quotes a cell in which the operator typed
+    ``100@default;101@default``: as documented, a quoted cell may use ';' between items."""
+    text = (
+        "code;name;email;dids;mailboxes\n"
+        'acct1001;Ion Popescu;ion.popescu@example.ro;"0212345678;0212345679";"100@default;101@default=r@example.ro"\n'
+    )
+    [imp] = load_accounts(write(tmp_path, "accounts.csv", text))
+    assert imp.account.dids == ("40212345678", "40212345679")
+    assert imp.account.mailboxes == (Mailbox("100@default"), Mailbox("101@default", "r@example.ro"))
+
+
 def test_shipped_examples_load_and_agree() -> None:
     from_yaml = load_accounts(REPO / "etc" / "accounts.example.yaml")
     from_csv = load_accounts(REPO / "etc" / "accounts.example.csv")

@@ -155,7 +155,6 @@ class _Value:
     items: list[_Value] | None = None  # a YAML sequence
     fields: dict[str, _Value] | None = None  # a YAML mapping (mailbox entries)
     kind: str = "scalar"  # 'scalar' | 'list' | 'mapping'
-    separators: re.Pattern[str] = _LIST_SEPARATORS  # how a scalar splits into list items
 
 
 @dataclass
@@ -383,7 +382,6 @@ def _unknown(key: str, known: tuple[str, ...]) -> str:
 
 def _csv_rows(text: str, problems: _Problems) -> list[_Row]:
     delimiter = _csv_delimiter(text)
-    separators = re.compile(r"\s+") if delimiter == ";" else _LIST_SEPARATORS
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     rows: list[_Row] = []
@@ -401,7 +399,7 @@ def _csv_rows(text: str, problems: _Problems) -> list[_Row]:
         values = {}
         for column, cell in zip(header, cells, strict=True):
             stripped = cell.strip(" ")
-            values[column] = _Value(column, line, text=stripped or None, separators=separators)
+            values[column] = _Value(column, line, text=stripped or None)
         rows.append(_Row(line, "", values))
     if header is None:
         problems.add(1, "", f"no header row: expected the columns {', '.join(FIELDS)}")
@@ -613,7 +611,8 @@ def _list_items(value: _Value) -> list[_Value]:
         _fail(value, "expected a list")
     if value.text is None:
         return []
-    parts = [part for part in value.separators.split(value.text.strip()) if part]
+    # a ';' left inside a cell of a ';'-separated file was quoted: it separates items there too
+    parts = [part for part in _LIST_SEPARATORS.split(value.text.strip()) if part]
     if len(parts) == 1:
         return [value]
     return [_Value(f"{value.where}[{index}]", value.line, text=part) for index, part in enumerate(parts)]
