@@ -665,7 +665,10 @@ class Daemon:
     async def _cmd_accounts_adjust(self, args: dict[str, Any]) -> Any:
         parts = self._running()
         try:
-            unit = adjust_unit(str(args["code"]), int(args["amount"]), str(args["reason"]), str(args["ref"]))
+            amount = args["amount"]
+            if type(amount) is not int:  # bani: 12.5 must not book 12, nor True book 1
+                raise ValueError(f"amount: expected whole bani, got {amount!r}")
+            unit = adjust_unit(str(args["code"]), amount, str(args["reason"]), str(args["ref"]))
         except (KeyError, ValueError) as exc:
             raise CommandError(f"malformed adjustment: {exc}") from None
         try:

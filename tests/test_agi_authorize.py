@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters.accounts_file import load_accounts
+from clickphone_agi.adapters.control import CommandError
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.services.accounts import import_unit
@@ -148,3 +149,16 @@ async def test_a_client_outside_agi_allowed_peers_gets_no_decision_and_reserves_
         assert parts.agi.stats()["refused_peers"] == 1
         assert parts.agi.sessions == 0
         assert (await parts.store.write(lambda tx: tx.reservations("acct1001")))[1] == 0
+
+
+async def test_an_adjustment_through_the_control_socket_takes_whole_bani_only(daemon: tuple[Daemon, int]) -> None:
+    """The daemon's side of ``accounts adjust``: 12.5 bani used to book 12, and ``true`` 1."""
+    d, _ = daemon
+    before = await d._running().store.write(lambda tx: tx.balance("acct1001"))
+    for amount in (12.5, True, "12"):
+        with pytest.raises(CommandError, match="amount"):
+            await d._cmd_accounts_adjust(
+                {"code": "acct1001", "amount": amount, "reason": "x", "ref": f"adjust:{amount}"}
+            )
+    await d._cmd_accounts_adjust({"code": "acct1001", "amount": 1250, "reason": "goodwill", "ref": "adjust:ok"})
+    assert await d._running().store.write(lambda tx: tx.balance("acct1001")) == before + 1250
