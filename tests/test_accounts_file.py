@@ -594,6 +594,17 @@ def test_ip_allow_list_parsing_ipv4_ipv6_and_hosts(tmp_path: Path) -> None:
     )
 
 
+def test_an_ipv4_mapped_allow_list_entry_is_read_as_ipv4_and_matches(tmp_path: Path) -> None:
+    """Sources are checked as IPv4 when mapped (::ffff:a.b.c.d): an entry written that way never
+    matched, and the account failed closed without saying why."""
+    text = one_account_yaml(allowed_ips="['::ffff:198.51.100.0/120', '::ffff:192.0.2.10']")
+    [imp] = load_accounts(write(tmp_path, "a.yaml", text))
+    assert imp.account.allowed_ips == (IPv4Network("198.51.100.0/24"), IPv4Network("192.0.2.10/32"))
+    assert imp.account.ip_allowed("198.51.100.7")
+    assert imp.account.ip_allowed("::ffff:192.0.2.10")
+    assert not imp.account.ip_allowed("192.0.2.11")
+
+
 @pytest.mark.parametrize(
     ("written", "message"),
     [

@@ -162,19 +162,26 @@ def check_destination_class(name: str) -> None:
 
 
 def parse_network(text: str) -> IPNetwork:
-    """``192.0.2.10`` (one host), ``198.51.100.0/24``, ``2001:db8::/32`` → a network.
+    """``192.0.2.10`` (one host), ``198.51.100.0/24``, ``2001:db8::/32`` → a network; an IPv4-mapped
+    one (``::ffff:192.0.2.0/120``) → its IPv4 network (``192.0.2.0/24``).
 
     Host bits set (``198.51.100.5/24``) are refused rather than silently widened: the
     operator meant either the host or the network, and we cannot tell which.
     """
     try:
-        return ip_network(text, strict=True)
+        net = ip_network(text, strict=True)
     except ValueError as exc:
         if "has host bits set" in str(exc):
             raise ValueError(f"host bits set in {show(text)}: write the network address or a single host") from None
         raise ValueError(
             f"expected an IP address or network such as 192.0.2.10 or 198.51.100.0/24, got {show(text)}"
         ) from None
+    mapped = net.network_address.ipv4_mapped if isinstance(net, IPv6Network) else None
+    if mapped is not None and net.prefixlen >= 96:
+        # a source address ::ffff:a.b.c.d is checked as a.b.c.d (ip_allowed): so is this network,
+        # which as written would never match anything
+        return IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+    return net
 
 
 def parse_amount(text: str | int, *, allow_negative: bool = False) -> int:
