@@ -50,7 +50,7 @@ from clickphone_agi.domain.thresholds import day_bounds, local_day
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
 from clickphone_agi.services import privacy
-from clickphone_agi.services.accounts import ImportRefused, adjust_unit, import_unit
+from clickphone_agi.services.accounts import ImportRefused, UnknownAccount, adjust_unit, import_unit
 from clickphone_agi.services.agi_routes import build_router
 from clickphone_agi.services.broadcasts import BroadcastService, BroadcastSettings
 from clickphone_agi.services.consent import ConsentService, ConsentSettings
@@ -673,7 +673,7 @@ class Daemon:
             raise CommandError(f"malformed adjustment: {exc}") from None
         try:
             return {**await parts.store.write(unit), "by": "daemon"}
-        except LookupError as exc:
+        except UnknownAccount as exc:
             raise CommandError(str(exc)) from None
 
     async def _cmd_mail_test(self, args: dict[str, Any]) -> dict[str, Any]:

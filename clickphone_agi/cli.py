@@ -217,6 +217,7 @@ def _report(exc: BaseException, debug: bool) -> int:
     from clickphone_agi.adapters.storage.sqlite import SchemaTooNew, StorageError, WriterBusy
     from clickphone_agi.adapters.tariff_file import TariffFileError
     from clickphone_agi.config.loader import ConfigError
+    from clickphone_agi.services.accounts import UnknownAccount
 
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
@@ -229,6 +230,7 @@ def _report(exc: BaseException, debug: bool) -> int:
         (WriterBusy, EX_TEMPFAIL, ""),
         (StorageError, EX_DATAERR, ""),
         (CommandError, EX_ERROR, ""),
+        (UnknownAccount, EX_DATAERR, ""),
     ]
     if isinstance(exc, ControlUnavailable):
         print(f"clickphone-agi: the daemon is not running (no control socket at {exc})", file=sys.stderr)

@@ -186,6 +186,13 @@ async def test_adjust_requires_a_reason(write_config: Callable[..., Path], reaso
     assert [row["kind"] for row in json.loads(out)["ledger_last_20"]] == ["opening"]
 
 
+async def test_adjust_of_an_unknown_account_says_so_plainly(write_config: Callable[..., Path]) -> None:
+    cfg = _cfg(write_config)
+    await run_cli("accounts", "import", str(ACCOUNTS), "-c", cfg)
+    code, _, err = await run_cli("accounts", "adjust", "-c", cfg, "--reason", "fix", "acct9999", "5")
+    assert (code, err.strip()) == (65, "clickphone-agi: no account 'acct9999'")
+
+
 async def test_adjust_with_a_key_books_once_when_repeated(write_config: Callable[..., Path]) -> None:
     """An operator whose adjust timed out on a busy daemon (it may have booked) runs it again:
     with the same --key the second run books nothing, the balance moves once."""

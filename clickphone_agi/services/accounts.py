@@ -20,6 +20,10 @@ class ImportRefused(ValueError):
     already belongs to account acct1001``."""
 
 
+class UnknownAccount(LookupError):
+    """The account code names no stored account (an operator's typo, usually)."""
+
+
 def import_unit(items: list[tuple[Account, int]], wheres: Sequence[str] = ()) -> Any:
     """Idempotent upsert of every account; an opening balance only for new accounts.
 
@@ -58,7 +62,7 @@ def adjust_unit(code: str, amount: int, reason: str, ref: str) -> Any:
     def unit(tx: WriteTx) -> dict[str, Any]:
         account = tx.get_account(code)
         if account is None:
-            raise LookupError(f"no account {code!r}")
+            raise UnknownAccount(f"no account {code!r}")
         before = tx.balance(code)
         booked = tx.post_ledger(code, amount, "adjustment", ref, reason)
         after = tx.balance(code)
