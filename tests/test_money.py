@@ -445,6 +445,32 @@ async def test_a_rate_change_during_the_ringing_cannot_push_a_call_past_its_budg
         await s.close()
 
 
+async def test_a_tariff_that_ends_during_the_ringing_with_no_successor_denies_the_call(tmp_path: Path) -> None:
+    """The operator stops pricing a destination at midnight (``effective_to`` and no successor).
+    A call authorised at 23:59:30 may be answered after midnight, when no tariff prices it: its
+    CDR could then not be charged, so the call would be free. It is denied like a number with no
+    tariff; one authorised after the margin before the end, or with a successor, is not affected."""
+    cut = datetime(2026, 12, 1, tzinfo=TZ)
+    ending = dataclasses.replace(entry("40", "0.05"), effective_to=cut)
+    eve = cut - timedelta(seconds=30)
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(eve))
+    s.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
+        await provision(s, 1000, account)
+        settings = MoneySettings(tariffs=TariffTable((ending,)), zone=TZ, rule=BillingRule("Dial", ("lab-outbound",)))
+        money = MoneyService(s, FakeClock(eve), settings)
+        decision = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")
+        assert (decision.allow, decision.reason, decision.reserve) == (False, Reason.NO_ROUTE, 0)
+        earlier = MoneyService(s, FakeClock(cut - timedelta(minutes=6)), settings)  # answered before the end
+        assert (await earlier.authorize("acct1001", "0721000001", "127.0.0.1", "c2")).allow
+        successor = dataclasses.replace(entry("4072", "0.05"), name="successor", effective_from=cut)
+        settings.tariffs = TariffTable((ending, successor))  # a longer prefix takes over: still priced
+        assert (await money.authorize("acct1001", "0721000001", "127.0.0.1", "c3")).allow
+    finally:
+        await s.close()
+
+
 async def test_a_call_reserved_well_before_midnight_does_not_hold_todays_limit(tmp_path: Path) -> None:
     """Reserved at 23:30 for the whole daily limit and still up at 00:10: it was answered yesterday
     and yesterday's spend pays for it, so today's limit is free. One reserved at 23:58 may still be

@@ -560,3 +560,19 @@ def test_entries_in_force_during_a_window_in_time_order() -> None:
     assert table.in_force_during("44", eve, eve + timedelta(minutes=5)) == ()
     with pytest.raises(ValueError, match="end"):
         table.in_force_during("40212345678", eve, eve - timedelta(seconds=1))
+
+
+def test_a_tariff_ending_without_a_successor_lapses_within_the_window() -> None:
+    """The moments where no entry prices the number (ignored by ``in_force_during``) are found."""
+    cut = datetime(2026, 12, 1, tzinfo=TZ)
+    eve = cut - timedelta(seconds=30)
+    window = timedelta(minutes=5)
+    ending = entry("40", "0.05", name="ending", until=cut)
+    assert TariffTable((ending,)).lapses_during("40212345678", eve, eve + window)
+    assert not TariffTable((ending,)).lapses_during("40212345678", eve, eve + timedelta(seconds=29))
+    fallback = entry("4", "0.50", name="fallback")  # a shorter prefix takes over at the cut
+    assert not TariffTable((ending, fallback)).lapses_during("40212345678", eve, eve + window)
+    late = entry("40", "0.06", name="late", since=cut + timedelta(minutes=1))  # a minute without a tariff
+    assert TariffTable((ending, late)).lapses_during("40212345678", eve, eve + window)
+    assert TariffTable((late,)).lapses_during("40212345678", eve, eve + window)  # none at the start
+    assert not TariffTable((entry("40", "0.05"),)).lapses_during("40212345678", eve, eve + window)

@@ -12,7 +12,8 @@ margin: those calls were answered yesterday, and yesterday's spend pays for them
 
 and MAXSEC is the longest duration whose rated cost fits it, capped by the account's maximum call
 length; when the tariff changes before the call can be answered (the reservation margin), under
-every tariff that may price it. Emergency numbers are always allowed and never charged.
+every tariff that may price it (and a number left without any tariff in that time is denied, as
+one without a tariff now is). Emergency numbers are always allowed and never charged.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class AuthFacts:
     # entries that take over from ``tariff`` before the call can be answered (a rate change during
     # the ringing): the tariff at the answer prices the call, so the dearest of them bounds MAXSEC
     later_tariffs: tuple[TariffEntry, ...] = ()
+    # no entry prices the number at some moment before the call can be answered (a tariff ended
+    # with no successor): a call answered then could not be charged, so it is denied like no route
+    tariff_lapses: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def decide(f: AuthFacts) -> Decision:
         return Decision.deny(Reason.DISABLED)
     if not account.ip_allowed(f.source_ip):
         return Decision.deny(Reason.IP_NOT_ALLOWED)
-    if f.destination is None or f.tariff is None:
+    if f.destination is None or f.tariff is None or f.tariff_lapses:
         return Decision.deny(Reason.NO_ROUTE)
     tariffs = (f.tariff, *f.later_tariffs)
     if any(t.destination_class in account.blocked_classes for t in tariffs):

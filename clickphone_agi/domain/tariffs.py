@@ -143,6 +143,25 @@ class TariffTable:
         ``authorize`` prices a call before it is answered, and the tariff in force at the answer
         prices it: a rate change during the ringing must not let a call cost more than its budget.
         """
+        found: list[TariffEntry] = []
+        for moment in self._changes(e164, start, end):
+            current = self.match(e164, moment)
+            if current is not None and current not in found:
+                found.append(current)
+        return tuple(found)
+
+    def lapses_during(self, e164: str, start: datetime, end: datetime) -> bool:
+        """True if at some instant of ``[start, end]`` no entry matches ``e164``.
+
+        :meth:`in_force_during` leaves such instants out; ``authorize`` must not let a call ring
+        into a moment where no tariff prices it (its CDR could not be charged: the call would be
+        free), just as it denies a number without a tariff now.
+        """
+        return any(self.match(e164, moment) is None for moment in self._changes(e164, start, end))
+
+    def _changes(self, e164: str, start: datetime, end: datetime) -> list[datetime]:
+        """``start`` and every instant of ``(start, end]`` where an entry for ``e164`` begins or
+        ends, in time order: between two of them :meth:`match` gives the same answer."""
         if end < start:
             raise ValueError("end must not be before start")
         instants = {start}
@@ -154,12 +173,7 @@ class TariffTable:
                 for moment in (entry.effective_from, entry.effective_to):
                     if moment is not None and start < moment <= end:
                         instants.add(moment)
-        found: list[TariffEntry] = []
-        for moment in sorted(instants):
-            current = self.match(e164, moment)
-            if current is not None and current not in found:
-                found.append(current)
-        return tuple(found)
+        return sorted(instants)
 
 
 _Indexed = tuple[int, TariffEntry]

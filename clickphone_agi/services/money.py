@@ -66,8 +66,10 @@ class MoneyService:
         tariff = s.tariffs.match(destination, now) if destination else None
         # the tariff at the answer prices the call: one taking over during the ringing counts too
         later: tuple[TariffEntry, ...] = ()
+        lapses = False
         if destination and tariff:
             later = s.tariffs.in_force_during(destination, now, now + s.reservation_margin)[1:]
+            lapses = s.tariffs.lapses_during(destination, now, now + s.reservation_margin)
 
         def unit(tx: WriteTx) -> Decision:
             now = tx.now
@@ -93,6 +95,7 @@ class MoneyService:
                 active_calls=active,
                 held_today=held_today,
                 later_tariffs=later,
+                tariff_lapses=lapses,
             )
             decision = decide(facts)
             if decision.allow and not emergency:
