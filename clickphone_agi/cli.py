@@ -507,8 +507,8 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
 
     from clickphone_agi.adapters.tariff_file import load_tariffs
     from clickphone_agi.config.loader import ConfigError
-    from clickphone_agi.domain.charging import Numbering
     from clickphone_agi.domain.money import format_ron
+    from clickphone_agi.domain.numbers import InvalidNumber, is_emergency, normalise
     from clickphone_agi.domain.rating import billed_seconds, cost
     from clickphone_agi.domain.tariffs import check
 
@@ -531,11 +531,25 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
             print(f"clickphone-agi: {path}: {problem}")
         print(f"clickphone-agi: {len(table.entries)} tariff entries, {len(problems)} problems")
         return EX_OK if not problems else EX_DATAERR
-    numbering = Numbering(billing.country_code, billing.national_prefix, billing.international_prefix)
+    plan = {
+        "country_code": billing.country_code,
+        "national_prefix": billing.national_prefix,
+        "international_prefix": billing.international_prefix,
+    }
     at = _parse_when(args.at, zone) if args.at else datetime.now(UTC)
-    number = numbering.normalise(args.number)
-    entry = table.match(number, at) if number else None
-    result: dict[str, Any] = {"number": args.number, "normalised": number, "at": at.isoformat()}
+    if is_emergency(args.number, billing.emergency_numbers, **plan):  # as authorize and charging do
+        decision = "emergency number: always allowed, never charged (not rated)"
+        _print({"number": args.number, "emergency": True, "decision": decision, "cost_bani": 0})
+        return EX_OK
+    result: dict[str, Any] = {"number": args.number, "normalised": None, "at": at.isoformat()}
+    try:
+        number = normalise(args.number, **plan)
+    except InvalidNumber as exc:
+        result.update(tariff=None, decision=f"denied: {exc}")
+        _print(result)
+        return EX_DATAERR
+    result["normalised"] = number
+    entry = table.match(number, at)
     if entry is None:
         result["tariff"] = None
         result["decision"] = "no tariff: calls to this number are denied"

@@ -91,6 +91,24 @@ async def test_tariffs_check_and_rate(write_config: Callable[..., Path], tmp_pat
     assert "tariffs[0].rate_per_minute" in err
 
 
+async def test_tariffs_rate_tells_emergency_and_malformed_numbers_apart(write_config: Callable[..., Path]) -> None:
+    """112 is never rated but always allowed: ``tariffs rate`` must not tell the operator it is
+    denied. A string that is no PSTN number is denied, and the answer says why, not "no tariff"."""
+    cfg = _cfg(write_config)
+    code, out, err = await run_cli("tariffs", "rate", "112", "60", "-c", cfg)
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert (result["emergency"], result["cost_bani"]) == (True, 0)
+    assert "always allowed" in result["decision"]
+    assert "denied" not in result["decision"]
+    code, out, _ = await run_cli("tariffs", "rate", "07#1", "60", "-c", cfg)
+    assert code == EX_DATAERR
+    result = json.loads(out)
+    assert (result["normalised"], result["tariff"]) == (None, None)
+    assert "'#'" in result["decision"]
+    assert "denied" in result["decision"]
+
+
 async def test_export_calls_is_csv_with_header(write_config: Callable[..., Path]) -> None:
     cfg = _cfg(write_config)
     await run_cli("db", "migrate", "-c", cfg)
