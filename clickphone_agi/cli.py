@@ -284,7 +284,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
         from clickphone_agi.adapters.tariff_file import load_tariffs
 
-        load_tariffs(loaded.config.billing.tariffs_file, timezone=ZoneInfo(loaded.config.billing.timezone))
+        billing = loaded.config.billing
+        load_tariffs(  # as the daemon loads it: prefixes are read in the configured numbering plan
+            billing.tariffs_file,
+            timezone=ZoneInfo(billing.timezone),
+            country_code=billing.country_code,
+            national_prefix=billing.national_prefix,
+            international_prefix=billing.international_prefix,
+        )
     print(f"clickphone-agi: configuration OK ({', '.join(loaded.files)})")
     for note in loaded.notes:
         print(f"clickphone-agi: note: {note}")

@@ -109,6 +109,24 @@ async def test_tariffs_rate_tells_emergency_and_malformed_numbers_apart(write_co
     assert "denied" in result["decision"]
 
 
+async def test_check_config_reads_the_tariffs_in_the_configured_numbering_plan(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """check-config must judge the tariff file as the daemon will load it: with a NANP plan
+    (international prefix 011) ``0044`` is no prefix at all, and the daemon refuses to start."""
+    tariffs = tmp_path / "t.yaml"
+    tariffs.write_text(
+        "tariffs:\n  - prefix: '0044'\n    name: UK\n    class: international\n"
+        "    rate_per_minute: '0.05'\n    increments: 60/1\n    effective_from: 2026-01-01\n"
+    )
+    plan = '  country_code: "1"\n  national_prefix: "1"\n  international_prefix: "011"\n'
+    rule = "  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
+    cfg = str(write_config(extra=f"billing:\n  tariffs_file: {tariffs}\n{rule}{plan}"))
+    code, out, err = await run_cli("check-config", "-c", cfg)
+    assert code == EX_CONFIG, out + err
+    assert "tariffs[0].prefix" in err
+
+
 async def test_export_calls_is_csv_with_header(write_config: Callable[..., Path]) -> None:
     cfg = _cfg(write_config)
     await run_cli("db", "migrate", "-c", cfg)
