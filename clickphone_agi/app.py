@@ -554,23 +554,28 @@ class Daemon:
         self.loaded = LoadedConfig(merged, new.secrets, new.main_file, new.files, new.notes)
         if "logging" in live:
             configure_from(merged)
-        await self._reload_tariffs(merged)  # the tariff file may change without the config
-        self.reloads += 1
+        tariffs_loaded = await self._reload_tariffs(merged)  # the file may change without the config
         log.info("config.reloaded", applied=live, restart_required=restart)
+        if not tariffs_loaded:  # counted and shown like a rejected config: not a silent "ready"
+            self.reload_failures += 1
+            self.notifier.ready(f"reload failed, running on previous tariffs; {self._status_text()}")
+            return False
+        self.reloads += 1
         self.notifier.ready(self._status_text())
         return True
 
-    async def _reload_tariffs(self, config: Config) -> None:
-        """SIGHUP re-reads the tariff file; a broken one keeps the running table."""
+    async def _reload_tariffs(self, config: Config) -> bool:
+        """SIGHUP re-reads the tariff file; a broken one keeps the running table (False)."""
         parts = self._parts
         if parts is None or parts.money is None or config.billing.tariffs_file is None:
-            return
+            return True
         try:
             parts.money.settings = await asyncio.to_thread(money_settings, config)
         except Exception as exc:
             log.error("tariffs.reload_failed", error=str(exc), kept="previous tariffs")
-        else:
-            log.info("tariffs.reloaded", entries=len(parts.money.settings.tariffs.entries))
+            return False
+        log.info("tariffs.reloaded", entries=len(parts.money.settings.tariffs.entries))
+        return True
 
     def _commands(self) -> CommandTable:
         table = CommandTable()

@@ -226,6 +226,15 @@ async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
         daemon.signal(signal.SIGHUP)
         failed = await daemon.wait_log(lambda e: e.get("event") == "tariffs.reload_failed")
         assert "rate_per_minute" in failed["error"]
+        # the operator's other signals say so too: the status counts a failed reload, and systemd's
+        # STATUS= says the previous tariffs are still in use (not just "ready")
+        await daemon.wait_log(lambda e: e.get("event") == "config.reloaded")
+        status = await asyncio.to_thread(control.call, short_tmp / "run" / "control.sock", "status")
+        assert status["reloads"] == {"ok": 0, "failed": 1}
+        async with asyncio.timeout(10):
+            while not any("previous tariffs" in line for d in notify.datagrams for line in d.split("\n")):
+                notify.drain()
+                await asyncio.sleep(0.02)
         tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
         daemon.signal(signal.SIGHUP)
         reloaded = await daemon.wait_log(lambda e: e.get("event") == "tariffs.reloaded")
