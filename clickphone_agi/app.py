@@ -376,6 +376,18 @@ class Daemon:
             tasks["ami"] = asyncio.create_task(parts.ami.run(intake_stop), name="ami")
         return tasks
 
+    async def _start_servers(self, store: SqliteStore) -> tuple[Components, ControlServer, HttpApi | None]:
+        """Everything built on the started store, up to the listening servers."""
+        parts = self._parts = await self._build(store)
+        self._api = self._build_api_services(store, parts)
+        parts.retention = await self._build_retention(parts)
+        control = ControlServer(self.config.daemon.control_socket, self._commands())
+        await control.start()
+        api = await self._start_api(store)
+        if parts.agi is not None:
+            await parts.agi.start()
+        return parts, control, api
+
     async def _run_locked(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -385,14 +397,13 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         store = await SqliteStore.open(cfg.database.path, self.clock, busy_timeout=cfg.database.busy_timeout)
         store.start()
-        parts = self._parts = await self._build(store)
-        self._api = self._build_api_services(store, parts)
-        parts.retention = await self._build_retention(parts)
-        control = ControlServer(cfg.daemon.control_socket, self._commands())
-        await control.start()
-        api = await self._start_api(store)
-        if parts.agi is not None:
-            await parts.agi.start()
+        try:
+            parts, control, api = await self._start_servers(store)
+        except BaseException:
+            # a tariff file, a socket or a port refused: the store's writer thread is running and
+            # the interpreter would wait for it forever instead of exiting with the error
+            await store.close()
+            raise
 
         intake_stop = asyncio.Event()
         background_stop = asyncio.Event()

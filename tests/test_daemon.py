@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from clickphone_agi.adapters import control
 from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
-from clickphone_agi.cli import EX_DATAERR, EX_TEMPFAIL
+from clickphone_agi.cli import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from tests.conftest import REPO
@@ -244,6 +245,31 @@ async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
     finally:
         await daemon.kill()
         notify.close()
+
+
+async def test_a_broken_tariff_file_at_startup_exits_78_instead_of_hanging(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The file is read after the store has started its writer thread: the daemon must close the
+    store and exit with EX_CONFIG and the file's problems, not wait forever for that thread (it
+    then ignored SIGTERM too, and systemd had to SIGKILL it after the start timeout)."""
+    tariffs = short_tmp / "tariffs.yaml"
+    tariffs.write_text("tariffs:\n  - prefix: '+40'\n    rate_per_minute: lots\n")
+    cfg = write_config(
+        extra=f"billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clickphone_agi", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("the daemon did not exit after refusing its tariff file")
+    assert proc.returncode == EX_CONFIG
+    assert "tariffs[0].rate_per_minute" in err.decode()
 
 
 async def test_sighup_gives_the_sender_a_rotated_smtp_password(
