@@ -143,12 +143,7 @@ class TariffTable:
         ``authorize`` prices a call before it is answered, and the tariff in force at the answer
         prices it: a rate change during the ringing must not let a call cost more than its budget.
         """
-        found: list[TariffEntry] = []
-        for moment in self._changes(e164, start, end):
-            current = self.match(e164, moment)
-            if current is not None and current not in found:
-                found.append(current)
-        return tuple(found)
+        return self.priced_during(e164, start, end)[0]
 
     def lapses_during(self, e164: str, start: datetime, end: datetime) -> bool:
         """True if at some instant of ``[start, end]`` no entry matches ``e164``.
@@ -157,7 +152,20 @@ class TariffTable:
         into a moment where no tariff prices it (its CDR could not be charged: the call would be
         free), just as it denies a number without a tariff now.
         """
-        return any(self.match(e164, moment) is None for moment in self._changes(e164, start, end))
+        return self.priced_during(e164, start, end)[1]
+
+    def priced_during(self, e164: str, start: datetime, end: datetime) -> tuple[tuple[TariffEntry, ...], bool]:
+        """(:meth:`in_force_during`, :meth:`lapses_during`) from one walk over the changes: what
+        ``authorize`` asks for every call."""
+        found: list[TariffEntry] = []
+        lapses = False
+        for moment in self._changes(e164, start, end):
+            current = self.match(e164, moment)
+            if current is None:
+                lapses = True
+            elif current not in found:
+                found.append(current)
+        return tuple(found), lapses
 
     def _changes(self, e164: str, start: datetime, end: datetime) -> list[datetime]:
         """``start`` and every instant of ``(start, end]`` where an entry for ``e164`` begins or

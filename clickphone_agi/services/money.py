@@ -68,8 +68,8 @@ class MoneyService:
         later: tuple[TariffEntry, ...] = ()
         lapses = False
         if destination and tariff:
-            later = s.tariffs.in_force_during(destination, now, now + s.reservation_margin)[1:]
-            lapses = s.tariffs.lapses_during(destination, now, now + s.reservation_margin)
+            during, lapses = s.tariffs.priced_during(destination, now, now + s.reservation_margin)
+            later = during[1:]
 
         def unit(tx: WriteTx) -> Decision:
             now = tx.now
