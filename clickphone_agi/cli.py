@@ -137,7 +137,7 @@ def _add_money_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     tchk.add_argument("file", type=Path, nargs="?", help="default: billing.tariffs_file")
     trate = tarsub.add_parser("rate", parents=[common], help="normalised number, prefix, billed seconds, cost")
     trate.add_argument("number")
-    trate.add_argument("seconds", type=int)
+    trate.add_argument("seconds", type=_seconds_arg, help="billable seconds, 0 or more")
     trate.add_argument("--at", help="ISO datetime of the answer (default: now)")
     _mail_parsers(sub, common)
     prev = sub.add_parser("preview", parents=[common], help="render a sample notification (.eml or .html)")
@@ -157,6 +157,12 @@ def _adjust_amount_arg(text: str) -> int:
     if bani == 0:
         raise argparse.ArgumentTypeError("must not be 0")
     return bani
+
+
+def _seconds_arg(text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected whole seconds, 0 or more, got {text!r}")
+    return int(text)
 
 
 def _key_arg(text: str) -> str:
@@ -458,13 +464,19 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
 
 
 def _parse_when(text: str, zone: Any) -> Any:
-    from datetime import date, datetime, time
+    from datetime import UTC, date, datetime, time
 
     try:
         day = date.fromisoformat(text)
     except ValueError:
         moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+        if moment.tzinfo:
+            return moment
+        local = moment.replace(tzinfo=zone)
+        if local.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != moment:
+            # skipped by the clocks going forward (03:30 on the last Sunday of March): as the tariff file
+            raise ValueError(f"{text} does not exist in {zone} (the clocks skip it)") from None
+        return local
     return datetime.combine(day, time(0), tzinfo=zone)
 
 
@@ -543,7 +555,11 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
         "national_prefix": billing.national_prefix,
         "international_prefix": billing.international_prefix,
     }
-    at = _parse_when(args.at, zone) if args.at else datetime.now(UTC)
+    try:
+        at = _parse_when(args.at, zone) if args.at else datetime.now(UTC)
+    except ValueError as exc:
+        print(f"clickphone-agi: --at: expected an ISO date and time such as 2026-11-28T14:00, {exc}", file=sys.stderr)
+        return EX_USAGE
     if is_emergency(args.number, billing.emergency_numbers, **plan):  # as authorize and charging do
         decision = "emergency number: always allowed, never charged (not rated)"
         _print({"number": args.number, "emergency": True, "decision": decision, "cost_bani": 0})

@@ -91,6 +91,26 @@ async def test_tariffs_check_and_rate(write_config: Callable[..., Path], tmp_pat
     assert "tariffs[0].rate_per_minute" in err
 
 
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--", "-5"), "argument seconds: expected whole seconds"),
+        (("--", "1.5"), "argument seconds: expected whole seconds"),
+        (("--at", "2026-03-29T03:30", "--", "60"), "does not exist in Europe/Bucharest"),
+        (("--at", "yesterday", "--", "60"), "--at: expected an ISO date and time"),
+    ],
+)
+async def test_tariffs_rate_refuses_bad_seconds_and_times_as_usage_errors(
+    write_config: Callable[..., Path], extra: tuple[str, ...], says: str
+) -> None:
+    cfg = _cfg(write_config)
+    *options, seconds = extra
+    code, _, err = await run_cli("tariffs", "rate", "-c", cfg, *options[:-1], "0212345678", seconds)
+    assert code == 2, err
+    assert says in err
+    assert "Traceback" not in err
+
+
 async def test_tariffs_rate_tells_emergency_and_malformed_numbers_apart(write_config: Callable[..., Path]) -> None:
     """112 is never rated but always allowed: ``tariffs rate`` must not tell the operator it is
     denied. A string that is no PSTN number is denied, and the answer says why, not "no tariff"."""
