@@ -150,6 +150,11 @@ def test_bad_override_syntax(tmp_path: Path) -> None:
             "ami:\n  secret_file: /nonexistent/secret\n",
             "ami.secret_file: secret file '/nonexistent/secret' does not exist",
         ),
+        (
+            "billing:\n  tariffs_file: /nonexistent/tariffs.yaml\n"
+            "  billing_cdr:\n    destination_contexts: [clickphone-outbound]\n",
+            "billing.tariffs_file: tariff file '/nonexistent/tariffs.yaml' does not exist",
+        ),
     ],
 )
 def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: str, needle: str) -> None:

@@ -399,6 +399,11 @@ def load_config(
         config.smtp.enabled and bool(config.smtp.username), smtp_password, ("smtp", "password_file"), "smtp-password"
     )
     missing(config.api.enabled, api_token, ("api", "token_file"), "api-token")
+    tariffs = config.billing.tariffs_file
+    if tariffs is not None and not tariffs.is_file():  # its content is the tariff loader's to judge
+        kind = "is not a file" if tariffs.exists() else "does not exist"
+        source = _source_for(origin, ("billing", "tariffs_file"), str(main))
+        problems.append(f"{source}: billing.tariffs_file: tariff file {str(tariffs)!r} {kind}")
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(
