@@ -303,3 +303,18 @@ async def test_export_refuses_bad_bounds_as_a_usage_error(
     assert (code, out) == (2, ""), err
     assert message in err
     assert "run again with --debug" not in err
+
+
+async def test_show_prints_opt_out_as_a_list(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    """`accounts show` is JSON an operator or a script reads back: opt_out is a list of kinds,
+    not the Python repr of a frozenset."""
+    accounts = tmp_path / "a.yaml"
+    accounts.write_text(
+        "accounts:\n  - code: acct7\n    name: Ion\n    email: ion@example.ro\n    opt_out: [missed_call, fax_sent]\n"
+    )
+    cfg = _cfg(write_config)
+    code, _, err = await run_cli("accounts", "import", str(accounts), "-c", cfg)
+    assert code == 0, err
+    code, out, err = await run_cli("accounts", "show", "acct7", "-c", cfg)
+    assert code == 0, err
+    assert json.loads(out)["account"]["opt_out"] == ["fax_sent", "missed_call"]

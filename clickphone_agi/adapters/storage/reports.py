@@ -62,10 +62,15 @@ def show_account(path: Path, code: str, now: datetime, day: str) -> dict[str, An
     acct = account_from_json(row[0])
     return {
         "account": {
-            **{k: v for k, v in vars(acct).items() if k not in ("allowed_ips", "mailboxes", "blocked_classes")},
+            **{
+                k: v
+                for k, v in vars(acct).items()
+                if k not in ("allowed_ips", "mailboxes", "blocked_classes", "opt_out")
+            },
             "allowed_ips": [str(n) for n in acct.allowed_ips],
             "mailboxes": [{"box": m.box, "email": m.email} for m in acct.mailboxes],
             "blocked_classes": sorted(acct.blocked_classes),
+            "opt_out": sorted(acct.opt_out),
         },
         "created_at": row[1],
         "updated_at": row[2],
