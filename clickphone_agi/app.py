@@ -383,9 +383,13 @@ class Daemon:
         parts.retention = await self._build_retention(parts)
         control = ControlServer(self.config.daemon.control_socket, self._commands())
         await control.start()
-        api = await self._start_api(store)
-        if parts.agi is not None:
-            await parts.agi.start()
+        try:
+            api = await self._start_api(store)
+            if parts.agi is not None:
+                await parts.agi.start()
+        except BaseException:
+            await control.close()  # no socket left behind that answers nothing
+            raise
         return parts, control, api
 
     async def _run_locked(self) -> int:

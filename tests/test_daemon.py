@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -313,3 +314,28 @@ async def test_sighup_gives_the_sender_a_rotated_smtp_password(
         await daemon.kill()
         notify.close()
         await sink.close()
+
+
+async def test_a_listener_that_cannot_bind_exits_1_instead_of_hanging(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The database is open when the listeners start: a taken FastAGI port must still end the
+    process (exit 1, the error on stderr), not leave it hanging on the store's threads."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    tariffs = short_tmp / "tariffs.yaml"
+    tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = write_config(
+        f"agi:\n  enabled: true\n  port: {taken.getsockname()[1]}\n"
+        f"billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [clickphone-outbound]\n"
+    )
+    daemon = DaemonProcess(cfg)
+    await daemon.start()
+    try:
+        assert await daemon.wait(timeout=15) == 1
+    finally:
+        await daemon.kill()
+        taken.close()
+    assert any("address already in use" in line for line in daemon.raw), daemon.raw[-10:]
+    assert not (short_tmp / "run" / "control.sock").exists()
