@@ -30,6 +30,7 @@ from clickphone_agi.domain.privacy import address_hash, number_forms
 from clickphone_agi.notices.render import Renderer, build_message
 from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import adjust_unit, import_unit
+from clickphone_agi.services.consent import ConsentService, ConsentSettings
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from tests.test_money import SINCE, TABLE, TZ, _calls
@@ -330,3 +331,26 @@ async def test_a_bounce_after_the_erasure_keeps_the_address_hashed(store: Sqlite
     rows = conn.execute("SELECT address, reason, hard_bounces FROM suppressions").fetchall()
     conn.close()
     assert rows == [(address_hash("voicemail.ion@example.ro"), "550 5.1.1 <[erased]>: mailbox gone", 2)]
+
+
+def _consent(store: SqliteStore) -> ConsentService:
+    return ConsentService(store, lambda: ConsentSettings(unsubscribe_secret=b"s" * 32))
+
+
+async def test_erase_clears_the_consent_evidence_kept_in_the_stored_api_answer(store: SqliteStore) -> None:
+    """A consent PUT's answer (kept under its Idempotency-Key for replays) echoes the caller's IP and
+    words; the erasure clears them there as it does in the consent record itself."""
+    await store.write(import_unit([(ION, 5000)]))
+    body = {"marketing": True, "how": "told Ion Popescu on the phone"}
+    reply = await _consent(store).put_consent("consent-1", "h", "acct1001", body, "203.0.113.58")
+    assert (reply.body["ip"], reply.body["how"]) == ("203.0.113.58", "told Ion Popescu on the phone")
+    assert b"203.0.113.58" in _raw(store.path)
+
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+
+    raw = _raw(store.path)
+    assert b"203.0.113.58" not in raw
+    assert b"Ion Popescu" not in raw
+    # a replay of the key still answers, without the evidence
+    again = await _consent(store).put_consent("consent-1", "h", "acct1001", body, "203.0.113.58")
+    assert (again.status, again.body["marketing"], again.body["ip"], again.body["how"]) == (200, True, None, None)

@@ -23,9 +23,10 @@ What erasure does, table by table (README "Data rights and retention" says why):
   replaced, the address cut out of the SMTP reply and last error; a pending one is not sent.
 * ``suppressions``/``marketing_suppressions``: the address becomes its ``sha256:`` digest (lookups
   check both forms). ``consent_records``: the evidence (the IP it was given from) is cleared; the
-  history of grants and withdrawals stays as the proof of lawful processing.
-* ``balances``, ``daily_spend``, ``notice_state``, ``api_requests``: kept (amounts, counters and
-  stored API answers; none holds a name, address or number).
+  history of grants and withdrawals stays as the proof of lawful processing. ``api_requests``: a
+  consent request's stored answer echoes that evidence (``ip``, ``how``): both become null there.
+* ``balances``, ``daily_spend``, ``notice_state``, the other ``api_requests``: kept (amounts,
+  counters and stored API answers; none holds a name, address or number).
 """
 
 from __future__ import annotations
@@ -322,6 +323,14 @@ def erase_account(
     done["marketing_suppressions"] = _hash_suppressions(conn, "marketing_suppressions", addresses)
     cur = conn.execute("UPDATE consent_records SET evidence = NULL WHERE account = ? AND evidence IS NOT NULL", (code,))
     done["consent_evidence"] = cur.rowcount
+    # a consent request's stored answer (replayed for its Idempotency-Key) echoes the same evidence
+    cur = conn.execute(
+        "UPDATE api_requests SET response = json_replace(response, '$.ip', NULL, '$.how', NULL)"
+        " WHERE json_valid(response) AND json_extract(response, '$.account') = ?"
+        " AND (json_extract(response, '$.ip') IS NOT NULL OR json_extract(response, '$.how') IS NOT NULL)",
+        (code,),
+    )
+    done["api_requests"] = cur.rowcount
     for table in ("account_dids", "account_mailboxes"):
         conn.execute(f"DELETE FROM {table} WHERE account = ?", (code,))  # noqa: S608 - constant names
     erased = anonymised(account_from_json(head[0]))
