@@ -27,11 +27,13 @@ from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.money import Notice
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.domain.privacy import address_hash, number_forms
+from clickphone_agi.domain.unsubscribe import make_token
 from clickphone_agi.notices.render import Renderer, build_message
 from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.consent import ConsentService, ConsentSettings
 from clickphone_agi.services.ingest import EventProcessor
+from clickphone_agi.services.intake import ApiError, Reply
 from clickphone_agi.services.money import MoneyService, MoneySettings
 from tests.test_money import SINCE, TABLE, TZ, _calls
 
@@ -353,4 +355,33 @@ async def test_erase_clears_the_consent_evidence_kept_in_the_stored_api_answer(s
     assert b"Ion Popescu" not in raw
     # a replay of the key still answers, without the evidence
     again = await _consent(store).put_consent("consent-1", "h", "acct1001", body, "203.0.113.58")
-    assert (again.status, again.body["marketing"], again.body["ip"], again.body["how"]) == (200, True, None, None)
+    assert (again.status, again.body["marketing"], again.body["ip"], again.body["how"]) == (
+        200,
+        True,
+        None,
+        None,
+    )
+
+
+async def test_an_erased_account_takes_no_new_consent_record(store: SqliteStore) -> None:
+    """After an erasure neither the one-click link of an old offer nor a consent PUT stores anything
+    about the account again (a record would keep the clicking or calling IP); the link still answers
+    as for any valid token, the PUT is 410 like the intake events."""
+    await store.write(import_unit([(dataclasses.replace(ION, marketing_consent=True), 5000)]))
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    before = await store.consent_history("acct1001")
+    token = make_token(b"s" * 32, "acct1001")
+
+    reply = await _consent(store).unsubscribe(token, "203.0.113.77")
+
+    assert reply == Reply(200, {"unsubscribed": True})
+    for marketing in (False, True):
+        with pytest.raises(ApiError) as refused:
+            await _consent(store).put_consent(
+                f"c-{marketing}", "h", "acct1001", {"marketing": marketing}, "203.0.113.78"
+            )
+        assert refused.value.status == 410
+    assert await store.consent_history("acct1001") == before
+    raw = _raw(store.path)
+    assert b"203.0.113.77" not in raw
+    assert b"203.0.113.78" not in raw

@@ -106,6 +106,8 @@ class ConsentService:
             account = tx.get_account(code)
             if account is None:
                 raise ApiError(404, f"no account {code!r}", None)
+            if account.erased:  # a record would keep the caller's IP about an erased account
+                raise ApiError(410, f"account {code!r} was erased (privacy erase): its consent is not recorded", None)
             if version is not None and tx.policy(version) is None:
                 raise ApiError(400, f"no published policy version {version!r}", "policy_version")
             in_force = version or tx.policy_in_force(self._today(tx.now))
@@ -158,8 +160,8 @@ class ConsentService:
 
         def unit(tx: WriteTx) -> bool:
             account = tx.get_account(target.account)
-            if account is None or tx.consent(account.code) is False:
-                return False  # erased, or already withdrawn: nothing to record
+            if account is None or account.erased or tx.consent(account.code) is False:
+                return False  # unknown, erased, or already withdrawn: nothing to record
             in_force = tx.policy_in_force(self._today(tx.now))
             evidence = _evidence("one-click unsubscribe", caller_ip)
             apply_consent(tx, account, False, source="unsubscribe", policy_version=in_force, evidence=evidence)
