@@ -407,3 +407,22 @@ async def test_a_leg_without_account_read_again_after_the_erasure_stays_erased(s
     late = dataclasses.replace(leg, key="cdr:pbx1:in.2:PJSIP/100-00000002")  # first seen only now
     assert await processor.handle(late) is False
     assert b"0721000001" not in _raw(store.path)
+
+
+async def test_a_broadcast_sees_an_objection_kept_hashed_after_the_erasure(store: SqliteStore) -> None:
+    """Ion objected, was erased, and came back under a new code with consent: the objection (now a
+    digest) still holds when a broadcast picks its audience, not only at the send."""
+    await _seed(store)  # Ion's address is on the marketing suppression list, the other one bounced
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    back = dataclasses.replace(ION, code="acct3003", marketing_consent=True)
+    await store.write(import_unit([(back, 0)]))
+
+    candidates = await store.write(lambda tx: tx.candidates(None, 10))
+
+    (candidate,) = [c for c in candidates if c.account.code == "acct3003"]
+    assert (candidate.consent, candidate.marketing_suppressed) == (True, True)
+    bounced = dataclasses.replace(back, code="acct3004", email="Voicemail.Ion@example.ro", dids=(), mailboxes=())
+    await store.write(import_unit([(bounced, 0)]))
+    candidates = await store.write(lambda tx: tx.candidates(None, 10))
+    (candidate,) = [c for c in candidates if c.account.code == "acct3004"]
+    assert candidate.bounce_suppressed is True

@@ -1136,15 +1136,18 @@ class SqliteTx:
 
     def candidates(self, after: str | None, limit: int) -> list[Candidate]:
         """Up to ``limit`` accounts with codes after ``after`` (code order), with their consent and
-        suppressions: one chunk of a broadcast, read in the unit of work that enqueues it."""
+        suppressions (an address in either form: plain, or hashed by an erasure): one chunk of a
+        broadcast, read in the unit of work that enqueues it."""
         rows = self._conn.execute(
             """SELECT a.data,
                       (SELECT c.granted FROM consent_records c
                         WHERE c.account = a.code AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1),
                       EXISTS (SELECT 1 FROM marketing_suppressions m
-                               WHERE m.address = lower(json_extract(a.data, '$.email'))),
+                               WHERE m.address IN (lower(json_extract(a.data, '$.email')),
+                                                   address_hash(json_extract(a.data, '$.email')))),
                       EXISTS (SELECT 1 FROM suppressions s
-                               WHERE s.address = lower(json_extract(a.data, '$.email'))
+                               WHERE s.address IN (lower(json_extract(a.data, '$.email')),
+                                                   address_hash(json_extract(a.data, '$.email')))
                                  AND s.suppressed_at IS NOT NULL)
                FROM accounts a WHERE a.code > ? ORDER BY a.code LIMIT ?""",
             (after or "", limit),
