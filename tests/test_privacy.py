@@ -426,3 +426,23 @@ async def test_a_broadcast_sees_an_objection_kept_hashed_after_the_erasure(store
     candidates = await store.write(lambda tx: tx.candidates(None, 10))
     (candidate,) = [c for c in candidates if c.account.code == "acct3004"]
     assert candidate.bounce_suppressed is True
+
+
+async def test_erase_renames_the_low_balance_notice_key_that_holds_a_call_key(store: SqliteStore) -> None:
+    """A low-balance warning is keyed by the ledger ref of the call that crossed the threshold, and a
+    CDR key can hold the dialled number (``...:Local/0040212345678@...``): the erasure renames that
+    ledger ref, so it must rename the outbox key built from it too."""
+    await store.write(import_unit([(dataclasses.replace(ION, low_balance_threshold=4999), 5000)]))
+    processor = EventProcessor(store, SINCE, _money(store))
+    for call in _calls("answered_call"):
+        await processor.handle(call)
+    (row,) = await store.outbox_rows()
+    assert row.kind == "low_balance"
+    assert "0040212345678" in row.idempotency_key
+
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+
+    (row,) = await store.outbox_rows()
+    assert row.idempotency_key.startswith("lowbal:acct1001:erased:")
+    assert b"0040212345678" not in _raw(store.path)
+    assert b"0212345678" not in _raw(store.path)

@@ -20,7 +20,8 @@ What erasure does, table by table (README "Data rights and retention" says why):
   by trigger; this is the one place that lifts the triggers, inside the erasure's own transaction,
   for those two columns of that account's rows, and checks the account's sum is unchanged.
 * ``outbox`` rows of the account or to its addresses: body and template data deleted, recipient
-  replaced, the address cut out of the SMTP reply and last error; a pending one is not sent.
+  replaced, the address cut out of the SMTP reply and last error; a pending one is not sent. A
+  low-balance warning's key (``lowbal:<account>:<ledger ref>``) takes the ref's new name.
 * ``suppressions``/``marketing_suppressions``: the address becomes its ``sha256:`` digest (lookups
   check both forms). ``consent_records``: the evidence (the IP it was given from) is cleared; the
   history of grants and withdrawals stays as the proof of lawful processing. ``api_requests``: a
@@ -298,23 +299,29 @@ def erase_account(
     ).fetchall()
     ids = sorted({*outbox_ids, *(int(r[0]) for r in later)})
     rows = [
-        conn.execute("SELECT id, recipient, last_error, smtp_reply, status FROM outbox WHERE id = ?", (i,)).fetchone()
+        conn.execute(
+            "SELECT id, recipient, last_error, smtp_reply, status, idempotency_key FROM outbox WHERE id = ?", (i,)
+        ).fetchone()
         for i in ids
     ]
     rows = [r for r in rows if r is not None]
     addresses |= {ascii_lower(r[1]) for r in rows if r[1] and r[1] != ERASED_EMAIL}
+    # a low-balance warning is keyed by the ledger ref of its cause (a CDR key may hold the dialled
+    # number): it follows the ref's new name
+    lowbal = f"lowbal:{code}:"
     conn.executemany(
         """UPDATE outbox SET recipient = ?, message = NULL, payload = NULL, last_error = ?, smtp_reply = ?,
-               status = CASE WHEN status = 'pending' THEN 'dead' ELSE status END
+               status = CASE WHEN status = 'pending' THEN 'dead' ELSE status END, idempotency_key = ?
            WHERE id = ?""",
         [
             (
                 ERASED_EMAIL,
                 "erased: the account's personal data was erased" if status == "pending" else scrub(err, addresses),
                 scrub(reply, addresses),
+                lowbal + renamed.get(key[len(lowbal) :], key[len(lowbal) :]) if key.startswith(lowbal) else key,
                 row_id,
             )
-            for row_id, _, err, reply, status in rows
+            for row_id, _, err, reply, status, key in rows
         ],
     )
     done["outbox"] = len(rows)
