@@ -251,3 +251,50 @@ async def test_send_action_refuses_action_and_action_id_fields(server: AmiReplay
         with pytest.raises(ValueError, match="CR or LF"):
             await h.client.send_action("VoicemailRemove", {**FIELDS, "ID": "a\r\nAction: Originate"}, 5.0)
     assert _removes(server) == []
+
+
+# ---- a recording that was not mailed is never removed -------------------------------------------
+
+
+@pytest.mark.parametrize("max_attachment_bytes", [10 * 1024 * 1024, 1024], ids=["attached", "too-large"])
+async def test_a_message_mailed_without_its_recording_is_never_removed(
+    short_tmp: Path, max_attachment_bytes: int
+) -> None:
+    """Regression: a recording over ``max_attachment_bytes`` was announced as "listen to it by
+    calling your voicemail", and then removed from that voicemail after the 250 (by the sender's
+    hook, and again by every spool scan): the only copy of a message nobody had heard was gone.
+    Only a message whose recording went out with the mail may be removed."""
+    from clickphone_agi.adapters.storage.sqlite import SqliteStore
+    from clickphone_agi.notices.render import Renderer
+    from clickphone_agi.services.notices import NoticeSettings, Notifier
+
+    vm = short_tmp / "voicemail"
+    shutil.copytree(SPOOL / "voicemail", vm)
+    (short_tmp / "fax").mkdir()
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    removed: list[tuple[str, dict[str, str]]] = []
+
+    async def remove(key: str, where: dict[str, str]) -> None:
+        removed.append((key, where))
+
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion@example.ro", mailboxes=(Mailbox("100@default"),))
+        await store.write(import_unit([(account, 1000)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=short_tmp / "fax",
+            max_attachment_bytes=max_attachment_bytes,
+        )  # fmt: skip
+        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        notifier.remove_delivered = remove
+        notifier.remove_enabled = lambda: True
+        await notifier.scan_all()
+        ((row, _mime),) = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
+        await store.write(lambda tx: tx.mark_sent(row.id, "250 2.0.0 Ok"))
+        await notifier.scan_all()  # a delivered message still in the box: removed again, if it may be
+    finally:
+        await store.close()
+    attached = max_attachment_bytes > 1024
+    assert ("vm_remove" in (row.payload or {})) is attached  # what the sender's on_sent hook removes
+    assert [key for key, _ in removed] == ([f"vm:pbx1:100@default:{MSG_ID}"] if attached else [])

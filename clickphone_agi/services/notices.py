@@ -269,10 +269,12 @@ class Notifier:
             if await self._store.has_event(key):
                 # the spool is the state: a delivered message still here is removed again (durably
                 # retried at every scan, also after a crash between the 250 and the removal)
+                # (never one mailed without its recording: the spool holds its only copy)
                 if (
                     self.remove_delivered is not None
                     and self.remove_enabled()
                     and await self._store.outbox_status(key) == "sent"
+                    and not await self._store.has_event(_kept_key(key))
                 ):
                     await self.remove_delivered(key, _location(msg))
                 continue
@@ -304,10 +306,16 @@ class Notifier:
         if audio is not None:
             suffix = self.settings.audio_format.lower()
             attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
-        # where the message sits, for the optional VoicemailRemove after the 250 (app.py)
-        await self._queue(
-            "voicemail", key, account, recipient, data, attachments=attachments, payload={"vm_remove": _location(msg)}
-        )
+        # where the message sits, for the optional VoicemailRemove after the 250 (app.py); a
+        # recording that did not go out with the mail (too large, missing, refused) is never
+        # removed: the subscriber is told to listen to it in the box, and it exists nowhere else
+        if audio is not None:
+            await self._queue(
+                "voicemail", key, account, recipient, data, attachments=attachments,
+                payload={"vm_remove": _location(msg)},
+            )  # fmt: skip
+        else:
+            await self._queue("voicemail", key, account, recipient, data, also_claim=(_kept_key(key), "voicemail_kept"))
 
     # ---- fax -----------------------------------------------------------------------------------
 
@@ -389,6 +397,7 @@ class Notifier:
     async def _queue(
         self, kind: str, key: str, account: Account, recipient: str, data: dict[str, Any], *,
         attachments: list[Attachment] | None = None, payload: dict[str, Any] | None = None,
+        also_claim: tuple[str, str] | None = None,  # (key, kind) claimed in the same transaction
     ) -> bool:  # fmt: skip
         if kind in account.opt_out:
             log.info("notice.opted_out", key=key, kind=kind, account=account.code)
@@ -412,13 +421,23 @@ class Notifier:
         )  # fmt: skip
 
         def unit(tx: WriteTx) -> bool:
-            return tx.claim_event(key, kind) and tx.enqueue(message)
+            if not tx.claim_event(key, kind):
+                return False
+            if also_claim is not None:
+                tx.claim_event(*also_claim)
+            return tx.enqueue(message)
 
         queued = await self._store.write(unit)
         if queued:
             self.queued[kind] = self.queued.get(kind, 0) + 1
             log.info("notice.queued", key=key, kind=kind, account=account.code, to=recipient, bytes=len(mime))
         return bool(queued)
+
+
+def _kept_key(key: str) -> str:
+    """Claimed with a voicemail notice that went without its recording: the message stays in the
+    spool whatever ``voicemail_remove_after_send`` says."""
+    return f"{key}:kept"
 
 
 def _location(msg: VoicemailMessage) -> dict[str, str]:
