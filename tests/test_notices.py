@@ -322,3 +322,61 @@ async def test_a_fax_older_than_the_key_floor_is_not_mailed_again_once_its_key_i
         assert await store.outbox_rows() == []
     finally:
         await store.close()
+
+
+RX_SIDECAR = """direction=receive
+status=SUCCESS
+error=
+statusstr=OK
+pages=2
+rate=14400
+resolution=8031x7700
+local=+40212345679
+remote=+40212345678
+account=acct1001
+uniqueid=1795882939.18
+linkedid=1795882939.17
+end=1
+"""
+
+
+async def _fax_mail(short_tmp: Path, max_attachment_bytes: int) -> EmailMessage:
+    """The received-fax notice the start-up scan queues for the real G3 fax and its sidecar."""
+    vm, fax = _spool(short_tmp / "spool")
+    (fax / "rx-1795882939.18.tif.result").write_text(RX_SIDECAR)
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion@example.ro", language="en")
+        await store.write(import_unit([(account, 1000)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
+            max_attachment_bytes=max_attachment_bytes,
+        )  # fmt: skip
+        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        await notifier.scan_all()
+        rows = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
+    finally:
+        await store.close()
+    (mime,) = [m for row, m in rows if row.kind == "fax_received"]
+    return _parse(mime)
+
+
+@pytest.mark.parametrize("max_attachment_bytes", [10 * 1024 * 1024, 1024], ids=["fits", "too-large"])
+async def test_a_fax_pdf_over_the_attachment_cap_is_announced_without_it(
+    short_tmp: Path, max_attachment_bytes: int
+) -> None:
+    """Regression: ``notifications.max_attachment_bytes`` ("a larger voicemail or fax is announced
+    without the file") was applied to voicemail only; a fax's PDF was attached whatever its size."""
+    msg = await _fax_mail(short_tmp, max_attachment_bytes)
+    pdfs = [a for a in msg.iter_attachments() if a.get_content_type() == "application/pdf"]
+    text = msg.get_body(("plain",))
+    assert text is not None
+    if max_attachment_bytes > 1024:
+        assert len(pdfs) == 1
+        assert "is attached" in text.get_content()
+    else:
+        assert pdfs == []
+        assert "could not be attached" in text.get_content()
+        assert "2 pages" in str(msg["Subject"])  # the sidecar's count still says what arrived

@@ -369,9 +369,12 @@ class Notifier:
             except (FaxFileError, OSError) as exc:
                 log.warning("notices.fax_pdf_failed", key=key, error=str(exc))
             else:
-                attachments.append(Attachment(f"fax-{sidecar.uniqueid}.pdf", "application/pdf", doc.pdf))
-                data["attached"] = True
                 data["pages"] = doc.pages
+                if len(doc.pdf) > self.settings.max_attachment_bytes:  # announced without it, as a voicemail
+                    log.info("notices.fax_pdf_too_large", key=key, bytes=len(doc.pdf))
+                else:
+                    attachments.append(Attachment(f"fax-{sidecar.uniqueid}.pdf", "application/pdf", doc.pdf))
+                    data["attached"] = True
         await self._queue(kind, key, account, account.email, data, attachments=attachments)
 
     # ---- missed calls --------------------------------------------------------------------------
