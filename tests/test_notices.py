@@ -380,3 +380,39 @@ async def test_a_fax_pdf_over_the_attachment_cap_is_announced_without_it(
         assert pdfs == []
         assert "could not be attached" in text.get_content()
         assert "2 pages" in str(msg["Subject"])  # the sidecar's count still says what arrived
+
+
+@pytest.mark.parametrize(
+    ("audio_format", "filename", "content_type"),
+    [
+        ("wav", "voicemail-1795882923-00000000.wav", "audio/wav"),
+        ("WAV", "voicemail-1795882923-00000000.wav", "audio/wav"),
+        ("wav49", "voicemail-1795882923-00000000.wav", "audio/wav"),  # GSM 6.10 in a RIFF WAVE file
+        ("gsm", "voicemail-1795882923-00000000.gsm", "audio/x-gsm"),  # raw GSM frames: not a WAV
+    ],
+)
+async def test_the_recording_is_attached_under_a_name_and_type_that_match_its_format(
+    short_tmp: Path, audio_format: str, filename: str, content_type: str
+) -> None:
+    """Regression: the attachment was always ``audio/wav`` and named after the config value, so
+    ``voicemail_format: wav49`` mailed ``voicemail-….wav49`` (no player opens that) and ``gsm``
+    mailed raw GSM frames labelled as a WAV file."""
+    vm, fax = _spool(short_tmp / "spool")
+    inbox = vm / "default" / "100" / "INBOX"
+    (inbox / "msg0000.gsm").write_bytes(b"\xd8" + bytes(32))  # one GSM frame
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion@example.ro", mailboxes=(Mailbox("100@default"),))
+        await store.write(import_unit([(account, 1000)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax, audio_format=audio_format,
+        )  # fmt: skip
+        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        await notifier.scan_all()
+        ((_row, mime),) = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
+    finally:
+        await store.close()
+    (part,) = _parse(mime).iter_attachments()
+    assert (part.get_filename(), part.get_content_type()) == (filename, content_type)

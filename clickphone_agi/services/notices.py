@@ -304,8 +304,10 @@ class Notifier:
         }
         attachments = []
         if audio is not None:
-            suffix = self.settings.audio_format.lower()
-            attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", "audio/wav", audio))
+            # wav, WAV and wav49 are RIFF WAVE files (PCM, or GSM 6.10 inside); gsm is raw frames
+            suffix = "gsm" if self._spool.audio_ext == "gsm" else "wav"
+            ctype = "audio/x-gsm" if suffix == "gsm" else "audio/wav"
+            attachments.append(Attachment(f"voicemail-{msg.meta.msg_id}.{suffix}", ctype, audio))
         # where the message sits, for the optional VoicemailRemove after the 250 (app.py); a
         # recording that did not go out with the mail (too large, missing, refused) is never
         # removed: the subscriber is told to listen to it in the box, and it exists nowhere else
