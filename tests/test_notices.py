@@ -416,3 +416,50 @@ async def test_the_recording_is_attached_under_a_name_and_type_that_match_its_fo
         await store.close()
     (part,) = _parse(mime).iter_attachments()
     assert (part.get_filename(), part.get_content_type()) == (filename, content_type)
+
+
+async def test_a_message_renumbered_while_its_box_is_mailed_goes_out_once_with_its_own_recording(
+    short_tmp: Path,
+) -> None:
+    """The box is listed, then the subscriber deletes msg0000 and Asterisk moves msg0001 down to
+    its number before the notices are built. The deleted message's notice must not carry the other
+    caller's recording, and the moved one must not be mailed (and its key claimed) as having no
+    recording: it waits for the next scan, which finds it at its new number."""
+    vm, fax = _spool(short_tmp / "spool")
+    inbox = vm / "default" / "100" / "INBOX"
+    (inbox / "msg0001.wav").write_bytes(b"RIFF the second caller")
+    (inbox / "msg0001.txt").write_text(
+        (inbox / "msg0000.txt").read_text().replace("1795882923-00000000", "1795883000-00000001")
+    )
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion@example.ro", mailboxes=(Mailbox("100@default"),))
+        await store.write(import_unit([(account, 1000)]))
+        settings = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
+        )  # fmt: skip
+        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        spool = notifier._spool
+        listed = spool.list_messages("default", "100")
+
+        def stale(context: str, mailbox: str) -> list[object]:
+            for name in ("msg0000.wav", "msg0000.WAV", "msg0000.txt"):
+                (inbox / name).unlink()  # deleted by the subscriber…
+            for name in ("msg0001.wav", "msg0001.txt"):  # …and the next one moved down
+                (inbox / name).rename(inbox / name.replace("msg0001", "msg0000"))
+            del spool.list_messages  # back to the real method for the next scan
+            return list(listed)
+
+        spool.list_messages = stale  # type: ignore[method-assign]
+        await notifier.voicemail_box("default", "100")
+        assert await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10) == []
+        await notifier.voicemail_box("default", "100")
+        mails = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
+    finally:
+        await store.close()
+    assert [row.idempotency_key for row, _ in mails] == ["vm:pbx1:100@default:1795883000-00000001"]
+    (part,) = _parse(mails[0][1]).iter_attachments()
+    assert part.get_content() == b"RIFF the second caller"
+    assert notifier.errors == 0

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from clickphone_agi.adapters.spool import SpoolPathError, VoicemailMessage, VoicemailSpool
+from clickphone_agi.adapters.spool import SpoolError, SpoolPathError, VoicemailMessage, VoicemailSpool
 from clickphone_agi.domain.voicemail import VoicemailParseError, parse_message_txt
 
 FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "spool" / "voicemail"
@@ -393,3 +393,37 @@ def test_bad_audio_format_is_a_config_error() -> None:
     for fmt in ("", "../wav", "wav/..", "w a v"):
         with pytest.raises(ValueError, match="audio_format"):
             VoicemailSpool(FIXTURE_ROOT, audio_format=fmt)
+
+
+def _renumber_after_deleting_msg0000(inbox: Path) -> None:
+    """What app_voicemail's close_mailbox does once msg0000 was deleted: every later message moves
+    down one number, its audio files first (``ast_filerename``), its ``.txt`` last (``rename_file``)."""
+    for name in sorted(inbox.glob("msg0001.*"), key=lambda p: p.suffix == ".txt"):
+        name.rename(inbox / name.name.replace("msg0001", "msg0000"))
+
+
+def test_a_message_renumbered_after_listing_is_never_read_with_another_ones_audio(root: Path) -> None:
+    """Regression: the audio was read by number long after the ``.txt`` was listed (a whole box is
+    listed first, then each message is rendered and committed in turn). When the subscriber deleted
+    a message meanwhile, Asterisk moved the next one down to its number, and the notice for the
+    deleted message went out with the next caller's recording; the next one, not found at its old
+    number any more, went out saying its recording could not be attached."""
+    inbox = root / "default" / "100" / "INBOX"
+    for suffix in ("wav", "WAV"):
+        (inbox / f"msg0001.{suffix}").write_bytes(b"RIFF the second caller's recording")
+    (inbox / "msg0001.txt").write_text(_txt(msg_id="1795883000-00000001", callerid='"Second" <0744000002>'))
+    spool = VoicemailSpool(root)
+    first, second = spool.list_messages("default", "100")
+    _renumber_after_deleting_msg0000(inbox)
+
+    def audio(msg: VoicemailMessage) -> bytes | str | None:
+        try:
+            return spool.read_audio(msg)
+        except SpoolError as e:
+            return type(e).__name__
+
+    assert audio(first) == "SpoolMessageMoved"  # gone: its number now holds the second message
+    assert audio(second) == "SpoolMessageMoved"  # moved: found at its new number by the next scan
+    [again] = spool.list_messages("default", "100")
+    assert again.meta.msg_id == second.meta.msg_id
+    assert spool.read_audio(again) == b"RIFF the second caller's recording"

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_ATTACHMENT_BYTES",
     "Folder",
     "SpoolError",
+    "SpoolMessageMoved",
     "SpoolPathError",
     "VoicemailMessage",
     "VoicemailSpool",
@@ -82,6 +83,11 @@ class SpoolError(Exception):
 
 class SpoolPathError(SpoolError):
     """Invalid name, a path outside the root, a symlink, or not a regular file/directory."""
+
+
+class SpoolMessageMoved(SpoolError):
+    """The message is no longer at the number it was listed under (deleted, or renumbered by
+    Asterisk after an earlier one was deleted): what that number holds now is not its audio."""
 
 
 def valid_box_name(name: str) -> bool:
@@ -297,6 +303,12 @@ class VoicemailSpool:
         than ``max_attachment_bytes`` (the notice then says so: if ``msg.audio`` was set, the file
         was too large or vanished). The path is rebuilt from ``msg``'s validated parts, never
         taken from ``msg.audio``. :class:`SpoolPathError` when refused (symlink, invalid names).
+
+        Files are found by number, and Asterisk renumbers a folder when a message in it is
+        deleted (``msg0001.*`` becomes ``msg0000.*``). So once the audio is read, the ``.txt`` at
+        that number must still name ``msg``'s ``msg_id``, or :class:`SpoolMessageMoved`: the
+        bytes (or their absence) belong to another message. (Asterisk renames the audio before
+        the ``.txt``: a read between those two renames cannot be told apart.)
         """
         parts = self._parts(
             msg.context, msg.mailbox, msg.folder, f"msg{_checked_number(msg.number):04d}.{self.audio_ext}"
@@ -304,12 +316,14 @@ class VoicemailSpool:
         try:
             fd = open_under_root(self.root, parts)
         except FileNotFoundError:
+            self._still_there(msg)
             return None
         except SpoolPathError as e:
             log.warning("voicemail_file_refused", reason=str(e))
             raise
         with _closing_fd(fd):
             data = read_capped(fd, self.max_attachment_bytes)
+        self._still_there(msg)
         if data is None:
             log.info(
                 "voicemail_audio_too_large",
@@ -321,6 +335,14 @@ class VoicemailSpool:
         return data
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _still_there(self, msg: VoicemailMessage) -> None:
+        now = self._load(msg.context, msg.mailbox, msg.folder, msg.number)
+        if now is None or now.meta.msg_id != msg.meta.msg_id:
+            log.info("voicemail_message_moved", context=msg.context, mailbox=msg.mailbox, message=msg.name)
+            raise SpoolMessageMoved(
+                f"{msg.mailbox}@{msg.context} {msg.folder}/{msg.name}: no longer the message listed"
+            )
 
     def _parts(self, context: str, mailbox: str, folder: str, filename: str) -> tuple[str, str, str, str]:
         return (_checked_name("context", context), _checked_name("mailbox", mailbox), _checked_folder(folder), filename)

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from clickphone_agi.adapters.fax import FaxFileError, FaxSidecar, scan_fax_spool, tiff_to_pdf
-from clickphone_agi.adapters.spool import SpoolError, VoicemailMessage, VoicemailSpool
+from clickphone_agi.adapters.spool import SpoolError, SpoolMessageMoved, VoicemailMessage, VoicemailSpool
 from clickphone_agi.clock import Clock, wait_any
 from clickphone_agi.domain.accounts import Account
 from clickphone_agi.domain.delivery import message_id
@@ -288,6 +288,11 @@ class Notifier:
         recipient = account.mailbox_email(box) or account.email
         try:
             audio = await asyncio.to_thread(self._spool.read_audio, msg)
+        except SpoolMessageMoved:
+            # deleted or renumbered since the box was listed: nothing is claimed, so a message
+            # still in the box is found at its new number by the next scan (or its MWI event)
+            log.info("notices.voicemail_moved", key=key)
+            return
         except (SpoolError, OSError) as exc:
             # refused (a symlink, not a regular file) or unreadable (EACCES): the message still
             # goes, saying the recording could not be attached, as for a missing or large file
