@@ -241,7 +241,7 @@ class Notifier:
             if fax.sidecar is None or fax.written_at is None or fax.written_at < self._went_live_at:
                 continue  # incomplete, or older than the go-live baseline (or the key floor)
             try:
-                await self._fax(fax.sidecar, fax.path)
+                await self._fax(fax.sidecar, fax.path, at=fax.written_at)
             except Exception:
                 self.errors += 1
                 log.exception("notices.fax_failed", uniqueid=fax.sidecar.uniqueid)
@@ -342,7 +342,10 @@ class Notifier:
             self.errors += 1
             log.exception("notices.fax_failed", uniqueid=event.unique_id)
 
-    async def _fax(self, sidecar: FaxSidecar, path: Path | None, caller: str = "") -> None:
+    async def _fax(
+        self, sidecar: FaxSidecar, path: Path | None, caller: str = "", *, at: datetime | None = None
+    ) -> None:
+        """``at``: when the fax call ended (a sidecar found by the scan); ``None``: just now (its event)."""
         key = f"fax:{self.settings.system_name}:{sidecar.uniqueid}:{sidecar.direction}"
         if sidecar.direction == "send" and (path is None or not await asyncio.to_thread(path.is_file)):
             # confirmations are for faxes a subscriber submitted through the fax spool (the
@@ -366,7 +369,7 @@ class Notifier:
             # for a send: the far end; for a failed receive: the station that tried to send
             "destination": sidecar.remote or caller,
             "reason": sidecar.statusstr or sidecar.error or "no pages transferred",
-            "at": self._clock.now(),
+            "at": at or self._clock.now(),
             "attached": False,
         }
         attachments = []
