@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.message
+import email.policy
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -231,3 +234,24 @@ async def test_forwarded_for_behind_a_trusted_proxy_takes_the_rightmost_untruste
     finally:
         d.request_stop()
         assert await task == 0
+
+
+async def test_a_reset_link_longer_than_the_mail_keeps_is_refused_not_cut(api: Api, smtp_sink: SmtpSink) -> None:
+    """The renderer cuts one-line values at 1,000 characters: a longer reset link used to be
+    accepted (202) and mailed cut short, a link that does not work. It is refused, naming the field;
+    one of exactly 1,000 characters goes out whole."""
+    path = "/v1/accounts/acct1001/events"
+    head = "https://cont.example.ro/reset?t="
+    long = {"reset_url": head + "a" * (1001 - len(head)), "expires_at": _later()}
+    status, reply = await api.call("POST", path, {"type": "password_recovery", "data": long}, key="r-long")
+    assert (status, reply["field"]) == (400, "data.reset_url"), reply
+    fits = head + "b" * (1000 - len(head))
+    body = {"type": "password_recovery", "data": {"reset_url": fits, "expires_at": _later()}}
+    assert (await api.call("POST", path, body, key="r-fits"))[0] == 202
+    await _settle(smtp_sink, 1)
+    assert len(smtp_sink.messages) == 1
+    msg = email.message_from_bytes(smtp_sink.messages[0].data, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    text = msg.get_body(("plain",))
+    assert text is not None
+    assert fits in text.get_content().splitlines()

@@ -366,3 +366,11 @@ async def test_broadcast_interrupted_then_retried_completes_without_doubles(
     finally:
         d.request_stop()
         assert await task == 0
+
+
+async def test_a_broadcast_link_longer_than_the_mail_keeps_is_refused_not_cut(api: Api) -> None:
+    """The renderer cuts one-line values at 1,000 characters, so a longer tariff or offer link would
+    reach every subscriber cut short: it is refused, naming the field."""
+    url = "https://www.clickphone.example/tarife?x=" + "a" * 1000
+    status, reply = await api.call("POST", "/v1/broadcasts", {**tariff(far()), "url": url}, key="bc-long")
+    assert (status, reply["field"]) == (400, "url"), reply

@@ -31,7 +31,7 @@ from clickphone_agi.domain.consent import Candidate, Skip, audience_matches, ear
 from clickphone_agi.domain.money import Notice
 from clickphone_agi.domain.unsubscribe import make_token, unsubscribe_url
 from clickphone_agi.notices.kinds import KINDS
-from clickphone_agi.notices.render import NoticeError, Renderer
+from clickphone_agi.notices.render import TEXT_MAX, NoticeError, Renderer
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.idempotency import replayed
 from clickphone_agi.services.intake import ApiError, Reply
@@ -126,6 +126,8 @@ def url_field(body: dict[str, Any], name: str) -> str:
     raw = body.get(name)
     if not isinstance(raw, str) or not _URL.fullmatch(raw):
         raise ApiError(400, "expected an https:// URL", name)
+    if len(raw) > TEXT_MAX:  # the renderer would cut it, and every mail would carry a broken link
+        raise ApiError(400, f"expected an https:// URL of at most {TEXT_MAX} characters", name)
     return raw
 
 

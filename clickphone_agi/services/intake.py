@@ -29,7 +29,7 @@ from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.money import format_ron
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.notices.kinds import KINDS
-from clickphone_agi.notices.render import NoticeError, Renderer, build_message
+from clickphone_agi.notices.render import TEXT_MAX, NoticeError, Renderer, build_message
 from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.accounts import consent_for_upsert
 
@@ -326,7 +326,8 @@ class Intake:
 
     async def _event_password_recovery(self, key: str, code: str, data: dict[str, Any], ip: str) -> _Plan:
         account, _, _ = await self._account(code)
-        url = _text(data, "reset_url", required=True, limit=2000)
+        # no longer than the renderer keeps a one-line value: a cut link would not work
+        url = _text(data, "reset_url", required=True, limit=TEXT_MAX)
         if url is None or not url.startswith("https://") or any(c in url for c in " \"'<>\\"):
             raise ApiError(400, "expected an https:// URL", "data.reset_url")
         expires = _moment(data, "expires_at", required=True)
