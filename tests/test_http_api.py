@@ -255,3 +255,30 @@ async def test_a_reset_link_longer_than_the_mail_keeps_is_refused_not_cut(api: A
     text = msg.get_body(("plain",))
     assert text is not None
     assert fits in text.get_content().splitlines()
+
+
+MARIA = "maria.ionescu@example.ro"
+
+
+def _plain(raw: bytes) -> str:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    part = msg.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+async def test_an_emptied_allow_list_is_announced_as_any_address(api: Api, smtp_sink: SmtpSink) -> None:
+    """An empty allow-list lets every address call: the templates have a warning for it, but the
+    service passed ``["*"]``, so the notice said "Allowed now: *" instead, in both languages."""
+    people = [("acct1001", "Ion Popescu", "ion.popescu@example.ro", "ro"), ("acct1002", "Maria Ionescu", MARIA, "en")]
+    for code, name, address, language in people:
+        body = {"name": name, "email": address, "language": language, "allowed_ips": []}
+        status, reply = await api.call("PUT", f"/v1/accounts/{code}", body, key=f"empty-{code}")
+        assert (status, reply["mails"]) == (200, 1), reply
+    await _settle(smtp_sink, 2)
+    texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
+    ro, en = texts["ion.popescu@example.ro"], texts[MARIA]
+    assert "Adrese permise acum: oricare (lista este goală" in ro, ro
+    assert "Allowed now: any (the list is empty" in en, en
+    assert ": *" not in ro + en

@@ -244,7 +244,8 @@ class Intake:
             if old is not None and set(old.allowed_ips) != set(account.allowed_ips):
                 data = {
                     "name": account.name,
-                    "allowed_ips": [str(n) for n in account.allowed_ips] or ["*"],
+                    # empty means any address: the templates say so in words
+                    "allowed_ips": [str(n) for n in account.allowed_ips],
                     "old_allowed_ips": [str(n) for n in old.allowed_ips] or ["*"],
                     "source_ip": source_ip or caller_ip,
                     "at": self._clock.now(),
