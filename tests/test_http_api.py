@@ -282,3 +282,19 @@ async def test_an_emptied_allow_list_is_announced_as_any_address(api: Api, smtp_
     assert "Adrese permise acum: oricare (lista este goală" in ro, ro
     assert "Allowed now: any (the list is empty" in en, en
     assert ": *" not in ro + en
+
+
+async def test_the_allow_list_notice_shows_the_old_list_beside_the_new(api: Api, smtp_sink: SmtpSink) -> None:
+    """The notice is "old → new": the service computed the old list but no template showed it, so
+    a subscriber could not see what an intruder had removed."""
+    body = {"name": "Ion Popescu", "email": "ion.popescu@example.ro", "allowed_ips": ["192.0.2.1"]}
+    assert (await api.call("PUT", "/v1/accounts/acct1001", body, key="old-new"))[1]["mails"] == 1
+    body = {"name": "Maria Ionescu", "email": MARIA, "language": "en", "allowed_ips": []}
+    assert (await api.call("PUT", "/v1/accounts/acct1002", body, key="old-any"))[1]["mails"] == 1
+    await _settle(smtp_sink, 2)
+    texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
+    ro, en = texts["ion.popescu@example.ro"], texts[MARIA]
+    assert "Adrese permise înainte: 127.0.0.1/32, 198.51.100.0/24, 2001:db8:100::/48" in ro, ro
+    assert "Adrese permise acum: 192.0.2.1/32" in ro
+    assert "Allowed before: 192.0.2.10/32" in en, en
+    assert "Allowed now: any" in en

@@ -229,6 +229,7 @@ _SPECS: Final = (
         {
             "name": "Ion Popescu",
             "allowed_ips": ("198.51.100.7", "203.0.113.0/28"),
+            "old_allowed_ips": ("198.51.100.7",),
             "source_ip": "198.51.100.7",
             "at": _at(14, 21),
         },

@@ -246,7 +246,7 @@ class Intake:
                     "name": account.name,
                     # empty means any address: the templates say so in words
                     "allowed_ips": [str(n) for n in account.allowed_ips],
-                    "old_allowed_ips": [str(n) for n in old.allowed_ips] or ["*"],
+                    "old_allowed_ips": [str(n) for n in old.allowed_ips],
                     "source_ip": source_ip or caller_ip,
                     "at": self._clock.now(),
                 }
