@@ -298,3 +298,16 @@ async def test_the_allow_list_notice_shows_the_old_list_beside_the_new(api: Api,
     assert "Adrese permise acum: 192.0.2.1/32" in ro
     assert "Allowed before: 192.0.2.10/32" in en, en
     assert "Allowed now: any" in en
+
+
+async def test_balance_info_mails_the_balance_and_todays_spend(api: Api, smtp_sink: SmtpSink) -> None:
+    """balance_info "mails the current balance and today's spend" (issue #6); the service computed
+    the spend and answered it, but the mail left it out."""
+    status, reply = await api.call("POST", "/v1/accounts/acct1001/events", {"type": "balance_info"}, key="bal")
+    assert (status, reply["balance"], reply["spent_today"]) == (202, 2500, 0), reply
+    status, reply = await api.call("POST", "/v1/accounts/acct1002/events", {"type": "balance_info"}, key="bal2")
+    assert status == 202, reply
+    await _settle(smtp_sink, 2)
+    texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
+    assert "Cheltuit astăzi: 0,00 lei" in texts["ion.popescu@example.ro"]
+    assert "Spent today: 0.00 RON" in texts[MARIA]

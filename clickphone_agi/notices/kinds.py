@@ -171,7 +171,7 @@ _SPECS: Final = (
     _kind(
         "balance_info",
         "money",
-        {"name": "Ion Popescu", "balance": "12,50 lei", "at": _at(6, 0)},
+        {"name": "Ion Popescu", "balance": "12,50 lei", "spent_today": "3,40 lei", "at": _at(6, 0)},
         lifetime=timedelta(days=1),
     ),
     _kind(
