@@ -311,3 +311,18 @@ async def test_balance_info_mails_the_balance_and_todays_spend(api: Api, smtp_si
     texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
     assert "Cheltuit astăzi: 0,00 lei" in texts["ion.popescu@example.ro"]
     assert "Spent today: 0.00 RON" in texts[MARIA]
+
+
+async def test_payment_confirmed_mails_the_method_it_requires(api: Api, smtp_sink: SmtpSink) -> None:
+    """payment_confirmed carries "amount, method, reference" (issue #6) and ``method`` is required,
+    but it was checked and then dropped: the confirmation did not say how the subscriber paid."""
+    path = "/v1/accounts/{}/events"
+    data = {"amount": "45.90", "method": "ordin de plată", "reference": "CP-2026-1"}
+    body = {"type": "payment_confirmed", "data": data}
+    assert (await api.call("POST", path.format("acct1001"), body, key="pay-ro"))[0] == 202
+    body = {"type": "payment_confirmed", "data": {**data, "method": "card"}}
+    assert (await api.call("POST", path.format("acct1002"), body, key="pay-en"))[0] == 202
+    await _settle(smtp_sink, 2)
+    texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
+    assert "Metoda de plată: ordin de plată" in texts["ion.popescu@example.ro"]
+    assert "Payment method: card" in texts[MARIA]

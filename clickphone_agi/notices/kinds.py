@@ -188,7 +188,13 @@ _SPECS: Final = (
     _kind(
         "payment_confirmed",
         "money",
-        {"name": "Ion Popescu", "amount": "45,90 lei", "invoice": "CP-2026-004567", "at": _at(12, 30)},
+        {
+            "name": "Ion Popescu",
+            "amount": "45,90 lei",
+            "invoice": "CP-2026-004567",
+            "method": "card",
+            "at": _at(12, 30),
+        },
     ),
     # -- security --------------------------------------------------------------------------------
     _kind(

@@ -378,13 +378,14 @@ class Intake:
 
     async def _event_payment_confirmed(self, key: str, code: str, data: dict[str, Any], ip: str) -> _Plan:
         amount = _amount(data)
-        _text(data, "method", required=True, limit=40)
+        method = _text(data, "method", required=True, limit=40)
         reference = _text(data, "reference", required=True)
         account, _, _ = await self._account(code)
         payload = {
             "name": account.name,
             "amount": format_ron(amount, account.language),
             "invoice": reference,
+            "method": method,
             "at": self._clock.now(),
         }
         msg = await self._render("payment_confirmed", key, account, payload)
