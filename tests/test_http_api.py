@@ -326,3 +326,26 @@ async def test_payment_confirmed_mails_the_method_it_requires(api: Api, smtp_sin
     texts = {m.rcpt_tos[0]: _plain(m.data) for m in smtp_sink.messages}
     assert "Metoda de plată: ordin de plată" in texts["ion.popescu@example.ro"]
     assert "Payment method: card" in texts[MARIA]
+
+
+async def test_an_unknown_data_field_is_refused_by_name(api: Api, smtp_sink: SmtpSink) -> None:
+    """Unknown fields are refused everywhere else (account PUTs, broadcasts, the event itself), but
+    not inside ``data``: a top-up with ``refrence`` was booked and mailed with the Idempotency-Key
+    as its reference. Each type takes its own fields, and ``source_ip`` as before."""
+    path = "/v1/accounts/acct1001/events"
+    store = api.daemon._running().store
+    before = await store.write(lambda tx: tx.balance("acct1001"))
+    for n, (body, field) in enumerate(
+        [
+            ({"type": "topup", "data": {"amount": "10.00", "refrence": "TOP-7"}}, "data.refrence"),
+            ({"type": "balance_info", "data": {"amount": "10.00"}}, "data.amount"),
+            ({"type": "password_changed", "data": {"reset_url": "https://x.example/r"}}, "data.reset_url"),
+        ]
+    ):
+        status, reply = await api.call("POST", path, body, key=f"unknown-{n}")
+        assert (status, reply["field"]) == (400, field), reply
+    assert await store.write(lambda tx: tx.balance("acct1001")) == before
+    body = {"type": "pin_created", "data": {"number": "0310000001", "source_ip": "198.51.100.7"}}
+    assert (await api.call("POST", path, body, key="known"))[0] == 202
+    await _settle(smtp_sink, 1)
+    assert len(smtp_sink.messages) == 1

@@ -34,6 +34,15 @@ from clickphone_agi.ports import Store, WriteTx
 from clickphone_agi.services.accounts import consent_for_upsert
 
 EVENT_TYPES = ("password_changed", "password_recovery", "pin_created", "topup", "payment_confirmed", "balance_info")
+# the ``data`` fields each type takes (openapi.yaml, Event.data); ``source_ip`` is taken by every type
+EVENT_FIELDS: dict[str, frozenset[str]] = {
+    "password_changed": frozenset({"at"}),
+    "password_recovery": frozenset({"reset_url", "expires_at"}),
+    "pin_created": frozenset({"number", "at"}),
+    "topup": frozenset({"amount", "reference"}),
+    "payment_confirmed": frozenset({"amount", "method", "reference"}),
+    "balance_info": frozenset(),
+}
 MAX_KEY = 200
 _ATTEMPTS = 5
 _BOOLEAN_FIELDS = frozenset({"marketing_consent", "enabled"})
@@ -287,6 +296,9 @@ class Intake:
         for name in body:
             if name not in ("type", "data"):
                 raise ApiError(400, f"unknown field {name!r}", str(name))
+        for name in data:
+            if name != "source_ip" and name not in EVENT_FIELDS[kind]:
+                raise ApiError(400, f"unknown field {name!r} for a {kind} event", f"data.{name}")
         source_ip = _ip(data["source_ip"], "data.source_ip") if data.get("source_ip") is not None else caller_ip
         builder = getattr(self, f"_event_{kind}")
 
