@@ -349,3 +349,16 @@ async def test_an_unknown_data_field_is_refused_by_name(api: Api, smtp_sink: Smt
     assert (await api.call("POST", path, body, key="known"))[0] == 202
     await _settle(smtp_sink, 1)
     assert len(smtp_sink.messages) == 1
+
+
+async def test_an_unknown_mailbox_key_is_refused_as_the_import_file_refuses_it(api: Api, smtp_sink: SmtpSink) -> None:
+    """``accounts import`` refuses an unknown key in a mailbox entry; the PUT ignored it, so a
+    mistyped ``emial`` silently sent that box's voicemail to the account's address instead."""
+    body = {
+        "name": "Ana Pop",
+        "email": "ana.pop@example.ro",
+        "mailboxes": [{"box": "300@default"}, {"box": "301@default", "emial": "receptie@example.ro"}],
+    }
+    status, reply = await api.call("PUT", "/v1/accounts/acct2002", body, key="mbox-typo")
+    assert (status, reply["field"]) == (400, "mailboxes[1].emial"), reply
+    assert api.rows("SELECT code FROM accounts WHERE code = 'acct2002'") == []

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from clickphone_agi.adapters.accounts_file import _PARSERS, FIELDS, _Bad, _ManyBad, _Value
+from clickphone_agi.adapters.accounts_file import _MAILBOX_FIELDS, _PARSERS, FIELDS, _Bad, _ManyBad, _unknown, _Value
 from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account, AccountConflict, parse_amount
 from clickphone_agi.domain.delivery import message_id
@@ -116,6 +116,9 @@ def _to_value(raw: Any, where: str, *, top: str) -> _Value:
         items = [_to_value(item, f"{where}[{i}]", top=top) for i, item in enumerate(raw)]
         return _Value(where, 0, items=items, kind="list")
     if isinstance(raw, dict):
+        for k in raw:
+            if top == "mailboxes" and k not in _MAILBOX_FIELDS:  # as the import file refuses it
+                raise ApiError(400, _unknown(str(k), _MAILBOX_FIELDS), f"{where}.{k}")
         fields = {str(k): _to_value(v, f"{where}.{k}", top=top) for k, v in raw.items()}
         return _Value(where, 0, fields=fields, kind="mapping")
     raise ApiError(400, "unsupported value", where)
