@@ -362,3 +362,24 @@ async def test_an_unknown_mailbox_key_is_refused_as_the_import_file_refuses_it(a
     status, reply = await api.call("PUT", "/v1/accounts/acct2002", body, key="mbox-typo")
     assert (status, reply["field"]) == (400, "mailboxes[1].emial"), reply
     assert api.rows("SELECT code FROM accounts WHERE code = 'acct2002'") == []
+
+
+async def test_a_time_the_mail_cannot_show_is_refused_naming_its_field(api: Api) -> None:
+    """A valid ISO time at the edge of the calendar cannot be shown in Bucharest time: it was
+    refused only when the mail failed to render, blaming ``data`` as a whole."""
+    path = "/v1/accounts/acct1001/events"
+    for n, (body, field) in enumerate(
+        [
+            ({"type": "password_changed", "data": {"at": "0001-01-01T00:00:00+14:00"}}, "data.at"),
+            ({"type": "pin_created", "data": {"at": "9999-12-31T23:00:00Z"}}, "data.at"),
+            (
+                {
+                    "type": "password_recovery",
+                    "data": {"reset_url": "https://x.example/r", "expires_at": "9999-12-31T23:59:59-14:00"},
+                },
+                "data.expires_at",
+            ),
+        ]
+    ):
+        status, reply = await api.call("POST", path, body, key=f"edge-{n}")
+        assert (status, reply["field"]) == (400, field), reply

@@ -18,7 +18,7 @@ import ipaddress
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -180,6 +180,10 @@ def _text(data: dict[str, Any], name: str, *, required: bool, limit: int = 200) 
     return raw.strip()
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
+_LATEST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
+
+
 def _moment(data: dict[str, Any], name: str, *, required: bool) -> datetime | None:
     raw = _text(data, name, required=required, limit=64)
     if raw is None:
@@ -190,6 +194,12 @@ def _moment(data: dict[str, Any], name: str, *, required: bool) -> datetime | No
         raise ApiError(400, "expected an ISO 8601 time such as 2026-11-28T15:21:00+02:00", f"data.{name}") from None
     if moment.tzinfo is None:
         raise ApiError(400, "the time needs a UTC offset (Z or +02:00)", f"data.{name}")
+    try:  # the mail shows it in local time: a day's margin keeps every zone inside the calendar
+        representable = _EARLIEST <= moment.astimezone(UTC) <= _LATEST
+    except OverflowError:
+        representable = False
+    if not representable:
+        raise ApiError(400, "out of range: the time cannot be shown in local time", f"data.{name}")
     return moment
 
 
