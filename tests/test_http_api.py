@@ -17,8 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickphone_agi.adapters.accounts_file import load_accounts
-from clickphone_agi.app import Daemon
+from clickphone_agi.adapters.http_api import openapi_document
+from clickphone_agi.app import Daemon, numbering
 from clickphone_agi.config.loader import load_config
+from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from tests.api_harness import TOKEN, Api, _free_port
@@ -383,3 +385,14 @@ async def test_a_time_the_mail_cannot_show_is_refused_naming_its_field(api: Api)
     ):
         status, reply = await api.call("POST", path, body, key=f"edge-{n}")
         assert (status, reply["field"]) == (400, field), reply
+
+
+async def test_an_event_for_an_erased_account_is_410_as_documented(api: Api) -> None:
+    """An erased account takes no more events (410, README "Data rights"); openapi.yaml did not
+    list 410, nor the 503 the service answers when an account keeps changing under a request."""
+    await privacy.erase_account(api.daemon._running().store, "acct1002", numbering(api.daemon.config))
+    body = {"type": "balance_info"}
+    status, reply = await api.call("POST", "/v1/accounts/acct1002/events", body, key="erased")
+    assert (status, reply["field"]) == (410, None), reply
+    documented = openapi_document()["paths"]["/v1/accounts/{code}/events"]["post"]["responses"]
+    assert {"410", "503"} <= set(documented)
