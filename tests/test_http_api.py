@@ -396,3 +396,19 @@ async def test_an_event_for_an_erased_account_is_410_as_documented(api: Api) -> 
     assert (status, reply["field"]) == (410, None), reply
     documented = openapi_document()["paths"]["/v1/accounts/{code}/events"]["post"]["responses"]
     assert {"410", "503"} <= set(documented)
+
+
+async def test_the_longest_idempotency_key_works_for_every_event(api: Api, smtp_sink: SmtpSink) -> None:
+    """Keys of 1-200 characters are allowed, but the mail's outbox key is ``api:<kind>:<key>`` and
+    the outbox takes at most 200: a key of over ~180 characters answered 500 and booked nothing."""
+    for n, (kind, data) in enumerate(EVENTS.items()):
+        key = f"{n}-" + "k" * 198
+        body = {"type": kind, "data": data}
+        status, reply = await api.call("POST", "/v1/accounts/acct1001/events", body, key=key)
+        assert (status in (200, 202), reply["mails"]) == (True, 1), reply
+        assert await api.call("POST", "/v1/accounts/acct1001/events", body, key=key) == (status, reply)
+    body = {"name": "Ion Popescu", "email": "ion.popescu@example.ro", "allowed_ips": ["192.0.2.1"]}
+    status, reply = await api.call("PUT", "/v1/accounts/acct1001", body, key="p" * 200)
+    assert (status, reply["mails"]) == (200, 1), reply
+    await _settle(smtp_sink, len(EVENTS) + 1)
+    assert len(smtp_sink.messages) == len(EVENTS) + 1

@@ -44,6 +44,7 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "balance_info": frozenset(),
 }
 MAX_KEY = 200
+_OUTBOX_KEY_MAX = 200  # domain.outbox.OutboxMessage refuses a longer key
 _ATTEMPTS = 5
 _BOOLEAN_FIELDS = frozenset({"marketing_consent", "enabled"})
 
@@ -440,10 +441,13 @@ class Intake:
     async def _render(
         self, kind: str, key: str, account: Account, data: dict[str, Any], *, expires_at: datetime | None = None
     ) -> OutboxMessage:
-        """Render off the loop, as the Notifier does; the outbox key is ``api:<kind>:<key>``."""
+        """Render off the loop, as the Notifier does; the outbox key is ``api:<kind>:<key>`` (with
+        the key's sha256 in its place when that would be longer than the outbox takes)."""
         s = self._settings()
         now = self._clock.now()
         notice_key = f"api:{kind}:{key}"
+        if len(notice_key) > _OUTBOX_KEY_MAX:  # a long Idempotency-Key: its digest is as unique and fits
+            notice_key = f"api:{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
         def render() -> bytes:
             rendered = self._renderer.render(kind, account.language, data)
