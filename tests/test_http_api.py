@@ -110,6 +110,20 @@ async def test_topup_credits_exactly(api: Api) -> None:
     assert await store.write(lambda tx: tx.get_state("acct1001", "low_armed")) == "1"
 
 
+async def test_a_notice_key_reused_after_its_request_row_is_purged_is_409(api: Api, smtp_sink: SmtpSink) -> None:
+    """The outbox keeps ``api:<kind>:<key>`` longer than api_requests keeps the answer: the same key
+    for another password change answered 202 with ``mails: 0``, and nobody was told."""
+    body = {"type": "password_changed", "data": {"source_ip": "192.0.2.7"}}
+    assert (await api.call("POST", "/v1/accounts/acct1001/events", body, key="pw-old"))[0] in (200, 202)
+    await _settle(smtp_sink, 1)
+    with sqlite3.connect(api.db) as conn:
+        assert conn.execute("DELETE FROM api_requests WHERE key = 'pw-old'").rowcount == 1
+    status, reply = await api.call("POST", "/v1/accounts/acct1001/events", body, key="pw-old")
+    assert (status, reply["field"]) == (409, "Idempotency-Key"), reply
+    status, reply = await api.call("POST", "/v1/accounts/acct1001/events", body, key="pw-new")
+    assert (status in (200, 202), reply["mails"]) == (True, 1), reply
+
+
 async def test_topup_key_reused_after_its_request_row_is_purged_is_409(api: Api, smtp_sink: SmtpSink) -> None:
     """Retention drops the api_requests row, not the ledger's ``api:<key>`` ref: the same key
     for another top-up must not answer 200 with nothing booked."""

@@ -480,7 +480,16 @@ class Intake:
                 if found is not None:
                     return self._replayed(found, digest)
                 body = planned.effects(tx)
-                body["mails"] = sum(1 for m in planned.messages if tx.enqueue(m))
+                queued = [tx.enqueue(m) for m in planned.messages]
+                if not all(queued):
+                    # the key's stored answer was purged (retention) but its mail's key stays in the
+                    # outbox: a reuse would answer 202 and mail nothing (a password change unannounced)
+                    raise ApiError(
+                        409,
+                        "this Idempotency-Key was used before (its answer is no longer kept); use a new key",
+                        "Idempotency-Key",
+                    )
+                body["mails"] = len(queued)
                 tx.record_api_request(key, digest, planned.status, json.dumps(body, sort_keys=True))
                 return Reply(planned.status, body)
 
