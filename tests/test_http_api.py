@@ -181,6 +181,24 @@ async def test_put_account_and_allowed_ip_change(api: Api, smtp_sink: SmtpSink) 
     assert b"X-ClickPhone-Kind: allowed_ip_changed" in smtp_sink.messages[0].data
 
 
+async def test_an_allow_list_change_that_also_moves_the_address_tells_the_old_address_too(
+    api: Api, smtp_sink: SmtpSink
+) -> None:
+    """One PUT that changes both the e-mail and the allow-list (a hijacked portal session, say)
+    used to alert only the new address: the attacker's."""
+    new = {"name": "Ana Pop", "email": "ana.pop@example.ro", "allowed_ips": ["192.0.2.1"]}
+    assert (await api.call("PUT", "/v1/accounts/acct2001", new, key="mv1"))[0] == 201
+    moved = {**new, "email": "someone.else@example.net", "allowed_ips": []}
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", moved, key="mv2")
+    assert (status, reply["mails"]) == (200, 2), reply
+    await _settle(smtp_sink, 2)
+    assert sorted(m.rcpt_tos[0] for m in smtp_sink.messages) == ["ana.pop@example.ro", "someone.else@example.net"]
+    assert all(b"X-ClickPhone-Kind: allowed_ip_changed" in m.data for m in smtp_sink.messages)
+    # the address alone changing is not an allow-list notice
+    status, reply = await api.call("PUT", "/v1/accounts/acct2001", {**moved, "email": "a@example.ro"}, key="mv3")
+    assert (status, reply["mails"]) == (200, 0), reply
+
+
 async def test_metrics_and_health(api: Api) -> None:
     async with api.session.get(api.base + "/metrics") as resp:
         assert resp.status == 200

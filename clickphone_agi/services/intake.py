@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -274,6 +274,11 @@ class Intake:
                     "at": self._clock.now(),
                 }
                 messages = (await self._render("allowed_ip_changed", key, account, data),)
+                if old.email.lower() != account.email.lower():
+                    # the same request moved the address: a hijacked portal session would alert only
+                    # the attacker's, so the address the subscriber had until now is told too
+                    previous = replace(account, email=old.email)
+                    messages += (await self._render("allowed_ip_changed", f"{key}:previous", previous, data),)
 
             def effects(tx: WriteTx) -> dict[str, Any]:
                 if tx.get_account(code) != old:
