@@ -12,8 +12,16 @@ import pytest
 from clickphone_agi.adapters.smtp import render_row, unsubscribe_headers
 from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.accounts import Account
-from clickphone_agi.domain.consent import Candidate, Skip, add_months, earliest_effective, marketing_skip
+from clickphone_agi.domain.consent import (
+    Candidate,
+    Skip,
+    add_months,
+    audience_matches,
+    earliest_effective,
+    marketing_skip,
+)
 from clickphone_agi.domain.outbox import OutboxRow, OutboxStatus
+from clickphone_agi.domain.privacy import anonymised
 from clickphone_agi.domain.unsubscribe import ForgedToken, MalformedToken, make_token, unsubscribe_url, verify_token
 from clickphone_agi.notices.render import InvalidHeader, Renderer
 
@@ -74,6 +82,16 @@ def test_one_calendar_month_ahead(today: date, earliest: date) -> None:
 def _candidate(consent: bool | None, suppressed: bool = False, bounced: bool = False) -> Candidate:
     account = Account(code="a1", name="Ion", email="ion@example.ro")
     return Candidate(account, consent, suppressed, bounced)
+
+
+def test_a_broadcast_audience_leaves_out_erased_accounts() -> None:
+    """An erased account has no address: counting it as a recipient inflated every broadcast's
+    figures (the outbox then refused its row)."""
+    account = Account(code="acct1001", name="Ion Popescu", email="ion.popescu@example.ro")
+    assert audience_matches(account, None, None)
+    assert audience_matches(account, frozenset({"acct1001"}), "prepaid")
+    assert not audience_matches(anonymised(account), None, None)
+    assert not audience_matches(anonymised(account), frozenset({"acct1001"}), None)
 
 
 def test_marketing_needs_consent_and_suppression_wins() -> None:

@@ -87,5 +87,8 @@ def check_policy_version(version: str) -> None:
 
 
 def audience_matches(account: Account, codes: frozenset[str] | None, billing: str | None) -> bool:
-    """Whether a broadcast's filter (explicit account codes and/or billing mode) selects the account."""
+    """Whether a broadcast's filter (explicit account codes and/or billing mode) selects the account.
+    An erased account is nobody's audience: no address is left to mail, so it is not a recipient."""
+    if account.erased:
+        return False
     return (codes is None or account.code in codes) and (billing is None or account.billing == billing)
