@@ -417,20 +417,30 @@ def _dial(name: str) -> CallEnded:
     return call
 
 
+@contextlib.asynccontextmanager
+async def _half_a_minute_before(
+    cut: datetime, tmp_path: Path, entries: tuple[TariffEntry, ...], balance: int
+) -> AsyncIterator[tuple[SqliteStore, MoneyService, MoneySettings]]:
+    """A store and a money service 30 s before ``cut``, acct1001 (no daily limit) holding ``balance``."""
+    eve = cut - timedelta(seconds=30)
+    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(eve))
+    s.start()
+    try:
+        account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
+        await provision(s, balance, account)
+        settings = MoneySettings(tariffs=TariffTable(entries), zone=TZ, rule=BillingRule("Dial", ("lab-outbound",)))
+        yield s, MoneyService(s, FakeClock(eve), settings), settings
+    finally:
+        await s.close()
+
+
 async def test_a_rate_change_during_the_ringing_cannot_push_a_call_past_its_budget(tmp_path: Path) -> None:
     """Authorised at 23:59:30 at 5 bani/min, answered at 00:00:10 under the new 60 bani/min: the
     tariff at the answer prices the call, so MAXSEC and the reservation come from the dearer one."""
     cut = datetime(2026, 12, 1, tzinfo=TZ)
     old = dataclasses.replace(entry("40", "0.05"), effective_to=cut)
     new = dataclasses.replace(entry("40", "0.60"), name="new", effective_from=cut)
-    eve = cut - timedelta(seconds=30)
-    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(eve))
-    s.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
-        await provision(s, 300, account)
-        settings = MoneySettings(tariffs=TariffTable((old, new)), zone=TZ, rule=BillingRule("Dial", ("lab-outbound",)))
-        money = MoneyService(s, FakeClock(eve), settings)
+    async with _half_a_minute_before(cut, tmp_path, (old, new), 300) as (s, money, _):
         decision = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")
         assert (decision.allow, decision.max_seconds, decision.reserve) == (True, 300, 300)  # 5 min at 60 bani
         answered = cut + timedelta(seconds=10)
@@ -441,8 +451,6 @@ async def test_a_rate_change_during_the_ringing_cannot_push_a_call_past_its_budg
         )  # fmt: skip
         await EventProcessor(s, SINCE, money).handle(call)
         assert await s.write(lambda tx: tx.balance("acct1001")) == 0  # all of it, and not a ban more
-    finally:
-        await s.close()
 
 
 async def test_a_tariff_that_ends_during_the_ringing_with_no_successor_denies_the_call(tmp_path: Path) -> None:
@@ -452,14 +460,7 @@ async def test_a_tariff_that_ends_during_the_ringing_with_no_successor_denies_th
     tariff; one authorised after the margin before the end, or with a successor, is not affected."""
     cut = datetime(2026, 12, 1, tzinfo=TZ)
     ending = dataclasses.replace(entry("40", "0.05"), effective_to=cut)
-    eve = cut - timedelta(seconds=30)
-    s = await SqliteStore.open(tmp_path / "t.db", FakeClock(eve))
-    s.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion.popescu@example.ro", daily_limit=None)
-        await provision(s, 1000, account)
-        settings = MoneySettings(tariffs=TariffTable((ending,)), zone=TZ, rule=BillingRule("Dial", ("lab-outbound",)))
-        money = MoneyService(s, FakeClock(eve), settings)
+    async with _half_a_minute_before(cut, tmp_path, (ending,), 1000) as (s, money, settings):
         decision = await money.authorize("acct1001", "0721000001", "127.0.0.1", "c1")
         assert (decision.allow, decision.reason, decision.reserve) == (False, Reason.NO_ROUTE, 0)
         earlier = MoneyService(s, FakeClock(cut - timedelta(minutes=6)), settings)  # answered before the end
@@ -467,8 +468,6 @@ async def test_a_tariff_that_ends_during_the_ringing_with_no_successor_denies_th
         successor = dataclasses.replace(entry("4072", "0.05"), name="successor", effective_from=cut)
         settings.tariffs = TariffTable((ending, successor))  # a longer prefix takes over: still priced
         assert (await money.authorize("acct1001", "0721000001", "127.0.0.1", "c3")).allow
-    finally:
-        await s.close()
 
 
 async def test_a_call_reserved_well_before_midnight_does_not_hold_todays_limit(tmp_path: Path) -> None:

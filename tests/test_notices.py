@@ -340,10 +340,20 @@ end=1
 """
 
 
-async def _fax_mail(short_tmp: Path, max_attachment_bytes: int) -> EmailMessage:
-    """The received-fax notice the start-up scan queues for the real G3 fax and its sidecar."""
+async def _fax_mail(
+    short_tmp: Path,
+    max_attachment_bytes: int = 10 * 1024 * 1024,
+    *,
+    arrived: datetime | None = None,
+    clock: FakeClock | None = None,
+) -> EmailMessage:
+    """The received-fax notice the start-up scan queues for the real G3 fax and its sidecar
+    (written at ``arrived``, when given), with the daemon's clock at ``clock``."""
     vm, fax = _spool(short_tmp / "spool")
-    (fax / "rx-1795882939.18.tif.result").write_text(RX_SIDECAR)
+    sidecar = fax / "rx-1795882939.18.tif.result"
+    sidecar.write_text(RX_SIDECAR)
+    if arrived is not None:
+        os.utime(sidecar, (arrived.timestamp(), arrived.timestamp()))
     store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
     store.start()
     try:
@@ -354,7 +364,7 @@ async def _fax_mail(short_tmp: Path, max_attachment_bytes: int) -> EmailMessage:
             message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
             max_attachment_bytes=max_attachment_bytes,
         )  # fmt: skip
-        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+        notifier = Notifier(store, clock or FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
         await notifier.scan_all()
         rows = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
     finally:
@@ -471,26 +481,8 @@ async def test_a_fax_found_by_the_start_up_scan_is_dated_when_it_arrived_not_whe
     """Regression: every fax notice said "Date and time: <now>", so a fax received at 03:10 while
     the daemon was down was announced as received at the restart hours later. The sidecar's
     mtime (written at the fax call's hangup) is when it arrived."""
-    vm, fax = _spool(short_tmp / "spool")
-    (fax / "rx-1795882939.18.tif.result").write_text(RX_SIDECAR)
     arrived = datetime(2026, 11, 29, 1, 10, tzinfo=UTC)  # 03:10 in Bucharest
-    os.utime(fax / "rx-1795882939.18.tif.result", (arrived.timestamp(), arrived.timestamp()))
-    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
-    store.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion@example.ro", language="en")
-        await store.write(import_unit([(account, 1000)]))
-        settings = NoticeSettings(
-            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
-            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
-        )  # fmt: skip
-        clock = FakeClock(datetime(2026, 11, 29, 7, 45, tzinfo=UTC))  # the daemon is back at 09:45
-        notifier = Notifier(store, clock, Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
-        await notifier.scan_all()
-        rows = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
-    finally:
-        await store.close()
-    (mime,) = [m for row, m in rows if row.kind == "fax_received"]
-    text = _parse(mime).get_body(("plain",))
+    back = FakeClock(datetime(2026, 11, 29, 7, 45, tzinfo=UTC))  # the daemon is back at 09:45
+    text = (await _fax_mail(short_tmp, arrived=arrived, clock=back)).get_body(("plain",))
     assert text is not None
     assert "Date and time: 29 Nov 2026, 03:10" in text.get_content()
