@@ -4,6 +4,7 @@ spool samples, the real daemon, a real SMTP sink — exactly one correct mail pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import os
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -340,6 +342,28 @@ end=1
 """
 
 
+@contextlib.asynccontextmanager
+async def _scanning(
+    short_tmp: Path, vm: Path, fax: Path, clock: FakeClock | None = None, language: str = "ro", **settings: Any
+) -> AsyncIterator[tuple[SqliteStore, Notifier]]:
+    """A real store with acct1001 (box 100@default, mail in ``language``) and a Notifier on the
+    spool ``vm``/``fax``."""
+    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
+    store.start()
+    try:
+        account = Account(
+            code="acct1001", name="Ion", email="ion@example.ro", language=language, mailboxes=(Mailbox("100@default"),)
+        )
+        await store.write(import_unit([(account, 1000)]))
+        config = NoticeSettings(
+            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax, **settings,
+        )  # fmt: skip
+        yield store, Notifier(store, clock or FakeClock(), Renderer(), config, datetime(2026, 1, 1, tzinfo=UTC))
+    finally:
+        await store.close()
+
+
 async def _fax_mail(
     short_tmp: Path,
     max_attachment_bytes: int = 10 * 1024 * 1024,
@@ -354,21 +378,12 @@ async def _fax_mail(
     sidecar.write_text(RX_SIDECAR)
     if arrived is not None:
         os.utime(sidecar, (arrived.timestamp(), arrived.timestamp()))
-    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
-    store.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion@example.ro", language="en")
-        await store.write(import_unit([(account, 1000)]))
-        settings = NoticeSettings(
-            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
-            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
-            max_attachment_bytes=max_attachment_bytes,
-        )  # fmt: skip
-        notifier = Notifier(store, clock or FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+    async with _scanning(short_tmp, vm, fax, clock, "en", max_attachment_bytes=max_attachment_bytes) as (
+        store,
+        notifier,
+    ):
         await notifier.scan_all()
         rows = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
-    finally:
-        await store.close()
     (mime,) = [m for row, m in rows if row.kind == "fax_received"]
     return _parse(mime)
 
@@ -410,20 +425,9 @@ async def test_the_recording_is_attached_under_a_name_and_type_that_match_its_fo
     vm, fax = _spool(short_tmp / "spool")
     inbox = vm / "default" / "100" / "INBOX"
     (inbox / "msg0000.gsm").write_bytes(b"\xd8" + bytes(32))  # one GSM frame
-    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
-    store.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion@example.ro", mailboxes=(Mailbox("100@default"),))
-        await store.write(import_unit([(account, 1000)]))
-        settings = NoticeSettings(
-            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
-            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax, audio_format=audio_format,
-        )  # fmt: skip
-        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+    async with _scanning(short_tmp, vm, fax, audio_format=audio_format) as (store, notifier):
         await notifier.scan_all()
         ((_row, mime),) = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
-    finally:
-        await store.close()
     (part,) = _parse(mime).iter_attachments()
     assert (part.get_filename(), part.get_content_type()) == (filename, content_type)
 
@@ -441,16 +445,7 @@ async def test_a_message_renumbered_while_its_box_is_mailed_goes_out_once_with_i
     (inbox / "msg0001.txt").write_text(
         (inbox / "msg0000.txt").read_text().replace("1795882923-00000000", "1795883000-00000001")
     )
-    store = await SqliteStore.open(short_tmp / "db.sqlite", FakeClock())
-    store.start()
-    try:
-        account = Account(code="acct1001", name="Ion", email="ion@example.ro", mailboxes=(Mailbox("100@default"),))
-        await store.write(import_unit([(account, 1000)]))
-        settings = NoticeSettings(
-            system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
-            message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
-        )  # fmt: skip
-        notifier = Notifier(store, FakeClock(), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+    async with _scanning(short_tmp, vm, fax) as (store, notifier):
         spool = notifier._spool
         listed = spool.list_messages("default", "100")
 
@@ -467,8 +462,6 @@ async def test_a_message_renumbered_while_its_box_is_mailed_goes_out_once_with_i
         assert await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10) == []
         await notifier.voicemail_box("default", "100")
         mails = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
-    finally:
-        await store.close()
     assert [row.idempotency_key for row, _ in mails] == ["vm:pbx1:100@default:1795883000-00000001"]
     (part,) = _parse(mails[0][1]).iter_attachments()
     assert part.get_content() == b"RIFF the second caller"
