@@ -133,8 +133,10 @@ class WriteTx(Protocol):
         """The reason ``address`` is suppressed (no mail at all goes to it), or None."""
         ...
 
-    def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
-        """One more hard bounce for ``address``; True if that (or an earlier one) suppressed it."""
+    def count_hard_bounce(self, address: str, reason: str, limit: int, row_id: int | None = None) -> bool:
+        """One more hard bounce for ``address``; True if that (or an earlier one) suppressed it.
+        With ``row_id`` (the outbox row that bounced), nothing is counted if that row no longer
+        goes to ``address``: an erasure took the address while the mail was in flight."""
         ...
 
     def verp_key(self, candidate: bytes | None) -> bytes | None:

@@ -29,6 +29,7 @@ from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.domain.privacy import address_hash, number_forms
 from clickphone_agi.domain.unsubscribe import make_token
 from clickphone_agi.notices.render import Renderer, build_message
+from clickphone_agi.ports import WriteTx
 from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import adjust_unit, import_unit
 from clickphone_agi.services.consent import ConsentService, ConsentSettings
@@ -322,6 +323,25 @@ async def test_a_body_rendered_during_the_erasure_is_not_written_back(store: Sql
     assert b"Ion Popescu" not in _raw(store.path)
     (row,) = await store.outbox_rows()
     assert (row.status, row.recipient) == ("dead", "erased@erased.invalid")
+
+
+async def test_a_mail_in_flight_that_bounces_after_the_erasure_stores_no_address(store: SqliteStore) -> None:
+    """The sender holds the row (with the address) while the erasure runs; the relay's 550 then
+    came back and the bounce count stored the plain address again, in a fresh suppression row."""
+    await store.write(import_unit([(ION, 5000)]))
+    missed = {"name": "Ion", "caller_name": "", "caller_number": "0744123456", "number": "+40721000001", "at": NOW}
+    mail = _mail("missed_call", "missed:pbx1:fly", "ion.popescu@example.ro", {**missed, "rang": 4})
+    assert await store.write(lambda tx: tx.enqueue(mail))
+    (due,) = await store.due_mail(NOW, 10)
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    reply = "550 5.1.1 <ion.popescu@example.ro>: Recipient address rejected"
+
+    def bounced(tx: WriteTx) -> bool:  # what the sender's failure unit does with the row it holds
+        tx.mark_failed(due.row.id, reply, NOW, dead=True, smtp_reply=reply)
+        return tx.count_hard_bounce(due.row.recipient, reply, 1, due.row.id)
+
+    assert await store.write(bounced) is False
+    assert b"ion.popescu@example.ro" not in _raw(store.path)
 
 
 async def test_a_bounce_after_the_erasure_keeps_the_address_hashed(store: SqliteStore) -> None:

@@ -511,7 +511,7 @@ class OutboxSender:
 
         def record(tx: WriteTx) -> bool:
             tx.mark_failed(row.id, outcome.reply, next_at, dead=decision.dead, smtp_reply=reply, envelope_from=envelope)
-            return bad_mailbox and tx.count_hard_bounce(row.recipient, outcome.reply, cfg.hard_bounce_limit)
+            return bad_mailbox and tx.count_hard_bounce(row.recipient, outcome.reply, cfg.hard_bounce_limit, row.id)
 
         now_suppressed = await self._store.write(record)
         fields: dict[str, Any] = {
@@ -817,7 +817,9 @@ def bounce_unit(report: DeliveryReport, file_key: bytes | None, limit: int) -> C
         if verdict in (Verdict.DELAYED, Verdict.OTHER):
             return {**result, "outcome": "noted"}  # the relay still tries (or delivered): nothing to record
         first = tx.mark_bounced(row.id, f"bounced: {primary.summary()}")
-        suppressed = verdict is Verdict.HARD and first and tx.count_hard_bounce(row.recipient, primary.summary(), limit)
+        suppressed = (
+            verdict is Verdict.HARD and first and tx.count_hard_bounce(row.recipient, primary.summary(), limit, row.id)
+        )
         return {**result, "outcome": "bounced" if first else "duplicate", "suppressed": suppressed}
 
     return unit

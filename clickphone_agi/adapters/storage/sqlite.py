@@ -42,7 +42,7 @@ from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.domain.policy import Policy
-from clickphone_agi.domain.privacy import address_forms
+from clickphone_agi.domain.privacy import address_forms, ascii_lower
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
@@ -972,7 +972,11 @@ class SqliteTx:
         ).fetchone()
         return str(row[0]) if row else None
 
-    def count_hard_bounce(self, address: str, reason: str, limit: int) -> bool:
+    def count_hard_bounce(self, address: str, reason: str, limit: int, row_id: int | None = None) -> bool:
+        if row_id is not None:
+            current = self._conn.execute("SELECT recipient FROM outbox WHERE id = ?", (row_id,)).fetchone()
+            if current is None or ascii_lower(str(current[0])) != ascii_lower(address):
+                return False  # erased (or purged) while in flight: its address must not be stored again
         now = to_db(self.now)
         plain, hashed = address_forms(address)
         # an address kept as its digest since its owner's erasure stays a digest: the plain address
