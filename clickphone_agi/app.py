@@ -569,6 +569,8 @@ class Daemon:
         self.loaded = LoadedConfig(merged, new.secrets, new.main_file, new.files, new.notes)
         if "logging" in live:
             configure_from(merged)
+        if self._parts is not None:  # notifications and smtp.from_address/message_id_domain
+            self._parts.notifier.apply_settings(notice_settings(merged))
         tariffs_loaded = await self._reload_tariffs(merged)  # the file may change without the config
         log.info("config.reloaded", applied=live, restart_required=restart)
         if not tariffs_loaded:  # counted and shown like a rejected config: not a silent "ready"

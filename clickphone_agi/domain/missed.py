@@ -269,6 +269,13 @@ class MissedCallTracker:
     def grace(self) -> timedelta:
         return self._grace
 
+    @grace.setter
+    def grace(self, grace: timedelta) -> None:
+        """A reload: calls still pending are decided with the new grace from their last CDR."""
+        if grace < timedelta(0) or grace > self._max_wait:
+            raise ValueError(f"grace must be between 0 and max_wait ({self._max_wait}), got {grace}")
+        self._grace = grace
+
     def __len__(self) -> int:
         """Calls observed and not decided yet."""
         return len(self._calls)

@@ -157,6 +157,17 @@ class Notifier:
             self.errors += 1
             log.exception("notices.security_failed", key=event.key)
 
+    def apply_settings(self, settings: NoticeSettings) -> None:
+        """A SIGHUP reload: the next scan, decision and mail use ``settings`` (the spool reader
+        holds no state of its own; the pending missed calls keep their place)."""
+        spool = VoicemailSpool(
+            settings.voicemail_root, audio_format=settings.audio_format,
+            max_attachment_bytes=settings.max_attachment_bytes,
+        )  # fmt: skip
+        self._tracker.grace = settings.missed_call_grace
+        self._spool = spool
+        self.settings = settings
+
     def raise_baseline(self, moment: datetime) -> None:
         """Never mail spool messages or faxes older than ``moment``, nor decide calls recovered
         from Master.csv that ended before it (the retention's key floor: their keys may be gone,
