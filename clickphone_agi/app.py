@@ -566,33 +566,37 @@ class Daemon:
         restart = [name for name in changed if name not in LIVE_SECTIONS]
         # adopt only what can change live; the rest keeps its running value until a restart
         merged = old.model_copy(update={name: getattr(new.config, name) for name in live})
+        # the tariff file first (it may change without the config): a broken one refuses the whole
+        # reload, so nothing of the new configuration is half-adopted beside the previous tariffs
+        tariffs_loaded, settings = await self._reload_tariffs(merged)
+        if not tariffs_loaded:  # counted and shown like a rejected config: not a silent "ready"
+            self.reload_failures += 1
+            log.error("config.reload_failed", problems=["tariff file refused"], kept="previous configuration")
+            self.notifier.ready(f"reload failed, running on previous tariffs; {self._status_text()}")
+            return False
         self.loaded = LoadedConfig(merged, new.secrets, new.main_file, new.files, new.notes)
         if "logging" in live:
             configure_from(merged)
         if self._parts is not None:  # notifications and smtp.from_address/message_id_domain
             self._parts.notifier.apply_settings(notice_settings(merged))
-        tariffs_loaded = await self._reload_tariffs(merged)  # the file may change without the config
+            if settings is not None and self._parts.money is not None:
+                self._parts.money.settings = settings
+                log.info("tariffs.reloaded", entries=len(settings.tariffs.entries))
         log.info("config.reloaded", applied=live, restart_required=restart)
-        if not tariffs_loaded:  # counted and shown like a rejected config: not a silent "ready"
-            self.reload_failures += 1
-            self.notifier.ready(f"reload failed, running on previous tariffs; {self._status_text()}")
-            return False
         self.reloads += 1
         self.notifier.ready(self._status_text())
         return True
 
-    async def _reload_tariffs(self, config: Config) -> bool:
-        """SIGHUP re-reads the tariff file; a broken one keeps the running table (False)."""
+    async def _reload_tariffs(self, config: Config) -> tuple[bool, MoneySettings | None]:
+        """SIGHUP re-reads the tariff file; a broken one is (False, None) and changes nothing."""
         parts = self._parts
         if parts is None or parts.money is None or config.billing.tariffs_file is None:
-            return True
+            return True, None
         try:
-            parts.money.settings = await asyncio.to_thread(money_settings, config)
+            return True, await asyncio.to_thread(money_settings, config)
         except Exception as exc:
             log.error("tariffs.reload_failed", error=str(exc), kept="previous tariffs")
-            return False
-        log.info("tariffs.reloaded", entries=len(parts.money.settings.tariffs.entries))
-        return True
+            return False, None
 
     def _commands(self) -> CommandTable:
         table = CommandTable()

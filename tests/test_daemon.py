@@ -229,8 +229,9 @@ async def test_sighup_reloads_tariffs_and_keeps_them_when_broken(
         failed = await daemon.wait_log(lambda e: e.get("event") == "tariffs.reload_failed")
         assert "rate_per_minute" in failed["error"]
         # the operator's other signals say so too: the status counts a failed reload, and systemd's
-        # STATUS= says the previous tariffs are still in use (not just "ready")
-        await daemon.wait_log(lambda e: e.get("event") == "config.reloaded")
+        # STATUS= says the previous tariffs are still in use (not just "ready"); nothing else of the
+        # configuration was adopted either
+        await daemon.wait_log(lambda e: e.get("event") == "config.reload_failed")
         status = await asyncio.to_thread(control.call, short_tmp / "run" / "control.sock", "status")
         assert status["reloads"] == {"ok": 0, "failed": 1}
         async with asyncio.timeout(10):

@@ -11,8 +11,11 @@ import pytest
 
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+
+BILLING = "billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
 
 
 async def _daemon(cfg: Path) -> tuple[Daemon, asyncio.Task[int]]:
@@ -43,6 +46,30 @@ async def test_reloaded_notifications_and_sender_reach_the_notices(
         assert settings.inbound_contexts == ("from-trunk",)
         assert settings.max_attachment_bytes == 2048
         assert settings.sender == "Voicemail <vm@clickphone.ro>"
+    finally:
+        d.request_stop()
+        assert await task == 0
+
+
+async def test_a_reload_refused_for_its_tariff_file_adopts_no_other_change(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """A reload reported as failed ("running on previous tariffs") must not have switched the
+    rest of the configuration: either all of it applies or none."""
+    tariffs = short_tmp / "tariffs.yaml"
+    tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
+    cfg = write_config(extra=BILLING.format(tariffs=tariffs))
+    d, task = await _daemon(cfg)
+    try:
+        before = d.config
+        tariffs.write_text("tariffs:\n  - prefix: '+40'\n    rate_per_minute: lots\n")
+        cfg.write_text(cfg.read_text() + "privacy:\n  retention_hour: 5\n")
+        cfg.write_text(cfg.read_text().replace("smtp:\n", "smtp:\n  timeout: 11\n"))
+        assert not await d.reload()
+        assert d.reload_failures == 1
+        assert d.config == before
+        assert d.config.privacy.retention_hour == 3
+        assert d.config.smtp.timeout == 30
     finally:
         d.request_stop()
         assert await task == 0
