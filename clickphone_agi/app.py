@@ -218,6 +218,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self.reloads = 0
         self.reload_failures = 0
+        #: sections changed in the file that the running daemon has not adopted (until a restart)
+        self.restart_required: list[str] = []
         self._started = time.monotonic()
         self._parts: Components | None = None
         self.voicemail_removed = 0
@@ -526,9 +528,10 @@ class Daemon:
         if parts is None:
             return "starting"
         ami = parts.ami.state if parts.ami else "disabled"
+        pending = f"; restart required ({', '.join(self.restart_required)})" if self.restart_required else ""
         return (
             f"AMI {ami}; {parts.processor.applied['cdr']} CDRs recorded; queue {parts.queue.depth};"
-            f" {parts.sender.sent} mails sent"
+            f" {parts.sender.sent} mails sent{pending}"
         )
 
     async def _status_loop(self) -> None:
@@ -582,6 +585,7 @@ class Daemon:
             if settings is not None and self._parts.money is not None:
                 self._parts.money.settings = settings
                 log.info("tariffs.reloaded", entries=len(settings.tariffs.entries))
+        self.restart_required = restart  # against the running values: a reverted change clears it
         log.info("config.reloaded", applied=live, restart_required=restart)
         self.reloads += 1
         self.notifier.ready(self._status_text())
@@ -672,6 +676,7 @@ class Daemon:
             "outbox": await parts.store.outbox_counts(),
             "mail": mail,
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
+            "restart_required": list(self.restart_required),
             "storage": parts.store.stats(),
             **await self._status_extra(parts, ami_status, mail),
         }

@@ -86,5 +86,7 @@ def format_status(status: dict[str, Any]) -> str:
         ("charges today", f"{charges.get('day', '?')}: {charges.get('calls', 0)} calls, {amount}"),
         ("retention", _retention(status.get("retention"))),
     ]
+    if status.get("restart_required"):
+        rows.append(("RESTART REQUIRED", f"changed and not applied: {', '.join(status['restart_required'])}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -11,6 +11,7 @@ import pytest
 
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
+from clickphone_agi.status_view import format_status
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,29 @@ async def test_a_reload_refused_for_its_tariff_file_adopts_no_other_change(
         assert d.config == before
         assert d.config.privacy.retention_hour == 3
         assert d.config.smtp.timeout == 30
+    finally:
+        d.request_stop()
+        assert await task == 0
+
+
+async def test_a_change_that_needs_a_restart_stays_in_status_until_then(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """`restart_required` was only a log line: `clickphone-agi status` and systemd's STATUS= said
+    nothing, so an operator who reloaded a new AMI port saw "ok" while the old one was in use."""
+    cfg = write_config()
+    d, task = await _daemon(cfg)
+    try:
+        cfg.write_text(cfg.read_text().replace("port: 5038", "port: 5040"))
+        assert await d.reload()
+        status = await d._cmd_status({})
+        assert status["restart_required"] == ["ami"]
+        assert "RESTART REQUIRED" in format_status(status)
+        assert "restart required (ami)" in d._status_text()
+        cfg.write_text(cfg.read_text().replace("port: 5040", "port: 5038"))  # reverted: nothing pending
+        assert await d.reload()
+        assert (await d._cmd_status({}))["restart_required"] == []
+        assert "restart" not in d._status_text()
     finally:
         d.request_stop()
         assert await task == 0
