@@ -68,6 +68,12 @@ log = structlog.get_logger(__name__)
 # Sections a running daemon can adopt on SIGHUP; the rest are bound to sockets, files or tasks
 # created at start and need a restart.
 LIVE_SECTIONS = frozenset({"logging", "smtp", "notifications", "billing", "privacy"})
+# Secrets the components receive once at start, by the key that names their file.
+SECRETS_AT_START = (
+    ("ami.secret_file", "ami_secret"),
+    ("api.token_file", "api_token"),
+    ("api.unsubscribe_secret_file", "unsubscribe_secret"),
+)
 VOICEMAIL_REMOVE_TIMEOUT = 10.0  # seconds for Asterisk to answer a VoicemailRemove
 
 
@@ -220,6 +226,7 @@ class Daemon:
         self.reload_failures = 0
         #: sections changed in the file that the running daemon has not adopted (until a restart)
         self.restart_required: list[str] = []
+        self.started_secrets = self.loaded.secrets
         self._started = time.monotonic()
         self._parts: Components | None = None
         self.voicemail_removed = 0
@@ -567,6 +574,13 @@ class Daemon:
         changed = [name for name in type(old).model_fields if getattr(old, name) != getattr(new.config, name)]
         live = [name for name in changed if name in LIVE_SECTIONS]
         restart = [name for name in changed if name not in LIVE_SECTIONS]
+        # the AMI login, the API token and the unsubscribe key are handed over at start (only the
+        # SMTP password is re-read per connection): a rotated one is not in use before a restart
+        restart += [
+            key
+            for key, attr in SECRETS_AT_START
+            if getattr(self.started_secrets, attr) != getattr(new.secrets, attr) and key not in restart
+        ]
         # adopt only what can change live; the rest keeps its running value until a restart
         merged = old.model_copy(update={name: getattr(new.config, name) for name in live})
         # the tariff file first (it may change without the config): a broken one refuses the whole

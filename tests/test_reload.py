@@ -97,3 +97,22 @@ async def test_a_change_that_needs_a_restart_stays_in_status_until_then(
     finally:
         d.request_stop()
         assert await task == 0
+
+
+async def test_a_rotated_api_token_is_reported_as_needing_a_restart(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The HTTP API keeps the token it was started with: after a SIGHUP with a new token file the
+    old token still works, so the reload must not look complete."""
+    token = short_tmp / "api-token"
+    token.write_text("first-token-0123456789\n")
+    cfg = write_config(extra=f"api:\n  token_file: {token}\n")
+    d, task = await _daemon(cfg)
+    try:
+        token.write_text("second-token-0123456789\n")
+        assert await d.reload()
+        assert (await d._cmd_status({}))["restart_required"] == ["api.token_file"]
+        assert "second-token" not in d._status_text()
+    finally:
+        d.request_stop()
+        assert await task == 0
