@@ -753,7 +753,9 @@ class Daemon:
 
         def intake_settings() -> IntakeSettings:
             c = self.config  # smtp and billing follow a reload
-            return IntakeSettings(c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone)
+            return IntakeSettings(
+                c.smtp.from_address, c.smtp.message_id_domain, c.billing.timezone, c.notifications.default_language
+            )
 
         def consent_settings() -> ConsentSettings:
             return ConsentSettings(self.config.billing.timezone, secret_bytes)

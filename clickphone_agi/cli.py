@@ -407,7 +407,7 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
     if action == "import":
         from clickphone_agi.adapters.accounts_file import AccountsFileError, load_accounts
 
-        items = load_accounts(args.file)
+        items = load_accounts(args.file, _load(args, require_secrets=False).config.notifications.default_language)
         pairs = [(i.account, i.opening_balance) for i in items]
         # where each row was written, for a clash with a stored account (every row is valid here,
         # so the n-th item is the file's accounts[n])

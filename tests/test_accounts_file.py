@@ -594,6 +594,17 @@ def test_ip_allow_list_parsing_ipv4_ipv6_and_hosts(tmp_path: Path) -> None:
     )
 
 
+def test_a_row_without_a_language_takes_the_configured_default(tmp_path: Path) -> None:
+    """``notifications.default_language`` was documented ("language for accounts that have none")
+    and read by nothing: every such account got Romanian."""
+    [plain] = load_accounts(write(tmp_path, "a.yaml", one_account_yaml()), default_language="en")
+    [chosen] = load_accounts(write(tmp_path, "b.csv", one_account_csv(language="ro")), default_language="en")
+    [csv] = load_accounts(write(tmp_path, "c.csv", one_account_csv()), default_language="en")
+    assert (plain.account.language, chosen.account.language, csv.account.language) == ("en", "ro", "en")
+    [default] = load_accounts(write(tmp_path, "d.yaml", one_account_yaml()))
+    assert default.account.language == "ro"
+
+
 def test_an_ipv4_mapped_allow_list_entry_is_read_as_ipv4_and_matches(tmp_path: Path) -> None:
     """Sources are checked as IPv4 when mapped (::ffff:a.b.c.d): an entry written that way never
     matched, and the account failed closed without saying why."""

@@ -116,8 +116,9 @@ class AccountsFileError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-def load_accounts(path: Path) -> list[AccountImport]:
-    """Read and validate every row of ``path``; raise :class:`AccountsFileError` if any is wrong."""
+def load_accounts(path: Path, default_language: str = "ro") -> list[AccountImport]:
+    """Read and validate every row of ``path``; raise :class:`AccountsFileError` if any is wrong.
+    A row without a language gets ``default_language`` (``notifications.default_language``)."""
     source = str(path)
     suffix = path.suffix.lower()
     if suffix not in {".yaml", ".yml", ".csv"}:
@@ -134,7 +135,7 @@ def load_accounts(path: Path) -> list[AccountImport]:
         raise AccountsFileError([f"{source}: cannot read: {exc.strerror}"]) from None
     problems = _Problems(source)
     rows = _yaml_rows(text, problems) if suffix in {".yaml", ".yml"} else _csv_rows(text, problems)
-    builder = _Builder(problems)
+    builder = _Builder(problems, default_language)
     imports = [imp for row in rows if (imp := builder.build(row)) is not None]
     if problems.lines:
         raise AccountsFileError(problems.sorted())
@@ -459,8 +460,9 @@ class _Claim:
 
 
 class _Builder:
-    def __init__(self, problems: _Problems) -> None:
+    def __init__(self, problems: _Problems, default_language: str = "ro") -> None:
         self.problems = problems
+        self.default_language = default_language
         self.codes: dict[str, _Claim] = {}
         self.dids: dict[str, _Claim] = {}
         self.boxes: dict[str, _Claim] = {}
@@ -481,6 +483,7 @@ class _Builder:
             return None
         opening_balance = parsed.pop("opening_balance")
         kwargs = {name: val for name, val in parsed.items() if val is not None}
+        kwargs.setdefault("language", self.default_language)
         dids: list[tuple[str, _Value]] = kwargs.pop("dids", [])
         boxes: list[tuple[Mailbox, _Value]] = kwargs.pop("mailboxes", [])
         try:

@@ -70,6 +70,7 @@ class IntakeSettings:
     sender: str
     message_id_domain: str
     timezone: str = "Europe/Bucharest"
+    default_language: str = "ro"  # notifications.default_language: an account PUT without one
 
 
 class _Changed(Exception):
@@ -125,9 +126,9 @@ def _to_value(raw: Any, where: str, *, top: str) -> _Value:
     raise ApiError(400, "unsupported value", where)
 
 
-def parse_account(code: str, body: Any) -> tuple[Account, int, str | None]:
+def parse_account(code: str, body: Any, default_language: str = "ro") -> tuple[Account, int, str | None]:
     """The PUT body → (account, opening balance in bani, ``source_ip`` if given); same fields as
-    ``accounts import`` (``code`` optional, and then the path's)."""
+    ``accounts import`` (``code`` optional, and then the path's; ``language`` else the default)."""
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON object", None)
     body = dict(body)
@@ -151,6 +152,7 @@ def parse_account(code: str, body: Any) -> tuple[Account, int, str | None]:
             raise ApiError(400, bad.message, bad.value.where) from None
     opening = int(parsed.pop("opening_balance"))
     kwargs = {name: val for name, val in parsed.items() if val is not None}
+    kwargs.setdefault("language", default_language)
     dids = kwargs.pop("dids", [])
     boxes = kwargs.pop("mailboxes", [])
     try:
@@ -259,7 +261,7 @@ class Intake:
         return Reply(status, json.loads(response))
 
     async def put_account(self, key: str, digest: str, code: str, body: Any, caller_ip: str) -> Reply:
-        account, opening, source_ip = parse_account(code, body)
+        account, opening, source_ip = parse_account(code, body, self._settings().default_language)
 
         async def plan() -> _Plan:
             old = await self._store.write(lambda tx: tx.get_account(code))
