@@ -553,3 +553,25 @@ def test_shuffling_a_calls_cdrs_does_not_change_the_decision(name: str, data: st
         tracker.observe(cdr, at)
     assert tracker.due(at + GRACE) == ([] if expected is None else [expected])
     assert len(tracker) == 0
+
+
+def test_the_called_number_comes_from_the_callers_leg_when_uniqueids_gain_a_digit() -> None:
+    """Asterisk's Uniqueid is ``<epoch>.<counter>``: a leg created after the caller's has a higher
+    counter, but ``.10`` sorts before ``.9`` as text. With the phone's own Dial in the same second,
+    the mail took the phone leg's ``Destination`` (its extension) for the number called (regression)."""
+    cdrs = cdrs_of("missed_call")
+    (dial,) = [c for c in cdrs if c.last_application == "Dial"]
+    (phone,) = [c for c in cdrs if c.last_application == "Wait"]
+    caller_leg = dataclasses.replace(
+        dial, unique_id="1795882897.9", key=cdr_key("lab", "1795882897.9", dial.destination_channel),
+        destination="0212345679",
+    )  # fmt: skip
+    phone_leg = dataclasses.replace(
+        phone, unique_id="1795882897.10", key=cdr_key("lab", "1795882897.10", "PJSIP/100-00000001"),
+        last_application="Dial", last_data="PJSIP/100", destination_channel="PJSIP/100-00000001",
+        disposition=Disposition.NO_ANSWER,
+    )  # fmt: skip
+    others = [c for c in cdrs if c is not dial and c is not phone]
+    missed = decide([*others, caller_leg, phone_leg], voicemail=False, owner="acct1001", system="lab")
+    assert missed is not None
+    assert (missed.called, missed.caller_num, missed.rang_seconds) == ("0212345679", "0744123456", 4)

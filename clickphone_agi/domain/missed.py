@@ -364,8 +364,10 @@ class MissedCallTracker:
 
 def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:
     """Deduplicated by key (an AMI copy preferred to a Master.csv one) in a fixed order: start,
-    Uniqueid, key. Every choice made from "the first" CDR is therefore independent of arrival order."""
-    ordered = sorted(cdrs, key=lambda c: (_utc(c.start), c.unique_id, c.key, c.origin is not EventSource.AMI))
+    Uniqueid (creation order), key. Every choice made from "the first" CDR is therefore independent of arrival order."""
+    ordered = sorted(
+        cdrs, key=lambda c: (_utc(c.start), *_creation_order(c.unique_id), c.key, c.origin is not EventSource.AMI)
+    )
     seen: set[str] = set()
     out: list[CallEnded] = []
     for cdr in ordered:
@@ -373,6 +375,13 @@ def _canonical(cdrs: Iterable[CallEnded]) -> list[CallEnded]:
             seen.add(cdr.key)
             out.append(cdr)
     return out
+
+
+def _creation_order(unique_id: str) -> tuple[str, int, str]:
+    """Asterisk's Uniqueid is ``[systemname-]<epoch>.<counter>``: a longer counter is a later
+    channel (``.10`` after ``.9``), which plain text order gets wrong once the counter gains a digit."""
+    head, _, counter = unique_id.rpartition(".")
+    return head, len(counter), counter
 
 
 def _utc(moment: datetime) -> datetime:
