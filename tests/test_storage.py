@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -206,6 +208,20 @@ async def test_backup_while_writing_is_consistent_and_restores(tmp_path: Path) -
         assert await s.event_count() == in_backup
     finally:
         await s.close()
+
+
+async def test_backup_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """A backup holds every subscriber's personal data: it is written 0600 even when the operator's
+    shell (or cron) runs with umask 022, like ``export calls --out`` and ``privacy export``."""
+    path = tmp_path / "t.db"
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    await s.close()
+    old = os.umask(0o022)
+    try:
+        db.backup(path, tmp_path / "backup.db")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "backup.db").stat().st_mode) == 0o600
 
 
 def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:

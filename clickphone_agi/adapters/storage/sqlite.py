@@ -2113,6 +2113,13 @@ def _closing(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists: SQLite then opens it as an empty
+    database and gives its journal, WAL and shared-memory files the same mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
 def integrity_check(path: Path) -> str:
     with _closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -2129,6 +2136,7 @@ def backup(db_path: Path, target: Path, busy_timeout: float = 5.0) -> dict[str, 
         raise StorageError(f"{db_path}: no such database")
     tmp = target.with_name(f".{target.name}.partial")
     tmp.unlink(missing_ok=True)
+    _create_private(tmp)  # personal data: not left to the operator's umask (SQLite would make it 0644)
     with _closing(connect_sync(db_path, busy_timeout, readonly=True)) as src:
         version = check_version(src, db_path)
         with _closing(sqlite3.connect(tmp)) as dst:
