@@ -210,6 +210,22 @@ async def test_backup_while_writing_is_consistent_and_restores(tmp_path: Path) -
         await s.close()
 
 
+async def test_a_new_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """``db migrate`` (or any writing verb) run by hand before the first start creates the
+    database: it and its -wal/-shm are 0600 as under the unit's UMask=0077, not 0644."""
+    path = tmp_path / "t.db"
+    old = os.umask(0o022)
+    try:
+        s = await db.SqliteStore.open(path, FakeClock(NOW))
+        s.start()
+        await s.write(lambda tx: tx.claim_event("k", "t"))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("t.db*")}
+        await s.close()
+    finally:
+        os.umask(old)
+    assert modes == {"t.db": 0o600, "t.db-wal": 0o600, "t.db-shm": 0o600}
+
+
 async def test_backup_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
     """A backup holds every subscriber's personal data: it is written 0600 even when the operator's
     shell (or cron) runs with umask 022, like ``export calls --out`` and ``privacy export``."""

@@ -124,6 +124,7 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
         _add_functions(conn)
         return conn
     path.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(path)  # personal data, also when a CLI verb creates it under umask 022
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
     configure_connection(conn, busy_timeout)
     return conn
