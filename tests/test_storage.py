@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
@@ -238,6 +239,32 @@ async def test_backup_file_is_private_whatever_the_umask(tmp_path: Path) -> None
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "backup.db").stat().st_mode) == 0o600
+
+
+async def _open_and_close(path: Path) -> None:
+    opened = await db.SqliteStore.open(path, FakeClock(NOW))
+    await opened.close()
+
+
+@pytest.mark.parametrize("content", ["foreign", "junk"])
+async def test_a_foreign_or_corrupt_file_at_the_database_path_is_refused_untouched(
+    tmp_path: Path, content: str
+) -> None:
+    """``database.path`` pointing at another application's SQLite file, or at a file that is not
+    a database: refused with the path in one clear line (exit 65), and not a byte changed: no
+    tables added, no switch to WAL."""
+    path = tmp_path / "t.db"
+    if content == "foreign":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE customers (name TEXT)")
+            conn.commit()
+    else:
+        path.write_bytes(b"not a database " * 500)
+    before = path.read_bytes()
+    with pytest.raises(db.StorageError, match=f"{path}: not a"):
+        await _open_and_close(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.db"]
 
 
 def test_restore_refuses_corrupt_or_foreign_files(tmp_path: Path) -> None:

@@ -121,13 +121,37 @@ def connect_sync(path: Path, busy_timeout: float = 5.0, *, readonly: bool = Fals
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        _tables(conn, path)
         _add_functions(conn)
         return conn
     path.parent.mkdir(parents=True, exist_ok=True)
     _create_private(path)  # personal data, also when a CLI verb creates it under umask 022
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+    tables = _tables(conn, path)
+    if tables and "schema_migrations" not in tables:
+        conn.close()
+        raise StorageError(
+            f"{path}: not a clickphone-agi database (it has tables but no schema_migrations); "
+            "refusing to touch it — check database.path"
+        )
     configure_connection(conn, busy_timeout)
     return conn
+
+
+def _tables(conn: sqlite3.Connection, path: Path) -> set[str]:
+    """The file's table names, read before anything is written; a file that is not an SQLite
+    database is refused with its path (and the connection closed)."""
+    try:
+        return {str(row[0]) for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:  # locked, I/O error: not the file's fault
+        conn.close()
+        raise
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StorageError(
+            f"{path}: not a usable SQLite database ({exc}); refusing to touch it — check database.path, "
+            "or move the file aside and 'clickphone-agi db restore' a backup"
+        ) from None
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
