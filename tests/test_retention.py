@@ -22,7 +22,7 @@ from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.events import EventSource
 from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage
-from clickphone_agi.domain.retention import RetentionPolicy, next_run_at
+from clickphone_agi.domain.retention import PURGE_AFTER_SEND, RetentionPolicy, next_run_at
 from clickphone_agi.ports import WriteTx
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.ingest import EventProcessor
@@ -129,6 +129,31 @@ async def test_old_rows_go_in_short_batches_recent_and_pending_stay(aged: tuple[
     assert done["processed_events"] == 7
     assert done["outbox_bodies"] == 21
     assert (await job.run_once())["purged"] == dict.fromkeys(result["purged"], 0)  # nothing twice
+
+
+async def test_big_bodies_go_in_windows_of_bounded_bytes(tmp_path: Path) -> None:
+    """A window of ``retention_batch`` (2000) voicemail or fax mails can be gigabytes: clearing
+    it in one transaction held the writer (authorize, charging) for seconds — 4.5 s for 2000
+    rows of 150 KB — and grew the WAL by as much. A window also stops at a few MiB of bodies."""
+    clock = FakeClock(START)
+    store = await SqliteStore.open(tmp_path / "t.db", clock)
+    store.start()
+    try:
+        body = b"Subject: voicemail\r\n\r\n" + b"A" * (1 << 20)
+        for i in range(12):
+            message = dataclasses.replace(_message(f"vm:{i}", clock.now(), kind="voicemail"), mime=body)
+            await store.write(lambda tx, m=message: tx.enqueue(m))
+        await store.write(lambda tx: tx._conn.execute("UPDATE outbox SET status = 'sent'"))  # type: ignore[attr-defined]
+        await clock.advance((NOW - START).total_seconds())
+        cutoff = POLICY.cutoffs(clock.now())["outbox_bodies"]
+        cleared, after = await store.write(lambda tx: tx.purge_bodies_window(cutoff, 0, 2000, PURGE_AFTER_SEND))
+        assert 1 <= cleared <= 8  # at most 8 MiB in one transaction
+        assert after is not None  # the rest in the next windows
+        result = await RetentionJob(store, clock, lambda: _settings(batch=2000)).run_once()
+        assert cleared + result["purged"]["outbox_bodies"] == 12
+        assert _count(store.path, "SELECT COUNT(*) FROM outbox WHERE message IS NOT NULL") == 0
+    finally:
+        await store.close()
 
 
 async def test_key_floor_stops_a_replay_of_a_purged_call(aged: tuple[SqliteStore, FakeClock]) -> None:
