@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from clickphone_agi.cli import EX_CONFIG, EX_DATAERR
+
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "clickphone-agi.service"
 MAX_EXPOSURE = 1.5
@@ -60,6 +62,8 @@ def test_unit_declares_notify_watchdog_and_reload(unit: dict[str, list[tuple[str
     assert "$MAINPID" in reload
     assert one(svc, "ExecStart").endswith("clickphone-agi run")
     assert one(svc, "Restart") == "on-failure"
+    # what fails the same way every time is not retried forever (cli's EX_DATAERR, EX_CONFIG)
+    assert set(one(svc, "RestartPreventExitStatus").split()) == {str(EX_DATAERR), str(EX_CONFIG)}
 
 
 def test_stop_timeout_exceeds_drain_bound(unit: dict[str, list[tuple[str, str]]]) -> None:
