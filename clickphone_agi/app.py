@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +73,11 @@ SECRETS_AT_START = (
     ("ami.secret_file", "ami_secret"),
     ("api.token_file", "api_token"),
     ("api.unsubscribe_secret_file", "unsubscribe_secret"),
+)
+# keys of live sections that the mail renderer takes once, at start: a change waits for a restart
+RENDERER_AT_START: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("notifications.templates_dir", lambda c: c.notifications.templates_dir),
+    ("billing.timezone", lambda c: c.billing.timezone),
 )
 VOICEMAIL_REMOVE_TIMEOUT = 10.0  # seconds for Asterisk to answer a VoicemailRemove
 
@@ -227,6 +232,7 @@ class Daemon:
         #: sections changed in the file that the running daemon has not adopted (until a restart)
         self.restart_required: list[str] = []
         self.started_secrets = self.loaded.secrets
+        self.started_config = self.loaded.config  # what the components built at start were given
         self._started = time.monotonic()
         self._parts: Components | None = None
         self.voicemail_removed = 0
@@ -581,6 +587,8 @@ class Daemon:
             for key, attr in SECRETS_AT_START
             if getattr(self.started_secrets, attr) != getattr(new.secrets, attr) and key not in restart
         ]
+        # the mail renderer's template directory and zone (mail times) are set at start too
+        restart += [key for key, value in RENDERER_AT_START if value(self.started_config) != value(new.config)]
         # adopt only what can change live; the rest keeps its running value until a restart
         merged = old.model_copy(update={name: getattr(new.config, name) for name in live})
         # the tariff file first (it may change without the config): a broken one refuses the whole

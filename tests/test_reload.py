@@ -116,3 +116,23 @@ async def test_a_rotated_api_token_is_reported_as_needing_a_restart(
     finally:
         d.request_stop()
         assert await task == 0
+
+
+async def test_a_new_templates_dir_or_zone_is_reported_as_needing_a_restart(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The mail renderer keeps the template directory and the zone (mail times) it was built with,
+    though both sit in sections that reload live: a change was neither applied nor reported."""
+    cfg = write_config()
+    d, task = await _daemon(cfg)
+    try:
+        templates = short_tmp / "templates"
+        templates.mkdir()
+        cfg.write_text(
+            cfg.read_text() + f"notifications:\n  templates_dir: {templates}\nbilling:\n  timezone: Europe/London\n"
+        )
+        assert await d.reload()
+        assert (await d._cmd_status({}))["restart_required"] == ["notifications.templates_dir", "billing.timezone"]
+    finally:
+        d.request_stop()
+        assert await task == 0
