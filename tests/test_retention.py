@@ -156,6 +156,33 @@ async def test_big_bodies_go_in_windows_of_bounded_bytes(tmp_path: Path) -> None
         await store.close()
 
 
+async def test_a_dead_reset_link_mail_loses_its_body_once_the_link_expired(tmp_path: Path) -> None:
+    """A reset-link mail that died (relay refused it) keeps its body for ``outbox retry``; once the
+    link has expired nothing is left to retry, but the link stayed in the file for the 30 days of
+    body retention."""
+    clock = FakeClock(START)
+    store = await SqliteStore.open(tmp_path / "t.db", clock)
+    store.start()
+    try:
+        for key, hours in (("api:password_recovery:old", 1), ("api:password_recovery:new", 48)):
+            message = dataclasses.replace(
+                _message(key, clock.now(), kind="password_recovery"),
+                expires_at=clock.now() + timedelta(hours=hours),
+            )
+            await store.write(lambda tx, m=message: tx.enqueue(m))
+        await store.write(lambda tx: tx._conn.execute("UPDATE outbox SET status = 'dead'"))  # type: ignore[attr-defined]
+        await clock.advance(2 * 3600)  # the first link expired, the second has 46 h left
+        cutoff = POLICY.cutoffs(clock.now())["outbox_bodies"]  # 30 days ago: neither row is that old
+        cleared, _ = await store.write(lambda tx: tx.purge_bodies_window(cutoff, 0, 2000, PURGE_AFTER_SEND))
+        assert cleared == 1
+        kept = "SELECT idempotency_key FROM outbox WHERE message IS NOT NULL"
+        conn = sqlite3.connect(store.path)
+        assert conn.execute(kept).fetchall() == [("api:password_recovery:new",)]  # still retryable
+        conn.close()
+    finally:
+        await store.close()
+
+
 async def test_key_floor_stops_a_replay_of_a_purged_call(aged: tuple[SqliteStore, FakeClock]) -> None:
     store, clock = aged
     processor = EventProcessor(store, SINCE, _money(store))

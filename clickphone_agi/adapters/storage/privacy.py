@@ -439,19 +439,20 @@ so a window of 2000 voicemail or fax mails could hold the writer for seconds."""
 
 
 def purge_outbox_bodies_window(
-    conn: Any, cutoff_db: str, after: int, limit: int, at_once: frozenset[str]
+    conn: Any, cutoff_db: str, after: int, limit: int, at_once: frozenset[str], *, now_db: str = ""
 ) -> tuple[int, int | None]:
     """Clear body and template data of finished rows created before ``cutoff_db`` — and of finished
-    rows of the ``at_once`` kinds whatever their age (a dead one is kept for ``outbox retry``) —
-    among the next ``limit`` row ids after ``after``, stopping early at :data:`BODY_WINDOW_BYTES`
-    of bodies. The rows themselves stay (audit trail)."""
+    rows of the ``at_once`` kinds whatever their age (a dead one is kept for ``outbox retry`` until
+    it expires at ``now_db``: a reset link past its expiry has nothing left to retry) — among the
+    next ``limit`` row ids after ``after``, stopping early at :data:`BODY_WINDOW_BYTES` of bodies.
+    The rows themselves stay (audit trail)."""
     statuses = _marks(FINISHED_STATUSES)
     kinds = sorted(at_once)
     due = (
         f"status IN ({statuses}) AND (message IS NOT NULL OR payload IS NOT NULL)"
-        f" AND (created_at < ? OR (kind IN ({_marks(kinds)}) AND status != 'dead'))"
+        f" AND (created_at < ? OR (kind IN ({_marks(kinds)}) AND (status != 'dead' OR expires_at <= ?)))"
     )
-    params = (*FINISHED_STATUSES, cutoff_db, *kinds)
+    params = (*FINISHED_STATUSES, cutoff_db, *kinds, now_db)
     rows = conn.execute(
         f"SELECT id, CASE WHEN {due} THEN COALESCE(length(message), 0) + COALESCE(length(payload), 0) ELSE 0 END"  # noqa: S608
         " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",

@@ -1253,7 +1253,9 @@ class SqliteTx:
         self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
     ) -> tuple[int, int | None]:
         """One retention window of outbox bodies (finished rows only; never pending)."""
-        return privacy_sql.purge_outbox_bodies_window(self._conn, to_db(cutoff), after, limit, at_once)
+        return privacy_sql.purge_outbox_bodies_window(
+            self._conn, to_db(cutoff), after, limit, at_once, now_db=self._batch.now_db
+        )
 
     def drop_body(self, row_id: int) -> None:
         """Forget a finished row's body and template data at once (a reset link, payment details)."""
