@@ -53,6 +53,28 @@ async def test_fresh_database_is_migrated_with_durable_pragmas(store: db.SqliteS
     assert await db._call(store._writer, lambda c: c.execute("PRAGMA secure_delete").fetchone()[0]) == 1
 
 
+async def test_the_wal_shrinks_back_after_one_big_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without journal_size_limit the -wal file kept the size of the biggest transaction it ever
+    held (290 MB after a retention pass over voicemail bodies) for as long as the daemon ran."""
+    monkeypatch.setattr(db, "WAL_SIZE_LIMIT", 256 * 1024)
+    s = await db.SqliteStore.open(tmp_path / "t.db", FakeClock(NOW))
+    s.start()
+    try:
+        wal = tmp_path / "t.db-wal"
+
+        def big(tx: WriteTx) -> None:
+            tx.set_meta("filler", "x" * (6 << 20))  # type: ignore[attr-defined]
+
+        await s.write(big)
+        peak = wal.stat().st_size
+        await s.write(lambda tx: tx.set_meta("filler", "small"))  # type: ignore[attr-defined]
+        await s.write(lambda tx: tx.set_meta("filler", "smaller"))  # type: ignore[attr-defined]
+        assert peak > 6 << 20
+        assert wal.stat().st_size <= 256 * 1024
+    finally:
+        await s.close()
+
+
 async def test_go_live_baseline_recorded_once(tmp_path: Path) -> None:
     clock = FakeClock(NOW)
     s = await db.SqliteStore.open(tmp_path / "t.db", clock)

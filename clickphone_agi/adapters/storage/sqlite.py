@@ -100,8 +100,14 @@ def from_db(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
+# the -wal file is truncated back to this after a checkpoint: one big transaction (a restore, a
+# retention pass, a burst) otherwise leaves it at its peak size for as long as the daemon runs
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def configure_connection(conn: sqlite3.Connection, busy_timeout: float = 5.0) -> None:
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StorageError(f"cannot switch the database to WAL mode (got {mode!r})")
