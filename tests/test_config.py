@@ -68,6 +68,14 @@ def test_typo_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
     assert _problems(f) == [f"{f}: ami.prot: unknown key (did you mean 'port'?)"]
 
 
+def test_a_number_yaml_made_of_text_says_to_quote_it(tmp_path: Path) -> None:
+    """``country_code: 040`` read as the octal 32: the message showed a value nobody typed."""
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\nbilling:\n  country_code: 040\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}: billing.country_code: expected a valid string, got the number 32")
+    assert "put the value in quotes" in problem
+
+
 def test_wrong_type_in_conf_d_names_that_file(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n")
     extra = _write(tmp_path / "conf.d" / "50-smtp.yaml", "smtp:\n  port: abc\n")

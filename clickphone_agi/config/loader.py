@@ -254,6 +254,9 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel], path: KeyPath) -
         message = "expected " + message.removeprefix("Input should be ")
     elif message and not message.startswith("expected"):
         message = message[0].lower() + message[1:]
+    if kind == "string_type" and isinstance(got, int | float) and not isinstance(got, bool):
+        # YAML turned what was typed into a number: 040 is the octal 32, 1:30 is 90, 1e3 is 1000.0
+        return f"{message}, got the number {got_text}: put the value in quotes (YAML reads 040 as 32, 1:30 as 90)"
     if got_text in message:
         return message
     return f"{message}, got {got_text}"
