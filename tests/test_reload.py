@@ -4,7 +4,8 @@ nothing, and a change that waits for a restart stays visible until the restart."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,17 @@ pytestmark = pytest.mark.slow
 BILLING = "billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
 
 
-async def _daemon(cfg: Path) -> tuple[Daemon, asyncio.Task[int]]:
+@contextlib.asynccontextmanager
+async def _daemon(cfg: Path) -> AsyncIterator[Daemon]:
+    """The daemon running in-process on ``cfg``; it must stop cleanly (exit 0) afterwards."""
     d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(d.ready.wait(), 10)
-    return d, task
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        assert await task == 0
 
 
 async def test_reloaded_notifications_and_sender_reach_the_notices(
@@ -32,8 +39,7 @@ async def test_reloaded_notifications_and_sender_reach_the_notices(
     """`config.reloaded applied=[notifications, smtp]` must be true for the voicemail, fax and
     missed-call notices too, not only for the outbox sender."""
     cfg = write_config()
-    d, task = await _daemon(cfg)
-    try:
+    async with _daemon(cfg) as d:
         assert d._parts is not None
         cfg.write_text(
             cfg.read_text()
@@ -47,9 +53,6 @@ async def test_reloaded_notifications_and_sender_reach_the_notices(
         assert settings.inbound_contexts == ("from-trunk",)
         assert settings.max_attachment_bytes == 2048
         assert settings.sender == "Voicemail <vm@clickphone.ro>"
-    finally:
-        d.request_stop()
-        assert await task == 0
 
 
 async def test_a_reload_refused_for_its_tariff_file_adopts_no_other_change(
@@ -60,8 +63,7 @@ async def test_a_reload_refused_for_its_tariff_file_adopts_no_other_change(
     tariffs = short_tmp / "tariffs.yaml"
     tariffs.write_text((REPO / "etc" / "tariffs.yaml").read_text())
     cfg = write_config(extra=BILLING.format(tariffs=tariffs))
-    d, task = await _daemon(cfg)
-    try:
+    async with _daemon(cfg) as d:
         before = d.config
         tariffs.write_text("tariffs:\n  - prefix: '+40'\n    rate_per_minute: lots\n")
         cfg.write_text(cfg.read_text() + "privacy:\n  retention_hour: 5\n")
@@ -71,9 +73,6 @@ async def test_a_reload_refused_for_its_tariff_file_adopts_no_other_change(
         assert d.config == before
         assert d.config.privacy.retention_hour == 3
         assert d.config.smtp.timeout == 30
-    finally:
-        d.request_stop()
-        assert await task == 0
 
 
 async def test_a_change_that_needs_a_restart_stays_in_status_until_then(
@@ -82,8 +81,7 @@ async def test_a_change_that_needs_a_restart_stays_in_status_until_then(
     """`restart_required` was only a log line: `clickphone-agi status` and systemd's STATUS= said
     nothing, so an operator who reloaded a new AMI port saw "ok" while the old one was in use."""
     cfg = write_config()
-    d, task = await _daemon(cfg)
-    try:
+    async with _daemon(cfg) as d:
         cfg.write_text(cfg.read_text().replace("port: 5038", "port: 5040"))
         assert await d.reload()
         status = await d._cmd_status({})
@@ -94,9 +92,6 @@ async def test_a_change_that_needs_a_restart_stays_in_status_until_then(
         assert await d.reload()
         assert (await d._cmd_status({}))["restart_required"] == []
         assert "restart" not in d._status_text()
-    finally:
-        d.request_stop()
-        assert await task == 0
 
 
 async def test_a_rotated_api_token_is_reported_as_needing_a_restart(
@@ -107,15 +102,11 @@ async def test_a_rotated_api_token_is_reported_as_needing_a_restart(
     token = short_tmp / "api-token"
     token.write_text("first-token-0123456789\n")
     cfg = write_config(extra=f"api:\n  token_file: {token}\n")
-    d, task = await _daemon(cfg)
-    try:
+    async with _daemon(cfg) as d:
         token.write_text("second-token-0123456789\n")
         assert await d.reload()
         assert (await d._cmd_status({}))["restart_required"] == ["api.token_file"]
         assert "second-token" not in d._status_text()
-    finally:
-        d.request_stop()
-        assert await task == 0
 
 
 async def test_a_new_templates_dir_or_zone_is_reported_as_needing_a_restart(
@@ -124,8 +115,7 @@ async def test_a_new_templates_dir_or_zone_is_reported_as_needing_a_restart(
     """The mail renderer keeps the template directory and the zone (mail times) it was built with,
     though both sit in sections that reload live: a change was neither applied nor reported."""
     cfg = write_config()
-    d, task = await _daemon(cfg)
-    try:
+    async with _daemon(cfg) as d:
         templates = short_tmp / "templates"
         templates.mkdir()
         cfg.write_text(
@@ -133,6 +123,3 @@ async def test_a_new_templates_dir_or_zone_is_reported_as_needing_a_restart(
         )
         assert await d.reload()
         assert (await d._cmd_status({}))["restart_required"] == ["notifications.templates_dir", "billing.timezone"]
-    finally:
-        d.request_stop()
-        assert await task == 0
