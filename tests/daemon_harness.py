@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from clickphone_agi.app import Daemon
+from clickphone_agi.config.loader import LoadedConfig
 
 
 class NotifySocket:
@@ -120,3 +124,17 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def in_process(loaded: LoadedConfig, cfg: Path) -> AsyncIterator[Daemon]:
+    """The daemon on ``loaded`` (read from ``cfg``) running in this event loop, ready; it must stop
+    cleanly (exit 0) when the block ends."""
+    d = Daemon(loaded, config_path=cfg, install_signal_handlers=False)
+    task = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), 10)
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        assert await task == 0

@@ -29,6 +29,7 @@ from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.daemon_harness import in_process
 from tests.test_missed_replay import FailingOnce
 
 SPOOL = Path(__file__).parent / "fixtures" / "spool"
@@ -77,14 +78,8 @@ async def _daemon(
     store.start()
     await store.write(import_unit([(account, 1000)]))
     await store.close()
-    d = Daemon(loaded, config_path=cfg, install_signal_handlers=False)
-    task = asyncio.create_task(d.run())
-    await asyncio.wait_for(d.ready.wait(), 10)
-    try:
+    async with in_process(loaded, cfg) as d:
         yield d
-    finally:
-        d.request_stop()
-        assert await task == 0
 
 
 def _parse(raw: bytes) -> EmailMessage:

@@ -3,9 +3,8 @@ nothing, and a change that waits for a restart stays visible until the restart."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,15 @@ from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.status_view import format_status
 from tests.conftest import REPO
+from tests.daemon_harness import in_process
 
 pytestmark = pytest.mark.slow
 
 BILLING = "billing:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
 
 
-@contextlib.asynccontextmanager
-async def _daemon(cfg: Path) -> AsyncIterator[Daemon]:
-    """The daemon running in-process on ``cfg``; it must stop cleanly (exit 0) afterwards."""
-    d = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False)
-    task = asyncio.create_task(d.run())
-    await asyncio.wait_for(d.ready.wait(), 10)
-    try:
-        yield d
-    finally:
-        d.request_stop()
-        assert await task == 0
+def _daemon(cfg: Path) -> contextlib.AbstractAsyncContextManager[Daemon]:
+    return in_process(load_config(cfg), cfg)
 
 
 async def test_reloaded_notifications_and_sender_reach_the_notices(
