@@ -1566,6 +1566,19 @@ def _settle(jobs: list[_Job], outcomes: list[Any]) -> None:
             job.future.set_exception(value)
 
 
+async def _connected(conn: aiosqlite.Connection) -> aiosqlite.Connection:
+    """``await conn``, and when the connection fails (a refused file, say) wait for aiosqlite's
+    thread to stop: it reports its stop to this event loop, and a test or a CLI that closes the
+    loop first makes that thread die with "Event loop is closed"."""
+    try:
+        return await conn
+    except BaseException:
+        thread = getattr(conn, "_thread", None)
+        if isinstance(thread, threading.Thread) and thread.is_alive():
+            await asyncio.to_thread(thread.join, 5.0)
+        raise
+
+
 class SqliteStore:
     """The SQLite :class:`~clickphone_agi.ports.Store`.
 
@@ -1606,8 +1619,7 @@ class SqliteStore:
         def factory() -> sqlite3.Connection:
             return connect_sync(path, busy_timeout)
 
-        writer = aiosqlite.Connection(factory, iter_chunk_size=64)
-        await writer
+        writer = await _connected(aiosqlite.Connection(factory, iter_chunk_size=64))
         try:
             version = await _call(writer, schema_version)
             if version > LATEST_VERSION:
@@ -1619,8 +1631,9 @@ class SqliteStore:
             elif version < LATEST_VERSION:
                 raise StorageError(f"{path}: schema version {version} needs migrating: run 'clickphone-agi db migrate'")
             main_file = await _call(writer, _main_file)
-            reader = aiosqlite.Connection(lambda: connect_sync(path, busy_timeout, readonly=True), iter_chunk_size=64)
-            await reader
+            reader = await _connected(
+                aiosqlite.Connection(lambda: connect_sync(path, busy_timeout, readonly=True), iter_chunk_size=64)
+            )
         except BaseException:
             await writer.close()
             raise
