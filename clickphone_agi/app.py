@@ -39,13 +39,14 @@ from clickphone_agi.adapters.systemd import SdNotifier
 from clickphone_agi.adapters.tariff_file import load_tariffs
 from clickphone_agi.clock import Clock, SystemClock
 from clickphone_agi.config.loader import ConfigError, LoadedConfig, load_config
-from clickphone_agi.config.schema import Config, SmtpConfig
+from clickphone_agi.config.schema import BillingConfig, Config, SmtpConfig
 from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.events import DomainEvent
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow
 from clickphone_agi.domain.retention import RetentionPolicy
+from clickphone_agi.domain.tariffs import TariffTable
 from clickphone_agi.domain.thresholds import day_bounds, local_day
 from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import Store
@@ -117,20 +118,27 @@ async def enqueue_test_mail(store: Store, clock: Clock, smtp: SmtpConfig, to: st
     return key
 
 
+def tariff_table(billing: BillingConfig, path: Path | None = None) -> TariffTable:
+    """The tariff file (``billing.tariffs_file`` unless ``path``) read as the daemon reads it: times
+    in the billing zone, prefixes in the configured numbering plan (blocking)."""
+    file = path or billing.tariffs_file
+    assert file is not None
+    return load_tariffs(
+        file,
+        timezone=ZoneInfo(billing.timezone),
+        country_code=billing.country_code,
+        national_prefix=billing.national_prefix,
+        international_prefix=billing.international_prefix,
+    )
+
+
 def money_settings(config: Config) -> MoneySettings:
     """Read the tariff file and the billing section (blocking: run it in a thread)."""
     billing = config.billing
-    assert billing.tariffs_file is not None
     zone = ZoneInfo(billing.timezone)
     rule = billing.billing_cdr
     return MoneySettings(
-        tariffs=load_tariffs(
-            billing.tariffs_file,
-            timezone=zone,
-            country_code=billing.country_code,
-            national_prefix=billing.national_prefix,
-            international_prefix=billing.international_prefix,
-        ),
+        tariffs=tariff_table(billing),
         zone=zone,
         numbering=Numbering(billing.country_code, billing.national_prefix, billing.international_prefix),
         rule=BillingRule(rule.last_application, rule.destination_contexts, rule.destination_channel_pattern),
@@ -231,8 +239,7 @@ class Daemon:
         self.reload_failures = 0
         #: sections changed in the file that the running daemon has not adopted (until a restart)
         self.restart_required: list[str] = []
-        self.started_secrets = self.loaded.secrets
-        self.started_config = self.loaded.config  # what the components built at start were given
+        self.started = self.loaded  # what the components built at start were given
         self._started = time.monotonic()
         self._parts: Components | None = None
         self.voicemail_removed = 0
@@ -583,12 +590,10 @@ class Daemon:
         # the AMI login, the API token and the unsubscribe key are handed over at start (only the
         # SMTP password is re-read per connection): a rotated one is not in use before a restart
         restart += [
-            key
-            for key, attr in SECRETS_AT_START
-            if getattr(self.started_secrets, attr) != getattr(new.secrets, attr) and key not in restart
+            key for key, attr in SECRETS_AT_START if getattr(self.started.secrets, attr) != getattr(new.secrets, attr)
         ]
         # the mail renderer's template directory and zone (mail times) are set at start too
-        restart += [key for key, value in RENDERER_AT_START if value(self.started_config) != value(new.config)]
+        restart += [key for key, value in RENDERER_AT_START if value(self.started.config) != value(new.config)]
         # adopt only what can change live; the rest keeps its running value until a restart
         merged = old.model_copy(update={name: getattr(new.config, name) for name in live})
         # the tariff file first (it may change without the config): a broken one refuses the whole

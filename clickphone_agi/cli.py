@@ -286,18 +286,9 @@ def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     loaded = _load(args, require_secrets=False)
     if loaded.config.billing.tariffs_file is not None:
-        from zoneinfo import ZoneInfo
+        from clickphone_agi.app import tariff_table
 
-        from clickphone_agi.adapters.tariff_file import load_tariffs
-
-        billing = loaded.config.billing
-        load_tariffs(  # as the daemon loads it: prefixes are read in the configured numbering plan
-            billing.tariffs_file,
-            timezone=ZoneInfo(billing.timezone),
-            country_code=billing.country_code,
-            national_prefix=billing.national_prefix,
-            international_prefix=billing.international_prefix,
-        )
+        tariff_table(loaded.config.billing)  # as the daemon reads it, in the configured numbering plan
     print(f"clickphone-agi: configuration OK ({', '.join(loaded.files)})")
     for note in loaded.notes:
         print(f"clickphone-agi: note: {note}")
@@ -318,12 +309,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EX_OK if (status.get("health") or {}).get("ok") else EX_ERROR
 
 
-def _as_writer(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
-    """Run a writing verb through the daemon if it runs, else as the writer under the lock."""
+def _as_writer(
+    args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any], local: Callable[[Any], Any], loaded: Any = None
+) -> Any:
+    """Run a writing verb through the daemon if it runs, else as the writer under the lock
+    (``loaded``: the configuration, when the verb has read it already)."""
     from clickphone_agi.adapters import control
     from clickphone_agi.adapters.storage.sqlite import WriterLock
 
-    loaded = _load(args, require_secrets=False)
+    loaded = loaded or _load(args, require_secrets=False)
     try:
         return control.call(loaded.config.daemon.control_socket, cmd, cmd_args)
     except control.ControlUnavailable:
@@ -407,7 +401,8 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
     if action == "import":
         from clickphone_agi.adapters.accounts_file import AccountsFileError, load_accounts
 
-        items = load_accounts(args.file, _load(args, require_secrets=False).config.notifications.default_language)
+        loaded = _load(args, require_secrets=False)
+        items = load_accounts(args.file, loaded.config.notifications.default_language)
         pairs = [(i.account, i.opening_balance) for i in items]
         # where each row was written, for a clash with a stored account (every row is valid here,
         # so the n-th item is the file's accounts[n])
@@ -426,7 +421,7 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
             except ImportRefused as exc:
                 return {"refused": [str(exc)]}
 
-        result = _as_writer(args, "accounts.import", items_payload, local)
+        result = _as_writer(args, "accounts.import", items_payload, local, loaded)
         if isinstance(result, dict) and result.get("refused"):
             raise AccountsFileError([str(problem) for problem in result["refused"]])
         _print(result)
@@ -524,7 +519,7 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
     from zoneinfo import ZoneInfo
 
-    from clickphone_agi.adapters.tariff_file import load_tariffs
+    from clickphone_agi.app import tariff_table
     from clickphone_agi.config.loader import ConfigError
     from clickphone_agi.domain.money import format_ron
     from clickphone_agi.domain.numbers import InvalidNumber, is_emergency, normalise
@@ -537,13 +532,7 @@ def _cmd_tariffs(args: argparse.Namespace) -> int:
     path = getattr(args, "file", None) or billing.tariffs_file
     if path is None:
         raise ConfigError([f"{loaded.main_file}: billing.tariffs_file: not set (and no FILE given)"])
-    table = load_tariffs(
-        path,
-        timezone=zone,
-        country_code=billing.country_code,
-        national_prefix=billing.national_prefix,
-        international_prefix=billing.international_prefix,
-    )
+    table = tariff_table(billing, path)
     if args.tariffs_command == "check":
         problems = check(table)
         for problem in problems:

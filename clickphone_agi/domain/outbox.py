@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+MAX_KEY = 200  # the longest idempotency key an outbox row takes
+
 
 class OutboxStatus(StrEnum):
     PENDING = "pending"
@@ -36,8 +38,8 @@ class OutboxMessage:
     payload: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not self.idempotency_key or len(self.idempotency_key) > 200:
-            raise ValueError("idempotency_key must be 1-200 characters")
+        if not self.idempotency_key or len(self.idempotency_key) > MAX_KEY:
+            raise ValueError(f"idempotency_key must be 1-{MAX_KEY} characters")
         if any(ord(c) < 32 for c in self.recipient) or "@" not in self.recipient:
             raise ValueError("recipient must be a bare e-mail address")
         if self.expires_at <= self.created_at:

@@ -27,6 +27,7 @@ from clickphone_agi.clock import Clock
 from clickphone_agi.domain.accounts import Account, AccountConflict, parse_amount
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.money import format_ron
+from clickphone_agi.domain.outbox import MAX_KEY as OUTBOX_KEY_MAX
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import TEXT_MAX, NoticeError, Renderer, build_message
@@ -44,7 +45,6 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "balance_info": frozenset(),
 }
 MAX_KEY = 200
-_OUTBOX_KEY_MAX = 200  # domain.outbox.OutboxMessage refuses a longer key
 _ATTEMPTS = 5
 _BOOLEAN_FIELDS = frozenset({"marketing_consent", "enabled"})
 
@@ -453,7 +453,7 @@ class Intake:
         s = self._settings()
         now = self._clock.now()
         notice_key = f"api:{kind}:{key}"
-        if len(notice_key) > _OUTBOX_KEY_MAX:  # a long Idempotency-Key: its digest is as unique and fits
+        if len(notice_key) > OUTBOX_KEY_MAX:  # a long Idempotency-Key: its digest is as unique and fits
             notice_key = f"api:{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
         def render() -> bytes:

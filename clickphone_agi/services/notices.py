@@ -327,13 +327,12 @@ class Notifier:
         # where the message sits, for the optional VoicemailRemove after the 250 (app.py); a
         # recording that did not go out with the mail (too large, missing, refused) is never
         # removed: the subscriber is told to listen to it in the box, and it exists nowhere else
-        if audio is not None:
-            await self._queue(
-                "voicemail", key, account, recipient, data, attachments=attachments,
-                payload={"vm_remove": _location(msg)},
-            )  # fmt: skip
-        else:
-            await self._queue("voicemail", key, account, recipient, data, also_claim=(_kept_key(key), "voicemail_kept"))
+        kept = audio is None
+        await self._queue(
+            "voicemail", key, account, recipient, data, attachments=attachments,
+            payload=None if kept else {"vm_remove": _location(msg)},
+            also_claim=(_kept_key(key), "voicemail_kept") if kept else None,
+        )  # fmt: skip
 
     # ---- fax -----------------------------------------------------------------------------------
 
