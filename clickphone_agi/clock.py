@@ -84,6 +84,10 @@ class FakeClock:
         """The monotonic time the earliest sleeper waits for (None when nobody sleeps)."""
         return self._sleepers[0][0] if self._sleepers else None
 
+    def sleeps_until(self, deadline: float) -> bool:
+        """Whether some sleeper waits for exactly ``deadline`` (a test sees a wait has begun)."""
+        return any(d == deadline and not f.done() for d, _, f in self._sleepers)
+
     @property
     def sleepers(self) -> int:
         """How many sleepers wait on this clock."""

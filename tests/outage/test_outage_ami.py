@@ -307,6 +307,8 @@ async def test_a_wrong_secret_backs_off_for_auth_backoff_then_recovers(world: Wo
         world.call_during_outage()
         # nothing for auth_backoff: far longer than backoff_max, so no storm of failed logins
         refused_at = world.clock.monotonic()
+        # the clock must not move before the client's auth backoff sleep has begun
+        await world.real(lambda: world.clock.sleeps_until(refused_at + AUTH_BACKOFF))
         await world.advance_while_waiting(lambda: world.clock.monotonic() - refused_at >= AUTH_BACKOFF - 5, step=5.0)
         await asyncio.sleep(0.1)
         assert world.server.connections_accepted == 1

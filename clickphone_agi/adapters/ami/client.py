@@ -282,7 +282,8 @@ class AmiClient:
             try:
                 await self._login(writer, reading)
             except AmiAuthError as exc:
-                self._state = "auth_failed"
+                # the state turns to auth_failed in run(), where the auth backoff starts: one
+                # moment for both, so a reader of the state never sees it before the wait began
                 self._auth_failures += 1
                 self._last_error = str(exc)
                 log.error(
