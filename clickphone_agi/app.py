@@ -665,6 +665,7 @@ class Daemon:
             "events": dict(worker.events_by_type),
             "translated": dict(worker.translated),
             "translate_errors": worker.translate_errors,
+            "correlation": worker.correlation(),
             "effects": {"applied": dict(proc.applied), "duplicates": dict(proc.duplicates)},
             "cdrs": {"recorded": proc.applied["cdr"], "duplicates": proc.duplicates["cdr"]},
             "queue": {

@@ -744,6 +744,45 @@ def test_correlator_is_bounded_and_counts_evictions() -> None:
     assert LinkedIdCorrelator().max_entries == 50_000
 
 
+def test_an_ended_channel_is_kept_for_its_cdr_then_forgotten_first_in_first_out() -> None:
+    correlator = LinkedIdCorrelator(max_entries=100, ended_entries=2)
+    for unique_id in ("a", "b", "c"):
+        correlator.record(unique_id, "L")
+    correlator.observe([("Event", "Hangup"), ("Uniqueid", "a"), ("Linkedid", "L")], ended=True)
+    assert (correlator.live, len(correlator)) == (2, 3)
+    assert correlator.linked_id_for("a") == "L"  # a Cdr after the Hangup still finds its call
+    correlator.end("b")
+    correlator.end("c")  # the third ended channel: the first one ended is forgotten
+    assert (correlator.live, len(correlator), correlator.forgotten) == (0, 2, 1)
+    assert [correlator.linked_id_for(u) for u in ("a", "b", "c")] == [None, "L", "L"]
+    correlator.end("never-seen")  # a Cdr of a channel evicted long ago: nothing to end
+    assert (len(correlator), correlator.forgotten, correlator.evictions) == (2, 1, 0)
+
+
+def test_events_after_its_end_do_not_bring_a_channel_back_to_life() -> None:
+    """A Cdr with the ``LinkedID`` mapping, or a peer's DialEnd, after the Hangup records the pair
+    again: it must stay ended, or every channel would end up live until the LRU bound."""
+    correlator = LinkedIdCorrelator(ended_entries=10)
+    correlator.observe_frame(b"Event: Hangup\r\nUniqueid: 1.5\r\nLinkedid: 1.0\r\n", ended=True)
+    correlator.observe_frame(b"Event: Cdr\r\nUniqueID: 1.5\r\nLinkedID: 1.0\r\n")
+    correlator.observe([("Event", "DialEnd"), ("DestUniqueid", "1.5"), ("DestLinkedid", "1.0")])
+    assert (correlator.live, len(correlator), correlator.linked_id_for("1.5")) == (0, 1, "1.0")
+
+
+def test_a_long_call_outlives_any_number_of_short_calls() -> None:
+    """The bound follows the calls in progress: a call of hours keeps its Linkedid however many
+    short calls (each ended by its Hangup) come and go meanwhile; with the old LRU of every id
+    seen, 100 of them were enough to lose it."""
+    correlator = LinkedIdCorrelator(max_entries=100, ended_entries=100)
+    correlator.observe([("Event", "Newchannel"), ("Uniqueid", "9.0"), ("Linkedid", "9.0")])
+    for i in range(10_000):
+        headers = [("Uniqueid", f"1.{i}"), ("Linkedid", f"1.{i}")]
+        correlator.observe([("Event", "Newchannel"), *headers])
+        correlator.observe([("Event", "Hangup"), *headers], ended=True)
+    assert correlator.linked_id_for("9.0") == "9.0"
+    assert (correlator.live, correlator.evictions, len(correlator)) == (1, 0, 101)
+
+
 def test_correlator_is_lru_on_observe() -> None:
     correlator = LinkedIdCorrelator(max_entries=2)
     correlator.record("a", "L")

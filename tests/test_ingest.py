@@ -202,6 +202,11 @@ async def test_worker_hands_on_exactly_what_the_straightforward_path_gives_in_or
     await worker.run()
     assert processor.seen == expected  # identical events, started in stream order
     assert len(expected) > 100
+    # the same Linkedids with the correlator ending channels at their Hangup or Cdr (the
+    # straightforward path never forgets), and it keeps nothing once every call has ended
+    assert sum(isinstance(e, CallEnded) and e.linked_id is not None for e in expected) > 30
+    assert worker.correlation() == {"live": 0, "ended": worker.correlation()["ended"], "evicted": 0, "forgotten": 0}
+    assert worker.correlation()["ended"] > 20  # every channel of the recordings
     assert len(connected) == booted > 0  # FullyBooted still reports the (re)connect
     assert sum(worker.events_by_type.values()) == sum(m.is_event for m in messages)
     assert worker.effect_errors == 0

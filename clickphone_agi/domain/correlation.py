@@ -9,13 +9,19 @@ place long before a channel's Cdr: ``Newchannel`` (the first event of every chan
 carries both ids, and the channel's later events (DialBegin/DialEnd, Newstate, HangupRequest,
 Hangup) refresh it. The Cdr does *not* reliably follow the channel's Hangup: in the Asterisk 22
 recordings 15 of the 25 Cdr events arrive before their channel's Hangup event (the CDR engine
-and the channel topic are separate stasis subscriptions), so an entry is never dropped on Hangup.
+and the channel topic are separate stasis subscriptions).
 
-Memory is bounded: at most ``max_entries`` ids (least recently *observed* evicted first, an
-:class:`~collections.OrderedDict` LRU; lookups do not refresh). With ~4 ids per call (Local
-channels) the default keeps the last ~12,000 calls, far more than the seconds between a
-channel's last event and its Cdr. After an eviction the Cdr gets ``linked_id=None`` and the
-Master.csv reconciliation or the ``LinkedID`` mapping is the fallback; ``evictions`` counts them.
+So an entry lives in two stages. While its channel is up it is **live**: kept however long the
+call lasts (a two-hour call's Cdr still finds its Linkedid), within ``max_entries`` live
+channels, far more than one Asterisk carries at once (beyond it the least recently observed is
+evicted; a channel whose Hangup was lost in an AMI gap ends there). Once the channel's Hangup
+*or* its Cdr has been seen (:meth:`LinkedIdCorrelator.end`), the entry is **ended**: kept only
+for the Cdr or Hangup still to come, among the last ``ended_entries`` ended channels (first
+ended, first forgotten; the default covers tens of seconds at the highest rates, against the
+milliseconds between a Hangup and its Cdr). Memory therefore follows the calls in progress,
+not the calls handled since the start. An evicted or forgotten id gives the Cdr
+``linked_id=None``: the Master.csv reconciliation or the ``LinkedID`` mapping is the fallback;
+``evictions`` and ``forgotten`` count them.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "LinkedIdCorrelator"]
+__all__ = ["DEFAULT_ENDED_ENTRIES", "DEFAULT_MAX_ENTRIES", "LinkedIdCorrelator"]
 
 DEFAULT_MAX_ENTRIES = 50_000
+DEFAULT_ENDED_ENTRIES = 16_384  # ~4 ids a call: the last ~4,000 calls, over a minute at 60 calls/s
 
 # Asterisk's AST_MAX_UNIQUEID is 150: anything longer is not an id, and would cost memory
 _MAX_ID_LEN = 150
@@ -81,22 +88,37 @@ class LinkedIdCorrelator:
     :meth:`observe` would have recorded for that frame's headers.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ended_entries: int = DEFAULT_ENDED_ENTRIES) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if ended_entries < 1:
+            raise ValueError("ended_entries must be at least 1")
         self._max = max_entries
-        self._links: OrderedDict[str, str] = OrderedDict()
+        self._max_ended = ended_entries
+        self._links: OrderedDict[str, str] = OrderedDict()  # live channels, least recently observed first
+        self._ended: OrderedDict[str, str] = OrderedDict()  # ended channels, first ended first
         self.evictions = 0
+        self.forgotten = 0
 
     @property
     def max_entries(self) -> int:
         return self._max
 
-    def __len__(self) -> int:
+    @property
+    def ended_entries(self) -> int:
+        return self._max_ended
+
+    @property
+    def live(self) -> int:
+        """Channels whose Hangup or Cdr has not been seen yet."""
         return len(self._links)
 
-    def observe(self, headers: Sequence[tuple[str, str]]) -> None:
-        """Record every Uniqueid → Linkedid pair that this event's headers carry."""
+    def __len__(self) -> int:
+        return len(self._links) + len(self._ended)
+
+    def observe(self, headers: Sequence[tuple[str, str]], *, ended: bool = False) -> None:
+        """Record every Uniqueid → Linkedid pair that this event's headers carry; ``ended`` (a
+        Hangup) then ends the channel named by its own ``Uniqueid``."""
         unique_ids: dict[str, str] = {}
         linked_ids: dict[str, str] = {}
         for name, value in headers:
@@ -109,8 +131,10 @@ class LinkedIdCorrelator:
             is_unique, prefix = kind
             (unique_ids if is_unique else linked_ids).setdefault(prefix, value)
         self._record_pairs(unique_ids, linked_ids)
+        if ended and (unique_id := unique_ids.get("")) is not None:
+            self.end(unique_id)
 
-    def observe_frame(self, frame: bytes) -> bool:
+    def observe_frame(self, frame: bytes, *, ended: bool = False) -> bool:
         """Like :meth:`observe` for the headers of ``frame`` (an AMI frame's bytes: lines split
         on CRLF only, ``Name: value``, empty lines ignored, each value UTF-8 or else latin-1).
 
@@ -139,6 +163,8 @@ class LinkedIdCorrelator:
             raw_linked = linked_ids.get(prefix)
             if raw_linked is not None:
                 self.record(_decode(raw_unique), _decode(raw_linked))
+        if ended and (raw_own := unique_ids.get(b"")) is not None:
+            self.end(_decode(raw_own))
         return True
 
     def _record_pairs(self, unique_ids: dict[str, str], linked_ids: dict[str, str]) -> None:
@@ -148,8 +174,14 @@ class LinkedIdCorrelator:
                 self.record(unique_id, linked_id)
 
     def record(self, unique_id: str, linked_id: str) -> None:
-        """Remember one pair (the most recent wins); evicts the least recently seen if full."""
+        """Remember one pair (the most recent wins); evicts the least recently seen if full.
+
+        An ended channel stays ended: the events after its Hangup (its Cdr with the ``LinkedID``
+        mapping, a peer's DialEnd) update it in place and do not bring it back to life."""
         if not _usable(unique_id) or not _usable(linked_id):
+            return
+        if unique_id in self._ended:
+            self._ended[unique_id] = linked_id
             return
         links = self._links
         if unique_id in links:
@@ -159,9 +191,21 @@ class LinkedIdCorrelator:
             links.popitem(last=False)
             self.evictions += 1
 
+    def end(self, unique_id: str) -> None:
+        """The channel's Hangup or Cdr was seen: keep its entry only for the other one to come."""
+        linked_id = self._links.pop(unique_id, None)
+        if linked_id is None:
+            return  # never seen, evicted, or already ended
+        ended = self._ended
+        ended[unique_id] = linked_id
+        if len(ended) > self._max_ended:
+            ended.popitem(last=False)
+            self.forgotten += 1
+
     def linked_id_for(self, unique_id: str) -> str | None:
         """The Linkedid last seen with ``unique_id``, else ``None`` (never seen, or evicted)."""
-        return self._links.get(unique_id)
+        linked_id = self._links.get(unique_id)
+        return self._ended.get(unique_id) if linked_id is None else linked_id
 
 
 def _classify(name: str) -> tuple[bool, str] | None:

@@ -380,6 +380,12 @@ class IngestWorker:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
+    def correlation(self) -> dict[str, int]:
+        """The Linkedid correlator's figures for ``status``: live channels should follow the
+        calls in progress; evicted and forgotten ids sent their Cdr to the fallbacks."""
+        c = self._correlator
+        return {"live": c.live, "ended": len(c) - c.live, "evicted": c.evictions, "forgotten": c.forgotten}
+
     def _translate(self, message: AmiMessage) -> DomainEvent | None:
         name = message.event
         if name is None:
@@ -387,8 +393,11 @@ class IngestWorker:
         self.events_by_type[name] += 1
         # every event feeds the correlator, read from the frame's bytes when it has them
         frame = message.frame
-        if frame is None or not self._correlator.observe_frame(frame):
-            self._correlator.observe(message.headers)
+        # a Hangup ends its channel's entry, as its Cdr does below: the correlator keeps
+        # what the calls in progress need, not every channel since the start
+        hangup = name == "Hangup"
+        if frame is None or not self._correlator.observe_frame(frame, ended=hangup):
+            self._correlator.observe(message.headers, ended=hangup)
         if name not in HANDLED_EVENTS:
             return None  # translate() would return None: leave the headers undecoded
         try:
@@ -399,6 +408,8 @@ class IngestWorker:
             return None
         if event is not None:
             self.translated[type(event).__name__] += 1
+            if isinstance(event, CallEnded):
+                self._correlator.end(event.unique_id)
         elif name == "UserEvent":
             self._unsupported(message)
         return event

@@ -394,16 +394,18 @@ _ID_VALUES = st.sampled_from([b"1.1", b"1.2", b"", b"none", b" 1.3", b"\xff1", "
 @given(
     lines=st.lists(st.tuples(_ID_NAMES | _NAME_BYTES, st.sampled_from([b": ", b":", b" : "]), _ID_VALUES), max_size=10),
     junk=st.lists(_TOKENS, max_size=4),
+    ended=st.booleans(),
 )
 def test_the_correlators_byte_path_records_exactly_what_the_header_path_records(
-    lines: list[tuple[bytes, bytes, bytes]], junk: list[bytes]
+    lines: list[tuple[bytes, bytes, bytes]], junk: list[bytes], ended: bool
 ) -> None:
     frame = b"\r\n".join([b"Event: Newchannel", *(n + s + v for n, s, v in lines), *junk])
     fast, slow = LinkedIdCorrelator(), LinkedIdCorrelator()
     headers = reference_headers(frame)
-    if fast.observe_frame(frame):
-        slow.observe(headers)
+    if fast.observe_frame(frame, ended=ended):
+        slow.observe(headers, ended=ended)
         assert dict(fast._links) == dict(slow._links)
+        assert dict(fast._ended) == dict(slow._ended)
     else:
         assert len(fast) == 0  # it gave up without recording anything: the caller falls back
 
