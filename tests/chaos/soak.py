@@ -37,6 +37,7 @@ from tests.daemon_harness import DaemonProcess
 
 # ~80 % of the events are the noise recording; every call has exactly one charged CDR but busy ones
 SOAK_MIX = (("full_noise", 70), ("answered_call", 12), ("long_call", 8), ("busy_call", 10))
+GOAL_EVENTS = 1_000_000  # the soak the memory goals are stated for
 ACCOUNTS = tuple(f"acct40{n:02d}" for n in range(1, 21))
 
 
@@ -84,12 +85,15 @@ class SoakReport:
         return (self.end_mb - self.mid_mb) / self.mid_mb * 100 if self.mid_mb else 0.0
 
     def summary(self) -> str:
+        # the goals are for 1,000,000 events: a shorter run ends while the bounded
+        # structures (the missed-call grace, the ended channels) are still filling
+        scope = "" if self.events_target >= GOAL_EVENTS else f", judged on {GOAL_EVENTS:,} events only"
         return (
             f"soak events={self.events_sent} calls={self.calls} at {self.rate:.0f} ev/s in {self.seconds:.1f}s:"
             f" RSS peak {self.peak_mb:.1f} MB, mid {self.mid_mb:.1f} MB, end {self.end_mb:.1f} MB,"
             f" growth over the second half {self.growth_percent:+.1f}%"
             f" (goals < 100 MB: {'met' if self.peak_mb < 100 else 'NOT met'},"
-            f" < 5 %: {'met' if self.growth_percent < 5 else 'NOT met'}); daemon CPU {self.cpu_seconds:.0f}s;"
+            f" < 5 %: {'met' if self.growth_percent < 5 else 'NOT met'}{scope}); daemon CPU {self.cpu_seconds:.0f}s;"
             f" queue high water {self.queue.get('high_water')}/{self.queue.get('max')},"
             f" dropped {self.queue.get('dropped')}; Asterisk slow-client drops {self.slow_client_drops};"
             f" billing CDRs {self.billing_cdrs}, charged {self.charged}; problems {len(self.problems)}"

@@ -39,7 +39,8 @@ async def test_soak_memory_stays_flat_and_every_cdr_is_charged_once(chaos_report
     assert report.queue["dropped"] == 0
     assert report.queue["high_water"] < report.queue["max"]
     # The goals (peak < 100 MB, growth < 5 %) are reported in the summary, not asserted:
-    # growth over a 1M run is mostly the Linkedid correlator filling up to its bound (README.md).
+    # a 100,000-event run is still filling its bounded structures (the missed-call grace alone is
+    # 30 s), so only the 1,000,000-event run speaks to them (tests/chaos/README.md).
     # This only guards against a leak: 100 bytes kept per event would pass it by far.
     assert report.peak_mb < 150, f"RSS peak {report.peak_mb:.1f} MB"
     if not env_flag("CLICKPHONE_CHAOS_KEEP"):
