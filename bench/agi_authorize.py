@@ -42,6 +42,8 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -323,10 +325,52 @@ class Run:
         return len(self.client.latencies) / self.client.last_end if self.client.last_end > 0 else 0.0
 
 
+def build_c_client(out_dir: Path) -> Path | None:
+    """Compile ``agi_load.c`` (the C load generator) into ``out_dir``; None without a C compiler."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = out_dir / "agi_load"
+    done = subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(Path(__file__).with_name("agi_load.c"))],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        print(f"agi_load.c did not compile, using the Python generator: {done.stderr.strip()[:300]}", file=sys.stderr)
+        return None
+    return binary
+
+
+async def drive_c(binary: Path, job: dict[str, Any]) -> DriveResult:
+    """One run of the C generator (same job, same open-loop schedule and checks as :func:`drive`)."""
+    argv = [str(job[k]) for k in ("port", "rate", "seconds", "tag", "accounts", "timeout")]
+    proc = await asyncio.create_subprocess_exec(str(binary), HOST, *argv, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"agi_load exited {proc.returncode}")
+    lines = out.decode().splitlines()
+    result = DriveResult(n=len(lines) - 1)
+    for line in lines:
+        kind, *values = line.split()
+        if kind == "ok":
+            latency, lag, end = (int(v) / 1e9 for v in values)
+            result.latencies.append(latency)
+            result.send_lag.append(lag)
+            result.last_end = max(result.last_end, end)
+        elif kind == "err":
+            result.errors[values[0].replace("_", " ")] += 1
+        elif kind == "cpu":
+            result.client_cpu = float(values[0])
+    return result
+
+
 class Bench:
-    def __init__(self, conn: Connection, timeout: float) -> None:
+    def __init__(self, conn: Connection, timeout: float, c_client: Path | None = None) -> None:
         self.conn = conn
         self.timeout = timeout
+        self.c_client = c_client
         self.tag = 0
 
     async def run(
@@ -348,7 +392,10 @@ class Bench:
             "timeout": self.timeout,
         }
         before, commits, syncs, cpu = server.stats(), store.commits, store.wal_syncs, time.process_time()
-        client = cast(DriveResult, await asyncio.to_thread(self._ask, job))
+        if self.c_client is not None:
+            client = await drive_c(self.c_client, job)
+        else:
+            client = cast(DriveResult, await asyncio.to_thread(self._ask, job))
         cpu, commits, syncs = time.process_time() - cpu, store.commits - commits, store.wal_syncs - syncs
         after = server.stats()
         delta = {k: after[k] - before[k] for k in after if k != "active"}
@@ -359,7 +406,9 @@ class Bench:
         return self.conn.recv()
 
 
-async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: Path) -> list[tuple[Run, Run, Run]]:
+async def serve_and_measure(
+    args: argparse.Namespace, conn: Connection, db_dir: Path, c_client: Path | None
+) -> list[tuple[Run, Run, Run]]:
     clock = SystemClock()
     store = await SqliteStore.open(db_dir / "bench.db", clock)
     store.start()
@@ -374,7 +423,7 @@ async def serve_and_measure(args: argparse.Namespace, conn: Connection, db_dir: 
     await real.start()
     await echo.start()
     await bare.start()
-    bench = Bench(conn, args.timeout)
+    bench = Bench(conn, args.timeout, c_client)
     runs = []
     try:
         for server in (bare, echo, real):  # warm-up, not reported
@@ -423,7 +472,8 @@ def report(args: argparse.Namespace, runs: list[tuple[Run, Run, Run]]) -> None:
     )
     print(
         f"server: SqliteStore + MoneyService + FastAgiServer(build_router(money)), max_connections"
-        f" {MAX_CONNECTIONS}, log level {args.log_level} (JSON to /dev/null); load generator: a separate process"
+        f" {MAX_CONNECTIONS}, log level {args.log_level} (JSON to /dev/null); load generator: a separate process,"
+        + (" bench/agi_load.c (one epoll loop)" if args.client == "c" else " Python (asyncio + a ticker thread)")
     )
     print(
         "latency = due time -> server's close (EOF), ms; baseline = echo route (3 SET VARIABLEs, no store);"
@@ -476,6 +526,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="client timeout per session, s (default 5)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
+    parser.add_argument(
+        "--client",
+        default="c",
+        choices=["c", "python"],
+        help="load generator: c (bench/agi_load.c, compiled with cc; the default, python without a compiler)"
+        " or python (asyncio + a ticker thread, in a forked process)",
+    )
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop
@@ -487,7 +544,9 @@ def main() -> None:
     try:
         with open(os.devnull, "w", encoding="utf-8") as devnull, tempfile.TemporaryDirectory() as d:
             configure_logging(level=args.log_level, fmt="json", stream=devnull)
-            runs = asyncio.run(serve_and_measure(args, conn, Path(d)))
+            c_client = build_c_client(Path(d)) if args.client == "c" else None
+            args.client = "c" if c_client is not None else "python"
+            runs = asyncio.run(serve_and_measure(args, conn, Path(d), c_client))
     finally:
         conn.send(None)
         proc.join(5)
