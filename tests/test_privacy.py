@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import json
 import sqlite3
@@ -13,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -21,12 +24,13 @@ from clickphone_agi.adapters.storage.privacy import ErasureDeferred
 from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.dialplan_vars import Reason
+from clickphone_agi.domain import privacy as domain_privacy
 from clickphone_agi.domain.accounts import Account, Mailbox
 from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
 from clickphone_agi.domain.money import Notice
 from clickphone_agi.domain.outbox import OutboxMessage
-from clickphone_agi.domain.privacy import address_hash, number_forms
+from clickphone_agi.domain.privacy import address_hash, erased_leg, number_digest, number_forms
 from clickphone_agi.domain.unsubscribe import make_token
 from clickphone_agi.notices.render import Renderer, build_message
 from clickphone_agi.ports import WriteTx
@@ -466,3 +470,44 @@ async def test_erase_renames_the_low_balance_notice_key_that_holds_a_call_key(st
     assert row.idempotency_key.startswith("lowbal:acct1001:erased:")
     assert b"0040212345678" not in _raw(store.path)
     assert b"0212345678" not in _raw(store.path)
+
+
+def test_a_number_digest_is_keyed_and_per_spelling() -> None:
+    key = bytes(range(32))
+    digest = number_digest(key, "0721000001")
+    assert digest == hmac.new(key, b"0721000001", hashlib.sha256).hexdigest()
+    assert number_digest(key, " 0721000001\t") == digest  # blanks around a CSV field do not matter
+    assert number_digest(bytes(32), "0721000001") != digest  # another database's key: unrelated
+    assert number_digest(key, "+40721000001") != digest  # each spelling is kept on its own
+
+
+_KEY = bytes(range(32))
+_ERASED_AT = datetime(2026, 11, 28, 18, 0, tzinfo=UTC)
+_BEFORE = datetime(2026, 11, 28, 19, 59, tzinfo=ZoneInfo("Europe/Bucharest"))  # 17:59 UTC
+_AFTER = _ERASED_AT + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("account", "numbers", "started", "refused"),
+    [
+        ("", ("0744123456", "0721000001"), _BEFORE, True),  # the erased number as destination
+        ("", ("0721000001", ""), _BEFORE, True),  # ... as source
+        ("", ("0744123456", "0721000001"), _ERASED_AT, False),  # a call started at the erasure is later
+        ("", ("0744123456", "0721000001"), _AFTER, False),  # the number reassigned: recorded
+        ("acct2002", ("0744123456", "0721000001"), _BEFORE, False),  # another account's call is its record
+        ("", ("0744123456", "+40721000001"), _BEFORE, False),  # a spelling that was not erased
+    ],
+)
+def test_erased_leg_rule(account: str, numbers: tuple[str, ...], started: datetime, refused: bool) -> None:
+    erased = {number_digest(_KEY, "0721000001"): _ERASED_AT}
+    assert erased_leg(account, numbers, started, erased, _KEY) is refused
+
+
+def test_with_nothing_erased_no_number_is_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(key: bytes, number: str) -> str:
+        raise AssertionError(f"hashed {number}")
+
+    monkeypatch.setattr(domain_privacy, "number_digest", fail)
+    assert erased_leg("", ("0744123456", "0721000001"), _BEFORE, {}, _KEY) is False
+    with pytest.raises(AssertionError, match="hashed"):  # the patch is in effect
+        erased_leg("", ("0744123456", "0721000001"), _BEFORE, {"x": _ERASED_AT}, _KEY)

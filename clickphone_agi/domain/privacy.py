@@ -10,6 +10,15 @@ addresses to look for, and how a suppressed address is kept without keeping the 
   replaces the address by :func:`address_hash` (``sha256:`` + the hex digest of the
   ASCII-lowercased address) and every lookup checks both forms (:func:`address_forms`).
   A digest of an address is pseudonymous, not anonymous: it is kept for this one purpose only.
+* **Erased numbers stay erased.** Master.csv read again (a catch-up after an AMI gap, a replay
+  after a restart) brings back CDR legs from before the erasure; one without an account code that
+  carries an erased subscriber's number would be recorded again with it. Erasure therefore keeps
+  :func:`number_digest` of every spelling of the account's numbers with the moment of the erasure,
+  and :func:`erased_leg` refuses such a leg if its call started before that moment (a later call
+  to the number, perhaps reassigned, is recorded as usual). The digest is an HMAC under a random
+  key kept in the same database: it links nothing across databases, but whoever holds the
+  database can test a guessed number, so it is pseudonymous, like the address digests above, and
+  kept for this one purpose only (honouring the erasure): never exported, never shown.
 * **An erased account stays**, so money totals stay attributable and new events for its code do
   not crash: it keeps its code, language, billing mode and limits, loses everything personal
   (name, addresses, DIDs, mailboxes, allowed IPs), is disabled (FastAGI answers ``disabled``),
@@ -19,7 +28,10 @@ addresses to look for, and how a suppressed address is kept without keeping the 
 from __future__ import annotations
 
 import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from datetime import datetime
 
 from clickphone_agi.domain.accounts import OPT_OUT_KINDS, Account
 
@@ -31,6 +43,8 @@ __all__ = [
     "address_hash",
     "anonymised",
     "ascii_lower",
+    "erased_leg",
+    "number_digest",
     "number_forms",
 ]
 
@@ -65,6 +79,28 @@ def number_forms(did: str, country_code: str, national_prefix: str, internationa
     if national_prefix and did.startswith(country_code) and len(did) > len(country_code):
         forms.append(f"{national_prefix}{did[len(country_code) :]}")
     return tuple(dict.fromkeys(forms))
+
+
+def number_digest(key: bytes, number: str) -> str:
+    """How an erased number is kept: the hex HMAC-SHA256 under the database's ``key`` of the number
+    as a CDR spells it (surrounding blanks trimmed; :func:`number_forms` gives each spelling)."""
+    return hmac.digest(key, number.strip().encode("utf-8"), "sha256").hex()
+
+
+def erased_leg(
+    account: str, numbers: Iterable[str], started: datetime, erased: Mapping[str, datetime], key: bytes
+) -> bool:
+    """Whether a CDR leg must not be recorded: it has no account code, one of its ``numbers`` (source,
+    destination) has a digest in ``erased`` (digest: when it was erased), and its call ``started``
+    before that erasure. With nothing erased it hashes nothing."""
+    if account or not erased:
+        return False
+    for number in numbers:
+        if number:
+            erased_at = erased.get(number_digest(key, number))
+            if erased_at is not None and started < erased_at:
+                return True
+    return False
 
 
 def anonymised(account: Account) -> Account:
