@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clickphone_agi.adapters.storage import sqlite as db
-from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
+from clickphone_agi.adapters.storage.migrations import LATEST_VERSION, MIGRATIONS
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxStatus
 from clickphone_agi.ports import WriteTx
@@ -103,15 +103,19 @@ async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> Non
     assert path.read_bytes() == before
 
 
-async def test_migration_9_moves_only_the_archives_own_policy_keys(tmp_path: Path) -> None:
+async def test_migration_9_moves_only_the_archives_own_policy_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A ``policy:<v>`` row whose hash is the version's sha256 was the archive's: it becomes
     ``policy <v>``; a client's ``policy:<v>`` (the hash of its request) is left alone."""
     path = tmp_path / "t.db"
+    monkeypatch.setattr(db, "MIGRATIONS", MIGRATIONS[:8])  # a database from before migration 9
+    monkeypatch.setattr(db, "LATEST_VERSION", 8)
     s = await db.SqliteStore.open(path, FakeClock(NOW))
     await s.close()
+    monkeypatch.undo()
     sha = "ab" * 32
     with sqlite3.connect(path) as conn:
-        conn.execute("DELETE FROM schema_migrations WHERE version = 9")
         conn.execute("INSERT INTO policies VALUES ('3', ?, x'41', 's', '2027-01-01', 'x')", (sha,))
         conn.execute("INSERT INTO policies VALUES ('4', ?, x'42', 's', '2027-01-01', 'x')", ("cd" * 32,))
         for key, body_hash in (("policy:3", sha), ("policy:4", "ef" * 32), ("other", sha)):
@@ -123,6 +127,43 @@ async def test_migration_9_moves_only_the_archives_own_policy_keys(tmp_path: Pat
         keys = [row[0] for row in conn.execute("SELECT key FROM api_requests ORDER BY key")]
     conn.close()
     assert keys == ["other", "policy 3", "policy:4"]
+
+
+async def test_a_database_from_before_migration_10_migrates_with_its_own_numbers_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database made by the code before erased_numbers opens, migrates, and gets a random key of
+    its own, made once (a digest must not change meaning when the daemon restarts)."""
+    path = tmp_path / "t.db"
+    monkeypatch.setattr(db, "MIGRATIONS", MIGRATIONS[:9])
+    monkeypatch.setattr(db, "LATEST_VERSION", 9)
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    s.start()
+    await s.write(lambda tx: tx.claim_event("cdr:pbx1:1.0:x", "cdr"))
+    await s.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert db.schema_version(conn) == 9
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'erased_numbers'").fetchone() is None
+    monkeypatch.undo()
+
+    def key(db_path: Path) -> str:
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            assert db.schema_version(conn) == LATEST_VERSION
+            assert conn.execute("SELECT COUNT(*) FROM erased_numbers").fetchone() == (0,)
+            return str(conn.execute("SELECT value FROM meta WHERE key = 'erased_numbers_key'").fetchone()[0])
+
+    for _ in range(2):
+        s = await db.SqliteStore.open(path, FakeClock(NOW))
+        assert await s.has_event("cdr:pbx1:1.0:x")
+        await s.close()
+    first = key(path)
+    assert len(bytes.fromhex(first)) == 32
+    s = await db.SqliteStore.open(path, FakeClock(NOW))
+    await s.close()
+    assert key(path) == first
+    other = await db.SqliteStore.open(tmp_path / "other.db", FakeClock(NOW))
+    await other.close()
+    assert key(tmp_path / "other.db") != first
 
 
 async def test_claim_event_is_idempotent(store: db.SqliteStore) -> None:

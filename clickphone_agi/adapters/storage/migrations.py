@@ -275,6 +275,23 @@ MIGRATIONS: tuple[Migration, ...] = (
                  AND body_hash = (SELECT sha256 FROM policies WHERE version = substr(api_requests.key, 8))""",
         ),
     ),
+    Migration(
+        10,
+        "erased numbers: a leg read again after an erasure is not recorded again",
+        (
+            # The key of the erased numbers' digests (domain.privacy.number_digest): random, one per
+            # database, made here once (SQLite's randomblob draws from its CSPRNG, seeded by the OS).
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('erased_numbers_key', lower(hex(randomblob(32))))",
+            # One row per spelling of an erased subscriber's numbers: its keyed digest and when it
+            # was erased (a CDR leg without an account code that carries it, from a call started
+            # before then, is not recorded). Pseudonymous; kept for that one purpose, so neither
+            # exported nor purged by retention.
+            """CREATE TABLE erased_numbers (
+                   digest    TEXT PRIMARY KEY,
+                   erased_at TEXT NOT NULL
+               ) WITHOUT ROWID""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
