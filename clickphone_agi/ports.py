@@ -36,6 +36,11 @@ class WriteTx(Protocol):
         """Store one CDR (call after :meth:`claim_event` succeeded for its key)."""
         ...
 
+    def erased_leg(self, call: CallEnded) -> bool:
+        """Whether ``call`` is a leg without an account code that carries a number erased after the
+        call started: it is not recorded (neither the CDR nor its key). Costs no statement."""
+        ...
+
     def set_meta(self, key: str, value: str) -> None:
         """Small durable state such as the Master.csv read position."""
         ...

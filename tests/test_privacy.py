@@ -411,10 +411,6 @@ async def test_an_erased_account_takes_no_new_consent_record(store: SqliteStore)
     assert b"203.0.113.78" not in raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: erasure forgets the numbers, so a leg without account code read after it is recorded again",
-)
 async def test_a_leg_without_account_read_again_after_the_erasure_stays_erased(store: SqliteStore) -> None:
     """Master.csv read again (a catch-up after an AMI gap, a replay after a restart) brings back a leg
     with no account code that carries the erased subscriber's number, from before the erasure: it
@@ -470,6 +466,88 @@ async def test_erase_renames_the_low_balance_notice_key_that_holds_a_call_key(st
     assert row.idempotency_key.startswith("lowbal:acct1001:erased:")
     assert b"0040212345678" not in _raw(store.path)
     assert b"0212345678" not in _raw(store.path)
+
+
+async def test_a_later_call_to_an_erased_number_is_recorded_and_an_old_leg_stays_out_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The number may be reassigned: a call that started after the erasure is recorded as usual, and
+    without hashing its numbers. After a restart (a writer cache loaded from the table) a leg from
+    before the erasure is still refused."""
+    path = tmp_path / "t.db"
+    store = await SqliteStore.open(path, FakeClock(NOW))
+    store.start()
+    (call,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    leg = dataclasses.replace(call, key="cdr:pbx1:in.1:PJSIP/100-00000001", account="", destination="0721000001")
+    try:
+        await store.write(import_unit([(ION, 5000)]))
+        await privacy.erase_account(store, "acct1001", NUMBERING)
+    finally:
+        await store.close()
+    store = await SqliteStore.open(path, FakeClock(NOW))
+    store.start()
+    hashed: list[tuple[str, ...]] = []
+
+    def counting(
+        account: str, numbers: tuple[str, ...], started: datetime, erased: dict[str, datetime], key: bytes
+    ) -> bool:
+        hashed.append(numbers)
+        return erased_leg(account, numbers, started, erased, key)
+
+    monkeypatch.setattr("clickphone_agi.adapters.storage.sqlite.erased_leg", counting)
+    try:
+        processor = EventProcessor(store, SINCE, _money(store))
+        assert await processor.handle(leg) is False
+        assert hashed == [("0721000001", "0721000001")]
+        shift = NOW - call.start + timedelta(minutes=1)
+        later = dataclasses.replace(
+            leg, key="cdr:pbx1:in.3:PJSIP/100-00000003", start=call.start + shift,
+            answer=(call.answer or call.start) + shift, end=call.end + shift,
+        )  # fmt: skip
+        assert await processor.handle(later) is True
+        assert len(hashed) == 1  # started after the last erasure: not even looked up
+        assert [(c["key"], c["destination"]) for c in await store.calls()] == [(later.key, "0721000001")]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_erasure_leaves_no_erased_number_in_the_writers_cache(store: SqliteStore) -> None:
+    """The erased numbers are cached by the writer; a unit that erases and then fails rolls back, and
+    its numbers must not stay in the cache and keep refusing legs that nothing erased."""
+    await store.write(import_unit([(ION, 5000)]))
+    (call,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+    leg = dataclasses.replace(call, key="cdr:pbx1:in.1:PJSIP/100-00000001", account="", destination="0721000001")
+    forms = privacy.forms_for(NUMBERING)
+
+    def erase_then_fail(tx: WriteTx) -> None:
+        tx.erase_account("acct1001", forms=forms, outbox_ids=(), outbox_seen_up_to=0, salt=b"s")
+        assert tx.erased_leg(leg)  # the unit itself sees the numbers erased
+        raise RuntimeError("a bug after the erasure's SQL")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        await store.write(erase_then_fail)
+    assert await EventProcessor(store, SINCE, _money(store)).handle(leg) is True
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("SELECT COUNT(*) FROM erased_numbers").fetchone() == (0,)
+    conn.close()
+
+
+async def test_erased_numbers_are_kept_as_keyed_digests_and_not_exported(store: SqliteStore) -> None:
+    """Every spelling of the erased DID is kept, as the digest under the database's own key, never
+    as the number; an export (of the erased account or of one that now has the number) omits them."""
+    await store.write(import_unit([(ION, 5000)]))
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+    conn = sqlite3.connect(store.path)
+    key = bytes.fromhex(conn.execute("SELECT value FROM meta WHERE key = 'erased_numbers_key'").fetchone()[0])
+    rows = dict(conn.execute("SELECT digest, erased_at FROM erased_numbers").fetchall())
+    conn.close()
+    spellings = number_forms("40721000001", "40", "0", "00")
+    assert sorted(rows) == sorted(number_digest(key, n) for n in spellings)
+    assert set(rows.values()) == {"2026-11-28T18:00:00.000000Z"}
+    await store.write(import_unit([(dataclasses.replace(MARIA, dids=("40721000001",)), 0)]))  # reassigned
+    for code in ("acct1001", "acct2002"):
+        text = json.dumps(await privacy.export_account(store, FakeClock(NOW), code, NUMBERING))
+        assert [d for d in rows if d in text] == []
 
 
 def test_a_number_digest_is_keyed_and_per_spelling() -> None:

@@ -19,11 +19,13 @@ from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.clock import FakeClock
 from clickphone_agi.config.loader import ConfigError, load_config
 from clickphone_agi.config.schema import SmtpConfig
+from clickphone_agi.domain.charging import Numbering
 from clickphone_agi.domain.events import EventSource
 from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.domain.retention import PURGE_AFTER_SEND, RetentionPolicy, next_run_at
 from clickphone_agi.ports import WriteTx
+from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.retention import FLOOR_META, RetentionJob, RetentionSettings
@@ -179,6 +181,25 @@ async def test_a_dead_reset_link_mail_loses_its_body_once_the_link_expired(tmp_p
         conn = sqlite3.connect(store.path)
         assert conn.execute(kept).fetchall() == [("api:password_recovery:new",)]  # still retryable
         conn.close()
+    finally:
+        await store.close()
+
+
+async def test_erased_numbers_outlive_retention(tmp_path: Path) -> None:
+    """The erased numbers' digests are what keeps an erasure honoured when Master.csv is read again:
+    retention purges the old rows around them, never them."""
+    clock = FakeClock(START)
+    store = await SqliteStore.open(tmp_path / "t.db", clock)
+    store.start()
+    try:
+        await store.write(import_unit([(ION, 5000)]))
+        await _rows(store, clock, "old", 2)
+        await privacy.erase_account(store, "acct1001", Numbering())
+        erased = _count(store.path, "SELECT COUNT(*) FROM erased_numbers")
+        await clock.advance((NOW - START).total_seconds())
+        result = await RetentionJob(store, clock, _settings).run_once()
+        assert result["purged"]["cdrs"] == 2
+        assert erased == _count(store.path, "SELECT COUNT(*) FROM erased_numbers") == 4
     finally:
         await store.close()
 

@@ -214,8 +214,8 @@ class EventProcessor:
         key = event.key
 
         def unit(tx: WriteTx) -> bool:
-            if call is not None and _erased(tx, call.account):
-                return False  # nothing of an erased account is recorded again, not even its key
+            if call is not None and _erased(tx, call):
+                return False  # nothing of an erased account or number is recorded again, not even its key
             if not tx.claim_event(key, kind):
                 return False
             for settled in settles:
@@ -268,8 +268,12 @@ class EventProcessor:
         )
 
 
-def _erased(tx: WriteTx, code: str) -> bool:
-    account = tx.get_account(code) if code else None
+def _erased(tx: WriteTx, call: CallEnded) -> bool:
+    """Whether ``call`` belongs to an erased account, or is a leg without an account code carrying a
+    number erased after the call started (a Master.csv row read again, a late leg of an old call)."""
+    if not call.account:
+        return tx.erased_leg(call)
+    account = tx.get_account(call.account)
     return account is not None and account.erased
 
 

@@ -15,6 +15,13 @@ What erasure does, table by table (README "Data rights and retention" says why):
   digest salted with a random value that is thrown away, so the rows of one call stay linked to
   each other and to nothing else. The same keys' ``processed_events`` rows are deleted: an erased
   account's events are ignored from now on, so nothing needs them.
+* ``erased_numbers``: the keyed digest (:func:`~clickphone_agi.domain.privacy.number_digest`,
+  under the random ``erased_numbers_key`` in ``meta``) of every spelling of the account's numbers,
+  with the moment of the erasure, so that a leg without an account code read again later (a
+  Master.csv catch-up or replay) is not recorded again with the number. Pseudonymous (whoever
+  holds the database can test a guessed number), kept for that one purpose like the address
+  digests of the suppressions: never exported (no longer the account's data, and linked to no
+  account), never purged by retention (a replay may come any time).
 * ``ledger``: amounts, kinds and dates stay (money totals must); refs become the same digests and
   the free-text ``reason`` of top-ups and manual adjustments is cleared. The ledger is append-only
   by trigger; this is the one place that lifts the triggers, inside the erasure's own transaction,
@@ -251,11 +258,14 @@ def erase_account(
     outbox_seen_up_to: int,
     now_db: str,
     salt: bytes,
+    number_digests: Sequence[str],
 ) -> dict[str, Any] | None:
     """Anonymise account ``code`` (see the module doc); None if there is no such account.
 
-    ``conn`` is the unit's connection (its savepoint opens on the first statement). Returns what
-    was changed, by table. Erasing an erased account again is harmless (it finds less to do).
+    ``conn`` is the unit's connection (its savepoint opens on the first statement);
+    ``number_digests`` are the keyed digests of the account's numbers, kept as erased at
+    ``now_db``. Returns what was changed, by table. Erasing an erased account again is harmless
+    (it finds less to do).
     """
     head = conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
     if head is None:
@@ -291,6 +301,13 @@ def erase_account(
     cur = conn.executemany("DELETE FROM processed_events WHERE key = ?", [(old,) for old in renamed])
     done["processed_events"] = max(cur.rowcount, 0)
     done["ledger"] = _anonymise_ledger(conn, code, [(i, renamed.get(ref, ref)) for i, ref in ledger])
+    # the numbers stay erased: a leg read again later is refused (domain.privacy.erased_leg)
+    conn.executemany(
+        "INSERT INTO erased_numbers (digest, erased_at) VALUES (?, ?)"
+        " ON CONFLICT (digest) DO UPDATE SET erased_at = max(erased_at, excluded.erased_at)",
+        [(digest, now_db) for digest in number_digests],
+    )
+    done["erased_numbers"] = len(number_digests)
 
     # the outbox: rows found by the reader, and rows added since
     later = conn.execute(

@@ -42,7 +42,7 @@ from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.money import Notice, RatedCall
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxRow, OutboxStatus
 from clickphone_agi.domain.policy import Policy
-from clickphone_agi.domain.privacy import address_forms, ascii_lower
+from clickphone_agi.domain.privacy import address_forms, ascii_lower, erased_leg, number_digest
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.ports import WriteTx
@@ -269,15 +269,17 @@ _EVENT_NOT_NULL = operator.itemgetter(0, 1)
 _CDR_NOT_NULL = operator.itemgetter(0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19)
 _LEDGER_NOT_NULL = operator.itemgetter(0, 1, 2, 3, 5)
 _RATED_NOT_NULL = operator.itemgetter(*range(11))  # every rated_calls column
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class _WriterCache:
     """Money state as the writer last committed it, kept from batch to batch (writer thread only).
 
     Accounts (parsed), balances, daily spend and notice state, so that charging a CDR reads
-    nothing back. The writer connection is the database's only writer and every write to those
-    tables goes through :class:`SqliteTx`, which keeps this cache in step (undone with a failed
-    unit, dropped with a failed batch). Anything committed by another connection (the CLI while
+    nothing back; the erased numbers, so that checking a leg without an account code reads nothing
+    either. The writer connection is the database's only writer and every write to those tables
+    goes through :class:`SqliteTx`, which keeps this cache in step (undone with a failed unit,
+    dropped with a failed batch). Anything committed by another connection (the CLI while
     the daemon is stopped, a restore, a hand-edit) changes ``PRAGMA data_version``: the cache is
     then dropped at the start of the next batch, as it is when it grows past ``MAX_ENTRIES``.
     """
@@ -295,10 +297,20 @@ class _WriterCache:
         # "how much is held" without a statement
         self.reservations: dict[str, tuple[str, int, str, str]] | None = None  # + created_at as stored
         self.held: dict[str, dict[str, None]] = {}
+        # every erased number once loaded, digest: erased_at (domain.privacy.erased_leg), and the
+        # key of the digests; few (a handful per erased account), so never counted as MAX_ENTRIES.
+        # erased_until is at or after every erased_at (a failed erasure's undo leaves it, which costs
+        # only hashing): a leg that started at or after it is not looked up, so not hashed.
+        self.erased_numbers: dict[str, datetime] | None = None
+        self.erased_until: datetime = _NEVER
+        self.numbers_key: bytes | None = None
 
     def clear(self) -> None:
         self.data_version = None
         self.reservations = None
+        self.erased_numbers = None
+        self.erased_until = _NEVER
+        self.numbers_key = None
         for entries in (self.accounts, self.balances, self.spend, self.states, self.held):
             entries.clear()
 
@@ -1211,6 +1223,39 @@ class SqliteTx:
         ).fetchone()
         return str(row[0]) if row else None
 
+    def erased_leg(self, call: CallEnded) -> bool:
+        """Whether ``call`` is a leg without an account code carrying a number erased after the call
+        started (:func:`~clickphone_agi.domain.privacy.erased_leg`), from the writer's cache: no
+        statement, and no hashing while nothing was erased or the call started after the last erasure."""
+        if call.account:
+            return False
+        cache = self._cache
+        erased = cache.erased_numbers
+        if erased is None:
+            erased = self._erased_numbers()
+        if not erased or call.start >= cache.erased_until:
+            return False
+        return erased_leg(call.account, (call.source, call.destination), call.start, erased, self._numbers_key())
+
+    def _erased_numbers(self) -> dict[str, datetime]:
+        """Every erased number's digest with when it was erased, read once into the writer's cache."""
+        cache = self._cache
+        if cache.erased_numbers is None:
+            rows = self._read.execute("SELECT digest, erased_at FROM erased_numbers").fetchall()
+            cache.erased_numbers = {str(digest): from_db(str(at)) for digest, at in rows}
+            cache.erased_until = max(cache.erased_numbers.values(), default=_NEVER)
+        return cache.erased_numbers
+
+    def _numbers_key(self) -> bytes:
+        """The database's key of the erased numbers' digests (made by migration 10)."""
+        cache = self._cache
+        if cache.numbers_key is None:
+            row = self._read.execute("SELECT value FROM meta WHERE key = 'erased_numbers_key'").fetchone()
+            if row is None:
+                raise StorageError("the database has no erased_numbers_key: run 'clickphone-agi db migrate'")
+            cache.numbers_key = bytes.fromhex(str(row[0]))
+        return cache.numbers_key
+
     def erase_account(
         self,
         code: str,
@@ -1226,29 +1271,38 @@ class SqliteTx:
         still holds deferred rows of the account (written only at COMMIT): the caller retries.
         """
         batch = self._batch
+        cache = self._cache
+        numbers = privacy_sql.account_numbers(self._read, code, forms)
         # the deferred rows erasure would miss: the account's own, and legs without an account
         # code that carry one of its numbers (the erasure's SQL blanks those too)
-        numbers = set(privacy_sql.account_numbers(self._read, code, forms)) if batch.cdrs else set()
+        spellings = set(numbers)
         if (
-            any(row[2] == code or (not row[2] and {row[6], row[7]} & numbers) for row in batch.cdrs.values())
+            any(row[2] == code or (not row[2] and {row[6], row[7]} & spellings) for row in batch.cdrs.values())
             or any(row[0] == code for row in batch.ledger.values())
             or any(row[1] == code for row in batch.rated.values())
         ):
             raise privacy_sql.ErasureDeferred(code)
         self._reserved()
-        held = list(self._cache.held.get(code, ()))  # the cache has this batch's too
+        held = list(cache.held.get(code, ()))  # the cache has this batch's too
+        erased = self._erased_numbers()  # read before the unit writes: its undo then leaves the cache right
+        key = self._numbers_key()
+        digests = sorted({number_digest(key, number) for number in numbers})
         done = privacy_sql.erase_account(
             self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
-            now_db=batch.now_db, salt=salt,
+            now_db=batch.now_db, salt=salt, number_digests=digests,
         )  # fmt: skip
         if done is None:
             return None
         for call_id in held:
             self.release(call_id)
         done["reservations"] = len(held)
-        # the writer's cache must see the erased account from the next statement on
+        # the writer's cache must see the erased account and numbers from the next statement on
         row = self._conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
-        batch.put(self._cache.accounts, code, account_from_json(row[0]))
+        batch.put(cache.accounts, code, account_from_json(row[0]))
+        erased_at = from_db(batch.now_db)  # as stored
+        cache.erased_until = max(cache.erased_until, erased_at)
+        for digest in digests:
+            batch.put(erased, digest, max(erased.get(digest, erased_at), erased_at))
         return done
 
     def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
