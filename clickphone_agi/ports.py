@@ -41,6 +41,11 @@ class WriteTx(Protocol):
         call started: it is not recorded (neither the CDR nor its key). Costs no statement."""
         ...
 
+    def box_erased_at(self, box: str) -> datetime | None:
+        """When voicemail box ``box`` (``mailbox@context``) was erased with its account, or None: its
+        messages and events from before then are neither mailed nor recorded. Costs no statement."""
+        ...
+
     def set_meta(self, key: str, value: str) -> None:
         """Small durable state such as the Master.csv read position."""
         ...

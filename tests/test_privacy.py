@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from clickphone_agi.domain import privacy as domain_privacy
 from clickphone_agi.domain.accounts import Account, Mailbox
 from clickphone_agi.domain.charging import BillingRule, Numbering
 from clickphone_agi.domain.delivery import message_id
+from clickphone_agi.domain.events import VoicemailWaiting
+from clickphone_agi.domain.missed import missed_key
 from clickphone_agi.domain.money import Notice
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.domain.privacy import address_hash, erased_leg, number_digest, number_forms
@@ -40,6 +43,7 @@ from clickphone_agi.services.consent import ConsentService, ConsentSettings
 from clickphone_agi.services.ingest import EventProcessor
 from clickphone_agi.services.intake import ApiError, Reply
 from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.services.notices import NoticeSettings, Notifier
 from tests.test_money import SINCE, TABLE, TZ, _calls
 
 NOW = datetime(2026, 11, 28, 18, 0, tzinfo=UTC)
@@ -533,8 +537,9 @@ async def test_a_failed_erasure_leaves_no_erased_number_in_the_writers_cache(sto
 
 
 async def test_erased_numbers_are_kept_as_keyed_digests_and_not_exported(store: SqliteStore) -> None:
-    """Every spelling of the erased DID is kept, as the digest under the database's own key, never
-    as the number; an export (of the erased account or of one that now has the number) omits them."""
+    """Every spelling of the erased DID, and the erased voicemail box, is kept as the digest under the
+    database's own key, never as the number; an export (of the erased account or of one that now has
+    the number) omits them."""
     await store.write(import_unit([(ION, 5000)]))
     await privacy.erase_account(store, "acct1001", NUMBERING)
     conn = sqlite3.connect(store.path)
@@ -542,7 +547,7 @@ async def test_erased_numbers_are_kept_as_keyed_digests_and_not_exported(store: 
     rows = dict(conn.execute("SELECT digest, erased_at FROM erased_numbers").fetchall())
     conn.close()
     spellings = number_forms("40721000001", "40", "0", "00")
-    assert sorted(rows) == sorted(number_digest(key, n) for n in spellings)
+    assert sorted(rows) == sorted(number_digest(key, n) for n in (*spellings, "100@default"))
     assert set(rows.values()) == {"2026-11-28T18:00:00.000000Z"}
     await store.write(import_unit([(dataclasses.replace(MARIA, dids=("40721000001",)), 0)]))  # reassigned
     for code in ("acct1001", "acct2002"):
@@ -589,3 +594,97 @@ def test_with_nothing_erased_no_number_is_hashed(monkeypatch: pytest.MonkeyPatch
     assert erased_leg("", ("0744123456", "0721000001"), _BEFORE, {}, _KEY) is False
     with pytest.raises(AssertionError, match="hashed"):  # the patch is in effect
         erased_leg("", ("0744123456", "0721000001"), _BEFORE, {"x": _ERASED_AT}, _KEY)
+
+
+BOX = "0721000001@default"  # a box named after the subscriber's number, as many are
+SPOOL_BOX = Path(__file__).parent / "fixtures" / "spool" / "voicemail" / "default" / "100" / "INBOX"
+
+
+def _box_message(inbox: Path, number: int, origtime: int) -> None:
+    """The fixture's message, as msg<number> of ``inbox``, left at ``origtime`` (epoch seconds)."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    text = (SPOOL_BOX / "msg0000.txt").read_text()
+    text = text.replace("origtime=1795882923", f"origtime={origtime}")
+    text = text.replace("msg_id=1795882923-00000000", f"msg_id={origtime}-{number:08x}")
+    (inbox / f"msg{number:04d}.txt").write_text(text)
+    shutil.copy(SPOOL_BOX / "msg0000.wav", inbox / f"msg{number:04d}.wav")
+
+
+async def test_erase_drops_the_keys_that_name_the_accounts_voicemail_box(store: SqliteStore, tmp_path: Path) -> None:
+    """Voicemail keys name the box (``vm:<system>:<box>:<msg_id>``, MWI, recording, password change),
+    and a box is often the subscriber's number: erasure drops those claims and renames the notices'
+    outbox keys; a voicemail event of the box read again is neither recorded nor mailed, not even
+    once the box is given to someone else (its old messages stay unmailed, its new ones go)."""
+    ion = dataclasses.replace(ION, mailboxes=(Mailbox(BOX, "voicemail.ion@example.ro"),))
+    await store.write(import_unit([(ion, 5000), (MARIA, 3000)]))
+    vm_key = f"vm:pbx1:{BOX}:1795882923-00000000"
+    named = {
+        vm_key: "voicemail",
+        f"{vm_key}:kept": "voicemail_kept",
+        f"mwi:pbx1:{BOX}:1795882923.7:1": "mwi",
+        "vmfile:pbx1:/var/spool/asterisk/voicemail/default/0721000001/INBOX/msg0000": "voicemail",
+        f"vmpass:pbx1:{BOX}:1795882999": "vm_password",
+        f"notice:vmpass:pbx1:{BOX}:1795882999": "password_changed",
+    }
+    others = ["vm:pbx1:0721000009@default:1795882923-00000000", "mwi:pbx1:100@default:1795882923.7:1"]
+    data = {
+        "name": "Ion Popescu", "mailbox": "0721000001", "caller_name": "Vasile Ionescu",
+        "caller_number": "0744123456", "at": NOW, "duration": 13, "attached": False,
+    }  # fmt: skip
+    notices = [_mail("voicemail", vm_key, "voicemail.ion@example.ro", data)]
+    notices.append(_mail("password_changed", f"notice:vmpass:pbx1:{BOX}:1795882999", "ion.popescu@example.ro",
+                         {"name": "Ion Popescu", "source_ip": "", "at": NOW}))  # fmt: skip
+
+    def seed(tx: WriteTx) -> None:
+        for key, kind in [*named.items(), *((k, "voicemail") for k in others)]:
+            assert tx.claim_event(key, kind)
+        for notice in notices:
+            assert tx.enqueue(notice)
+
+    await store.write(seed)
+    assert b"0721000001" in _raw(store.path)
+
+    await privacy.erase_account(store, "acct1001", NUMBERING)
+
+    assert b"0721000001" not in _raw(store.path)
+    for key in named:
+        assert not await store.has_event(key), key
+    for key in others:
+        assert await store.has_event(key), key
+    conn = sqlite3.connect(store.path)
+    keys = [r[0] for r in conn.execute("SELECT idempotency_key FROM outbox ORDER BY id")]
+    conn.close()
+    assert [k[: len("erased:")] for k in keys] == ["erased:", "erased:"]
+
+    # an MWI of the box seen again: not recorded, but its call is still settled (no number in that key)
+    processor = EventProcessor(store, SINCE, _money(store))
+    mwi = VoicemailWaiting(
+        key=f"mwi:pbx1:{BOX}:1795882923.8:1", mailbox="0721000001", context="default", new=1, old=0, waiting=True,
+        account="", caller_id_num="0744123456", caller_id_name="", unique_id="1795882923.8",
+        linked_id="1795882923.6", system_name="pbx1",
+    )  # fmt: skip
+    assert await processor.handle(mwi) is False
+    assert not await store.has_event(mwi.key)
+    assert await store.has_event(missed_key("pbx1", "1795882923.6"))
+    theirs = dataclasses.replace(mwi, mailbox="0721000009", key="mwi:x", account="acct1001")
+    assert await processor.handle(theirs) is False
+    assert not await store.has_event("mwi:x")  # an erased account's event, whatever the box
+    assert b"0721000001" not in _raw(store.path)
+
+    # the spool still holds the old message; the box goes to Maria, and a new message arrives
+    inbox = tmp_path / "vm" / "default" / "0721000001" / "INBOX"
+    _box_message(inbox, 0, 1795882923)  # left for Ion, before the erasure
+    _box_message(inbox, 1, int((NOW + timedelta(hours=1)).timestamp()))  # left for Maria
+    settings = NoticeSettings(
+        system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>", message_id_domain="clickphone.example",
+        voicemail_root=tmp_path / "vm", fax_root=tmp_path / "fax",
+    )  # fmt: skip
+    notifier = Notifier(store, FakeClock(NOW), Renderer(), settings, datetime(2026, 1, 1, tzinfo=UTC))
+    await notifier.voicemail_box("default", "0721000001")
+    assert await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10) == []  # no owner: nothing mailed
+    assert not await store.has_event(vm_key)
+    await store.write(import_unit([(dataclasses.replace(MARIA, mailboxes=(Mailbox(BOX),)), 0)]))
+    await notifier.voicemail_box("default", "0721000001")
+    ((row, _mime),) = await store.due_outbox(datetime(2100, 1, 1, tzinfo=UTC), 10)
+    assert (row.recipient, row.idempotency_key) == ("maria.dobre@example.org", f"vm:pbx1:{BOX}:{1795892400}-00000001")
+    assert not await store.has_event(vm_key)  # Ion's message was not mailed to Maria

@@ -29,7 +29,14 @@ from clickphone_agi.domain.ami_translate import (
 )
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.effects import plan
-from clickphone_agi.domain.events import AsteriskLifecycle, CallEnded, DomainEvent
+from clickphone_agi.domain.events import (
+    AsteriskLifecycle,
+    CallEnded,
+    DomainEvent,
+    VoicemailPasswordChanged,
+    VoicemailRecorded,
+    VoicemailWaiting,
+)
 from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.faults import crash_point
 from clickphone_agi.ports import Store, WriteTx
@@ -216,6 +223,10 @@ class EventProcessor:
         def unit(tx: WriteTx) -> bool:
             if call is not None and _erased(tx, call):
                 return False  # nothing of an erased account or number is recorded again, not even its key
+            if isinstance(event, _BOX_EVENTS) and _erased_box(tx, event):
+                for settled in settles:  # no number in these: the call was not missed all the same
+                    tx.claim_event(settled, "not_missed")
+                return False  # its key names the erased box
             if not tx.claim_event(key, kind):
                 return False
             for settled in settles:
@@ -275,6 +286,20 @@ def _erased(tx: WriteTx, call: CallEnded) -> bool:
         return tx.erased_leg(call)
     account = tx.get_account(call.account)
     return account is not None and account.erased
+
+
+_BOX_EVENTS = (VoicemailWaiting, VoicemailRecorded, VoicemailPasswordChanged)
+
+
+def _erased_box(tx: WriteTx, event: VoicemailWaiting | VoicemailRecorded | VoicemailPasswordChanged) -> bool:
+    """Whether a voicemail event belongs to an erased account, or names a box erased with its
+    account and given to no one since (its key would hold the box, often the subscriber's number)."""
+    code = "" if isinstance(event, VoicemailPasswordChanged) else event.account
+    account = tx.get_account(code) if code else None
+    if account is not None and account.erased:
+        return True
+    box = f"{event.mailbox}@{event.context}"
+    return tx.box_erased_at(box) is not None and tx.account_for_mailbox(box) is None
 
 
 def _log_cdr(method: Callable[..., Any], call: CallEnded) -> None:

@@ -262,7 +262,7 @@ class Notifier:
 
     async def voicemail_box(self, context: str, mailbox: str) -> None:
         box = f"{mailbox}@{context}"
-        account = await self._store.write(lambda tx: tx.account_for_mailbox(box))
+        account, erased_at = await self._store.write(lambda tx: (tx.account_for_mailbox(box), tx.box_erased_at(box)))
         if account is None:
             return
         messages = await asyncio.to_thread(self._spool.list_messages, context, mailbox)
@@ -276,6 +276,8 @@ class Notifier:
         for msg in messages:
             if msg.meta.origtime < self._went_live_at:
                 continue  # the go-live baseline: old messages are never mailed
+            if erased_at is not None and msg.meta.origtime < erased_at:
+                continue  # left for the box's erased owner (a box given to someone else since)
             key = f"vm:{self.settings.system_name}:{box}:{msg.meta.msg_id}"
             if await self._store.has_event(key):
                 # the spool is the state: a delivered message still here is removed again (durably

@@ -15,10 +15,17 @@ What erasure does, table by table (README "Data rights and retention" says why):
   digest salted with a random value that is thrown away, so the rows of one call stay linked to
   each other and to nothing else. The same keys' ``processed_events`` rows are deleted: an erased
   account's events are ignored from now on, so nothing needs them.
+* voicemail keys: a box (``mailbox@context``) is often the subscriber's number, and the keys of
+  its events name it (:func:`names_box`: ``vm:<system>:<box>:<msg_id>`` and its ``:kept``,
+  ``mwi:``, ``vmfile:`` by spool path, ``vmpass:`` and its ``notice:vmpass:``). Their
+  ``processed_events`` rows are deleted as the CDR keys' are: the box's events are refused from
+  now on (the ingest refuses an event of an erased account, or of an erased box no account owns;
+  the voicemail scan mails no message of the box left before its erasure, whoever owns it now).
 * ``erased_numbers``: the keyed digest (:func:`~clickphone_agi.domain.privacy.number_digest`,
   under the random ``erased_numbers_key`` in ``meta``) of every spelling of the account's numbers,
   with the moment of the erasure, so that a leg without an account code read again later (a
-  Master.csv catch-up or replay) is not recorded again with the number. Pseudonymous (whoever
+  Master.csv catch-up or replay) is not recorded again with the number; and so of each of its
+  voicemail boxes (``mailbox@context``), which is what refuses the box's events above. Pseudonymous (whoever
   holds the database can test a guessed number), kept for that one purpose like the address
   digests of the suppressions: never exported (no longer the account's data, and linked to no
   account), never purged by retention (a replay may come any time).
@@ -28,13 +35,15 @@ What erasure does, table by table (README "Data rights and retention" says why):
   for those two columns of that account's rows, and checks the account's sum is unchanged.
 * ``outbox`` rows of the account or to its addresses: body and template data deleted, recipient
   replaced, the address cut out of the SMTP reply and last error; a pending one is not sent. A
-  low-balance warning's key (``lowbal:<account>:<ledger ref>``) takes the ref's new name.
+  low-balance warning's key (``lowbal:<account>:<ledger ref>``) takes the ref's new name; a key
+  naming one of its boxes (a voicemail or password-change notice) becomes ``erased:<digest>``.
 * ``suppressions``/``marketing_suppressions``: the address becomes its ``sha256:`` digest (lookups
   check both forms). ``consent_records``: the evidence (the IP it was given from) is cleared; the
   history of grants and withdrawals stays as the proof of lawful processing. ``api_requests``: a
   consent request's stored answer echoes that evidence (``ip``, ``how``): both become null there.
 * ``balances``, ``daily_spend``, ``notice_state``, the other ``api_requests``: kept (amounts,
-  counters and stored API answers; none holds a name, address or number).
+  counters and stored API answers; none holds a name, address or number: ``notice_state`` names
+  are ``low_armed`` and ``limit_fired:<day>``).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import hashlib
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from clickphone_agi.adapters.storage.codec import account_from_json, account_to_json
@@ -89,6 +98,55 @@ def account_numbers(conn: Any, code: str, forms: NumberForms, data: dict[str, An
         data = json.loads(head[0]) if head else {}
     dids = [r[0] for r in conn.execute("SELECT did FROM account_dids WHERE account = ?", (code,))]
     return _numbers(data, dids, forms)
+
+
+def account_boxes(conn: Any, code: str, data: dict[str, Any] | None = None) -> list[str]:
+    """The account's voicemail boxes (``mailbox@context``): its settings' and the lookup table's."""
+    if data is None:
+        head = conn.execute("SELECT data FROM accounts WHERE code = ?", (code,)).fetchone()
+        data = json.loads(head[0]) if head else {}
+    stored = [r[0] for r in conn.execute("SELECT box FROM account_mailboxes WHERE account = ?", (code,))]
+    return sorted({*stored, *((m or {}).get("box") or "" for m in data.get("mailboxes") or [])} - {""})
+
+
+# the keys that name a voicemail box: (prefix, where the box is among the key's ':'-parts); a
+# ``vmfile:`` key names it as the spool path's ``/<context>/<mailbox>/`` instead
+_BOX_KEYS: tuple[tuple[str, int], ...] = (("vm:", 2), ("mwi:", 2), ("vmpass:", 2), ("notice:vmpass:", 3))
+
+
+def names_box(key: str, boxes: Collection[str]) -> bool:
+    """Whether ``key`` names one of ``boxes`` (``mailbox@context``): a voicemail notice
+    (``vm:<system>:<box>:<msg_id>``, and its ``:kept``), MWI (``mwi:<system>:<box>:…``), recording
+    (``vmfile:<system>:<spool path>/<context>/<mailbox>/…``) or password-change key
+    (``vmpass:<system>:<box>…``, its notice ``notice:vmpass:…``)."""
+    if key.startswith("vmfile:"):
+        path = key.split(":", 2)[-1]
+        return any(f"/{b.partition('@')[2]}/{b.partition('@')[0]}/" in path for b in boxes)
+    for prefix, index in _BOX_KEYS:
+        if key.startswith(prefix):
+            parts = key.split(":")
+            return len(parts) > index and parts[index] in boxes
+    return False
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def box_keys(conn: Any, table: str, column: str, boxes: Collection[str]) -> list[str]:
+    """The keys in ``table.column`` that name one of ``boxes`` (:func:`names_box`). GLOB keeps each
+    search on the key's index (its constant prefix); the exact test is :func:`names_box`, as ``*``
+    also spans ``:``."""
+    found: set[str] = set()
+    for box in boxes:
+        mailbox, _, context = box.partition("@")
+        patterns = [f"{prefix}*{_glob_escape(box)}*" for prefix, _ in _BOX_KEYS]
+        patterns.append(f"vmfile:*/{_glob_escape(context)}/{_glob_escape(mailbox)}/*")
+        for pattern in patterns:
+            for (key,) in conn.execute(f"SELECT {column} FROM {table} WHERE {column} GLOB ?", (pattern,)):  # noqa: S608
+                if names_box(str(key), boxes):
+                    found.add(str(key))
+    return sorted(found)
 
 
 def _like_escape(text: str) -> str:
@@ -166,6 +224,7 @@ def _export(conn: sqlite3.Connection, code: str, forms: NumberForms) -> dict[str
     keys = {r["key"] for r in cdrs} | {
         r[0] for r in conn.execute("SELECT ref FROM ledger WHERE account = ? AND kind = 'call'", (code,))
     }
+    keys |= set(box_keys(conn, "processed_events", "key", account_boxes(conn, code, data)))  # its voicemail's
     km = _marks(sorted(keys))
     pattern = f"acct:%:{_like_escape(code)}:%"
     return {
@@ -272,6 +331,7 @@ def erase_account(
         return None
     data = json.loads(head[0])
     numbers = account_numbers(conn, code, forms, data)
+    boxes = account_boxes(conn, code, data)
     addresses = set(_addresses(data))
     done: dict[str, Any] = {"account": code}
 
@@ -300,6 +360,12 @@ def erase_account(
     done["rated_calls"] = max(cur.rowcount, 0)
     cur = conn.executemany("DELETE FROM processed_events WHERE key = ?", [(old,) for old in renamed])
     done["processed_events"] = max(cur.rowcount, 0)
+    # voicemail: the keys naming one of its boxes (a box is often the subscriber's number); the
+    # box's events are refused from now on (ingest, notices), so nothing needs these rows either
+    cur = conn.executemany(
+        "DELETE FROM processed_events WHERE key = ?", [(k,) for k in box_keys(conn, "processed_events", "key", boxes)]
+    )
+    done["processed_events"] += max(cur.rowcount, 0)
     done["ledger"] = _anonymise_ledger(conn, code, [(i, renamed.get(ref, ref)) for i, ref in ledger])
     # the numbers stay erased: a leg read again later is refused (domain.privacy.erased_leg)
     conn.executemany(
@@ -324,8 +390,10 @@ def erase_account(
     rows = [r for r in rows if r is not None]
     addresses |= {ascii_lower(r[1]) for r in rows if r[1] and r[1] != ERASED_EMAIL}
     # a low-balance warning is keyed by the ledger ref of its cause (a CDR key may hold the dialled
-    # number): it follows the ref's new name
+    # number): it follows the ref's new name; a voicemail or password-change notice is keyed by its
+    # box: it takes a name of its own, like a CDR key
     lowbal = f"lowbal:{code}:"
+    by_box = {k: _erased_key(salt, k) for k in (box_keys(conn, "outbox", "idempotency_key", boxes) if rows else ())}
     conn.executemany(
         """UPDATE outbox SET recipient = ?, message = NULL, payload = NULL, last_error = ?, smtp_reply = ?,
                status = CASE WHEN status = 'pending' THEN 'dead' ELSE status END, idempotency_key = ?
@@ -335,7 +403,7 @@ def erase_account(
                 ERASED_EMAIL,
                 "erased: the account's personal data was erased" if status == "pending" else scrub(err, addresses),
                 scrub(reply, addresses),
-                lowbal + renamed.get(key[len(lowbal) :], key[len(lowbal) :]) if key.startswith(lowbal) else key,
+                _outbox_key(key, lowbal, renamed, by_box),
                 row_id,
             )
             for row_id, _, err, reply, status, key in rows
@@ -360,6 +428,14 @@ def erase_account(
     erased = anonymised(account_from_json(head[0]))
     conn.execute("UPDATE accounts SET data = ?, updated_at = ? WHERE code = ?", (account_to_json(erased), now_db, code))
     return done
+
+
+def _outbox_key(key: str, lowbal: str, renamed: dict[str, str], by_box: dict[str, str]) -> str:
+    """An erased account's outbox key: a low-balance warning's under its ref's new name, one
+    naming a box under its own."""
+    if key.startswith(lowbal):
+        return lowbal + renamed.get(key[len(lowbal) :], key[len(lowbal) :])
+    return by_box.get(key, key)
 
 
 def _anonymise_ledger(conn: Any, code: str, rows: list[tuple[int, str]]) -> int:

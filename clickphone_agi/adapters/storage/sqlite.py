@@ -1237,6 +1237,16 @@ class SqliteTx:
             return False
         return erased_leg(call.account, (call.source, call.destination), call.start, erased, self._numbers_key())
 
+    def box_erased_at(self, box: str) -> datetime | None:
+        """When voicemail box ``box`` (``mailbox@context``) was last erased with its account, or None;
+        from the writer's cache: no statement, and no hashing while nothing was erased."""
+        erased = self._cache.erased_numbers
+        if erased is None:
+            erased = self._erased_numbers()
+        if not erased:
+            return None
+        return erased.get(number_digest(self._numbers_key(), box))
+
     def _erased_numbers(self) -> dict[str, datetime]:
         """Every erased number's digest with when it was erased, read once into the writer's cache."""
         cache = self._cache
@@ -1276,8 +1286,10 @@ class SqliteTx:
         # the deferred rows erasure would miss: the account's own, and legs without an account
         # code that carry one of its numbers (the erasure's SQL blanks those too)
         spellings = set(numbers)
+        boxes = privacy_sql.account_boxes(self._read, code)
         if (
             any(row[2] == code or (not row[2] and {row[6], row[7]} & spellings) for row in batch.cdrs.values())
+            or any(privacy_sql.names_box(key, boxes) for key in batch.events)
             or any(row[0] == code for row in batch.ledger.values())
             or any(row[1] == code for row in batch.rated.values())
         ):
@@ -1286,7 +1298,8 @@ class SqliteTx:
         held = list(cache.held.get(code, ()))  # the cache has this batch's too
         erased = self._erased_numbers()  # read before the unit writes: its undo then leaves the cache right
         key = self._numbers_key()
-        digests = sorted({number_digest(key, number) for number in numbers})
+        # a box is kept erased like a number (often it is one): its old messages stay unmailed
+        digests = sorted({number_digest(key, name) for name in (*numbers, *boxes)})
         done = privacy_sql.erase_account(
             self._conn, code, forms=forms, outbox_ids=sorted(outbox_ids), outbox_seen_up_to=outbox_seen_up_to,
             now_db=batch.now_db, salt=salt, number_digests=digests,
