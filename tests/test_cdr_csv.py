@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition, MasterCsvTailer
+from clickphone_agi.domain.ami_translate import TranslateContext, translate
 from clickphone_agi.domain.cdr_csv import BASE_COLUMNS, EXTENDED_COLUMNS, CsvRowError, call_ended_from_csv
 from clickphone_agi.domain.events import CallEnded, Disposition, EventSource
 from clickphone_agi.domain.keys import cdr_key
@@ -164,6 +165,31 @@ def test_row_gives_the_same_key_as_its_ami_twin() -> None:
         event = call_ended_from_csv(row.fields(), system_name=SYSTEM, timezone=TZ)
         assert event.key == cdr_key(SYSTEM, ami["UniqueID"], ami["DestinationChannel"])
         assert event.origin is EventSource.CSV
+
+
+@pytest.mark.parametrize(
+    ("clid", "name"),
+    [
+        ('"Ion Popescu" <0721000001>', "Ion Popescu"),
+        ('"Ion \\"the boss\\" P" <0721000001>', 'Ion "the boss" P'),  # ast_escape_quoted's \"
+        ('"O\\\'Brien" <0721000001>', "O'Brien"),
+        ('"C:\\\\pbx\\\\" <0721000001>', "C:\\pbx\\"),  # an escaped backslash, one at the end too
+        ('"\\\\\\"" <0721000001>', '\\"'),
+        ('"Evil \\" <0700000000>" <0721000001>', 'Evil " <0700000000>'),
+        ('"Ion "the boss" P" <0721000001>', 'Ion "the boss" P'),  # quotes not escaped (older versions)
+        ('"Ion \\"the b', 'Ion "the b'),  # cut by the 80-byte clid inside the quotes
+        ('A \\"name\\" alone', 'A \\"name\\" alone'),  # a name alone is written as it is
+    ],
+)
+def test_caller_name_with_quotes_and_backslashes_is_the_same_as_its_ami_twins(clid: str, name: str) -> None:
+    """Master.csv holds the CDR's clid as the AMI Cdr event's CallerID (only its quotes doubled for
+    the CSV): both must give one display name, with Asterisk's backslash escapes undone."""
+    ami = json.loads((FIXTURES / "summary.json").read_text())["answered_call"]["all_cdrs"][0]
+    from_ami = translate([*{**ami, "CallerID": clid}.items()], TranslateContext(SYSTEM, TZ))
+    assert isinstance(from_ami, CallEnded)
+    (fields,) = csv.reader(io.StringIO(replace(ANSWERED, clid=clid).line().decode()))  # as cdr_csv writes it
+    from_csv = call_ended_from_csv(fields, system_name=SYSTEM, timezone=TZ)
+    assert (from_csv.caller_id_name, from_ami.caller_id_name) == (name, name)
 
 
 def test_answered_row_translates_every_field() -> None:

@@ -180,21 +180,42 @@ def _clean_display(text: str, limit: int) -> str:
 
 
 def _parse_caller_id(clid: str) -> tuple[str, str]:
-    """``"Name" <number>`` / ``Name <number>`` / ``number`` / ``Name`` → (name, number).
+    r"""``"Name" <number>`` / ``Name <number>`` / ``number`` / ``Name`` → (name, number).
 
-    Asterisk's ``ast_callerid_merge`` writes the name between double quotes without escaping
-    it, so the number is in the LAST ``<…>`` and the outer quotes are simply removed.
+    The number is in the LAST ``<…>`` and the outer quotes of the name are removed. The CDR's
+    ``clid`` is the string its AMI ``Cdr`` event carries as ``CallerID`` (cdr_csv only doubles its
+    ``"`` for the CSV quoting, which the reader has undone). With a number, Asterisk's
+    ``ast_callerid_merge`` escapes ``"`` and ``\`` inside the quotes (``ast_escape_quoted``), so
+    a backslash before a printable character is dropped, as
+    :func:`~clickphone_agi.domain.ami_translate.parse_caller_id` does for AMI: ``"O"Brien"`` and
+    ``"C:\pbx"`` give ``O"Brien`` and ``C:\pbx`` from both sources; so is one in a name cut
+    before its closing quote (the 80-byte clid). A backslash before a control character stays for
+    :func:`_clean` to drop with it. A name alone is written as it is, and taken as it is; so is a
+    name whose inner quotes were not escaped (older versions).
     """
     text = clid.strip()
     name, number = text, ""
     open_at = text.rfind("<")
-    if open_at != -1 and text.endswith(">"):
+    split = open_at != -1 and text.endswith(">")
+    if split:
         name, number = text[:open_at].strip(), text[open_at + 1 : -1].strip()
     elif _NUMBER_ONLY.fullmatch(text):
         name, number = "", text
     if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
-        name = name[1:-1]
+        name = _unescape_quoted(name[1:-1]) if split else name[1:-1]
+    elif not split and name.startswith('"'):  # cut inside the quotes: the rest is the (escaped) name
+        name = _unescape_quoted(name[1:])
     return _clean_display(name, _MAX_NAME), _clean_display(number, _MAX_NUMBER)
+
+
+_ESCAPED_PRINTABLE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _unescape_quoted(name: str) -> str:
+    r"""Undo ``ast_escape_quoted`` for printable characters (``\"`` → ``"``, ``\\`` → ``\``)."""
+    if "\\" not in name:
+        return name
+    return _ESCAPED_PRINTABLE.sub(lambda m: m.group(1) if m.group(1).isprintable() else m.group(0), name)
 
 
 def _parse_time(value: str, column: str, timezone: ZoneInfo, *, gmt: bool) -> datetime | None:
