@@ -380,6 +380,33 @@ def test_a_hunt_across_the_spring_dst_change_rang_for_the_real_seconds() -> None
     assert (missed.rang_seconds, missed.started_at) == (25, before)
 
 
+@pytest.mark.parametrize(
+    ("first_at", "second_at", "rang"),
+    [
+        # 2026-10-25 in Bucharest 04:00 EEST becomes 03:00 EET: 03:00-04:00 happens twice
+        ((3, 59, 50), (3, 0, 5), 25),  # the second attempt in the repeated hour: 15 s later, not 59 min earlier
+        ((3, 59, 55), (4, 0, 5), 20),  # the first in the repeated hour (read as its first occurrence)
+        ((3, 10, 0), (3, 10, 30), 40),  # both in it: unambiguous between them
+    ],
+)
+def test_a_hunt_in_the_repeated_autumn_hour_rang_for_seconds_not_an_hour(
+    first_at: tuple[int, int, int], second_at: tuple[int, int, int], rang: int
+) -> None:
+    """A CDR time is a wall time without an offset, read with fold=0 (AMI and Master.csv alike): a
+    CDR in the second 03:00-04:00 of the autumn change came out an hour early, and the ring time
+    an hour long (regression)."""
+    cdrs = ring_group(answered=False)
+    first, second = cdrs[-2], cdrs[-1]
+    before, after = (datetime(2026, 10, 25, *at, tzinfo=ZONE) for at in (first_at, second_at))
+    cdrs = [dataclasses.replace(c, start=before, end=before + 4 * SECOND) for c in cdrs[:-2]] + [
+        dataclasses.replace(first, start=before, end=before + 5 * SECOND, duration=5),
+        dataclasses.replace(second, start=after, end=after + 10 * SECOND, duration=10),
+    ]
+    missed = decide(cdrs, voicemail=False, owner="acct1001", system="lab")
+    assert missed is not None
+    assert missed.rang_seconds == rang
+
+
 # --- order, duplicates, replays, memory ----------------------------------------------------------------
 
 

@@ -41,7 +41,8 @@ Decision (:func:`decide`, one call's CDRs):
 Fields: ``rang_seconds`` is the ringing CDRs' ``Duration`` (never StartTime/EndTime, which are
 whole seconds); several ringing CDRs (forks, a sequential hunt) give the span from the first one's
 start to the end of the one that ends last, ``start`` offsets in whole seconds (real ones, in UTC:
-a hunt across a DST change) plus ``Duration``.
+a hunt across a DST change; an ambiguous wall time of the repeated autumn hour read the way that
+puts it nearest the call's other ringing CDRs, see :func:`_seconds_between`) plus ``Duration``.
 It includes dialplan time spent before the Dial in the same CDR (nothing in the lab).
 ``called``/``caller_*`` come from the first ringing CDR (caller number falls back to ``Source``),
 ``started_at`` is the earliest CDR start (an aware time in Asterisk's zone; the mail shows it in
@@ -191,8 +192,8 @@ def decide(cdrs: Sequence[CallEnded], *, voicemail: bool, owner: str | None, sys
     if not ringing:
         return None
     first = ringing[0]
-    # in UTC: aware datetimes that share a tzinfo subtract as wall clocks, an hour off across DST
-    rang = max(int((_utc(c.start) - _utc(first.start)).total_seconds()) + c.duration for c in ringing)
+    offsets = [_seconds_between(first.start, c.start) for c in ringing]
+    rang = max(offset + c.duration for offset, c in zip(offsets, ringing, strict=True)) - min(offsets)
     linked_id = first.linked_id or ""
     return MissedCall(
         key=missed_key(system, linked_id),
@@ -382,6 +383,28 @@ def _creation_order(unique_id: str) -> tuple[str, int, str]:
     channel (``.10`` after ``.9``), which plain text order gets wrong once the counter gains a digit."""
     head, _, counter = unique_id.rpartition(".")
     return head, len(counter), counter
+
+
+def _seconds_between(earlier: datetime, later: datetime) -> int:
+    """Real seconds from one CDR start of a call to another's (negative if ``later`` is earlier).
+
+    Subtracted in UTC: aware datetimes that share a tzinfo subtract as wall clocks, an hour off
+    across a DST change. And a CDR time is a wall time without an offset (AMI ``StartTime``,
+    Master.csv ``start``): in the hour repeated when summer time ends (Europe/Bucharest: the last
+    Sunday of October, 03:00-04:00 twice) it was read with ``fold=0``, the first occurrence, so
+    one of a call's CDRs in the second occurrence is an hour off its neighbours. Each ambiguous
+    time is therefore read both ways and the reading closest to zero is taken: the ringing CDRs
+    of one call are seconds or minutes apart, never near an hour. (The CDRs' own ``Duration``
+    still gives each attempt's length; only the gaps between attempts come from the times.)
+    """
+    readings = {int((_utc(b) - _utc(a)).total_seconds()) for a in _folds(earlier) for b in _folds(later)}
+    return min(readings, key=lambda seconds: (abs(seconds), seconds))
+
+
+def _folds(moment: datetime) -> tuple[datetime, ...]:
+    """``moment`` as read (``fold=0``) and, if its wall time happens twice, as the second occurrence."""
+    other = moment.replace(fold=1 - moment.fold)
+    return (moment,) if other.utcoffset() == moment.utcoffset() else (moment, other)
 
 
 def _utc(moment: datetime) -> datetime:
