@@ -65,14 +65,14 @@ def test_config_is_immutable(tmp_path: Path) -> None:
 
 def test_typo_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  prot: 5038\n")
-    assert _problems(f) == [f"{f}: ami.prot: unknown key (did you mean 'port'?)"]
+    assert _problems(f) == [f"{f}:3:3: ami.prot: unknown key (did you mean 'port'?)"]
 
 
 def test_a_number_yaml_made_of_text_says_to_quote_it(tmp_path: Path) -> None:
     """``country_code: 040`` read as the octal 32: the message showed a value nobody typed."""
     f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\nbilling:\n  country_code: 040\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{f}: billing.country_code: expected a valid string, got the number 32")
+    assert problem.startswith(f"{f}:4:3: billing.country_code: expected a valid string, got the number 32")
     assert "put the value in quotes" in problem
 
 
@@ -80,7 +80,7 @@ def test_wrong_type_in_conf_d_names_that_file(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n")
     extra = _write(tmp_path / "conf.d" / "50-smtp.yaml", "smtp:\n  port: abc\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{extra}: smtp.port: expected a valid integer")
+    assert problem.startswith(f"{extra}:2:3: smtp.port: expected a valid integer")
     assert "got 'abc'" in problem
 
 
@@ -116,7 +116,7 @@ def test_trusted_proxies_are_networks_and_a_typo_names_its_entry(tmp_path: Path)
 
 def test_missing_secret_file_names_key_and_file(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {tmp_path}/nope\n")
-    assert _problems(f) == [f"{f}: ami.secret_file: secret file '{tmp_path}/nope' does not exist"]
+    assert _problems(f) == [f"{f}:2:3: ami.secret_file: secret file '{tmp_path}/nope' does not exist"]
 
 
 def test_secret_from_systemd_credential(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_secret_from_systemd_credential(tmp_path: Path) -> None:
 def test_no_secret_at_all_is_an_error_for_run(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", "{}\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{f}: ami.secret_file: no secret configured")
+    assert problem.startswith(f"{f}: ami.secret_file: no secret configured")  # not in the file: no line
     assert "'ami-secret'" in problem
 
 
@@ -152,16 +152,16 @@ def test_bad_override_syntax(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        ("ami:\n  enabled: false\n  prot: 5038\n", "ami.prot: unknown key"),
-        ("ami:\n  enabled: false\n  port: high\n", "ami.port: expected a valid integer"),
+        ("ami:\n  enabled: false\n  prot: 5038\n", "3:3: ami.prot: unknown key"),
+        ("ami:\n  enabled: false\n  port: high\n", "3:3: ami.port: expected a valid integer"),
         (
             "ami:\n  secret_file: /nonexistent/secret\n",
-            "ami.secret_file: secret file '/nonexistent/secret' does not exist",
+            "2:3: ami.secret_file: secret file '/nonexistent/secret' does not exist",
         ),
         (
             "billing:\n  tariffs_file: /nonexistent/tariffs.yaml\n"
             "  billing_cdr:\n    destination_contexts: [clickphone-outbound]\n",
-            "billing.tariffs_file: tariff file '/nonexistent/tariffs.yaml' does not exist",
+            "2:3: billing.tariffs_file: tariff file '/nonexistent/tariffs.yaml' does not exist",
         ),
     ],
 )
@@ -175,7 +175,7 @@ def test_check_config_process_exits_78_and_names_key(tmp_path: Path, content: st
         check=False,
     )
     assert proc.returncode == EX_CONFIG
-    assert f"{f}: {needle}" in proc.stderr
+    assert f"{f}:{needle}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -187,7 +187,7 @@ def test_a_public_base_url_too_long_for_a_list_unsubscribe_line_is_refused(tmp_p
     assert load_config(f, environ={}).config.api.public_base_url == base  # 700: still fine
     f.write_text(f"ami:\n  enabled: false\napi:\n  public_base_url: {base}a\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{f}: api.public_base_url:")
+    assert problem.startswith(f"{f}:4:3: api.public_base_url:")
     assert "at most 700 characters" in problem
 
 
@@ -197,7 +197,7 @@ def test_a_tariff_file_needs_a_billing_cdr_rule_that_excludes_other_legs(tmp_pat
     tariffs = _write(tmp_path / "tariffs.yaml", "currency: RON\ntariffs: []\n")
     f = _write(tmp_path / "c.yaml", f"ami:\n  enabled: false\nbilling:\n  tariffs_file: {tariffs}\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{f}: billing.tariffs_file: with a tariff file, set billing.billing_cdr.")
+    assert problem.startswith(f"{f}:4:3: billing.tariffs_file: with a tariff file, set billing.billing_cdr.")
     assert "destination_channel_pattern" in problem
     for rule in ("destination_contexts: [clickphone-outbound]", "destination_channel_pattern: ^PJSIP/trunk-"):
         f.write_text(f"ami:\n  enabled: false\nbilling:\n  tariffs_file: {tariffs}\n  billing_cdr:\n    {rule}\n")
@@ -213,10 +213,81 @@ def test_agi_allowed_peers_are_ip_networks_and_errors_name_the_entry(tmp_path: P
     assert load_config(f, environ={}).config.agi.allowed_peers == ("10.0.0.5/32", "2001:db8::/32")
     f.write_text("ami:\n  enabled: false\nagi:\n  allowed_peers: [10.0.0.5, 10.0.0.5/24, asterisk.lan]\n")
     assert _problems(f) == [
-        f"{f}: agi.allowed_peers[1]: host bits set in '10.0.0.5/24': write the network address or a single host",
-        f"{f}: agi.allowed_peers[2]: expected an IP address or network such as 192.0.2.10 or 198.51.100.0/24,"
+        f"{f}:4:29: agi.allowed_peers[1]: host bits set in '10.0.0.5/24': write the network address or a single host",
+        f"{f}:4:42: agi.allowed_peers[2]: expected an IP address or network such as 192.0.2.10 or 198.51.100.0/24,"
         " got 'asterisk.lan'",
     ]
     f.write_text("ami:\n  enabled: false\nagi:\n  allowed_peers: []\n")
     (problem,) = _problems(f)
-    assert problem.startswith(f"{f}: agi.allowed_peers: expected at least one address or network")
+    assert problem.startswith(f"{f}:4:3: agi.allowed_peers: expected at least one address or network")
+
+
+def test_a_wrong_value_in_a_nested_key_names_its_line_in_the_file_that_set_it(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "c.yaml",
+        "ami:\n  enabled: false\n\nbilling:\n  billing_cdr:\n    last_application: Dial\n"
+        "    destination_channel_pattern: '(['\n",
+    )
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:7:5: billing.billing_cdr.destination_channel_pattern: not a valid regular")
+    # the same key set again in conf.d: that file's line, not the main file's
+    extra = _write(
+        tmp_path / "conf.d" / "50-x.yaml", "# a comment\nbilling:\n  billing_cdr: {destination_channel_pattern: '+'}\n"
+    )
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{extra}:3:17: billing.billing_cdr.destination_channel_pattern:")
+
+
+def test_an_unknown_key_names_its_line(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\nbilling:\n  billing_cdr:\n\n    last_aplication: Dial\n")
+    assert _problems(f) == [
+        f"{f}:6:5: billing.billing_cdr.last_aplication: unknown key (did you mean 'last_application'?)"
+    ]
+    f.write_text("ami:\n  enabled: false\n# a section that does not exist\nbiling:\n  currency: RON\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:4:1: biling: unknown key (did you mean 'billing'?)")
+
+
+def test_an_error_in_a_list_item_names_the_items_line(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "c.yaml",
+        'ami:\n  enabled: false\nbilling:\n  emergency_numbers:\n    - "112"\n    - "911"\n    - "1a2"\n',
+    )
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:7:7: billing.emergency_numbers[2]: ")
+    f.write_text("ami:\n  enabled: false\nbilling:\n  daily_limit_warn_at: [80, 100, 0]\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:4:34: billing.daily_limit_warn_at[2]: ")
+
+
+def test_a_key_path_not_in_the_file_takes_its_parents_line_or_none(tmp_path: Path) -> None:
+    """A missing required key (the schema has none today, every key has a default) has no line of
+    its own: its parent's, when the parent is in that file; else no line at all."""
+    from clickphone_agi.config.loader import _Locator, _parse_yaml
+
+    _, marks = _parse_yaml("ami:\n  enabled: false\nbilling:\n  billing_cdr: {}\n", "c.yaml")
+    where = _Locator({("ami", "enabled"): "c.yaml"}, {"c.yaml": marks}, "c.yaml")
+    assert where.at(("billing", "billing_cdr", "required")) == "c.yaml:4:3"
+    assert where.at(("ami", "required")) == "c.yaml:1:1"
+    assert where.at(("daemon", "required")) == "c.yaml"
+    assert where.at(()) == "c.yaml"
+
+
+def test_a_key_that_is_not_text_names_its_line(tmp_path: Path) -> None:
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  ~: 1\n")
+    assert _problems(f) == [f"{f}:3:3: ami: a key must be text, got None (quote it)"]
+
+
+def test_anchors_and_merge_keys_still_load_and_point_at_the_written_lines(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "c.yaml",
+        "base: &b\n  port: 70000\nami:\n  enabled: false\n  <<: *b\n",
+    )
+    problems = _problems(f)
+    assert any(p.startswith(f"{f}:1:1: base: unknown key") for p in problems), problems
+    # the merged key keeps the line where it was written, under the anchor
+    assert f"{f}:2:3: ami.port: expected less than or equal to 65535, got 70000" in problems
+    g = _write(tmp_path / "g.yaml", "ami:\n  enabled: false\n  allowed: &x [1, 2]\nagi:\n  allowed_peers: *x\n")
+    joined = "\n".join(_problems(g))
+    assert f"{g}:3:3: ami.allowed: unknown key" in joined
+    assert f"{g}:5:3: agi.allowed_peers[0]:" in joined  # the items of an alias: where the alias is

@@ -27,6 +27,8 @@ DEFAULTS_SOURCE = "<packaged defaults>"
 CLI_SOURCE = "<command line>"
 
 KeyPath = tuple[str | int, ...]
+# where each key path of one file was written: (line, column), both from 1
+Marks = dict[KeyPath, tuple[int, int]]
 
 
 class ConfigError(Exception):
@@ -125,9 +127,10 @@ UniqueKeyLoader.add_constructor(
 )
 
 
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], Marks]:
+    """The file's top-level mapping and, for every key path in it, where that key was written."""
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data, node = _load_with_node(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -137,20 +140,77 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     except RecursionError:  # PyYAML composes nested nodes recursively: "[[[[…" a few hundred deep
         raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}"])
-    problems = _non_text_keys(data, source, ())
+    assert node is not None  # data came from it
+    marks, problems = _key_marks(node, data, source)
     if problems:
         raise ConfigError(problems)
-    return data
+    return data, marks
+
+
+def _load_with_node(text: str) -> tuple[Any, yaml.Node | None]:
+    """``yaml.load`` with :class:`UniqueKeyLoader` that also hands back the composed node tree."""
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    finally:
+        loader.dispose()
+
+
+def _key_marks(root: yaml.Node, data: dict[Any, Any], source: str) -> tuple[Marks, list[str]]:
+    """Walk the node tree beside the data built from it: (line, column) of every text key and list
+    item, and every key that is not text (``~: 1``, ``true: x``, ``1: 2``), named with its line.
+
+    Left to the schema, ``~`` showed up as ``'None'`` and was blamed on the packaged defaults,
+    and ``true`` as the list index ``[1]``. A node reached again through an alias is not walked
+    twice (what is under it takes the line of the key holding the alias): the walk stays linear in
+    the size of the file, "billion laughs" included, and iterative, for files nested as deep as
+    PyYAML can read."""
+    marks: Marks = {}
+    problems: list[str] = []
+    seen: set[int] = set()
+    stack: list[tuple[KeyPath, yaml.Node, Any] | str] = [((), root, data)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):  # a problem, kept in the order of the file
+            problems.append(item)
+            continue
+        path, node, value = item
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        later: list[tuple[KeyPath, yaml.Node, Any] | str] = []
+        # after construction a mapping node holds its merged (<<) pairs, one per key, in dict order
+        if isinstance(node, yaml.MappingNode) and isinstance(value, dict) and len(node.value) == len(value):
+            for (key_node, value_node), (key, sub) in zip(node.value, value.items(), strict=True):
+                if not isinstance(key, str):
+                    at = _at(source, _mark_of(key_node))
+                    later.append(f"{at}: {format_path(path)}: a key must be text, got {key!r} (quote it)")
+                    continue
+                marks[(*path, key)] = _mark_of(key_node)
+                later.append(((*path, key), value_node, sub))
+        elif isinstance(node, yaml.SequenceNode) and isinstance(value, list) and len(node.value) == len(value):
+            for index, (item_node, sub) in enumerate(zip(node.value, value, strict=True)):
+                marks[(*path, index)] = _mark_of(item_node)
+                later.append(((*path, index), item_node, sub))
+        stack.extend(reversed(later))
+    return marks, problems
+
+
+def _mark_of(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _at(source: str, mark: tuple[int, int] | None) -> str:
+    """``FILE:LINE:COLUMN``, as for a YAML syntax error, or the bare source when not known."""
+    return source if mark is None else f"{source}:{mark[0]}:{mark[1]}"
 
 
 def _non_text_keys(value: Any, source: str, path: KeyPath) -> list[str]:
-    """Every mapping key that is not text (``~: 1``, ``true: x``, ``1: 2``), named with its file.
-
-    Left to the schema, ``~`` showed up as ``'None'`` and was blamed on the packaged defaults,
-    and ``true`` as the list index ``[1]``."""
+    """Every mapping key that is not text, in a ``--set`` value (no file, so no line)."""
     problems: list[str] = []
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -165,7 +225,7 @@ def _non_text_keys(value: Any, source: str, path: KeyPath) -> list[str]:
     return problems
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> tuple[dict[str, Any], Marks]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -228,6 +288,33 @@ def _source_for(origin: Mapping[KeyPath, str], path: KeyPath, main_file: str) ->
     return main_file
 
 
+def _locate(marks: Mapping[KeyPath, tuple[int, int]], path: KeyPath) -> tuple[int, int] | None:
+    """Where ``path`` was written: the key itself, else its nearest parent in that file (a missing
+    key, a list's entry type tag in pydantic's ``loc``), else nothing."""
+    for cut in range(len(path), 0, -1):
+        mark = marks.get(path[:cut])
+        if mark is not None:
+            return mark
+    return None
+
+
+@dataclass(frozen=True)
+class _Locator:
+    """Which layer set a key path and, when that layer is a file, its line and column there."""
+
+    origin: Mapping[KeyPath, str]
+    marks: Mapping[str, Marks]
+    main_file: str
+
+    def source(self, path: KeyPath) -> str:
+        return _source_for(self.origin, path, self.main_file)
+
+    def at(self, path: KeyPath) -> str:
+        """``FILE:LINE:COLUMN`` (or ``FILE``, ``<command line>``) to put before the key path."""
+        source = self.source(path)
+        return _at(source, _locate(self.marks.get(source, {}), path))
+
+
 def _describe(error: Mapping[str, Any], model: type[BaseModel], path: KeyPath) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
@@ -276,8 +363,7 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
 @dataclass(frozen=True)
 class _SecretContext:
     environ: Mapping[str, str]
-    origin: Mapping[KeyPath, str]
-    main_file: str
+    locator: _Locator
     problems: list[str]
 
 
@@ -288,9 +374,9 @@ def _read_secret(
     where: _SecretContext,
 ) -> str | None:
     """A secret from the ``*_file`` key if set, else from systemd's credential directory."""
-    environ, origin, main_file, problems = where.environ, where.origin, where.main_file, where.problems
+    environ, problems = where.environ, where.problems
     if explicit is not None:
-        source = _source_for(origin, key, main_file)
+        source = where.locator.at(key)
         try:
             value = explicit.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
@@ -331,6 +417,27 @@ def _override_layer(text: str) -> dict[Any, Any]:
     return layer
 
 
+def _read_layers(main: Path, overrides: Iterable[str]) -> tuple[dict[str, Any], list[str], _Locator]:
+    """Every layer merged, the files read, and where each key path was set."""
+    origin: dict[KeyPath, str] = {}
+    marks: dict[str, Marks] = {}  # by file; the packaged defaults and the command line get no line
+    merged: dict[str, Any] = {}
+    defaults_text = resources.files("clickphone_agi.config").joinpath("defaults.yaml").read_text("utf-8")
+    _merge(merged, _parse_yaml(defaults_text, DEFAULTS_SOURCE)[0], DEFAULTS_SOURCE, origin)
+    files = [str(main)]
+    layer, marks[str(main)] = _read_file(main)
+    _merge(merged, layer, str(main), origin)
+    conf_d = main.parent / "conf.d"
+    if conf_d.is_dir():
+        for extra in sorted(conf_d.glob("*.yaml")):
+            files.append(str(extra))
+            layer, marks[str(extra)] = _read_file(extra)
+            _merge(merged, layer, str(extra), origin)
+    for text in overrides:
+        _merge(merged, _override_layer(text), CLI_SOURCE, origin)
+    return merged, files, _Locator(origin, marks, str(main))
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -346,19 +453,7 @@ def load_config(
     """
     env = os.environ if environ is None else environ
     main = path or DEFAULT_CONFIG_PATH
-    origin: dict[KeyPath, str] = {}
-    merged: dict[str, Any] = {}
-    defaults_text = resources.files("clickphone_agi.config").joinpath("defaults.yaml").read_text("utf-8")
-    _merge(merged, _parse_yaml(defaults_text, DEFAULTS_SOURCE), DEFAULTS_SOURCE, origin)
-    files = [str(main)]
-    _merge(merged, _read_file(main), str(main), origin)
-    conf_d = main.parent / "conf.d"
-    if conf_d.is_dir():
-        for extra in sorted(conf_d.glob("*.yaml")):
-            files.append(str(extra))
-            _merge(merged, _read_file(extra), str(extra), origin)
-    for text in overrides:
-        _merge(merged, _override_layer(text), CLI_SOURCE, origin)
+    merged, files, locator = _read_layers(main, overrides)
 
     try:
         config = Config.model_validate(merged)
@@ -366,13 +461,12 @@ def load_config(
         found = []
         for err in exc.errors():
             loc: KeyPath = tuple(err["loc"])
-            source = _source_for(origin, loc, str(main))
-            found.append(f"{source}: {format_path(loc)}: {_describe(err, Config, loc)}")
+            found.append(f"{locator.at(loc)}: {format_path(loc)}: {_describe(err, Config, loc)}")
         raise ConfigError(found) from None
 
     problems: list[str] = []
     notes: list[str] = []
-    where = _SecretContext(env, origin, str(main), problems)
+    where = _SecretContext(env, locator, problems)
     ami_secret = _read_secret(config.ami.secret_file, ("ami", "secret_file"), "ami-secret", where)
     smtp_password = None
     if config.smtp.username:
@@ -383,16 +477,16 @@ def load_config(
     )
     if unsubscribe_secret is not None and len(unsubscribe_secret) < 32:
         problems.append(
-            f"{_source_for(origin, ('api', 'unsubscribe_secret_file'), str(main))}: api.unsubscribe_secret_file:"
+            f"{locator.at(('api', 'unsubscribe_secret_file'))}: api.unsubscribe_secret_file:"
             f" the unsubscribe secret is {len(unsubscribe_secret)} characters; use 32 or more random ones"
         )
 
     def missing(enabled: bool, value: str | None, key: KeyPath, credential: str) -> None:
         if not enabled or value is not None or any(format_path(key) in p for p in problems):
             return
-        source = _source_for(origin, key, str(main))
+        where_set = str(main) if locator.source(key) == DEFAULTS_SOURCE else locator.at(key)
         text = (
-            f"{str(main) if source == DEFAULTS_SOURCE else source}: {format_path(key)}: no secret configured: set "
+            f"{where_set}: {format_path(key)}: no secret configured: set "
             f"{format_path(key)} or provide the systemd credential {credential!r} (LoadCredential=)"
         )
         (problems if require_secrets else notes).append(text)
@@ -405,8 +499,8 @@ def load_config(
     tariffs = config.billing.tariffs_file
     if tariffs is not None and not tariffs.is_file():  # its content is the tariff loader's to judge
         kind = "is not a file" if tariffs.exists() else "does not exist"
-        source = _source_for(origin, ("billing", "tariffs_file"), str(main))
-        problems.append(f"{source}: billing.tariffs_file: tariff file {str(tariffs)!r} {kind}")
+        where_set = locator.at(("billing", "tariffs_file"))
+        problems.append(f"{where_set}: billing.tariffs_file: tariff file {str(tariffs)!r} {kind}")
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(
