@@ -20,7 +20,7 @@ from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.smtp_sink import SmtpSink
-from tests.conftest import REPO
+from tests.conftest import REPO, write_secret
 
 ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
 PUBLIC = "https://self.clickphone.example/api"
@@ -62,8 +62,8 @@ async def start_daemon(
     write_config: Callable[..., Path], short_tmp: Path, smtp_port: int, *, secret: bool = True, chunk: int = 500
 ) -> tuple[Daemon, asyncio.Task[int], int]:
     port = _free_port()
-    (short_tmp / "api-token").write_text(TOKEN + "\n")
-    (short_tmp / "unsub").write_text("u" * 40 + "\n")
+    write_secret(short_tmp / "api-token", TOKEN + "\n")
+    write_secret(short_tmp / "unsub", "u" * 40 + "\n")
     extra = (
         f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n"
         f"  public_base_url: {PUBLIC}\n  broadcast_chunk: {chunk}\n"

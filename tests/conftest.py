@@ -25,6 +25,14 @@ def _reset_structlog() -> Iterator[None]:
     structlog.contextvars.clear_contextvars()
 
 
+def write_secret(path: Path, text: str) -> Path:
+    """A secret file as an operator must write it: mode 0600 (the loader refuses one that all
+    local users can read), whatever the umask."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short directory: AF_UNIX socket paths are limited to 107 bytes."""
@@ -37,7 +45,7 @@ def write_config(short_tmp: Path) -> Callable[..., Path]:
     """Write a daemon config into ``short_tmp`` (database, secret, control socket inside it)."""
 
     def write(extra: str = "", *, ami_port: int = 5038, smtp_port: int = 25, ami_enabled: bool = False) -> Path:
-        (short_tmp / "ami-secret").write_text("labsecret\n")
+        write_secret(short_tmp / "ami-secret", "labsecret\n")
         path = short_tmp / "clickphone-agi.yaml"
         path.write_text(
             f"""

@@ -21,7 +21,7 @@ from clickphone_agi.adapters.storage.migrations import LATEST_VERSION
 from clickphone_agi.cli import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL
 from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
-from tests.conftest import REPO
+from tests.conftest import REPO, write_secret
 from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
 from tests.test_delivery import CountingSink
 
@@ -186,8 +186,12 @@ def _mail_trace(out_dir: Path) -> str:
 @pytest.mark.timeout(180)
 async def test_demo_runs_and_says_where_output_went(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
+    out_dir.mkdir()
+    (out_dir / "ami-secret").write_text("left by an older demo\n")
+    (out_dir / "ami-secret").chmod(0o644)  # as write_text made it under umask 022
     code, out, err = await run_cli("demo", "--output", str(out_dir), timeout=150)
     assert code == 0, err
+    assert (out_dir / "ami-secret").stat().st_mode & 0o777 == 0o600  # the loader refuses 0644
     assert f"Output in {out_dir}" in out
     emls = sorted((out_dir / "mail").glob("*.eml"))
     assert emls
@@ -290,7 +294,7 @@ async def test_sighup_gives_the_sender_a_rotated_smtp_password(
     sink = CountingSink(authenticator=authenticator, auth_require_tls=False)
     await sink.start()
     password_file = short_tmp / "smtp-password"
-    password_file.write_text("old-password\n")
+    write_secret(password_file, "old-password\n")
     cfg = write_config(smtp_port=sink.port)
     cfg.write_text(
         cfg.read_text().replace("smtp:\n", f"smtp:\n  username: clickphone\n  password_file: {password_file}\n")

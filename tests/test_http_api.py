@@ -24,7 +24,7 @@ from clickphone_agi.services import privacy
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from tests.api_harness import TOKEN, Api, _free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, write_secret
 
 ACCOUNTS = REPO / "etc" / "accounts.example.yaml"
 
@@ -33,7 +33,7 @@ async def _start(
     write_config: Callable[..., Path], short_tmp: Path, smtp_port: int, *, api_extra: str = "", **kwargs: Any
 ) -> tuple[Daemon, asyncio.Task[int], int]:
     port = _free_port()
-    (short_tmp / "api-token").write_text(TOKEN + "\n")
+    write_secret(short_tmp / "api-token", TOKEN + "\n")
     extra = f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n  max_body_bytes: 2048\n"
     extra += api_extra
     cfg = write_config(extra=extra, smtp_port=smtp_port, **kwargs)

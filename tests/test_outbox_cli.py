@@ -23,6 +23,7 @@ from clickphone_agi.domain.bounce import verp_address
 from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.ports import WriteTx
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from tests.conftest import write_secret
 from tests.daemon_harness import DaemonProcess, NotifySocket, run_cli
 
 pytestmark = pytest.mark.slow
@@ -273,7 +274,7 @@ async def test_bounce_pipe_without_the_daemon_with_a_key_file(
     write_config: Callable[..., Path], short_tmp: Path
 ) -> None:
     key_file = short_tmp / "verp-key"
-    key_file.write_text("a secret VERP key, long enough\n")
+    write_secret(key_file, "a secret VERP key, long enough\n")
     cfg = with_smtp(write_config(), bounce_domain="bounces.clickphone.example", verp_key_file=key_file)
     ids = await seed(cfg)
     envelope = verp_address(ids["sent"], "key:sent", b"a secret VERP key, long enough", "bounces.clickphone.example")

@@ -12,7 +12,7 @@ import pytest
 from clickphone_agi.app import Daemon
 from clickphone_agi.config.loader import load_config
 from clickphone_agi.status_view import format_status
-from tests.conftest import REPO
+from tests.conftest import REPO, write_secret
 from tests.daemon_harness import in_process
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ async def test_a_rotated_api_token_is_reported_as_needing_a_restart(
     """The HTTP API keeps the token it was started with: after a SIGHUP with a new token file the
     old token still works, so the reload must not look complete."""
     token = short_tmp / "api-token"
-    token.write_text("first-token-0123456789\n")
+    write_secret(token, "first-token-0123456789\n")
     cfg = write_config(extra=f"api:\n  token_file: {token}\n")
     async with _daemon(cfg) as d:
         token.write_text("second-token-0123456789\n")

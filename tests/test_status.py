@@ -21,6 +21,7 @@ from clickphone_agi.config.loader import load_config
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from clickphone_agi.status_view import format_status
 from tests.api_harness import _free_port
+from tests.conftest import write_secret
 from tests.daemon_harness import run_cli
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,7 @@ async def test_status_and_healthz_agree_when_the_ami_link_is_down(
     write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
 ) -> None:
     port = _free_port()
-    (short_tmp / "api-token").write_text("t0ken\n")
+    write_secret(short_tmp / "api-token", "t0ken\n")
     cfg = write_config(
         smtp_port=smtp_sink.port,
         ami_enabled=True,

@@ -12,6 +12,7 @@ import asyncio
 import email
 import email.policy
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -132,6 +133,15 @@ async def _settle(daemon: Daemon, timeout: float = 30.0) -> dict[str, Any]:
     return status
 
 
+def _write_secret(path: Path, text: str) -> None:
+    """Mode 0600 from the start, whatever the umask, also over a file left by an older run: the
+    loader refuses a secret file every local user can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
+
+
 def _prepare(output: Path) -> Path:
     """A clean output folder (previous demo files removed) holding the simulator's secret."""
     out = output.resolve()
@@ -154,7 +164,7 @@ def _prepare(output: Path) -> Path:
         else:
             target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ami-secret").write_text(DEMO_SECRET + "\n", encoding="utf-8")
+    _write_secret(out / "ami-secret", DEMO_SECRET + "\n")
     (out / "tariffs.yaml").write_text(DEMO_TARIFFS, encoding="utf-8")
     (out / "accounts.yaml").write_text(DEMO_ACCOUNTS, encoding="utf-8")
     # the voicemail message and the fax Asterisk recorded in the lab, where the daemon reads them

@@ -51,6 +51,7 @@ from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.sim.ami_server import AmiReplayServer
 from clickphone_agi.sim.smtp_sink import SinkHandler, SmtpSink
 from clickphone_agi.sim.traffic import AsteriskFiles, CallFactory, SynthCall, load_templates
+from tests.conftest import write_secret
 from tests.daemon_harness import DaemonProcess
 
 SYSTEM = "chaos-pbx"
@@ -342,7 +343,7 @@ class ChaosRun:
     # -- setting up ----------------------------------------------------------------------------
 
     def _write_config(self, ami_port: int, smtp_port: int) -> Path:
-        (self.dir / "ami-secret").write_text(SECRET + "\n")
+        write_secret(self.dir / "ami-secret", SECRET + "\n")
         (self.dir / "tariffs.yaml").write_text(TARIFFS)
         path = self.dir / "clickphone-agi.yaml"
         path.write_text(

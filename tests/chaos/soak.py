@@ -33,6 +33,7 @@ from clickphone_agi.domain.accounts import Account
 from clickphone_agi.sim.ami_server import AmiReplayServer
 from clickphone_agi.sim.traffic import AsteriskFiles, CallFactory, SynthCall, load_templates
 from tests.chaos.driver import FIRST_CALL, SECRET, SYSTEM, TARIFFS, ZONE, price, provision
+from tests.conftest import write_secret
 from tests.daemon_harness import DaemonProcess
 
 # ~80 % of the events are the noise recording; every call has exactly one charged CDR but busy ones
@@ -144,7 +145,7 @@ class Soak:
         self.billing: dict[str, int] = {}  # cdr key → cost, by this test's own pricing
 
     def _config(self, ami_port: int) -> Path:
-        (self.dir / "ami-secret").write_text(SECRET + "\n")
+        write_secret(self.dir / "ami-secret", SECRET + "\n")
         (self.dir / "tariffs.yaml").write_text(TARIFFS)
         path = self.dir / "clickphone-agi.yaml"
         path.write_text(
