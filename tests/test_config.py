@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -291,3 +292,93 @@ def test_anchors_and_merge_keys_still_load_and_point_at_the_written_lines(tmp_pa
     joined = "\n".join(_problems(g))
     assert f"{g}:3:3: ami.allowed: unknown key" in joined
     assert f"{g}:5:3: agi.allowed_peers[0]:" in joined  # the items of an alias: where the alias is
+
+
+# (key, the YAML that sets it to {file}): every *_file key that names a secret
+SECRET_KEYS = [
+    ("ami.secret_file", "ami:\n  secret_file: {file}\n"),
+    ("smtp.password_file", "ami:\n  enabled: false\nsmtp:\n  username: clickphone\n  password_file: {file}\n"),
+    ("api.token_file", "ami:\n  enabled: false\napi:\n  token_file: {file}\n"),
+    ("api.unsubscribe_secret_file", "ami:\n  enabled: false\napi:\n  unsubscribe_secret_file: {file}\n"),
+    ("smtp.verp_key_file", "ami:\n  enabled: false\nsmtp:\n  verp_key_file: {file}\n"),
+]
+
+
+@pytest.mark.parametrize(("key", "text"), SECRET_KEYS, ids=[k for k, _ in SECRET_KEYS])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602, 0o666, 0o601])
+def test_a_secret_file_other_users_can_read_or_write_is_refused(tmp_path: Path, key: str, text: str, mode: int) -> None:
+    """A world-readable AMI secret hands Asterisk to every local user: refused, naming the key,
+    the file, its mode and the chmod that fixes it."""
+    secret = _write(tmp_path / "secret", "x" * 40 + "\n")
+    secret.chmod(mode)
+    f = _write(tmp_path / "c.yaml", text.format(file=secret))
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:"), problem  # the file and line of the key
+    assert f": {key}: secret file '{secret}' is " in problem
+    assert f"by every local user (mode 0{mode:o})" in problem
+    assert f"chmod 0600 {secret}" in problem
+    assert "chmod 0640" in problem
+    if mode & 0o4:
+        assert "readable" in problem
+
+
+@pytest.mark.parametrize(("key", "text"), SECRET_KEYS, ids=[k for k, _ in SECRET_KEYS])
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o440])
+def test_a_secret_file_for_the_owner_or_its_group_is_accepted(tmp_path: Path, key: str, text: str, mode: int) -> None:
+    """Group-readable stays allowed: LoadCredential sources and a clickphone-agi group use it."""
+    secret = _write(tmp_path / "secret", "x" * 40 + "\n")
+    secret.chmod(mode)
+    loaded = load_config(_write(tmp_path / "c.yaml", text.format(file=secret)), environ={})
+    if key == "ami.secret_file":
+        assert loaded.secrets.ami_secret == "x" * 40
+
+
+def test_the_mode_checked_is_the_files_behind_a_symlink(tmp_path: Path) -> None:
+    secret = _write(tmp_path / "secret", "s3cret\n")
+    link = tmp_path / "link"
+    link.symlink_to(secret)  # a link itself is 0777: that says nothing
+    secret.chmod(0o600)
+    f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {link}\n")
+    assert load_config(f, environ={}).secrets.ami_secret == "s3cret"
+    secret.chmod(0o644)
+    (problem,) = _problems(f)
+    assert f"ami.secret_file: secret file '{link}' is readable by every local user (mode 0644)" in problem
+
+
+def test_a_secret_file_under_the_credentials_directory_is_systemds_and_not_judged(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    secret = _write(creds / "ami-secret", "s3cret\n")
+    secret.chmod(0o644)
+    f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {secret}\n")
+    assert load_config(f, environ={"CREDENTIALS_DIRECTORY": str(creds)}).secrets.ami_secret == "s3cret"
+    assert "mode 0644" in _problems(f)[0]  # outside systemd's directory the same file is refused
+
+
+def test_a_group_writable_secret_file_must_belong_to_root_or_the_daemons_user() -> None:
+    """Another user owning a group-writable secret (and that group) decides what the secret is."""
+    from clickphone_agi.config.loader import secret_file_problem
+
+    def st(mode: int, uid: int) -> os.stat_result:
+        return os.stat_result((0o100000 | mode, 1, 1, 1, uid, 0, 10, 0, 0, 0))
+
+    path = Path("/etc/clickphone-agi/secrets/ami-secret")
+    for uid in (0, 990):  # root, the daemon's user
+        assert secret_file_problem(path, st(0o660, uid), euid=990) is None
+    problem = secret_file_problem(path, st(0o660, 1000), euid=990)
+    assert problem is not None
+    assert "owned by uid 1000, neither root nor the daemon's user, and writable by its group (mode 0660)" in problem
+    assert f"chmod 0640 {path}" in problem
+    assert secret_file_problem(path, st(0o640, 1000), euid=990) is None  # only readable: allowed
+
+
+def test_check_config_refuses_a_world_readable_secret_and_exits_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = _write(tmp_path / "ami-secret", "s3cret\n")
+    secret.chmod(0o644)
+    f = _write(tmp_path / "c.yaml", f"ami:\n  secret_file: {secret}\n")
+    assert main(["check-config", "-c", str(f)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert f"config error: {f}:2:3: ami.secret_file: secret file '{secret}' is readable by every local user" in err
+    secret.chmod(0o600)
+    assert main(["check-config", "-c", str(f)]) == 0

@@ -114,3 +114,18 @@ async def test_a_new_templates_dir_or_zone_is_reported_as_needing_a_restart(
         )
         assert await d.reload()
         assert (await d._cmd_status({}))["restart_required"] == ["notifications.templates_dir", "billing.timezone"]
+
+
+async def test_a_reload_refuses_a_secret_file_made_world_readable(
+    write_config: Callable[..., Path], short_tmp: Path
+) -> None:
+    """The mode of a secret file is checked on every load: a chmod 0644 after the start is caught
+    by the next SIGHUP, which keeps the running configuration."""
+    cfg = write_config()
+    async with _daemon(cfg) as d:
+        (short_tmp / "ami-secret").chmod(0o644)
+        failures = d.reload_failures
+        assert not await d.reload()
+        assert d.reload_failures == failures + 1
+        (short_tmp / "ami-secret").chmod(0o640)
+        assert await d.reload()

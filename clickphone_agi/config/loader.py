@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +26,7 @@ from clickphone_agi.config.schema import Config
 
 DEFAULT_CONFIG_PATH = Path("/etc/clickphone-agi/clickphone-agi.yaml")
 DEFAULTS_SOURCE = "<packaged defaults>"
+DAEMON_GROUP = "clickphone-agi"  # the unit's Group=, named in the fix for a secret file's mode
 CLI_SOURCE = "<command line>"
 
 KeyPath = tuple[str | int, ...]
@@ -360,6 +363,37 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
     return sorted(fields) if fields else []
 
 
+def secret_file_problem(path: Path, st: os.stat_result, euid: int | None = None) -> str | None:
+    """Why another local user could read or replace the secret in ``path`` (``st``: its stat, the
+    link followed), or None. Group access is allowed: ``0640`` with the daemon's group is a usual
+    setup. A group-writable file is refused when its owner is neither root nor ``euid`` (the
+    daemon's user by default): that owner and its group, not the administrator, set the secret."""
+    mode = stat.S_IMODE(st.st_mode)
+    quoted = shlex.quote(str(path))
+    if mode & 0o007:
+        rights = [word for bit, word in ((0o4, "readable"), (0o2, "writable"), (0o1, "executable")) if mode & bit]
+        return (
+            f"secret file {str(path)!r} is {' and '.join(rights)} by every local user (mode {mode:04o}):"
+            f" run chmod 0600 {quoted}, or chmod 0640 {quoted} with the daemon's group"
+            f" (chgrp {DAEMON_GROUP} {quoted})"
+        )
+    owners = (0, os.geteuid() if euid is None else euid)
+    if mode & 0o020 and st.st_uid not in owners:
+        return (
+            f"secret file {str(path)!r} is owned by uid {st.st_uid}, neither root nor the daemon's user,"
+            f" and writable by its group (mode {mode:04o}): run chmod 0640 {quoted}, or chown root {quoted}"
+        )
+    return None
+
+
+def _in_credentials(path: Path, environ: Mapping[str, str]) -> bool:
+    """Under ``$CREDENTIALS_DIRECTORY``: systemd made it (0400, the service's own), not a human."""
+    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return False
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(cred_dir))
+
+
 @dataclass(frozen=True)
 class _SecretContext:
     environ: Mapping[str, str]
@@ -378,7 +412,11 @@ def _read_secret(
     if explicit is not None:
         source = where.locator.at(key)
         try:
-            value = explicit.read_text(encoding="utf-8").strip()
+            with explicit.open(encoding="utf-8") as fh:
+                unsafe = (
+                    None if _in_credentials(explicit, environ) else secret_file_problem(explicit, os.fstat(fh.fileno()))
+                )
+                value = "" if unsafe else fh.read().strip()
         except FileNotFoundError:
             problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} does not exist")
             return None
@@ -387,6 +425,9 @@ def _read_secret(
             return None
         except UnicodeDecodeError:
             problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} is not UTF-8 text")
+            return None
+        if unsafe:  # refused before it is even read: a secret others can read is no secret
+            problems.append(f"{source}: {format_path(key)}: {unsafe}")
             return None
         if not value:
             problems.append(f"{source}: {format_path(key)}: secret file {str(explicit)!r} is empty")
@@ -401,6 +442,20 @@ def _read_secret(
             return None
         return value or None
     return None
+
+
+def _check_verp_key_file(path: Path | None, where: _SecretContext) -> None:
+    """``smtp.verp_key_file`` is read by the mailer and the ``bounce`` verb, not here (a missing
+    one falls back to no bounce tracking); but one that exists is held to the secrets' modes."""
+    if path is None or _in_credentials(path, where.environ):
+        return
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    unsafe = secret_file_problem(path, st)
+    if unsafe:
+        where.problems.append(f"{where.locator.at(('smtp', 'verp_key_file'))}: smtp.verp_key_file: {unsafe}")
 
 
 def _override_layer(text: str) -> dict[Any, Any]:
@@ -475,6 +530,7 @@ def load_config(
     unsubscribe_secret = _read_secret(
         config.api.unsubscribe_secret_file, ("api", "unsubscribe_secret_file"), "unsubscribe-secret", where
     )
+    _check_verp_key_file(config.smtp.verp_key_file, where)
     if unsubscribe_secret is not None and len(unsubscribe_secret) < 32:
         problems.append(
             f"{locator.at(('api', 'unsubscribe_secret_file'))}: api.unsubscribe_secret_file:"
