@@ -371,6 +371,24 @@ def test_a_group_writable_secret_file_must_belong_to_root_or_the_daemons_user() 
     assert secret_file_problem(path, st(0o640, 1000), euid=990) is None  # only readable: allowed
 
 
+def test_check_config_as_root_judges_a_group_writable_secret_as_the_daemon_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run as root, check-config refused a 0660 secret owned by the daemon's user, which the
+    daemon itself accepts: the daemon's user (the unit's User=) counts whoever checks."""
+    from clickphone_agi.config import loader
+
+    def st(mode: int, uid: int) -> os.stat_result:
+        return os.stat_result((0o100000 | mode, 1, 1, 1, uid, 0, 10, 0, 0, 0))
+
+    path = Path("/etc/clickphone-agi/secrets/ami-secret")
+    monkeypatch.setattr(loader, "_daemon_uid", lambda: 990)
+    assert loader.secret_file_problem(path, st(0o660, 990), euid=0) is None
+    assert loader.secret_file_problem(path, st(0o660, 1000), euid=0) is not None
+    monkeypatch.setattr(loader, "_daemon_uid", lambda: None)  # no such user on this machine
+    assert loader.secret_file_problem(path, st(0o660, 990), euid=0) is not None
+
+
 def test_check_config_refuses_a_world_readable_secret_and_exits_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pwd
 import re
 import shlex
 import stat
@@ -27,6 +28,7 @@ from clickphone_agi.config.schema import Config
 DEFAULT_CONFIG_PATH = Path("/etc/clickphone-agi/clickphone-agi.yaml")
 DEFAULTS_SOURCE = "<packaged defaults>"
 DAEMON_GROUP = "clickphone-agi"  # the unit's Group=, named in the fix for a secret file's mode
+DAEMON_USER = "clickphone-agi"  # the unit's User=: its group-writable secrets are its own
 CLI_SOURCE = "<command line>"
 
 KeyPath = tuple[str | int, ...]
@@ -377,13 +379,22 @@ def secret_file_problem(path: Path, st: os.stat_result, euid: int | None = None)
             f" run chmod 0600 {quoted}, or chmod 0640 {quoted} with the daemon's group"
             f" (chgrp {DAEMON_GROUP} {quoted})"
         )
-    owners = (0, os.geteuid() if euid is None else euid)
+    # the daemon's user counts whoever checks: check-config run as root judges as the daemon does
+    owners = {0, os.geteuid() if euid is None else euid, _daemon_uid()}
     if mode & 0o020 and st.st_uid not in owners:
         return (
             f"secret file {str(path)!r} is owned by uid {st.st_uid}, neither root nor the daemon's user,"
             f" and writable by its group (mode {mode:04o}): run chmod 0640 {quoted}, or chown root {quoted}"
         )
     return None
+
+
+def _daemon_uid() -> int | None:
+    """The uid of the unit's ``User=`` (``clickphone-agi``), or None where there is no such user."""
+    try:
+        return pwd.getpwnam(DAEMON_USER).pw_uid
+    except KeyError:
+        return None
 
 
 def _in_credentials(path: Path, environ: Mapping[str, str]) -> bool:
