@@ -368,8 +368,9 @@ def _allowed_keys(model: type[BaseModel], path: KeyPath) -> list[str]:
 def secret_file_problem(path: Path, st: os.stat_result, euid: int | None = None) -> str | None:
     """Why another local user could read or replace the secret in ``path`` (``st``: its stat, the
     link followed), or None. Group access is allowed: ``0640`` with the daemon's group is a usual
-    setup. A group-writable file is refused when its owner is neither root nor ``euid`` (the
-    daemon's user by default): that owner and its group, not the administrator, set the secret."""
+    setup. A group-writable file is refused when its owner is neither root, ``euid`` (the checking
+    user by default) nor the unit's ``User=``: that owner and its group, not the administrator, set
+    the secret."""
     mode = stat.S_IMODE(st.st_mode)
     quoted = shlex.quote(str(path))
     if mode & 0o007:

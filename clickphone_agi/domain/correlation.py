@@ -113,6 +113,11 @@ class LinkedIdCorrelator:
         """Channels whose Hangup or Cdr has not been seen yet."""
         return len(self._links)
 
+    @property
+    def ended(self) -> int:
+        """Channels whose Hangup or Cdr was seen, kept for the other one to come."""
+        return len(self._ended)
+
     def __len__(self) -> int:
         return len(self._links) + len(self._ended)
 

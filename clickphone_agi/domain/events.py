@@ -82,8 +82,20 @@ class DialOutcome:
     dial_status: str
 
 
+class _InBox:
+    """A voicemail event's box as accounts, keys and the spool name it."""
+
+    mailbox: str
+    context: str
+
+    @property
+    def box(self) -> str:
+        """``mailbox@context``."""
+        return f"{self.mailbox}@{self.context}"
+
+
 @dataclass(frozen=True)
-class VoicemailWaiting:
+class VoicemailWaiting(_InBox):
     """MessageWaiting: a mailbox's counts changed; the message itself is in the spool."""
 
     key: str
@@ -151,7 +163,7 @@ class FaxResult:
 
 
 @dataclass(frozen=True)
-class VoicemailRecorded:
+class VoicemailRecorded(_InBox):
     """``UserEvent: ClickPhoneVoicemail`` from the dialplan snippet: the exact file just recorded.
 
     ``message_file`` is Asterisk's ``VM_MESSAGEFILE`` (a path without extension); it is only a
@@ -170,7 +182,7 @@ class VoicemailRecorded:
 
 
 @dataclass(frozen=True)
-class VoicemailPasswordChanged:
+class VoicemailPasswordChanged(_InBox):
     """Never carries the new password: it is dropped in the translator.
 
     ``identified``: the key tells this change from any other (see :class:`AccountEvent`).

@@ -298,8 +298,7 @@ def _erased_box(tx: WriteTx, event: VoicemailWaiting | VoicemailRecorded | Voice
     account = tx.get_account(code) if code else None
     if account is not None and account.erased:
         return True
-    box = f"{event.mailbox}@{event.context}"
-    return tx.box_erased_at(box) is not None and tx.account_for_mailbox(box) is None
+    return tx.box_erased_at(event.box) is not None and tx.account_for_mailbox(event.box) is None
 
 
 def _log_cdr(method: Callable[..., Any], call: CallEnded) -> None:
@@ -413,7 +412,7 @@ class IngestWorker:
         """The Linkedid correlator's figures for ``status``: live channels should follow the
         calls in progress; evicted and forgotten ids sent their Cdr to the fallbacks."""
         c = self._correlator
-        return {"live": c.live, "ended": len(c) - c.live, "evicted": c.evictions, "forgotten": c.forgotten}
+        return {"live": c.live, "ended": c.ended, "evicted": c.evictions, "forgotten": c.forgotten}
 
     def _translate(self, message: AmiMessage) -> DomainEvent | None:
         name = message.event

@@ -136,7 +136,7 @@ class Notifier:
             if await self._store.has_event(key):
                 return
             if isinstance(event, VoicemailPasswordChanged):
-                box = f"{event.mailbox}@{event.context}"
+                box = event.box
                 account = await self._store.write(lambda tx: tx.account_for_mailbox(box))
                 kind, data = "password_changed", {"source_ip": "", "at": self._clock.now()}
             else:

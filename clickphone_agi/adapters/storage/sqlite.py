@@ -1229,20 +1229,15 @@ class SqliteTx:
         statement, and no hashing while nothing was erased or the call started after the last erasure."""
         if call.account:
             return False
-        cache = self._cache
-        erased = cache.erased_numbers
-        if erased is None:
-            erased = self._erased_numbers()
-        if not erased or call.start >= cache.erased_until:
+        erased = self._erased_numbers()
+        if not erased or call.start >= self._cache.erased_until:
             return False
         return erased_leg(call.account, (call.source, call.destination), call.start, erased, self._numbers_key())
 
     def box_erased_at(self, box: str) -> datetime | None:
         """When voicemail box ``box`` (``mailbox@context``) was last erased with its account, or None;
         from the writer's cache: no statement, and no hashing while nothing was erased."""
-        erased = self._cache.erased_numbers
-        if erased is None:
-            erased = self._erased_numbers()
+        erased = self._erased_numbers()
         if not erased:
             return None
         return erased.get(number_digest(self._numbers_key(), box))
