@@ -23,6 +23,19 @@ from clickphone_agi.domain.policy import Policy
 T = TypeVar("T")
 
 
+class StorageUnavailable(Exception):
+    """The database took no write, for a reason outside the unit of work: the disk is full, an
+    I/O error, a read-only or locked file. The same units may succeed later, and since each one
+    commits with its idempotency key, retrying them is safe: hold them and try again."""
+
+
+#: Seconds before the first retry of writes the database refused (:class:`StorageUnavailable`),
+#: doubling up to the most: a freed disk is noticed within half a minute, and a full one costs a
+#: log line a try.
+STORAGE_RETRY_FIRST = 0.5
+STORAGE_RETRY_MAX = 30.0
+
+
 class WriteTx(Protocol):
     """Operations available inside one write transaction."""
 
@@ -256,7 +269,10 @@ class Store(Protocol):
         each one's result or exception. Hints, which an adapter may ignore: ``prefetch_claims``,
         keys the units will claim; ``records``, the CDRs (and their ratings) the units will pass
         to :meth:`WriteTx.record_call` and :meth:`WriteTx.record_rated`, so that their rows can
-        be encoded before the transaction, on the caller's thread."""
+        be encoded before the transaction, on the caller's thread.
+
+        A unit that could not commit for a reason of the database's, not its own (the disk is
+        full), fails with :class:`StorageUnavailable`: try it again later."""
         ...
 
     async def went_live_at(self) -> datetime:

@@ -64,7 +64,7 @@ from clickphone_agi.domain.retention import PURGE_AFTER_SEND
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import InvalidHeader, Renderer, build_message
-from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
 
 log = structlog.get_logger(__name__)
 
@@ -264,6 +264,13 @@ class OutboxSender:
         self.suppressed = 0
         self.connections = 0
         self.on_sent_errors = 0
+        self.marks_committed_late = 0
+        # the database refusing writes (a full disk): rows delivered (250) whose "sent" mark did not
+        # commit are kept here and never attempted again; no attempt starts before _storage_until
+        self._unmarked: dict[int, tuple[OutboxRow, Callable[[WriteTx], None]]] = {}
+        self._storage_down = False
+        self._storage_until = -math.inf  # monotonic
+        self._storage_delay = STORAGE_RETRY_FIRST
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -285,10 +292,15 @@ class OutboxSender:
                 except Exception:  # e.g. a database read failing: count, log, keep running
                     log.exception("mail.dispatch_failed")
                     wall_deadline = now + timedelta(seconds=5)
+                if self._storage_down:  # try again when the hold ends
+                    resume = now + timedelta(seconds=max(0.0, self._storage_until - self._clock.monotonic()))
+                    wall_deadline = resume if wall_deadline is None else min(wall_deadline, resume)
                 await self._reap_idle()
                 await self._wait(stop, wall_deadline)
             if self._inflight:  # attempts under way finish (the daemon bounds the drain)
                 await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            if self._unmarked:
+                await self._flush_marks()
             graceful = True
         finally:
             if not graceful:  # cancelled: stop the attempts, let them hand their connections back
@@ -296,6 +308,12 @@ class OutboxSender:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if self._unmarked:
+                log.error(
+                    "mail.marks_lost", mails=len(self._unmarked),
+                    keys=[row.idempotency_key for row, _ in list(self._unmarked.values())[:10]],
+                    note="delivered, but the database never took their 'sent' marks: they go again after a restart",
+                )  # fmt: skip
             await self._close_all(graceful)
 
     async def _wait(self, stop: asyncio.Event, wall_deadline: datetime | None) -> None:
@@ -326,6 +344,10 @@ class OutboxSender:
         cfg = self._config()
         if not cfg.enabled:
             return
+        if self._storage_down and self._clock.monotonic() < self._storage_until:
+            return  # the database refuses writes: a mail sent now could not be marked sent
+        if self._unmarked and not await self._flush_marks():
+            return
         # Service mail has a window of its own: bulk rows waiting for their rate slots may fill
         # the shared one, and a voicemail must not wait for them to leave it.
         window = self._window()
@@ -334,8 +356,9 @@ class OutboxSender:
             return
         bulk_room = max(0, window - len(self._inflight))
         self._finished_during_read.clear()
-        for mail in await self._store.due_mail(now, room, exclude=set(self._inflight), bulk_limit=bulk_room):
-            if mail.row.id in self._inflight or mail.row.id in self._finished_during_read:
+        exclude = set(self._inflight) | self._unmarked.keys()
+        for mail in await self._store.due_mail(now, room, exclude=exclude, bulk_limit=bulk_room):
+            if mail.row.id in exclude or mail.row.id in self._finished_during_read:
                 continue  # finished while the read ran: the read may predate its update
             task = asyncio.create_task(self._attempt(mail), name=f"mail-{mail.row.id}")
             self._inflight[mail.row.id] = task
@@ -359,12 +382,54 @@ class OutboxSender:
     # ---- one attempt -------------------------------------------------------------------------
 
     async def _attempt(self, mail: DueMail) -> None:
-        """One row's attempt; a bug here defers the row (backoff), it never spins on it."""
+        """One row's attempt; a bug here defers the row (backoff), it never spins on it. While the
+        database refuses writes (a full disk), attempts pause: the row stays due and goes later."""
         try:
-            await self._attempt_row(mail)
-        except Exception as exc:
-            log.exception("mail.attempt_failed", key=mail.row.idempotency_key, kind=mail.row.kind)
-            await self._failed(mail, _Outcome(False, f"internal error: {exc!r}"[:300], None, "internal"), None)
+            try:
+                await self._attempt_row(mail)
+            except StorageUnavailable:
+                raise
+            except Exception as exc:
+                log.exception("mail.attempt_failed", key=mail.row.idempotency_key, kind=mail.row.kind)
+                await self._failed(mail, _Outcome(False, f"internal error: {exc!r}"[:300], None, "internal"), None)
+        except StorageUnavailable as exc:
+            self._storage_refused(exc, mail.row)
+        else:
+            if self._storage_down and not self._unmarked:  # its writes went through
+                self._storage_back()
+
+    def _storage_refused(self, exc: StorageUnavailable, row: OutboxRow) -> None:
+        """A write of ``row``'s attempt did not commit: hold every attempt for a while (doubling)."""
+        if not self._storage_down:
+            log.error(
+                "mail.storage_unavailable", key=row.idempotency_key, error=str(exc), retry_in=self._storage_delay,
+                action="no mail is sent until the database takes writes again",
+            )  # fmt: skip
+        self._storage_down = True
+        self._storage_until = self._clock.monotonic() + self._storage_delay
+        self._storage_delay = min(self._storage_delay * 2, STORAGE_RETRY_MAX)
+
+    def _storage_back(self) -> None:
+        log.warning("mail.storage_recovered", marks_committed_late=self.marks_committed_late)
+        self._storage_down = False
+        self._storage_until = -math.inf
+        self._storage_delay = STORAGE_RETRY_FIRST
+
+    async def _flush_marks(self) -> bool:
+        """Commit the "sent" marks the database refused, oldest first; True once none is left."""
+        for row_id, (row, unit) in list(self._unmarked.items()):
+            try:
+                await self._store.write(unit, urgent=True)
+            except StorageUnavailable as exc:
+                self._storage_refused(exc, row)
+                return False
+            del self._unmarked[row_id]
+            self.marks_committed_late += 1
+            log.info("mail.marked_sent_late", key=row.idempotency_key, kind=row.kind)
+            await self._after_sent(row)
+        if self._storage_down:
+            self._storage_back()
+        return True
 
     async def _attempt_row(self, mail: DueMail) -> None:
         row = mail.row
@@ -429,9 +494,17 @@ class OutboxSender:
 
     async def _sent(self, row: OutboxRow, outcome: _Outcome, envelope: str) -> None:
         crash_point("smtp.after_250")
-        await self._store.write(  # urgent: a crash before this commits sends the mail again
-            _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope)), urgent=True
-        )
+        unit = _finishing(row, lambda tx: tx.mark_sent(row.id, outcome.reply, envelope_from=envelope))
+        try:
+            await self._store.write(unit, urgent=True)  # urgent: a crash before this commits sends the mail again
+        except StorageUnavailable as exc:
+            # delivered all the same: never attempted again in this process; marked once the
+            # database takes writes (:meth:`_flush_marks`), and its after-send hook runs then
+            self._unmarked[row.id] = (row, unit)
+            self._storage_refused(exc, row)
+            self.sent += 1
+            log.error("mail.mark_deferred", key=row.idempotency_key, kind=row.kind, error=str(exc))
+            return
         crash_point("smtp.after_mark_sent")
         self.sent += 1
         log.info(
@@ -731,6 +804,8 @@ class OutboxSender:
             "connections_open": sum(1 for c in self._pool.idle if c.smtp is not None) + self._pool.busy,
             "connections_opened": self.connections,
             "relay_held": self._clock.monotonic() < self._hold_until,
+            "storage_held": self._storage_down,
+            "sent_not_marked": len(self._unmarked),
             "since_start": {
                 "sent": self.sent,
                 "deferred": self.deferred,

@@ -45,7 +45,7 @@ from clickphone_agi.domain.policy import Policy
 from clickphone_agi.domain.privacy import address_forms, ascii_lower, erased_leg, number_digest
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
-from clickphone_agi.ports import WriteTx
+from clickphone_agi.ports import StorageUnavailable, WriteTx
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -75,6 +75,24 @@ class SchemaTooNew(StorageError):
 
 class WriterBusy(StorageError):
     """Another process holds the writer role for this database."""
+
+
+class DatabaseUnavailable(StorageError, StorageUnavailable):
+    """SQLite took no write for a reason of the database's, not the unit's: a full disk, an I/O
+    error, a read-only or locked file. The units may be retried as they are."""
+
+
+#: SQLite's primary result codes that say "not now", not "not this": full, I/O error, busy,
+#: locked, read-only, cannot open, locking protocol (https://sqlite.org/rescode.html)
+_UNAVAILABLE_CODES = frozenset({5, 6, 8, 10, 13, 14, 15})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite refusing every write for now, not a unit's own error."""
+    if isinstance(exc, StorageUnavailable):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and isinstance(code, int) and code & 0xFF in _UNAVAILABLE_CODES
 
 
 def to_db(moment: datetime) -> str:
@@ -1598,6 +1616,8 @@ def _run_unit(
             conn.execute("ROLLBACK TO unit")
             conn.execute("RELEASE unit")
         batch.undo()
+        if is_unavailable(exc) and not isinstance(exc, StorageUnavailable):  # the disk, not the unit
+            exc = DatabaseUnavailable(str(exc))
         outcome: tuple[bool, Any] = (False, exc)
         added = 0
     else:
@@ -1878,7 +1898,8 @@ class SqliteStore:
     def _failed(self, jobs: list[_Job], exc: Exception) -> None:
         pending = [job for job in jobs if not job.future.done()]
         log.error("db.commit_failed", error=str(exc), units=len(pending))
-        _settle(pending, [(False, StorageError(f"commit failed: {exc}"))] * len(pending))
+        kind = DatabaseUnavailable if is_unavailable(exc) else StorageError
+        _settle(pending, [(False, kind(f"commit failed: {exc}"))] * len(pending))
 
     def _drained(self) -> None:
         if self._stopped is not None and not self._stopped.done():
