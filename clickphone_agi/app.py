@@ -303,6 +303,7 @@ class Daemon:
             processor,
             TranslateContext(cfg.asterisk.system_name, zone),
             on_connected=lambda: gap("AMI connected"),
+            on_storage_recovered=lambda: gap("the database takes writes again"),
         )
         sender = OutboxSender(
             store,
@@ -675,6 +676,13 @@ class Daemon:
                 "dropped": parts.queue.dropped,
             },
             "ingest_backlog": parts.queue.depth,
+            "storage_outage": worker.storage_outage(),
+            "held_for_storage": {
+                "held": worker.held,
+                "outages": worker.storage_outages,
+                "retries": worker.storage_retries,
+                "lost_at_stop": worker.held_lost,
+            },
             "reconcile": None
             if rec is None
             else {
@@ -856,7 +864,7 @@ class Daemon:
         day = local_day(self.clock.now(), zone)
         calls, amount = await parts.store.charges_between(*day_bounds(day, zone))
         return {
-            "health": await health(parts.store, ami, mail),
+            "health": await health(parts.store, ami, mail, parts.worker.storage_outage()),
             "charges_today": {"day": day.isoformat(), "calls": calls, "bani": amount},
             "retention": None if parts.retention is None else parts.retention.snapshot(),
         }

@@ -223,6 +223,7 @@ def _report(exc: BaseException, debug: bool) -> int:
     from clickphone_agi.adapters.storage.sqlite import SchemaTooNew, StorageError, WriterBusy
     from clickphone_agi.adapters.tariff_file import TariffFileError
     from clickphone_agi.config.loader import ConfigError
+    from clickphone_agi.ports import StorageUnavailable
     from clickphone_agi.services.accounts import UnknownAccount
 
     if debug:
@@ -234,6 +235,7 @@ def _report(exc: BaseException, debug: bool) -> int:
         (ConfigError, EX_CONFIG, "config error: "),
         (SchemaTooNew, EX_DATAERR, ""),
         (WriterBusy, EX_TEMPFAIL, ""),
+        (StorageUnavailable, EX_TEMPFAIL, "the database takes no writes now (disk full?): "),
         (StorageError, EX_DATAERR, ""),
         (CommandError, EX_ERROR, ""),
         (UnknownAccount, EX_DATAERR, ""),

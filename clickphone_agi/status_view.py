@@ -86,6 +86,16 @@ def format_status(status: dict[str, Any]) -> str:
         ("charges today", f"{charges.get('day', '?')}: {charges.get('calls', 0)} calls, {amount}"),
         ("retention", _retention(status.get("retention"))),
     ]
+    outage = status.get("storage_outage")
+    if outage:
+        rows.insert(
+            4,
+            (
+                "STORAGE OUTAGE",
+                f"for {_duration(outage.get('seconds'))}: {outage.get('held_events', 0)} events held,"
+                f" next try in {outage.get('retry_in_seconds')} s ({outage.get('error')})",
+            ),
+        )
     if status.get("restart_required"):
         rows.append(("RESTART REQUIRED", f"changed and not applied: {', '.join(status['restart_required'])}"))
     width = max(len(name) for name, _ in rows)

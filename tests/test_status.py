@@ -63,7 +63,10 @@ async def test_status_healthy_human_and_json(
         status = json.loads(out)
         assert status["health"] == {
             "ok": True, "ami": None, "outbox_oldest_pending_age_seconds": None, "database_writable": True,
+            "storage_outage": None,
         }  # fmt: skip
+        assert status["storage_outage"] is None
+        assert status["held_for_storage"] == {"held": 0, "outages": 0, "retries": 0, "lost_at_stop": 0}
         assert status["charges_today"]["calls"] == 0
         assert status["retention"]["runs"] >= 1
         assert status["retention"]["next_run"] is not None

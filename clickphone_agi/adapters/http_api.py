@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from clickphone_agi.ports import Store
+from clickphone_agi.ports import StorageUnavailable, Store
 from clickphone_agi.services.audit import notifications
 from clickphone_agi.services.broadcasts import BroadcastService
 from clickphone_agi.services.consent import ConsentService
@@ -49,6 +49,7 @@ PUBLIC_ROUTES = frozenset(
 )
 
 
+RETRY_AFTER_STORAGE = 30  # seconds a client is asked to wait when the database refuses writes
 MAX_JSON_DEPTH = 32  # the bodies are three levels deep; body_hash and the parsers walk them recursively
 
 
@@ -115,6 +116,15 @@ class StatusCollector(Collector):
         yield GaugeMetricFamily("clickphone_ingest_queue_depth", "events waiting", value=queue.get("depth", 0))
         yield CounterMetricFamily(
             "clickphone_ingest_dropped", "events dropped by a full queue", value=queue.get("dropped", 0)
+        )
+        held = s.get("held_for_storage") or {}
+        yield GaugeMetricFamily(
+            "clickphone_ingest_held_events",
+            "events held because the database refuses writes (a full disk); retried until it takes them",
+            value=held.get("held", 0),
+        )
+        yield CounterMetricFamily(
+            "clickphone_storage_outages", "times the database refused the ingest's writes", value=held.get("outages", 0)
         )
         money = s.get("money")
         if money is not None:
@@ -278,6 +288,11 @@ class HttpApi:
             if exc.status < 400:
                 raise
             return _error(exc.status, exc.reason, None)
+        except StorageUnavailable as exc:  # a full disk: nothing was written; the same request may be retried
+            log.error("api.storage_unavailable", method=request.method, path=request.path, error=str(exc))
+            response = _error(503, "the database is not taking writes now (disk full?); retry later", None)
+            response.headers["Retry-After"] = str(RETRY_AFTER_STORAGE)
+            return response
         except Exception:
             log.exception("api.failed", method=request.method, path=request.path)
             return _error(500, "internal error", None)

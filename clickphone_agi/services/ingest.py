@@ -39,7 +39,7 @@ from clickphone_agi.domain.events import (
 )
 from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.faults import crash_point
-from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
 from clickphone_agi.services.money import MoneyService
 
 log = structlog.get_logger(__name__)
@@ -157,6 +157,11 @@ class EventProcessor:
         """
         for event in events:
             self.observe(event)
+        return await self.apply_many(events)
+
+    async def apply_many(self, events: Sequence[DomainEvent]) -> list[bool | Exception]:
+        """:meth:`handle_many` without showing the events to :meth:`observe`: for events that
+        were observed already and failed for want of storage (:class:`StorageUnavailable`)."""
         outcomes: list[bool | Exception] = [False] * len(events)
         units, planned, records = self._plan(events, outcomes)
         if not units:
@@ -331,8 +336,10 @@ class IngestWorker:
         context: TranslateContext,
         *,
         on_connected: Callable[[], None] = lambda: None,
+        on_storage_recovered: Callable[[], None] = lambda: None,
         max_in_flight: int = 256,
         correlator: LinkedIdCorrelator | None = None,
+        storage_retry: tuple[float, float] = (STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX),
     ) -> None:
         self._queue = queue
         self._processor = processor
@@ -352,6 +359,17 @@ class IngestWorker:
         self.money_user_events_refused = 0
         self.effect_errors = 0
         self.last_event_monotonic: float | None = None
+        # events the database could not take (a full disk): held, in stream order, and retried
+        self._on_storage_recovered = on_storage_recovered
+        self._retry_first, self._retry_max = storage_retry
+        self._retry_delay = self._retry_first
+        self._retry_turn = asyncio.Lock()  # FIFO: held groups retry in the order they failed
+        self._storage_down_since: float | None = None  # monotonic; None while writes commit
+        self.storage_error: str | None = None  # the last reason the database gave
+        self.held = 0  # events held now
+        self.storage_outages = 0
+        self.storage_retries = 0
+        self.held_lost = 0  # held events given up at shutdown
 
     async def run(self) -> None:
         """Until the queue is closed; effects run concurrently (the writer keeps their order).
@@ -457,21 +475,103 @@ class IngestWorker:
         else:
             log.warning("ami.unknown_user_event", user_event=unknown)
 
+    def storage_outage(self) -> dict[str, Any] | None:
+        """For ``status`` and ``/healthz``: None while the database takes the events' writes;
+        else how long it has refused them, how many events are held and why."""
+        since = self._storage_down_since
+        if since is None:
+            return None
+        return {
+            "seconds": round(time.monotonic() - since, 1),
+            "held_events": self.held,
+            "error": self.storage_error,
+            "retry_in_seconds": self._retry_delay,
+        }
+
     async def _apply(self, events: list[DomainEvent]) -> None:
         try:
             try:
                 outcomes: list[bool | Exception] = await self._processor.handle_many(events)
             except Exception as exc:
                 outcomes = [exc] * len(events)
-            for event, outcome in zip(events, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    self.effect_errors += 1
-                    log.error(
-                        "ingest.effect_failed",
-                        key=event.key,
-                        error=repr(outcome),
-                        exc_info=(type(outcome), outcome, outcome.__traceback__),
-                    )
+            held = self._report(events, outcomes)
+            if held:
+                await self._hold(held)
         finally:
             self._events_in_flight -= len(events)
             self._room.set()
+
+    def _report(self, events: Sequence[DomainEvent], outcomes: Sequence[bool | Exception]) -> list[DomainEvent]:
+        """Log and count each event whose effects failed; return those the database could not
+        take (to be held and retried), with the storage marked down."""
+        held: list[DomainEvent] = []
+        for event, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, StorageUnavailable):
+                held.append(event)
+                self.storage_error = str(outcome)
+            elif isinstance(outcome, Exception):
+                self.effect_errors += 1
+                log.error(
+                    "ingest.effect_failed",
+                    key=event.key,
+                    error=repr(outcome),
+                    exc_info=(type(outcome), outcome, outcome.__traceback__),
+                )
+        if held and self._storage_down_since is None:
+            self._storage_down_since = time.monotonic()
+            self.storage_outages += 1
+            log.error(
+                "ingest.storage_unavailable", error=self.storage_error, held=self.held + len(held),
+                retry_in=self._retry_delay,
+                action="holding the events and retrying; when the ingest queue fills, events are dropped and CDRs "
+                "are reconciled from Master.csv",
+            )  # fmt: skip
+        return held
+
+    async def _hold(self, events: list[DomainEvent]) -> None:
+        """Retry ``events`` until the database takes them. Held groups retry one at a time in the
+        order they failed, so effects still commit in stream order; only the first one waits
+        between tries, and once it goes through the others follow at once. Their room in flight
+        stays taken: the worker stops handing on, the queue takes the stream meanwhile."""
+        self.held += len(events)
+        try:
+            async with self._retry_turn:
+                while events:
+                    if self._storage_down_since is not None:
+                        await asyncio.sleep(self._retry_delay)
+                        self._retry_delay = min(self._retry_delay * 2, self._retry_max)
+                    self.storage_retries += 1
+                    try:
+                        outcomes: list[bool | Exception] = await self._processor.apply_many(events)
+                    except Exception as exc:
+                        outcomes = [exc] * len(events)
+                    before = len(events)
+                    events = self._report(events, outcomes)
+                    self.held -= before - len(events)
+                    if events:
+                        log.warning(
+                            "ingest.storage_still_unavailable", error=self.storage_error, held=self.held,
+                            retry_in=self._retry_delay,
+                        )  # fmt: skip
+                    elif self._storage_down_since is not None:
+                        self._recovered()
+        except asyncio.CancelledError:
+            # the daemon stops (its drain timed out) with the database still refusing
+            self.held -= len(events)
+            self.held_lost += len(events)
+            log.error(
+                "ingest.held_events_lost", events=len(events), keys=[e.key for e in events[:5]],
+                action="CDRs among them are recovered from Master.csv at the next start",
+            )  # fmt: skip
+            raise
+
+    def _recovered(self) -> None:
+        assert self._storage_down_since is not None
+        log.warning(
+            "ingest.storage_recovered", seconds=round(time.monotonic() - self._storage_down_since, 1),
+            still_held=self.held, retries=self.storage_retries,
+        )  # fmt: skip
+        self._storage_down_since = None
+        self.storage_error = None
+        self._retry_delay = self._retry_first
+        self._on_storage_recovered()  # events the full queue dropped meanwhile: reconcile Master.csv

@@ -46,7 +46,7 @@ from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
-from clickphone_agi.ports import Store, WriteTx
+from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
 
 log = structlog.get_logger(__name__)
 
@@ -130,8 +130,31 @@ class Notifier:
         if not event.identified:
             # nothing in the event (no RequestId, no Timestamp) tells two alike changes apart, and
             # AMI delivers an event once and never replays it, so each one seen is a change of its
-            # own: scope the notice's key by its arrival
+            # own: scope the notice's key by its arrival (once: a retry keeps it)
             key = f"{key}:{self._clock.now():%Y%m%dT%H%M%S.%fZ}:{next(self._changes)}"
+        await self._while_unavailable("security", event.key, lambda: self._security_notice(event, key))
+
+    async def _while_unavailable(self, what: str, key: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` until the database takes its writes: the event behind it came once, over
+        AMI, and is nowhere else to be read again. Tried again with backoff while the database
+        refuses every write (a full disk: :class:`StorageUnavailable`); any other failure is
+        ``work``'s own to log."""
+        delay = STORAGE_RETRY_FIRST
+        while True:
+            try:
+                await work()
+                return
+            except StorageUnavailable as exc:
+                self.errors += 1
+                log.warning("notices.storage_unavailable", what=what, key=key, error=str(exc), retry_in=delay)
+            try:
+                await self._clock.sleep(delay)
+            except asyncio.CancelledError:
+                log.error("notices.held_notice_lost", what=what, key=key, note="the daemon stopped first")
+                raise
+            delay = min(delay * 2, STORAGE_RETRY_MAX)
+
+    async def _security_notice(self, event: VoicemailPasswordChanged | AccountEvent, key: str) -> None:
         try:
             if await self._store.has_event(key):
                 return
@@ -153,6 +176,8 @@ class Notifier:
                 log.warning("notices.security_unknown_account", key=event.key)
                 return
             await self._queue(kind, key, account, account.email, {"name": account.name, **data})
+        except StorageUnavailable:
+            raise
         except Exception:
             self.errors += 1
             log.exception("notices.security_failed", key=event.key)
@@ -203,6 +228,9 @@ class Notifier:
                 for context, mailbox in sorted(boxes):
                     await self.voicemail_box(context, mailbox)
                 await self._missed_calls(self._clock.now())
+            except StorageUnavailable as exc:  # a full disk: what is due stays due for the next pass
+                self.errors += 1
+                log.warning("notices.pass_deferred", error=str(exc), note="the database takes no writes now")
             except Exception:
                 self.errors += 1
                 log.exception("notices.pass_failed")
@@ -339,6 +367,9 @@ class Notifier:
     # ---- fax -----------------------------------------------------------------------------------
 
     async def _fax_from_event(self, event: FaxResult) -> None:
+        await self._while_unavailable("fax", event.unique_id, lambda: self._fax_notice(event))
+
+    async def _fax_notice(self, event: FaxResult) -> None:
         try:
             fax = self._fax_files.get(event.unique_id)
             path = event.file_path or (fax.file_path if fax is not None else "")
@@ -350,6 +381,8 @@ class Notifier:
             )  # fmt: skip
             caller = fax.caller_id_num if fax is not None else ""
             await self._fax(sidecar, self.settings.fax_root / Path(path).name if path else None, caller)
+        except StorageUnavailable:
+            raise
         except Exception:
             self.errors += 1
             log.exception("notices.fax_failed", uniqueid=event.unique_id)

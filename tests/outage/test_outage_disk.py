@@ -1,34 +1,71 @@
 """The disk fills up under the database: a real tmpfs, filled to the last byte, then freed.
 
-What an operator must be able to count on: while SQLite refuses every write, a mail the relay
-accepted is not sent again, and once space returns it is marked sent.
+What an operator must be able to count on: while SQLite refuses every write, the events and
+mails in hand are held, not dropped and not repeated; ``status`` and ``/healthz`` say so; once
+space returns, every held event commits once, in stream order, and every delivered mail is
+marked sent without going out again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.smtp import OutboxSender
 from clickphone_agi.adapters.storage import sqlite as db
+from clickphone_agi.app import Daemon
 from clickphone_agi.clock import FakeClock
+from clickphone_agi.config.loader import load_config
 from clickphone_agi.config.schema import SmtpConfig
+from clickphone_agi.domain.ami_translate import TranslateContext
+from clickphone_agi.domain.charging import BillingRule
+from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxStatus
+from clickphone_agi.ports import StorageUnavailable
+from clickphone_agi.services.accounts import import_unit
+from clickphone_agi.services.health import database_writable, health
+from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
+from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.ami_server import AmiReplayServer, load_transcript, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
+from clickphone_agi.status_view import format_status
+from tests.api_harness import TOKEN, _free_port
+from tests.conftest import REPO, write_secret
 from tests.full_disk import FullDisk, mounted
 from tests.test_privacy import ION
+from tests.test_writer_batch import TABLE, _billing_cdr
 
 TZ = ZoneInfo("Europe/Bucharest")
 SINCE = datetime(2026, 1, 1, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
+
+
+def _money(store: db.SqliteStore) -> MoneyService:
+    settings = MoneySettings(tariffs=TABLE, zone=TZ, rule=BillingRule("Dial", (), None))
+    return MoneyService(store, FakeClock(NOW), settings)
+
+
+def _rows(path: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # reading works on a full disk
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _ledger_is_balance(path: Path) -> bool:
+    ledger = dict(_rows(path, "SELECT account, SUM(amount) FROM ledger GROUP BY account"))
+    return ledger == dict(_rows(path, "SELECT account, balance FROM balances"))
 
 
 async def _truncate_wal(store: db.SqliteStore) -> None:
@@ -41,6 +78,114 @@ async def _truncate_wal(store: db.SqliteStore) -> None:
 async def disk(short_tmp: Path) -> AsyncIterator[FullDisk]:
     with mounted(short_tmp / "disk") as d:
         yield d
+
+
+@pytest.fixture
+async def store(disk: FullDisk) -> AsyncIterator[db.SqliteStore]:
+    s = await db.SqliteStore.open(disk.path / "t.db", FakeClock(NOW))
+    s.start()
+    await s.write(import_unit([(dataclasses.replace(ION, daily_limit=None), 100_000)]))
+    yield s
+    if disk.filler.exists():
+        disk.free()
+    await s.close()
+
+
+def _calls(n: int) -> list[CallEnded]:
+    base = dataclasses.replace(_billing_cdr(), account=ION.code)
+    return [dataclasses.replace(base, key=f"{base.key}:{i}", unique_id=f"{base.unique_id}{i}") for i in range(n)]
+
+
+async def test_a_full_disk_refuses_each_unit_as_unavailable_and_the_same_units_commit_once_later(
+    disk: FullDisk, store: db.SqliteStore
+) -> None:
+    processor = EventProcessor(store, SINCE, _money(store))
+    calls = _calls(20)
+    await _truncate_wal(store)
+    disk.fill()
+
+    outcomes = await processor.handle_many(calls)
+    assert all(isinstance(o, StorageUnavailable) for o in outcomes), outcomes
+    assert "disk is full" in str(outcomes[0])
+    assert not await database_writable(store)  # the health probe writes a row: it fails too
+    assert (await health(store, None, {}))["ok"] is False
+    assert _rows(store.path, "SELECT COUNT(*) FROM cdrs") == [(0,)]
+    assert await store.went_live_at()  # reads still work
+
+    disk.free()
+    assert await processor.apply_many(calls) == [True] * len(calls)
+    assert await processor.apply_many(calls) == [False] * len(calls)  # once
+    assert _rows(store.path, "SELECT COUNT(*), COUNT(DISTINCT ref) FROM ledger WHERE kind = 'call'") == [(20, 20)]
+    assert _ledger_is_balance(store.path)
+    assert await database_writable(store)
+
+
+async def test_the_ingest_holds_the_stream_while_the_disk_is_full_then_commits_it_once_in_order(
+    disk: FullDisk, store: db.SqliteStore
+) -> None:
+    processor = EventProcessor(store, SINCE, _money(store))
+    queue = EventQueue(10_000, on_overflow=lambda: None)
+    recovered: list[int] = []
+    worker = IngestWorker(
+        queue, processor, TranslateContext("pbx1", TZ), on_storage_recovered=lambda: recovered.append(1),
+        storage_retry=(0.05, 0.2),
+    )  # fmt: skip
+    task = asyncio.create_task(worker.run())
+    scenarios = packaged_scenarios()
+    stream = [
+        f.message
+        for name in ("answered_call", "missed_call", "busy_call", "long_call")
+        for f in load_transcript(scenarios[name]).replay_frames
+    ]
+    cdr_keys = [m.get("UniqueID") for m in stream if m.event == "Cdr"]
+    await _truncate_wal(store)
+    disk.fill()
+    try:
+        with capture_logs() as logs:
+            for message in stream:
+                queue.offer(message)
+            async with asyncio.timeout(10):
+                while queue.depth or worker.storage_retries < 3:
+                    await asyncio.sleep(0.01)
+            outage = worker.storage_outage()
+            assert outage is not None
+            assert outage["held_events"] == worker.held > 0
+            assert "disk is full" in outage["error"]
+            assert (await health(store, None, {}, outage))["ok"] is False
+            assert "STORAGE OUTAGE" in format_status({"storage_outage": outage})
+            assert _rows(store.path, "SELECT COUNT(*) FROM processed_events") == [(0,)]
+            assert recovered == []
+
+            disk.free()
+            async with asyncio.timeout(10):
+                while worker.held or worker.storage_outage() is not None:
+                    await asyncio.sleep(0.01)
+        assert recovered == [1]  # a Master.csv pass is asked for: the full queue may have dropped some
+        events = [e["event"] for e in logs]
+        assert events.count("ingest.storage_unavailable") == 1
+        assert events.count("ingest.storage_recovered") == 1
+        assert "ingest.effect_failed" not in events
+        assert worker.effect_errors == 0
+
+        # every CDR once; the two answered calls charged once each, in stream order (the recordings
+        # were made one after another, so their keys sort in time)
+        recorded = _rows(store.path, "SELECT unique_id FROM cdrs")
+        assert sorted(r[0] for r in recorded) == sorted(cdr_keys)
+        charges = [r[0] for r in _rows(store.path, "SELECT ref FROM ledger WHERE kind = 'call' ORDER BY id")]
+        assert len(charges) == 2
+        assert charges == sorted(charges)
+        assert _ledger_is_balance(store.path)
+
+        for message in stream:  # the same stream again changes nothing
+            queue.offer(message)
+        async with asyncio.timeout(10):
+            while queue.depth:
+                await asyncio.sleep(0.01)
+        await store.write(lambda tx: None)  # after the worker's writes
+        assert _rows(store.path, "SELECT COUNT(*) FROM cdrs") == [(len(cdr_keys),)]
+    finally:
+        queue.close()
+        await asyncio.wait_for(task, 10)
 
 
 @pytest.mark.timeout(60)
@@ -109,6 +254,23 @@ async def test_a_mail_delivered_while_the_disk_is_full_goes_once_and_is_marked_s
         await store.close()
 
 
+def test_the_probe_counts_a_full_disk_not_an_empty_transaction(short_tmp: Path) -> None:
+    """Why the health probe writes a row: on a full disk, a transaction that writes nothing commits."""
+    with mounted(short_tmp / "disk") as disk:
+        conn = db.connect_sync(disk.path / "p.db")
+        db.migrate(conn, NOW)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        disk.fill()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")  # nothing written: fine
+        with pytest.raises(sqlite3.OperationalError, match="full") as raised:  # at the INSERT or the COMMIT
+            conn.executescript("BEGIN IMMEDIATE; INSERT INTO meta (key, value) VALUES ('health_probe', 'x'); COMMIT;")
+        assert db.is_unavailable(raised.value)
+        conn.rollback()
+        disk.free()
+        conn.close()
+
+
 def test_only_the_databases_own_refusals_count_as_unavailable() -> None:
     full = sqlite3.OperationalError("database or disk is full")
     full.sqlite_errorcode = 13  # type: ignore[attr-defined]
@@ -122,3 +284,75 @@ def test_only_the_databases_own_refusals_count_as_unavailable() -> None:
     assert not db.is_unavailable(sqlite3.IntegrityError("UNIQUE constraint failed"))
     assert not db.is_unavailable(ValueError("a unit's own bug"))
     assert db.is_unavailable(db.DatabaseUnavailable("commit failed"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api_writes_then_catches_up(
+    write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
+) -> None:
+    with mounted(short_tmp / "db") as disk:
+        port = _free_port()
+        write_secret(short_tmp / "api-token", TOKEN + "\n")
+        async with AmiReplayServer("clickphone", "labsecret") as ami:
+            cfg = write_config(
+                ami_port=ami.port, ami_enabled=True, smtp_port=smtp_sink.port,
+                extra=(
+                    f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n"
+                    "asterisk:\n  system_name: pbx1\n  master_csv: null\n"
+                    f"billing:\n  tariffs_file: {REPO / 'etc' / 'tariffs.yaml'}\n"
+                    "  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
+                ),
+            )  # fmt: skip
+            loaded = load_config(cfg)
+            conn = db.connect_sync(loaded.config.database.path)
+            db.migrate(conn, datetime(2026, 11, 28, tzinfo=UTC))  # live before the recorded calls
+            conn.close()
+            daemon = Daemon(loaded, config_path=cfg, install_signal_handlers=False)
+            run = asyncio.create_task(daemon.run())
+            headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "top-disk"}
+            topup = {"type": "topup", "data": {"amount": "12.50"}}
+            base = f"http://127.0.0.1:{port}"
+            try:
+                await asyncio.wait_for(daemon.ready.wait(), 10)
+                await ami.wait_for_login(10)
+                store = daemon._running().store
+                await store.write(import_unit([(ION, 5000)]))
+                path = store.path
+                await _truncate_wal(store)
+                disk.fill()
+
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(f"{base}/v1/accounts/acct1001/events", json=topup, headers=headers) as r:
+                        assert r.status == 503, await r.text()
+                        assert r.headers["Retry-After"] == "30"
+                    await ami.play(load_transcript(packaged_scenarios()["answered_call"]))
+                    async with asyncio.timeout(15):
+                        while (await daemon._cmd_status({}))["held_for_storage"]["held"] < 3:
+                            await asyncio.sleep(0.05)
+                    status = await daemon._cmd_status({})
+                    assert status["storage_outage"]["held_events"] == 3  # the call's three CDRs
+                    assert status["health"]["ok"] is False
+                    assert status["health"]["database_writable"] is False
+                    assert "STORAGE OUTAGE" in format_status(status)
+                    async with http.get(f"{base}/healthz") as r:
+                        assert r.status == 503
+                        assert (await r.json())["storage_outage"]["held_events"] == 3
+
+                    disk.free()
+                    async with asyncio.timeout(30):
+                        while (await daemon._cmd_status({}))["cdrs"]["recorded"] < 3:
+                            await asyncio.sleep(0.05)
+                    async with http.post(f"{base}/v1/accounts/acct1001/events", json=topup, headers=headers) as r:
+                        assert r.status == 200, await r.text()
+                    async with http.get(f"{base}/healthz") as r:
+                        assert r.status == 200
+                status = await daemon._cmd_status({})
+                assert status["storage_outage"] is None
+                assert status["held_for_storage"]["outages"] == 1
+                kinds = _rows(path, "SELECT kind, COUNT(*) FROM ledger WHERE account = 'acct1001' GROUP BY kind")
+                assert dict(kinds) == {"opening": 1, "call": 1, "topup": 1}
+                assert _ledger_is_balance(path)
+            finally:
+                daemon.request_stop()
+                assert await asyncio.wait_for(run, 20) == 0
