@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clickphone_agi.adapters.control import CommandError
 from clickphone_agi.adapters.smtp import bounce_command, bounce_unit
 from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.clock import FakeClock
@@ -267,4 +268,8 @@ async def test_bounce_command_with_the_database_key_and_with_a_key_file(store: S
     second = await _sent_row(store, "vm:2", to="maria@example.net")
     cfg = SmtpConfig(hard_bounce_limit=1, verp_key_file=key_file)
     report = _report(second, "vm:2", k=b"a file key of at least sixteen bytes")
+    key_file.chmod(0o644)  # other local users could forge DSNs with it: refused, as at start-up
+    with pytest.raises(CommandError, match="readable by every local user"):
+        await bounce_command(store, cfg, {"report": report.to_json()})
+    key_file.chmod(0o600)
     assert (await bounce_command(store, cfg, {"report": report.to_json()}))["outcome"] == "bounced"

@@ -271,6 +271,7 @@ async def test_the_verp_key_file_is_retried_after_a_failure_and_reread_when_it_c
 
     old, new = b"o" * 32, b"n" * 40
     key_file.write_bytes(old)
+    key_file.chmod(0o600)
     await rig.clock.advance(5)
     second = await rig.enqueue("k2")
     await rig.sink.wait_for(2)
@@ -285,6 +286,37 @@ async def test_the_verp_key_file_is_retried_after_a_failure_and_reread_when_it_c
     (token,) = find_tokens([rig.sink.messages[2].mail_from])
     assert token.row_id == third
     assert token.verify(new, "k3")
+
+
+async def test_a_verp_key_file_others_can_read_is_refused_also_when_it_changes_after_start(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Start-up and reload refuse such a file; the mailer re-reads it when it changes, and used to
+    take it as it was: a key other local users know lets them forge the DSNs that suppress mail."""
+    key_file = tmp_path / "verp-key"
+    key_file.write_bytes(b"k" * 32)
+    key_file.chmod(0o600)
+    rig.cfg = rig.cfg.model_copy(update={"verp_key_file": key_file})
+    rig.start()
+    await rig.enqueue("k1")
+    await rig.sink.wait_for(1)
+    assert find_tokens([rig.sink.messages[0].mail_from])  # a good file: VERP
+
+    key_file.chmod(0o644)  # same bytes, same mtime: only the mode tells
+    await rig.clock.advance(5)
+    with capture_logs() as logs:
+        await rig.enqueue("k2")
+        await rig.sink.wait_for(2)
+    assert rig.sink.messages[1].mail_from == "no-reply@clickphone.example"  # refused: no VERP, still sent
+    (refusal,) = [e for e in logs if e["event"] == "mail.verp_key_unreadable"]
+    assert "readable by every local user (mode 0644)" in refusal["error"]
+    assert f"chmod 0600 {key_file}" in refusal["error"]
+
+    key_file.chmod(0o640)
+    await rig.clock.advance(5)
+    await rig.enqueue("k3")
+    await rig.sink.wait_for(3)
+    assert find_tokens([rig.sink.messages[2].mail_from])
 
 
 async def _is(value: Any, expected: Any) -> bool:

@@ -56,6 +56,7 @@ import structlog
 
 from clickphone_agi.adapters.control import CommandError
 from clickphone_agi.clock import Clock
+from clickphone_agi.config.loader import unsafe_secret
 from clickphone_agi.config.schema import SmtpConfig
 from clickphone_agi.domain.bounce import DeliveryReport, Verdict, is_bad_mailbox, verp_address
 from clickphone_agi.domain.delivery import DueMail, RateLimiter, RetryPolicy, after_failure, ensure_headers, message_id
@@ -112,7 +113,8 @@ def unsubscribe_headers(kind: str, payload: Mapping[str, Any]) -> dict[str, str]
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
-_FileStamp = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+# st_dev, st_ino, st_size, st_mtime_ns, and who may read it: a chmod o+r is seen like a new file
+_FileStamp = tuple[int, int, int, int, int, int, int]  # ... st_mode, st_uid, st_gid
 
 
 def load_verp_key(path: Path) -> bytes:
@@ -121,9 +123,15 @@ def load_verp_key(path: Path) -> bytes:
 
 
 def _read_verp_key(path: Path) -> tuple[bytes, _FileStamp]:
-    """The key and the stamp of the very file it was read from (blocking)."""
+    """The key and the stamp of the very file it was read from (blocking). A file other local
+    users can read or replace is refused as at start-up: it is re-read when it changes, and a
+    key others know lets them forge the bounces that suppress a subscriber's mail."""
     with path.open("rb") as f:
-        stamp = _stamp(os.fstat(f.fileno()))
+        st = os.fstat(f.fileno())
+        unsafe = unsafe_secret(path, st)
+        if unsafe:
+            raise ValueError(unsafe)
+        stamp = _stamp(st)
         key = f.read().strip()
     if len(key) < 16:
         raise ValueError(f"{path}: VERP key too short ({len(key)} bytes): use 32 or more random bytes")
@@ -139,7 +147,7 @@ def _file_stamp(path: Path) -> _FileStamp | None:
 
 
 def _stamp(st: os.stat_result) -> _FileStamp:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid)
 
 
 def _is_marketing(kind: str) -> bool:

@@ -390,6 +390,14 @@ def secret_file_problem(path: Path, st: os.stat_result, euid: int | None = None)
     return None
 
 
+def unsafe_secret(path: Path, st: os.stat_result, environ: Mapping[str, str] | None = None) -> str | None:
+    """:func:`secret_file_problem` for a secret read after start-up (the mailer's VERP key), with
+    systemd's credentials exempt as at start-up."""
+    if _in_credentials(path, os.environ if environ is None else environ):
+        return None
+    return secret_file_problem(path, st)
+
+
 def _daemon_uid() -> int | None:
     """The uid of the unit's ``User=`` (``clickphone-agi``), or None where there is no such user."""
     try:
