@@ -10,6 +10,7 @@ import structlog
 from clickphone_agi import dialplan_vars as dv
 from clickphone_agi.adapters.agi import AgiRequest, AgiRouter, AgiSession
 from clickphone_agi.domain.authorize import Decision
+from clickphone_agi.ports import StorageUnavailable
 from clickphone_agi.services.money import MoneyService
 
 log = structlog.get_logger(__name__)
@@ -38,6 +39,11 @@ def build_router(money: MoneyService | None) -> AgiRouter:
         else:
             try:
                 decision = await money.authorize(account, number, source_ip, call_id)
+            except StorageUnavailable as exc:
+                # a full disk: no reservation can be kept, so no call is allowed (emergency numbers
+                # never come here: the dialplan sends them on first); one line, not a traceback a call
+                log.error("agi.authorize_unavailable", account=account, error=str(exc))
+                decision = Decision.deny(dv.Reason.ERROR)
             except Exception:
                 log.exception("agi.authorize_failed", account=account)
                 decision = Decision.deny(dv.Reason.ERROR)

@@ -36,6 +36,7 @@ from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.health import database_writable, health
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
 from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.sim.agi_client import agi_call
 from clickphone_agi.sim.ami_server import AmiReplayServer, load_transcript, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
 from clickphone_agi.status_view import format_status
@@ -48,6 +49,7 @@ from tests.test_writer_batch import TABLE, _billing_cdr
 TZ = ZoneInfo("Europe/Bucharest")
 SINCE = datetime(2026, 1, 1, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)
+AUTHORIZE_ARGS = [ION.code, "0212345678", "198.51.100.77"]  # account, number, source IP (on his list)
 
 
 def _money(store: db.SqliteStore) -> MoneyService:
@@ -292,13 +294,14 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
     write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
 ) -> None:
     with mounted(short_tmp / "db") as disk:
-        port = _free_port()
+        port, agi_port = _free_port(), _free_port()
         write_secret(short_tmp / "api-token", TOKEN + "\n")
         async with AmiReplayServer("clickphone", "labsecret") as ami:
             cfg = write_config(
                 ami_port=ami.port, ami_enabled=True, smtp_port=smtp_sink.port,
                 extra=(
                     f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n"
+                    f"agi:\n  enabled: true\n  port: {agi_port}\n"
                     "asterisk:\n  system_name: pbx1\n  master_csv: null\n"
                     f"billing:\n  tariffs_file: {REPO / 'etc' / 'tariffs.yaml'}\n"
                     "  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
@@ -326,6 +329,10 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
                     async with http.post(f"{base}/v1/accounts/acct1001/events", json=topup, headers=headers) as r:
                         assert r.status == 503, await r.text()
                         assert r.headers["Retry-After"] == "30"
+                    # no reservation can be kept: no call is allowed (emergency numbers never ask)
+                    denied = await agi_call("127.0.0.1", agi_port, "authorize", AUTHORIZE_ARGS)
+                    assert denied.variables["CLICKPHONE_AUTH"] == "DENY"
+                    assert denied.variables["CLICKPHONE_REASON"] == "error"
                     await ami.play(load_transcript(packaged_scenarios()["answered_call"]))
                     async with asyncio.timeout(15):
                         while (await daemon._cmd_status({}))["held_for_storage"]["held"] < 3:
@@ -347,6 +354,8 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
                         assert r.status == 200, await r.text()
                     async with http.get(f"{base}/healthz") as r:
                         assert r.status == 200
+                allowed = await agi_call("127.0.0.1", agi_port, "authorize", AUTHORIZE_ARGS)
+                assert allowed.variables["CLICKPHONE_AUTH"] == "ALLOW"
                 status = await daemon._cmd_status({})
                 assert status["storage_outage"] is None
                 assert status["held_for_storage"]["outages"] == 1
