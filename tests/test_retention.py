@@ -116,6 +116,7 @@ async def test_old_rows_go_in_short_batches_recent_and_pending_stay(aged: tuple[
         "cdrs": 7,
         "rated_calls": 7,
         "api_requests": 7,
+        "erased_numbers": 0,  # nobody was erased
     }
     assert _count(path, "SELECT COUNT(*) FROM processed_events WHERE key LIKE 'old:%'") == 0
     assert _count(path, "SELECT COUNT(*) FROM processed_events WHERE key LIKE 'new:%'") == 2
@@ -185,22 +186,49 @@ async def test_a_dead_reset_link_mail_loses_its_body_once_the_link_expired(tmp_p
         await store.close()
 
 
-async def test_erased_numbers_outlive_retention(tmp_path: Path) -> None:
-    """The erased numbers' digests are what keeps an erasure honoured when Master.csv is read again:
-    retention purges the old rows around them, never them."""
+async def test_erased_numbers_outlive_the_keys_and_go_once_nothing_from_before_can_come_back(
+    tmp_path: Path,
+) -> None:
+    """The erased numbers' digests keep an erasure honoured when Master.csv is read again, so
+    retention purges the old rows around them and not them; but once the key floor is past the
+    erasure by a margin, a record from before it is ignored anyway (the floor): they go too."""
     clock = FakeClock(START)
     store = await SqliteStore.open(tmp_path / "t.db", clock)
     store.start()
     try:
         await store.write(import_unit([(ION, 5000)]))
         await _rows(store, clock, "old", 2)
+        (leg,) = [c for c in _calls("answered_call") if c.last_application == "Dial"]
+        before = START - timedelta(hours=1)  # a leg of a call to him, made before the erasure
+        leg = dataclasses.replace(
+            leg, account="", source="0744123456", destination="0721000001", origin=EventSource.CSV,
+            start=before, answer=before, end=before + timedelta(minutes=5), key="cdr:pbx1:before:erasure",
+        )  # fmt: skip
         await privacy.erase_account(store, "acct1001", Numbering())
         erased = _count(store.path, "SELECT COUNT(*) FROM erased_numbers")
-        await clock.advance((NOW - START).total_seconds())
+        assert erased == 5  # the four spellings of Ion's number, and his voicemail box
+        assert await store.write(lambda tx: tx.erased_leg(leg)) is True
+
+        # the floor passes the erasure: the digests stay for the margin
+        floor_at = START + timedelta(days=POLICY.processed_event_days) - timedelta(days=1)
+        await clock.advance((floor_at + timedelta(days=29) - clock.now()).total_seconds())
         result = await RetentionJob(store, clock, _settings).run_once()
         assert result["purged"]["cdrs"] == 2
-        # the four spellings of Ion's number, and his voicemail box
-        assert erased == _count(store.path, "SELECT COUNT(*) FROM erased_numbers") == 5
+        assert result["purged"]["erased_numbers"] == 0
+        assert _count(store.path, "SELECT COUNT(*) FROM erased_numbers") == erased
+
+        # past the margin they go, and the writer's cache forgets them
+        await clock.advance((NOW - clock.now()).total_seconds())
+        processor = EventProcessor(store, SINCE, _money(store))
+        job = RetentionJob(store, clock, _settings, baselines=(processor.raise_baseline,))
+        result = await job.run_once()
+        assert result["purged"]["erased_numbers"] == erased
+        assert _count(store.path, "SELECT COUNT(*) FROM erased_numbers") == 0
+        assert await store.write(lambda tx: tx.erased_leg(leg)) is False
+        # and the leg read again from Master.csv is still not recorded: it is older than the floor
+        assert await processor.handle(leg) is False
+        assert processor.skipped["before go-live baseline"] == 1
+        assert _count(store.path, "SELECT COUNT(*) FROM cdrs WHERE key = 'cdr:pbx1:before:erasure'") == 0
     finally:
         await store.close()
 

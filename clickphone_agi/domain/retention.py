@@ -66,6 +66,19 @@ def key_floor(key_cutoff: datetime) -> datetime:
     return key_cutoff + FLOOR_MARGIN
 
 
+ERASURE_MARGIN = timedelta(days=30)
+"""How much longer than the key floor an erased number's digest is kept: a call that started
+before the erasure and ended after the floor would need to last this long."""
+
+
+def erased_numbers_cutoff(floor: datetime) -> datetime:
+    """Erased numbers' digests older than this are purged. They keep a CDR leg or voicemail from
+    before an erasure from being recorded or mailed again; once the key floor has passed the
+    erasure by :data:`ERASURE_MARGIN`, nothing from before it is read again (recovered CDRs and
+    spool messages older than the floor are ignored), and the digest has no purpose left."""
+    return floor - ERASURE_MARGIN
+
+
 def next_run_at(now: datetime, zone: ZoneInfo, hour: int) -> datetime:
     """The first ``hour``:00 local time strictly after ``now``, as an aware UTC datetime.
 

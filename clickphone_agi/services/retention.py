@@ -27,7 +27,13 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from clickphone_agi.clock import Clock, wait_any
-from clickphone_agi.domain.retention import PURGE_AFTER_SEND, RetentionPolicy, key_floor, next_run_at
+from clickphone_agi.domain.retention import (
+    PURGE_AFTER_SEND,
+    RetentionPolicy,
+    erased_numbers_cutoff,
+    key_floor,
+    next_run_at,
+)
 from clickphone_agi.ports import Store, WriteTx
 
 log = structlog.get_logger(__name__)
@@ -113,6 +119,8 @@ class RetentionJob:
             purged[step] = await self._purge(step, cutoffs[step], s.batch)
             if self._stopping():
                 break
+        else:  # last: they outlive the keys by a margin (see erased_numbers_cutoff)
+            purged["erased_numbers"] = await self._purge("erased_numbers", erased_numbers_cutoff(floor), s.batch)
         self.runs += 1
         self.purged.update(purged)
         seconds = round(time.monotonic() - started, 3)

@@ -284,8 +284,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('erased_numbers_key', lower(hex(randomblob(32))))",
             # One row per spelling of an erased subscriber's numbers: its keyed digest and when it
             # was erased (a CDR leg without an account code that carries it, from a call started
-            # before then, is not recorded). Pseudonymous; kept for that one purpose, so neither
-            # exported nor purged by retention.
+            # before then, is not recorded). Pseudonymous; kept for that one purpose: not exported,
+            # and purged by retention only once nothing from before the erasure is read again
+            # (domain.retention.erased_numbers_cutoff; a comment, so later versions may say so).
             """CREATE TABLE erased_numbers (
                    digest    TEXT PRIMARY KEY,
                    erased_at TEXT NOT NULL

@@ -28,7 +28,9 @@ What erasure does, table by table (README "Data rights and retention" says why):
   voicemail boxes (``mailbox@context``), which is what refuses the box's events above. Pseudonymous (whoever
   holds the database can test a guessed number), kept for that one purpose like the address
   digests of the suppressions: never exported (no longer the account's data, and linked to no
-  account), never purged by retention (a replay may come any time).
+  account), purged by retention only once the key floor has passed the erasure by a margin
+  (:func:`~clickphone_agi.domain.retention.erased_numbers_cutoff`): a replay from before the
+  erasure is ignored by then anyway.
 * ``ledger``: amounts, kinds and dates stay (money totals must); refs become the same digests and
   the free-text ``reason`` of top-ups and manual adjustments is cleared. The ledger is append-only
   by trigger; this is the one place that lifts the triggers, inside the erasure's own transaction,
@@ -499,6 +501,7 @@ PURGE_STEPS: dict[str, tuple[str, str, str]] = {
     "cdrs": ("cdrs", "key", "end_at"),
     "rated_calls": ("rated_calls", "key", "answered_at"),
     "api_requests": ("api_requests", "key", "created_at"),
+    "erased_numbers": ("erased_numbers", "digest", "erased_at"),
 }
 
 

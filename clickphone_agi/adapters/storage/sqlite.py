@@ -1332,8 +1332,12 @@ class SqliteTx:
         return done
 
     def purge_window(self, step: str, cutoff: datetime, after: str | None, limit: int) -> tuple[int, str | None]:
-        """One retention window of ``step`` (processed_events, cdrs, rated_calls, api_requests)."""
-        return privacy_sql.purge_window(self._conn, step, to_db(cutoff), after, limit)
+        """One retention window of ``step`` (processed_events, cdrs, rated_calls, api_requests,
+        erased_numbers)."""
+        deleted, nxt = privacy_sql.purge_window(self._conn, step, to_db(cutoff), after, limit)
+        if step == "erased_numbers" and deleted:
+            self._cache.erased_numbers = None  # read again at the next use, without the purged digests
+        return deleted, nxt
 
     def purge_bodies_window(
         self, cutoff: datetime, after: int, limit: int, at_once: frozenset[str]
