@@ -2,4 +2,5 @@
 
 from clickphone_agi.cli import entry
 
-entry()
+if __name__ == "__main__":  # not when the fax converter's process (spawn) imports this module again
+    entry()

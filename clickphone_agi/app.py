@@ -477,6 +477,7 @@ class Daemon:
         for name in ("notices", "sender", "reconcile", "retention"):
             if name in tasks:
                 await _bounded(tasks[name], left())
+        parts.notifier.fax_converter.close()
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)

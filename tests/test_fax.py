@@ -11,11 +11,13 @@ pdfinfo/pdfimages when they are installed.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ from PIL import Image, ImageChops, ImageDraw, TiffImagePlugin
 from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.fax import (
+    FaxConverter,
     FaxFileError,
     FaxSidecar,
     parse_sidecar,
@@ -421,3 +424,87 @@ def test_scan_dates_each_fax_by_its_sidecar_written_at_hangup(root: Path) -> Non
     os.utime(root / G3, (0, 0))  # the TIFF's own time plays no part
     found = {f.path.name: f for f in scan_fax_spool(root)}
     assert (found[G3].written_at, found["rx-9.tif"].written_at, found[G4].written_at) == (ended, ended, None)
+
+
+# -- the converter process -----------------------------------------------------------------------
+
+
+async def test_the_converter_converts_in_a_process_of_its_own_exactly_as_in_line(root: Path) -> None:
+    """Decoding is CPU under the GIL: in a thread it held up the event loop (and every FastAGI
+    session) for as long. The worker's result is the in-line conversion's, byte for byte."""
+    converter = FaxConverter()
+    try:
+        doc = await converter.convert(root / G3, root=root)
+        assert doc == tiff_to_pdf(root / G3, root=root)
+        assert converter.conversions == 1
+        workers = list(converter._pool._processes.values()) if converter._pool is not None else []  # type: ignore[union-attr]
+        assert len(workers) == 1
+        assert workers[0].pid != os.getpid()
+        assert workers[0].is_alive()
+        # a file that is no TIFF: the worker's FaxFileError crosses over with its message
+        (root / "junk.tif").write_bytes(b"II*\x00" + b"\xff" * 64)
+        with pytest.raises(FaxFileError, match=r"junk\.tif"):
+            await converter.convert(root / "junk.tif", root=root)
+        assert (await converter.convert(root / G4, root=root)).pages == 2  # and the worker goes on
+    finally:
+        converter.close()
+
+
+async def test_a_converter_worker_that_dies_fails_that_fax_only(root: Path) -> None:
+    """A decoder crash or the memory cap kills the worker: that fax goes without its PDF (the
+    notice says so), the daemon lives, and the next fax gets a new worker."""
+    converter = FaxConverter()
+    try:
+        await converter.convert(root / G3, root=root)
+        assert converter._pool is not None
+        (worker,) = converter._pool._processes.values()  # type: ignore[union-attr]
+        os.kill(worker.pid, 9)
+        worker.join(10)
+        with pytest.raises(FaxFileError, match="converter process died"):
+            await converter.convert(root / G3, root=root)
+        assert converter.worker_deaths == 1
+        doc = await converter.convert(root / G3, root=root)
+        assert doc.pages == 2
+    finally:
+        converter.close()
+
+
+_CHILD = """
+import asyncio, sys, time
+from pathlib import Path
+from clickphone_agi.adapters.fax import FaxConverter
+
+async def main():
+    converter = FaxConverter()
+    root = Path(sys.argv[1])
+    await converter.convert(root / "received-g3.tif", root=root)
+    (worker,) = converter._pool._processes.values()
+    print(worker.pid, flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+async def test_a_daemon_killed_outright_takes_its_converter_worker_with_it(root: Path, tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: the worker used to live on, holding the daemon's stdout open, and
+    the chaos test's harness waited for that pipe to close until its timeout."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), str(root), stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    worker = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+    os.kill(worker, 0)  # alive
+    proc.kill()
+    await proc.wait()
+    assert await asyncio.wait_for(proc.stdout.read(), 10) == b""  # the pipe closes: nobody else holds it
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the converter worker outlived the process that started it")

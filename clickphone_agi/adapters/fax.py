@@ -31,15 +31,23 @@ Sidecar (:func:`read_sidecar`): ``<fax>.tif.result``, written by ``dialplan/clic
 hangup handler, ``key=value`` per line, ``end=1`` last. Values are already ``FILTER()``-ed by the
 dialplan and cleaned again here.
 
-Everything is blocking (the G3 sample takes ~0.1 s): call it through ``asyncio.to_thread``.
+Everything here is blocking. The daemon converts through :class:`FaxConverter`, in a process of
+its own: decoding is CPU under the GIL (the G3 sample ~0.1 s, 30 such pages ~1.1 s), which in a
+thread stretched the event loop's turns to 16-18 ms for as long, and the file comes from a
+stranger's fax machine, so Pillow's C decoders parse it under a memory cap where a crash fails
+that fax, not the daemon.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import multiprocessing
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +62,7 @@ from clickphone_agi.domain.ami_translate import clean_text
 
 __all__ = [
     "MAX_FAX_BYTES",
+    "FaxConverter",
     "FaxDocument",
     "FaxFile",
     "FaxFileError",
@@ -215,6 +224,83 @@ def tiff_to_pdf(path: Path, *, root: Path, max_bytes: int = MAX_FAX_BYTES, max_p
     if assumed:
         log.info("fax_resolution_assumed", path=str(shown), pages=assumed)
     return FaxDocument(pdf=pdf, pages=len(dpis), dpi=tuple((round(x), round(y)) for x, y in dpis))
+
+
+CONVERTER_MEMORY: Final = 1 << 30
+"""Address space the converter process may use (bytes): pages are capped in pixels before they are
+decoded, so a fax needs far less; this bounds what a decoder bug could take."""
+CONVERTER_TASKS: Final = 100
+"""Conversions before the converter process is replaced (whatever a decoder leaks goes with it)."""
+
+
+def _converter_init(memory: int, daemon: int) -> None:
+    """In the converter process: die with the daemon, cap its memory, give the daemon the CPU first.
+
+    A daemon killed outright (SIGKILL, the OOM killer) runs no cleanup: its worker would live on,
+    holding the daemon's stdout and stderr open, so whoever reads them (a supervisor's pipe) never
+    sees them close. Linux's parent-death signal kills it with the daemon; the pid check covers a
+    daemon that died while this process was starting."""
+    import ctypes
+    import resource
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != daemon:
+        os._exit(1)
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    os.nice(10)
+
+
+class FaxConverter:
+    """:func:`tiff_to_pdf` in a worker process of its own, started at the first fax (see the module
+    doc for why). Every failure is a :class:`FaxFileError`; a worker that died (out of memory, a
+    decoder crash) fails that fax and is replaced for the next one."""
+
+    def __init__(self, *, memory: int = CONVERTER_MEMORY, tasks: int = CONVERTER_TASKS) -> None:
+        self._memory = memory
+        self._tasks = tasks
+        self._pool: ProcessPoolExecutor | None = None
+        self.conversions = 0
+        self.worker_deaths = 0
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the daemon has threads (SQLite's writer, the WAL sync), and a fork
+            # copies their locks in whatever state they are
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_converter_init,
+                initargs=(self._memory, os.getpid()), max_tasks_per_child=self._tasks,
+            )  # fmt: skip
+        return self._pool
+
+    async def convert(self, path: Path, *, root: Path) -> FaxDocument:
+        pool = self._started()
+        try:
+            doc = await asyncio.get_running_loop().run_in_executor(pool, _convert_file, path, root)
+        except FaxFileError:
+            raise
+        except BrokenProcessPool:
+            self.worker_deaths += 1
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            died = "the converter process died on it (out of memory, or a decoder crash)"
+            raise FaxFileError(f"{path}: {died}") from None
+        except MemoryError:
+            raise FaxFileError(f"{path}: needs more than {self._memory} bytes of memory to convert") from None
+        self.conversions += 1
+        return doc
+
+    def close(self) -> None:
+        """Stop the worker process (a conversion under way is abandoned)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _convert_file(path: Path, root: Path) -> FaxDocument:
+    """What the converter process runs (a module-level function: it is pickled by name)."""
+    return tiff_to_pdf(path, root=root)
 
 
 def _page_resolutions(data: bytes, max_pages: int) -> tuple[list[tuple[float, float]], list[int]]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from clickphone_agi.adapters.fax import FaxFileError, FaxSidecar, scan_fax_spool, tiff_to_pdf
+from clickphone_agi.adapters.fax import FaxConverter, FaxFileError, FaxSidecar, scan_fax_spool
 from clickphone_agi.adapters.spool import SpoolError, SpoolMessageMoved, VoicemailMessage, VoicemailSpool
 from clickphone_agi.clock import Clock, wait_any
 from clickphone_agi.domain.accounts import Account
@@ -70,9 +70,18 @@ class Notifier:
     """Decides the event-driven notices and commits each with its key (see module doc)."""
 
     def __init__(
-        self, store: Store, clock: Clock, renderer: Renderer, settings: NoticeSettings, went_live_at: datetime
+        self,
+        store: Store,
+        clock: Clock,
+        renderer: Renderer,
+        settings: NoticeSettings,
+        went_live_at: datetime,
+        *,
+        fax_converter: FaxConverter | None = None,
     ) -> None:
         self._store = store
+        # a fax is converted in a process of its own (adapters.fax); the owner closes it
+        self.fax_converter = fax_converter or FaxConverter()
         self._clock = clock
         self._renderer = renderer
         self.settings = settings
@@ -420,7 +429,7 @@ class Notifier:
         attachments = []
         if kind == "fax_received" and path is not None:
             try:
-                doc = await asyncio.to_thread(tiff_to_pdf, path, root=self.settings.fax_root)
+                doc = await self.fax_converter.convert(path, root=self.settings.fax_root)
             except (FaxFileError, OSError) as exc:
                 log.warning("notices.fax_pdf_failed", key=key, error=str(exc))
             else:
