@@ -380,7 +380,20 @@ class IngestWorker:
         of one stretch go to the processor together (:meth:`EventProcessor.handle_many`, at most
         ``_GROUP``): handed on before the worker waits, yields or reports a (re)connect, so none
         waits longer than it did alone.
+
+        Cancelled (the daemon's drain ran out of time), it cancels the effects still in flight and
+        waits for them: events held for a full disk then say they are lost, once each.
         """
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            in_flight = list(self._in_flight)
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            raise
+
+    async def _run(self) -> None:
         queue = self._queue
         pending = self._pending
         deadline = time.monotonic() + _SLICE
