@@ -508,3 +508,20 @@ async def test_a_daemon_killed_outright_takes_its_converter_worker_with_it(root:
     else:
         os.kill(worker, 9)
         pytest.fail("the converter worker outlived the process that started it")
+
+
+def test_the_converter_starts_where_seccomp_refuses_its_memory_cap_and_nice() -> None:
+    """The shipped unit's SystemCallFilter=~@resources answers setrlimit/setpriority with EPERM:
+    the worker's start-up must go on without them, or every fax would go without its PDF."""
+    script = (
+        "import errno, os, resource\n"
+        "def refused(*_a):\n"
+        "    raise PermissionError(errno.EPERM, 'Operation not permitted')\n"
+        "resource.setrlimit = refused\n"
+        "os.nice = refused\n"
+        "from clickphone_agi.adapters.fax import _converter_init\n"
+        "_converter_init(1 << 30, os.getppid())\n"
+        "print('started')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "started"), done.stderr

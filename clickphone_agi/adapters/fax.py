@@ -41,6 +41,7 @@ that fax, not the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import multiprocessing
 import os
@@ -248,8 +249,12 @@ def _converter_init(memory: int, daemon: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != daemon:
         os._exit(1)
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    os.nice(10)
+    # defence in depth, not a condition: the shipped unit's seccomp filter (~@resources) refuses
+    # both with EPERM, and there the unit's own limits apply; the conversion goes on without them
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    with contextlib.suppress(OSError):
+        os.nice(10)
 
 
 class FaxConverter:
