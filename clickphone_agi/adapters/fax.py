@@ -46,6 +46,7 @@ import io
 import multiprocessing
 import os
 import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -230,6 +231,7 @@ def tiff_to_pdf(path: Path, *, root: Path, max_bytes: int = MAX_FAX_BYTES, max_p
 CONVERTER_MEMORY: Final = 1 << 30
 """Address space the converter process may use (bytes): pages are capped in pixels before they are
 decoded, so a fax needs far less; this bounds what a decoder bug could take."""
+_PARENT_POLL: Final = 0.5  # seconds between the converter process's looks at its parent
 CONVERTER_TASKS: Final = 100
 """Conversions before the converter process is replaced (whatever a decoder leaks goes with it)."""
 
@@ -239,16 +241,18 @@ def _converter_init(memory: int, daemon: int) -> None:
 
     A daemon killed outright (SIGKILL, the OOM killer) runs no cleanup: its worker would live on,
     holding the daemon's stdout and stderr open, so whoever reads them (a supervisor's pipe) never
-    sees them close. Linux's parent-death signal kills it with the daemon; the pid check covers a
-    daemon that died while this process was starting."""
-    import ctypes
+    sees them close. A thread here watches the parent and ends the process within half a second
+    of the daemon's death. (Not prctl(PR_SET_PDEATHSIG) through ctypes: importing ctypes makes a
+    callback, which MemoryDenyWriteExecute=yes in the shipped unit may refuse.)"""
     import resource
-    import signal
+    import threading
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != daemon:
+    def watch() -> None:
+        while os.getppid() == daemon:
+            time.sleep(_PARENT_POLL)
         os._exit(1)
+
+    threading.Thread(target=watch, name="fax-parent-watch", daemon=True).start()
     # defence in depth, not a condition: the shipped unit's seccomp filter (~@resources) refuses
     # both with EPERM, and there the unit's own limits apply; the conversion goes on without them
     with contextlib.suppress(OSError, ValueError):
