@@ -274,6 +274,22 @@ def test_a_key_path_not_in_the_file_takes_its_parents_line_or_none(tmp_path: Pat
     assert where.at(()) == "c.yaml"
 
 
+def test_a_packaged_default_refused_because_of_a_key_set_in_a_file_names_that_keys_line(tmp_path: Path) -> None:
+    """The default has no line in any file of the operator's: the error used to end at
+    ``<packaged defaults>``, and the line to change was the other key's."""
+    f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\nprivacy:\n  cdr_retention_days: 500\n")
+    (problem,) = _problems(f)
+    assert problem.startswith("<packaged defaults>: privacy.processed_event_retention_days: expected at least")
+    assert problem.endswith(
+        f"(privacy.processed_event_retention_days is the packaged default; privacy.cdr_retention_days is set at"
+        f" {f}:4:3: change that, or set privacy.processed_event_retention_days as well)"
+    )
+    f = _write(tmp_path / "d.yaml", "ami:\n  enabled: false\nsmtp:\n  retry_min: 7200\n  retry_max: 3600\n")
+    (problem,) = _problems(f)
+    assert problem.startswith(f"{f}:5:3: smtp.retry_max: expected at least smtp.retry_min (7200 s)")
+    assert "packaged default" not in problem  # both set by the operator: the refused key's own line
+
+
 def test_a_key_that_is_not_text_names_its_line(tmp_path: Path) -> None:
     f = _write(tmp_path / "c.yaml", "ami:\n  enabled: false\n  ~: 1\n")
     assert _problems(f) == [f"{f}:3:3: ami: a key must be text, got None (quote it)"]

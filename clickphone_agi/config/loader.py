@@ -320,6 +320,24 @@ class _Locator:
         return _at(source, _locate(self.marks.get(source, {}), path))
 
 
+_KEY_IN_TEXT = re.compile(r"\b([a-z][a-z_]*)\.([a-z][a-z_]*)\b")
+
+
+def _set_elsewhere(locator: _Locator, path: KeyPath, message: str) -> str:
+    """A packaged default refused because of a key the operator set (the retention a CDR's key must
+    outlive, say): the default has no line in any file of theirs, so say where the other key is."""
+    if locator.source(path) != DEFAULTS_SOURCE:
+        return ""
+    for match in _KEY_IN_TEXT.finditer(message):
+        other: KeyPath = (match.group(1), match.group(2))
+        if other != path and other in locator.origin and locator.source(other) != DEFAULTS_SOURCE:
+            return (
+                f" ({format_path(path)} is the packaged default; {format_path(other)} is set at"
+                f" {locator.at(other)}: change that, or set {format_path(path)} as well)"
+            )
+    return ""
+
+
 def _describe(error: Mapping[str, Any], model: type[BaseModel], path: KeyPath) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
@@ -536,7 +554,8 @@ def load_config(
         found = []
         for err in exc.errors():
             loc: KeyPath = tuple(err["loc"])
-            found.append(f"{locator.at(loc)}: {format_path(loc)}: {_describe(err, Config, loc)}")
+            message = _describe(err, Config, loc)
+            found.append(f"{locator.at(loc)}: {format_path(loc)}: {message}{_set_elsewhere(locator, loc, message)}")
         raise ConfigError(found) from None
 
     problems: list[str] = []
