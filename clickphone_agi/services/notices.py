@@ -12,9 +12,10 @@ baseline ever is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -235,7 +236,8 @@ class Notifier:
                     await self.scan_all()
                 boxes, self._boxes_due = self._boxes_due, set()
                 for context, mailbox in sorted(boxes):
-                    await self.voicemail_box(context, mailbox)
+                    async with self._boxes_again((context, mailbox), boxes):
+                        await self.voicemail_box(context, mailbox)
                 await self._missed_calls(self._clock.now())
             except StorageUnavailable as exc:  # a full disk: what is due stays due for the next pass
                 self.errors += 1
@@ -279,7 +281,10 @@ class Notifier:
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
             try:
-                await self.voicemail_box(context, mailbox)
+                async with self._boxes_again((context, mailbox)):
+                    await self.voicemail_box(context, mailbox)
+            except StorageUnavailable:
+                pass  # counted and logged by _boxes_again; the box is due at the next pass
             except Exception:
                 self.errors += 1
                 log.exception("notices.voicemail_box_failed", box=f"{mailbox}@{context}")
@@ -296,6 +301,20 @@ class Notifier:
             crash_point("notices.scan_item")
 
     # ---- voicemail -------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _boxes_again(self, box: tuple[str, str], more: Iterable[tuple[str, str]] = ()) -> AsyncIterator[None]:
+        """While the database refuses writes (a full disk), a box whose notice could not commit,
+        and ``more`` boxes due with it, are due again at the next pass (seconds away), not at the
+        next full scan of the spool (``scan_interval``); the error goes on to the caller."""
+        try:
+            yield
+        except StorageUnavailable as exc:
+            self.errors += 1
+            self._boxes_due.add(box)
+            self._boxes_due.update(more)
+            log.warning("notices.voicemail_deferred", box=f"{box[1]}@{box[0]}", error=str(exc))
+            raise
 
     async def voicemail_box(self, context: str, mailbox: str) -> None:
         box = f"{mailbox}@{context}"
@@ -330,6 +349,8 @@ class Notifier:
                 continue
             try:
                 await self._voicemail(account, box, msg, key)
+            except StorageUnavailable:
+                raise  # a full disk: the box's other messages would fail alike (see _boxes_again)
             except Exception:  # this message only: the box's others still go; retried next scan
                 self.errors += 1
                 log.exception("notices.voicemail_failed", key=key)

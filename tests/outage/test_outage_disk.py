@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ from clickphone_agi.status_view import format_status
 from tests.api_harness import TOKEN, _free_port
 from tests.conftest import REPO, write_secret
 from tests.full_disk import FullDisk, mounted
+from tests.test_notices import SPOOL
 from tests.test_privacy import ION
 from tests.test_writer_batch import TABLE, _billing_cdr
 
@@ -323,6 +325,9 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
     write_config: Callable[..., Path], short_tmp: Path, smtp_sink: SmtpSink
 ) -> None:
     with mounted(short_tmp / "db") as disk:
+        vm, fax = short_tmp / "spool" / "voicemail", short_tmp / "spool" / "fax"
+        vm.mkdir(parents=True)
+        fax.mkdir()
         port = _free_port()
         agi_port = _free_port()
         while agi_port == port:  # closed at once, a port may be handed out twice in a row
@@ -334,7 +339,8 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
                 extra=(
                     f"api:\n  enabled: true\n  port: {port}\n  token_file: {short_tmp / 'api-token'}\n"
                     f"agi:\n  enabled: true\n  port: {agi_port}\n"
-                    "asterisk:\n  system_name: pbx1\n  master_csv: null\n"
+                    f"asterisk:\n  system_name: pbx1\n  master_csv: null\n  voicemail_spool: {vm}\n  fax_spool: {fax}\n"
+                    "notifications:\n  inbound_contexts: [lab-inbound]\n  scan_interval: 3600\n"
                     f"billing:\n  tariffs_file: {REPO / 'etc' / 'tariffs.yaml'}\n"
                     "  billing_cdr:\n    destination_contexts: [lab-outbound]\n"
                 ),
@@ -366,17 +372,21 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
                     assert denied.variables["CLICKPHONE_AUTH"] == "DENY"
                     assert denied.variables["CLICKPHONE_REASON"] == "error"
                     await ami.play(load_transcript(packaged_scenarios()["answered_call"]))
+                    # a voicemail is left meanwhile (Asterisk writes the spool, then MWI): its notice
+                    # cannot commit; the box is tried again at the next pass, not the next scan (1 h)
+                    shutil.copytree(SPOOL / "voicemail", vm, dirs_exist_ok=True)
+                    await ami.play(load_transcript(packaged_scenarios()["voicemail"]))
                     async with asyncio.timeout(15):
                         while (await daemon._cmd_status({}))["held_for_storage"]["held"] < 3:
                             await asyncio.sleep(0.05)
                     status = await daemon._cmd_status({})
-                    assert status["storage_outage"]["held_events"] == 3  # the call's three CDRs
+                    assert status["storage_outage"]["held_events"] >= 3  # the call's three CDRs, the voicemail's
                     assert status["health"]["ok"] is False
                     assert status["health"]["database_writable"] is False
                     assert "STORAGE OUTAGE" in format_status(status)
                     async with http.get(f"{base}/healthz") as r:
                         assert r.status == 503
-                        assert (await r.json())["storage_outage"]["held_events"] == 3
+                        assert (await r.json())["storage_outage"]["held_events"] >= 3
 
                     disk.free()
                     async with asyncio.timeout(30):
@@ -386,6 +396,10 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
                         assert r.status == 200, await r.text()
                     async with http.get(f"{base}/healthz") as r:
                         assert r.status == 200
+                await smtp_sink.wait_for(2, 30)
+                await asyncio.sleep(0.5)
+                kinds = [m.data.split(b"X-ClickPhone-Kind: ", 1)[1].split(b"\r\n", 1)[0] for m in smtp_sink.messages]
+                assert sorted(kinds) == [b"topup", b"voicemail"]  # each once
                 allowed = await agi_call("127.0.0.1", agi_port, "authorize", AUTHORIZE_ARGS)
                 assert allowed.variables["CLICKPHONE_AUTH"] == "ALLOW"
                 status = await daemon._cmd_status({})
