@@ -36,6 +36,23 @@ STORAGE_RETRY_FIRST = 0.5
 STORAGE_RETRY_MAX = 30.0
 
 
+class StorageRetry:
+    """The wait before the next try of writes the database refused: ``first``, doubling up to
+    ``most`` with each try that fails too, and ``first`` again once a write commits."""
+
+    def __init__(self, first: float = STORAGE_RETRY_FIRST, most: float = STORAGE_RETRY_MAX) -> None:
+        self._first, self._most = first, most
+        self.delay = first  # the next wait
+
+    def take(self) -> float:
+        """The wait to make now; the next one doubles."""
+        delay, self.delay = self.delay, min(self.delay * 2, self._most)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self._first
+
+
 class WriteTx(Protocol):
     """Operations available inside one write transaction."""
 

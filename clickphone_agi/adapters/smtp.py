@@ -65,7 +65,7 @@ from clickphone_agi.domain.retention import PURGE_AFTER_SEND
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import InvalidHeader, Renderer, build_message
-from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
+from clickphone_agi.ports import StorageRetry, StorageUnavailable, Store, WriteTx
 
 log = structlog.get_logger(__name__)
 
@@ -278,7 +278,7 @@ class OutboxSender:
         self._unmarked: dict[int, tuple[OutboxRow, Callable[[WriteTx], None]]] = {}
         self._storage_down = False
         self._storage_until = -math.inf  # monotonic
-        self._storage_delay = STORAGE_RETRY_FIRST
+        self._storage_retry = StorageRetry()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -410,18 +410,17 @@ class OutboxSender:
         """A write of ``row``'s attempt did not commit: hold every attempt for a while (doubling)."""
         if not self._storage_down:
             log.error(
-                "mail.storage_unavailable", key=row.idempotency_key, error=str(exc), retry_in=self._storage_delay,
+                "mail.storage_unavailable", key=row.idempotency_key, error=str(exc), retry_in=self._storage_retry.delay,
                 action="no mail is sent until the database takes writes again",
             )  # fmt: skip
         self._storage_down = True
-        self._storage_until = self._clock.monotonic() + self._storage_delay
-        self._storage_delay = min(self._storage_delay * 2, STORAGE_RETRY_MAX)
+        self._storage_until = self._clock.monotonic() + self._storage_retry.take()
 
     def _storage_back(self) -> None:
         log.warning("mail.storage_recovered", marks_committed_late=self.marks_committed_late)
         self._storage_down = False
         self._storage_until = -math.inf
-        self._storage_delay = STORAGE_RETRY_FIRST
+        self._storage_retry.reset()
 
     async def _flush_marks(self) -> bool:
         """Commit the "sent" marks the database refused, oldest first; True once none is left."""

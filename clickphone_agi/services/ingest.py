@@ -39,7 +39,14 @@ from clickphone_agi.domain.events import (
 )
 from clickphone_agi.domain.money import RatedCall
 from clickphone_agi.faults import crash_point
-from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
+from clickphone_agi.ports import (
+    STORAGE_RETRY_FIRST,
+    STORAGE_RETRY_MAX,
+    StorageRetry,
+    StorageUnavailable,
+    Store,
+    WriteTx,
+)
 from clickphone_agi.services.money import MoneyService
 
 log = structlog.get_logger(__name__)
@@ -361,8 +368,7 @@ class IngestWorker:
         self.last_event_monotonic: float | None = None
         # events the database could not take (a full disk): held, in stream order, and retried
         self._on_storage_recovered = on_storage_recovered
-        self._retry_first, self._retry_max = storage_retry
-        self._retry_delay = self._retry_first
+        self._retry = StorageRetry(*storage_retry)
         self._retry_turn = asyncio.Lock()  # FIFO: held groups retry in the order they failed
         self._storage_down_since: float | None = None  # monotonic; None while writes commit
         self.storage_error: str | None = None  # the last reason the database gave
@@ -498,7 +504,7 @@ class IngestWorker:
             "seconds": round(time.monotonic() - since, 1),
             "held_events": self.held,
             "error": self.storage_error,
-            "retry_in_seconds": self._retry_delay,
+            "retry_in_seconds": self._retry.delay,
         }
 
     async def _apply(self, events: list[DomainEvent]) -> None:
@@ -535,7 +541,7 @@ class IngestWorker:
             self.storage_outages += 1
             log.error(
                 "ingest.storage_unavailable", error=self.storage_error, held=self.held + len(held),
-                retry_in=self._retry_delay,
+                retry_in=self._retry.delay,
                 action="holding the events and retrying; when the ingest queue fills, events are dropped and CDRs "
                 "are reconciled from Master.csv",
             )  # fmt: skip
@@ -551,8 +557,7 @@ class IngestWorker:
             async with self._retry_turn:
                 while events:
                     if self._storage_down_since is not None:
-                        await asyncio.sleep(self._retry_delay)
-                        self._retry_delay = min(self._retry_delay * 2, self._retry_max)
+                        await asyncio.sleep(self._retry.take())
                     self.storage_retries += 1
                     try:
                         outcomes: list[bool | Exception] = await self._processor.apply_many(events)
@@ -564,7 +569,7 @@ class IngestWorker:
                     if events:
                         log.warning(
                             "ingest.storage_still_unavailable", error=self.storage_error, held=self.held,
-                            retry_in=self._retry_delay,
+                            retry_in=self._retry.delay,
                         )  # fmt: skip
                     elif self._storage_down_since is not None:
                         self._recovered()
@@ -586,5 +591,5 @@ class IngestWorker:
         )  # fmt: skip
         self._storage_down_since = None
         self.storage_error = None
-        self._retry_delay = self._retry_first
+        self._retry.reset()
         self._on_storage_recovered()  # events the full queue dropped meanwhile: reconcile Master.csv

@@ -47,7 +47,7 @@ from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
-from clickphone_agi.ports import STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, StorageUnavailable, Store, WriteTx
+from clickphone_agi.ports import StorageRetry, StorageUnavailable, Store, WriteTx
 
 log = structlog.get_logger(__name__)
 
@@ -149,20 +149,19 @@ class Notifier:
         AMI, and is nowhere else to be read again. Tried again with backoff while the database
         refuses every write (a full disk: :class:`StorageUnavailable`); any other failure is
         ``work``'s own to log."""
-        delay = STORAGE_RETRY_FIRST
+        retry = StorageRetry()
         while True:
             try:
                 await work()
                 return
             except StorageUnavailable as exc:
                 self.errors += 1
-                log.warning("notices.storage_unavailable", what=what, key=key, error=str(exc), retry_in=delay)
+                log.warning("notices.storage_unavailable", what=what, key=key, error=str(exc), retry_in=retry.delay)
             try:
-                await self._clock.sleep(delay)
+                await self._clock.sleep(retry.take())
             except asyncio.CancelledError:
                 log.error("notices.held_notice_lost", what=what, key=key, note="the daemon stopped first")
                 raise
-            delay = min(delay * 2, STORAGE_RETRY_MAX)
 
     async def _security_notice(self, event: VoicemailPasswordChanged | AccountEvent, key: str) -> None:
         try:

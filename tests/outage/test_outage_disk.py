@@ -32,7 +32,7 @@ from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.charging import BillingRule
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxStatus
-from clickphone_agi.ports import StorageUnavailable
+from clickphone_agi.ports import StorageRetry, StorageUnavailable
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.health import database_writable, health
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
@@ -411,3 +411,11 @@ async def test_the_daemon_on_a_full_disk_holds_the_calls_says_so_and_refuses_api
             finally:
                 daemon.request_stop()
                 assert await asyncio.wait_for(run, 20) == 0
+
+
+def test_the_wait_before_a_refused_write_is_tried_again_doubles_to_its_cap_and_resets() -> None:
+    retry = StorageRetry(0.5, 30.0)
+    assert [retry.take() for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert retry.delay == 30.0
+    retry.reset()
+    assert retry.take() == 0.5
