@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from clickphone_agi.adapters.cdr_csv import CsvBatch, CsvPosition, MasterCsvTailer
-from clickphone_agi.domain.ami_translate import TranslateContext, translate
+from clickphone_agi.domain.ami_translate import TranslateContext, parse_caller_id, translate
 from clickphone_agi.domain.cdr_csv import BASE_COLUMNS, EXTENDED_COLUMNS, CsvRowError, call_ended_from_csv
 from clickphone_agi.domain.events import CallEnded, Disposition, EventSource
 from clickphone_agi.domain.keys import cdr_key
@@ -262,18 +262,36 @@ def test_ambiguous_local_time_takes_the_first_occurrence() -> None:
         ("+40721000001", "", "+40721000001"),
         ("Ion Popescu", "Ion Popescu", ""),
         ("", "", ""),
-        ('"Ion\nPopescu" <0721000001>', "IonPopescu", "0721000001"),
-        ('"Ion\\\r\\\nPopescu" <0721000001>', "IonPopescu", "0721000001"),  # AMI's form: backslash + raw CR/LF
+        ('"Ion\nPopescu" <0721000001>', "Ion Popescu", "0721000001"),  # a space, as from the AMI
+        ('"Ion\\\r\\\nPopescu" <0721000001>', "Ion Popescu", "0721000001"),  # AMI's form: backslash + raw CR/LF
         ('"Evil <0700000000>" <0721000001>', "Evil <0700000000>", "0721000001"),
         ('"Ion "the boss" P" <0721000001>', 'Ion "the boss" P', "0721000001"),
         ('"=?UTF-8?Q?=0A?=Bcc: x@example.ro" <0721000001>', "UTF-8?Q?=0A?=Bcc: x@example.ro", "0721000001"),
         ('"==??x" <07=?21>', "x", "0721"),
-        ('"Ștefan\u202e\x00Țurcanu" <0744123456>', "ȘtefanȚurcanu", "0744123456"),
+        ('"Ștefan\u202e\x00Țurcanu" <0744123456>', "Ștefan Țurcanu", "0744123456"),
     ],
 )
 def test_caller_id_is_parsed_and_cleaned(clid: str, name: str, number: str) -> None:
     event = call_ended_from_csv(replace(ANSWERED, clid=clid).fields(), system_name=SYSTEM, timezone=TZ)
     assert (event.caller_id_name, event.caller_id_num) == (name, number)
+
+
+@pytest.mark.parametrize(
+    "clid",
+    [
+        '"Ion\\\r\\\nPopescu" <0721000001>',
+        '"Ion\tPopescu" <0721000001>',
+        '"Ion   Popescu" <0721000001>',
+        '"Ion\\\x07Pop" <0721000001>',
+        "Ion\nPopescu",
+        '"cut before the closing quote',
+    ],
+)
+def test_caller_id_reads_as_the_ami_cdr_twin_does(clid: str) -> None:
+    """A call recovered from Master.csv names its caller as the AMI ``Cdr`` event's CallerID
+    (the same text) does: a missed-call mail must not depend on which source was heard."""
+    event = call_ended_from_csv(replace(ANSWERED, clid=clid).fields(), system_name=SYSTEM, timezone=TZ)
+    assert (event.caller_id_name, event.caller_id_num) == parse_caller_id(clid)
 
 
 def test_caller_id_name_is_capped() -> None:
@@ -352,7 +370,7 @@ def test_reads_asterisk_rows_including_raw_newline_and_multibyte_names(tmp_path:
     assert batch.position == CsvPosition(master.stat().st_ino, master.stat().st_size)
     assert [e.key for e in batch.events] == [cdr_key(SYSTEM, r.uniqueid, r.dstchannel) for r in rows]
     assert len({e.key for e in batch.events}) == len(rows)
-    assert batch.events[1].caller_id_name == "IonPopescu"
+    assert batch.events[1].caller_id_name == "Ion Popescu"  # the raw LF a space, as from the AMI
     assert (batch.events[2].caller_id_name, batch.events[2].caller_id_num) == ("Ștefan Țurcanu", "0744123456")
     assert batch.events[3].answer is None
     assert all(e.origin is EventSource.CSV for e in batch.events)

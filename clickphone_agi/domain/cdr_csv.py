@@ -1,4 +1,4 @@
-"""One Asterisk ``cdr_csv`` Master.csv row → :class:`CallEnded`. Pure: stdlib only, no I/O.
+"""One Asterisk ``cdr_csv`` Master.csv row → :class:`CallEnded`. Pure: no I/O.
 
 Master.csv is the reconciliation source after an AMI gap: a row must give the SAME idempotency
 key as its AMI ``Cdr`` twin, ``cdr_key(system_name, uniqueid, dstchannel)``, computed from the raw
@@ -24,17 +24,20 @@ in ``timezone``, like the AMI twin's. A local time in the repeated hour at the e
 is ambiguous in the file; it is read with ``fold=0`` (the first occurrence). Never derive a
 duration from the times: use ``duration``/``billsec``.
 
-The small text helpers here (caller-ID parsing, control-character stripping, time parsing) are
-private on purpose; they will be unified with the AMI translator's.
+The caller ID (``clid``) is the text the AMI ``Cdr`` event carries as ``CallerID``, and is read by
+the AMI translator's :func:`~clickphone_agi.domain.ami_translate.parse_caller_id`, so a call
+recovered from here and one heard on the AMI show the same caller (a hostile name with a raw CR,
+LF or TAB gives a space either way). The other helpers (control-character stripping, times) are
+private here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+from clickphone_agi.domain.ami_translate import parse_caller_id
 from clickphone_agi.domain.events import CDR_YEARS, CallEnded, Disposition, EventSource
 from clickphone_agi.domain.keys import cdr_key
 
@@ -72,10 +75,7 @@ EXTENDED_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, "peeraccount", "linkedid", "
 
 _IDX = {name: i for i, name in enumerate(EXTENDED_COLUMNS)}
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-_MAX_NAME = 80  # Asterisk's whole clid is 80 bytes
-_MAX_NUMBER = 40
 _MAX_TEXT = 256
-_NUMBER_ONLY = re.compile(r"[0-9+*#]+")
 
 
 class CsvRowError(ValueError):
@@ -121,7 +121,9 @@ def call_ended_from_csv(
         raise CsvRowError("empty", column="start")
     if end is None:
         raise CsvRowError("empty", column="end")
-    name, number = _parse_caller_id(raw("clid"))
+    # the same text the AMI Cdr event carries as CallerID: the same parser, so a call recovered
+    # from here and one heard on the AMI show its caller alike (a raw CR/LF in a name included)
+    name, number = parse_caller_id(raw("clid"))
 
     linked_id: str | None = None
     sequence: int | None = None
@@ -157,11 +159,8 @@ def call_ended_from_csv(
 
 
 def _clean(text: str, limit: int) -> str:
-    """Drop control and other non-printable characters, and a backslash glued to one.
-
-    The AMI ``Cdr`` form of a hostile caller name carries ``\\`` before each raw CR/LF; dropping
-    the pair makes both sources give the same display text.
-    """
+    """Drop control and other non-printable characters, and a backslash glued to one (an
+    identifier, a number or a path: the caller's name goes through the AMI parser instead)."""
     out: list[str] = []
     for char in text:
         if char.isprintable():
@@ -169,53 +168,6 @@ def _clean(text: str, limit: int) -> str:
         elif out and out[-1] == "\\":
             out.pop()
     return "".join(out).strip()[:limit]
-
-
-def _clean_display(text: str, limit: int) -> str:
-    """Caller-ID text bound for mail headers: also no ``=?`` (RFC 2047 encoded-word opener)."""
-    cleaned = _clean(text, len(text))
-    while "=?" in cleaned:
-        cleaned = cleaned.replace("=?", "")
-    return cleaned.strip()[:limit]
-
-
-def _parse_caller_id(clid: str) -> tuple[str, str]:
-    r"""``"Name" <number>`` / ``Name <number>`` / ``number`` / ``Name`` → (name, number).
-
-    The number is in the LAST ``<…>`` and the outer quotes of the name are removed. The CDR's
-    ``clid`` is the string its AMI ``Cdr`` event carries as ``CallerID`` (cdr_csv only doubles its
-    ``"`` for the CSV quoting, which the reader has undone). With a number, Asterisk's
-    ``ast_callerid_merge`` escapes ``"`` and ``\`` inside the quotes (``ast_escape_quoted``), so
-    a backslash before a printable character is dropped, as
-    :func:`~clickphone_agi.domain.ami_translate.parse_caller_id` does for AMI: ``"O"Brien"`` and
-    ``"C:\pbx"`` give ``O"Brien`` and ``C:\pbx`` from both sources; so is one in a name cut
-    before its closing quote (the 80-byte clid). A backslash before a control character stays for
-    :func:`_clean` to drop with it. A name alone is written as it is, and taken as it is; so is a
-    name whose inner quotes were not escaped (older versions).
-    """
-    text = clid.strip()
-    name, number = text, ""
-    open_at = text.rfind("<")
-    split = open_at != -1 and text.endswith(">")
-    if split:
-        name, number = text[:open_at].strip(), text[open_at + 1 : -1].strip()
-    elif _NUMBER_ONLY.fullmatch(text):
-        name, number = "", text
-    if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
-        name = _unescape_quoted(name[1:-1]) if split else name[1:-1]
-    elif not split and name.startswith('"'):  # cut inside the quotes: the rest is the (escaped) name
-        name = _unescape_quoted(name[1:])
-    return _clean_display(name, _MAX_NAME), _clean_display(number, _MAX_NUMBER)
-
-
-_ESCAPED_PRINTABLE = re.compile(r"\\(.)", re.DOTALL)
-
-
-def _unescape_quoted(name: str) -> str:
-    r"""Undo ``ast_escape_quoted`` for printable characters (``\"`` → ``"``, ``\\`` → ``\``)."""
-    if "\\" not in name:
-        return name
-    return _ESCAPED_PRINTABLE.sub(lambda m: m.group(1) if m.group(1).isprintable() else m.group(0), name)
 
 
 def _parse_time(value: str, column: str, timezone: ZoneInfo, *, gmt: bool) -> datetime | None:
