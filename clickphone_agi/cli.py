@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("file", type=Path)
     r = dbsub.add_parser("restore", parents=[common], help="replace the database with FILE (daemon stopped)")
     r.add_argument("file", type=Path)
+    dbsub.add_parser(
+        "vacuum", parents=[common], help="give back the space purged rows left (daemon stopped; ~2x the data free)"
+    )
     _add_money_parsers(sub, common)
     _add_intake_parsers(sub, common)
     _add_privacy_parsers(sub, common)
@@ -375,6 +378,9 @@ def _cmd_db(args: argparse.Namespace) -> int:
     elif args.db_command == "restore":
         with db.WriterLock(dbc.path):
             _print(db.restore(args.file, dbc.path, dbc.busy_timeout))
+    elif args.db_command == "vacuum":
+        with db.WriterLock(dbc.path):
+            _print(db.vacuum(dbc.path, dbc.busy_timeout))
     return EX_OK
 
 

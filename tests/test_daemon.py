@@ -122,6 +122,9 @@ async def test_one_writer_cli_goes_through_daemon_or_takes_the_lock(
         code, out, _ = await run_cli("db", "migrate", "-c", str(cfg))
         assert code == 0
         assert json.loads(out)["by"] == "daemon"
+        code, _, err = await run_cli("db", "vacuum", "-c", str(cfg))  # rewrites the file: never beside the daemon
+        assert code == EX_TEMPFAIL
+        assert "another process" in err
 
         second = DaemonProcess(cfg)
         await second.start()
@@ -154,6 +157,9 @@ async def test_cli_db_verbs_and_newer_schema_refused(write_config: Callable[...,
     assert code == 0, err
     code, out, err = await run_cli("db", "restore", str(backup), "-c", str(cfg))
     assert code == 0, err
+    code, out, err = await run_cli("db", "vacuum", "-c", str(cfg))
+    assert code == 0, err
+    assert json.loads(out)["bytes_after"] <= json.loads(out)["bytes_before"]
 
     conn = sqlite3.connect(_db(cfg))
     conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'x')", (LATEST_VERSION + 5,))

@@ -436,3 +436,60 @@ async def test_a_read_issued_after_a_commit_sees_it_even_behind_a_slow_read(stor
     due = asyncio.create_task(store.due_mail(NOW, 10))  # queued on the reader behind the slow read
     assert (await slow)[0][0] == 3_000_001
     assert [m.row.idempotency_key for m in await due] == []
+
+
+def _filled_then_purged(path: Path, rows: int = 20_000, kept: int = 100) -> None:
+    """A database whose retention purged most of what it held: the file keeps its peak size."""
+    conn = db.connect_sync(path)
+    db.migrate(conn, NOW, path)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO processed_events (key, kind, processed_at) VALUES (?, 'cdr', ?)",
+        ((f"cdr:pbx1:{i:08d}:{'x' * 80}", db.to_db(NOW)) for i in range(rows)),
+    )
+    conn.execute("COMMIT")
+    conn.execute("DELETE FROM processed_events WHERE key >= ?", (f"cdr:pbx1:{kept:08d}",))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def test_vacuum_gives_back_what_retention_freed_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    _filled_then_purged(path)
+    before = db.info(path)
+    assert before["free_bytes"] > before["bytes"] // 2  # most of the file is free pages
+    with db.WriterLock(path):
+        result = db.vacuum(path)
+    assert result["bytes_before"] == before["bytes"]
+    assert result["bytes_after"] < before["bytes"] // 4
+    assert result["free_pages_before"] > 0
+    after = db.info(path)
+    assert after["free_bytes"] == 0
+    assert after["processed_events"] == 100  # what was kept is all there
+    assert db.integrity_check(path) == "ok"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # rewritten in place: still private
+
+
+def test_vacuum_without_room_for_its_copy_does_nothing(short_tmp: Path) -> None:
+    """VACUUM needs about twice the data free beside the database: with less it is refused
+    before it starts, and the database is left as it was (a half-done rewrite on a full disk
+    would also refuse the daemon's writes)."""
+    from tests.full_disk import mounted
+
+    with mounted(short_tmp / "disk", size="6m") as disk:
+        path = disk.path / "t.db"
+        _filled_then_purged(path, rows=12_000, kept=6_000)  # ~1 MB of data kept
+        size = path.stat().st_size
+        ballast = disk.path / "ballast"
+        ballast.write_bytes(b"\0" * max(0, disk.free_bytes() - size))  # less than 2x the data left
+        with (
+            db.WriterLock(path),
+            pytest.raises(db.StorageError, match=r"VACUUM needs about \d+ bytes free.*nothing done"),
+        ):
+            db.vacuum(path)
+        assert path.stat().st_size == size
+        assert db.info(path)["processed_events"] == 6_000
+        ballast.unlink()
+        with db.WriterLock(path):
+            assert db.vacuum(path)["bytes_after"] < size
+        assert db.integrity_check(path) == "ok"

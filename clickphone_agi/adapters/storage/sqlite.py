@@ -19,6 +19,7 @@ import functools
 import json
 import operator
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -2311,6 +2312,42 @@ def restore(source: Path, db_path: Path, busy_timeout: float = 5.0) -> dict[str,
     return {"path": str(db_path), "from": str(source), "schema_version": version}
 
 
+def vacuum(db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
+    """Give back the space retention freed — the caller must hold the :class:`WriterLock`.
+
+    SQLite reuses the pages purged rows leave free, so the file never grows past its peak but
+    never shrinks either; ``VACUUM`` rewrites it to what it holds. The rewrite goes through a
+    temporary copy and, in WAL mode, the WAL: about twice the data's size must be free beside
+    the database, or nothing is done (a full disk half-way would stop the daemon's writes too).
+    """
+    if not db_path.exists():
+        raise StorageError(f"{db_path}: no such database")
+    with _closing(connect_sync(db_path, busy_timeout)) as conn:
+        version = check_version(conn, db_path)
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        before = db_path.stat().st_size
+        needed = 2 * page_size * (pages - free_pages)
+        available = shutil.disk_usage(db_path.parent).free
+        if available < needed:
+            raise StorageError(
+                f"{db_path}: VACUUM needs about {needed} bytes free beside the database, {available} are; nothing done"
+            )
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        check = str(conn.execute("PRAGMA quick_check").fetchone()[0])
+    if check != "ok":
+        raise StorageError(f"{db_path}: quick_check after VACUUM: {check}")
+    return {
+        "path": str(db_path),
+        "schema_version": version,
+        "bytes_before": before,
+        "bytes_after": db_path.stat().st_size,
+        "free_pages_before": free_pages,
+    }
+
+
 def info(db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
     if not db_path.exists():
         raise StorageError(f"{db_path}: no such database (run 'clickphone-agi db migrate')")
@@ -2323,6 +2360,9 @@ def info(db_path: Path, busy_timeout: float = 5.0) -> dict[str, Any]:
             "sqlite_version": sqlite3.sqlite_version,
             "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
             "bytes": db_path.stat().st_size,
+            # pages purged rows left: reused by new rows; 'clickphone-agi db vacuum' gives them back
+            "free_bytes": int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            * int(conn.execute("PRAGMA page_size").fetchone()[0]),
         }
         if version >= 1:
             out["went_live_at"] = conn.execute("SELECT value FROM meta WHERE key='went_live_at'").fetchone()[0]
