@@ -35,7 +35,7 @@ from clickphone_agi.adapters.mail import build_test_mail, parse_address
 from clickphone_agi.adapters.smtp import OutboxSender, bounce_command, purge_command, retry_command
 from clickphone_agi.adapters.storage.codec import account_from_json
 from clickphone_agi.adapters.storage.sqlite import SqliteStore, WriterLock
-from clickphone_agi.adapters.systemd import SdNotifier
+from clickphone_agi.adapters.systemd import SdNotifier, ip_fence_probe
 from clickphone_agi.adapters.tariff_file import load_tariffs
 from clickphone_agi.clock import Clock, SystemClock
 from clickphone_agi.config.loader import ConfigError, LoadedConfig, load_config
@@ -451,6 +451,7 @@ class Daemon:
             master_csv=str(cfg.asterisk.master_csv) if cfg.asterisk.master_csv else None,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
+        self._check_ip_fence()
         self.notifier.ready(self._status_text())
         self.ready.set()
 
@@ -544,6 +545,22 @@ class Daemon:
                 exc = task.exception() if not task.cancelled() else None
                 log.error("daemon.component_died", component=name, error=repr(exc))
         return True
+
+    def _check_ip_fence(self) -> None:
+        """As a systemd service, say if the unit's IP fence does not hold here (see ip_fence_probe):
+        systemd drops IPAddressDeny= without a word where it cannot enforce it."""
+        if not self.environ.get("INVOCATION_ID"):
+            return
+        probe = ip_fence_probe()
+        if probe is not None and not probe[1]:
+            log.warning(
+                "systemd.ip_filter_not_enforced",
+                address=probe[0],
+                note="a datagram to this host's own address was not refused: the unit's IPAddressDeny="
+                " is not enforced here (systemd needs unified cgroups and bpf(): not on a legacy or"
+                " hybrid host, nor in a container that refuses bpf()), or a drop-in allows this"
+                " address; FastAGI still refuses peers outside agi.allowed_peers",
+            )
 
     def _status_text(self) -> str:
         parts = self._parts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,12 @@ pytest_plugins = ["tests.api_harness"]  # the intake API tests' shared `api` fix
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "etc" / "clickphone-agi.yaml"
+
+
+# A CI runner started as a systemd service passes its INVOCATION_ID to every daemon the tests
+# start, which would then probe the unit's IP fence (Daemon._check_ip_fence) and warn: the
+# daemons under test are not services, whoever runs the suite.
+os.environ.pop("INVOCATION_ID", None)
 
 
 @pytest.fixture(autouse=True)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from clickphone_agi.adapters.systemd import STATUS_MAX_CHARS, SdNotifier
+import clickphone_agi.app
+from clickphone_agi.adapters.systemd import STATUS_MAX_CHARS, SdNotifier, ip_fence_probe
+from clickphone_agi.app import Daemon
+from clickphone_agi.config.loader import load_config
 
 
 @pytest.fixture
@@ -155,3 +160,60 @@ def test_socket_nobody_reads_returns_false(short_dir: Path) -> None:
         sock.bind(str(path))
     assert path.exists()
     assert not SdNotifier.from_env({"NOTIFY_SOCKET": str(path)}).watchdog()
+
+
+UNDER_SYSTEMD = {"INVOCATION_ID": "6b1c2d3e4f5a47b8a9c0d1e2f3a4b5c6"}
+
+
+def test_the_ip_fence_probe_sees_no_fence_here() -> None:
+    """No systemd unit fences this test process: the datagram to the host's own address goes.
+    (Refused, as under a unit whose fence holds, was seen in tests/systemd_boot's unified run.)"""
+    probe = ip_fence_probe()
+    if probe is None:
+        pytest.skip("this machine has no IPv4 address but loopback: nothing to probe")
+    address, refused = probe
+    assert not address.startswith("127.")
+    assert refused is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "probe", "warned"),
+    [
+        (UNDER_SYSTEMD, ("192.0.2.2", False), True),  # the datagram went: no fence
+        (UNDER_SYSTEMD, ("192.0.2.2", True), False),  # refused with EPERM: the fence holds
+        (UNDER_SYSTEMD, None, False),  # nothing to probe: nothing said
+        ({}, ("192.0.2.2", False), False),  # not a service: no unit, no fence to miss
+    ],
+)
+async def test_the_daemon_says_at_start_when_the_units_ip_fence_does_not_hold(
+    write_config: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    probe: tuple[str, bool] | None,
+    warned: bool,
+) -> None:
+    """One warning when ready, as a service whose fence does not hold: systemd drops
+    IPAddressDeny= without a word where it cannot enforce it. The probe's answer is fed in (this
+    machine has one kind of host only); the probe itself is tested above and in tests/systemd_boot."""
+    asked: list[bool] = []
+
+    def fake_probe() -> tuple[str, bool] | None:
+        asked.append(True)
+        return probe
+
+    monkeypatch.setattr(clickphone_agi.app, "ip_fence_probe", fake_probe)
+    cfg = write_config()
+    daemon = Daemon(load_config(cfg), config_path=cfg, install_signal_handlers=False, environ=environ)
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        daemon.request_stop()
+        assert await task == 0
+    fences = [e for e in logs if e["event"] == "systemd.ip_filter_not_enforced"]
+    assert len(fences) == (1 if warned else 0)
+    assert any(e["event"] == "daemon.ready" for e in logs)  # the capture saw the start at all
+    assert asked == ([True] if environ else [])  # never probes outside systemd
+    if warned:
+        assert fences[0]["log_level"] == "warning"
+        assert fences[0]["address"] == "192.0.2.2"
+        assert "IPAddressDeny=" in fences[0]["note"]

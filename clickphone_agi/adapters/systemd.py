@@ -99,3 +99,39 @@ def _watchdog_usec(environ: Mapping[str, str], pid: int) -> int | None:
     except ValueError:
         return None
     return usec if usec > 0 else None
+
+
+# TEST-NET-1 (RFC 5737): never routed; a UDP connect() to it only asks the kernel which source
+# address it would use, and sends nothing
+_PROBE_ROUTE = ("192.0.2.1", 9)
+_DISCARD_PORT = 9
+
+
+def ip_fence_probe() -> tuple[str, bool] | None:
+    """Whether the unit's ``IPAddressDeny=``/``IPAddressAllow=`` hold: ``(address, refused)``.
+
+    systemd enforces them with BPF programs on the unit's cgroup, and silently does not where it
+    cannot: cgroups not unified (a legacy or hybrid host), or a container that refuses ``bpf()``
+    (both seen under systemd 252: ``tests/systemd_boot/``). Whether this host is such a place is
+    not readable anywhere; it is measured: one empty UDP datagram to this host's own outward
+    address (delivered locally, to the discard port) is refused with EPERM by a fence that
+    allows only localhost, and goes otherwise. None when there is no such address or the send
+    fails for another reason.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as route:
+            route.connect(_PROBE_ROUTE)
+            address = str(route.getsockname()[0])
+    except OSError:
+        return None  # no IPv4 route out: nothing to fence
+    if address.startswith("127.") or address == "0.0.0.0":  # noqa: S104 - compared, not bound
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.setblocking(False)
+            probe.sendto(b"", (address, _DISCARD_PORT))
+    except PermissionError:
+        return address, True
+    except OSError:
+        return None
+    return address, False

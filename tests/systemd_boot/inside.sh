@@ -4,6 +4,8 @@
 #                     what Asterisk would leave (its group, its spool) and a lab site's conf.d
 #   inside.sh check   booted (systemd is PID 1): start the unit beside a simulated Asterisk and
 #                     check what systemd and the daemon do; one PASS/FAIL line per check
+#   inside.sh fence   booted again with unified cgroups and bpf() allowed: the IP fence holds
+#                     and the daemon does not warn
 set -uo pipefail
 SRC=/src
 SECRET=nspawn-lab-secret
@@ -101,6 +103,37 @@ main_pid_ok() {  # the unit's main PID is up and differs from $1
     [ "$pid" != 0 ] && [ "$pid" != "$1" ] && [ "$(prop SubState)" = running ]
 }
 
+fence_check() {  # fence_check SINCE: the unit's IP fence (IPAddressDeny=any, IPAddressAllow=localhost)
+    # holds only where systemd can enforce it (unified cgroups and bpf()); the daemon started
+    # since SINCE must have warned exactly when it does not. Measured, as the daemon does: a
+    # transient unit with the same fence fetches a page from this host's own outward address.
+    local addr fenced=1 warned=1
+    addr=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(("192.0.2.1", 9)); print(s.getsockname()[0])' 2>/dev/null)
+    if [ -z "$addr" ] || [ "$addr" = 127.0.0.1 ]; then
+        echo "NOTE no address but loopback here: the IP fence was not probed"
+        return
+    fi
+    python3 -m http.server --bind "$addr" 8765 >/dev/null 2>&1 &
+    local web=$!
+    sleep 1
+    systemd-run --wait --pipe -q -p IPAddressDeny=any -p IPAddressAllow=localhost \
+        python3 -c "import urllib.request as u; u.urlopen('http://$addr:8765/', timeout=3)" 2>/dev/null && fenced=0
+    kill "$web"
+    journal_has '"event": "systemd.ip_filter_not_enforced"' "$1" || warned=0
+    [ "$warned" -ne "$fenced" ]
+    check "IPAddressDeny= $([ "$fenced" = 1 ] && echo enforced || echo NOT enforced) on this host ($(stat -fc %T /sys/fs/cgroup) at /sys/fs/cgroup): the daemon's warning $([ "$warned" = 1 ] && echo given || echo not given), as it should" $?
+}
+
+check_fence() {  # a second boot, with unified cgroups and bpf() allowed: the fence holds
+    systemctl is-system-running --wait >/dev/null 2>&1
+    local started; started=$(date '+%Y-%m-%d %H:%M:%S')
+    systemctl restart "$UNIT"
+    check "Type=notify start (unified cgroups)" $?
+    fence_check "$started"
+    echo "FAILED=$FAILED"
+    return $((FAILED > 0))
+}
+
 check_booted() {
     systemctl is-system-running --wait >/dev/null 2>&1  # "degraded" is fine here
     systemctl stop "$UNIT"  # started at boot with no Asterisk yet; start it beside the simulator
@@ -109,6 +142,7 @@ check_booted() {
         --secret "$SECRET" --mail /root/mail --ready /run/sim-ready > /root/sim.log 2>&1 &
     local sim=$!
     wait_for 60 test -e /run/sim-ready
+    local started; started=$(date '+%Y-%m-%d %H:%M:%S')
     systemctl start "$UNIT"
     check "Type=notify start: READY=1 within TimeoutStartSec" $? "$(systemctl status "$UNIT" --no-pager 2>&1 | tail -5)"
     wait $sim
@@ -142,6 +176,8 @@ check_booted() {
     exposure=$(systemd-analyze security "$UNIT" --no-pager 2>/dev/null | sed -n 's/.*exposure level for .*: \([0-9.]*\) .*/\1/p')
     awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 1.5) }'
     check "systemd-analyze security (live unit): exposure $exposure <= 1.5" $?
+
+    fence_check "$started"
 
     # --- reload, crash, wedge, stop, refused configuration ---------------------------------
     local since; since=$(date '+%Y-%m-%d %H:%M:%S')
@@ -188,5 +224,6 @@ $(journalctl -u "$UNIT" --since "$since" -o cat --no-pager)"
 case "${1:-}" in
     setup) setup ;;
     check) check_booted ;;
-    *) echo "usage: $0 setup|check" >&2; exit 2 ;;
+    fence) check_fence ;;
+    *) echo "usage: $0 setup|check|fence" >&2; exit 2 ;;
 esac
