@@ -81,6 +81,9 @@ def test_unit_runs_as_its_own_user_with_spool_group(
     assert one(svc, "StateDirectory") == "clickphone-agi"
     assert one(svc, "RuntimeDirectory") == "clickphone-agi"
     assert one(svc, "ConfigurationDirectory") == "clickphone-agi"
+    # systemd mounts ConfigurationDirectory= read-write under ProtectSystem=strict (seen under
+    # systemd 252 by tests/systemd_boot): read-only again, as are the spool's recordings
+    assert {"/etc/clickphone-agi", "-/var/spool/asterisk"} <= set(values(svc, "ReadOnlyPaths"))
     # PrivateUsers=yes would map the asterisk group to nobody and lose the spool.
     assert values(svc, "PrivateUsers") in ([], ["no"])
 

@@ -172,6 +172,20 @@ check_booted() {
     [ "$cap" = 1073741824 ]
     check "the fax worker's address space capped at 1 GiB" $? "limit ${cap:-?}"
     echo "NOTE the fax worker's nice value: $(ps -o ni= -p "$worker") (10 wanted; 0 when the unit's filter refuses it)"
+
+    # the file system as the daemon sees it (its mount namespace; root there, so only mounts
+    # stop a write): read-only but its state directory, the spool read-only, homes and /tmp its own
+    local ns=(nsenter -t "$pid" -m) marker; marker="fs-check-$$"
+    ! "${ns[@]}" touch /etc/clickphone-agi/"$marker" 2>/dev/null \
+        && ! "${ns[@]}" touch /usr/"$marker" 2>/dev/null \
+        && ! "${ns[@]}" touch /var/spool/asterisk/fax/"$marker" 2>/dev/null \
+        && "${ns[@]}" touch /var/lib/clickphone-agi/"$marker" && "${ns[@]}" rm /var/lib/clickphone-agi/"$marker"
+    check "ProtectSystem=strict: /etc, /usr and the spool read-only to the daemon, its state directory writable" $?
+    touch /tmp/"$marker"
+    [ -n "$(ls -A /root)" ] && [ -z "$("${ns[@]}" ls -A /root 2>/dev/null)" ] && ! "${ns[@]}" test -e /tmp/"$marker"
+    check "ProtectHome=yes, PrivateTmp=yes: /root empty and the host's /tmp unseen by the daemon" $?
+    rm -f /tmp/"$marker"
+
     local exposure
     exposure=$(systemd-analyze security "$UNIT" --no-pager 2>/dev/null | sed -n 's/.*exposure level for .*: \([0-9.]*\) .*/\1/p')
     awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 1.5) }'
