@@ -185,6 +185,11 @@ check_booted() {
     [ -n "$(ls -A /root)" ] && [ -z "$("${ns[@]}" ls -A /root 2>/dev/null)" ] && ! "${ns[@]}" test -e /tmp/"$marker"
     check "ProtectHome=yes, PrivateTmp=yes: /root empty and the host's /tmp unseen by the daemon" $?
     rm -f /tmp/"$marker"
+    local proc
+    # shellcheck disable=SC2016  # awk's own $5 and $NF
+    proc=$("${ns[@]}" awk '$5 == "/proc" { print $NF }' /proc/self/mountinfo | tail -1)
+    [[ ",$proc," == *",hidepid=invisible,"* && ",$proc," == *",subset=pid,"* ]]
+    check "ProtectProc=invisible, ProcSubset=pid: the daemon's /proc is mounted $proc" $?
 
     local exposure
     exposure=$(systemd-analyze security "$UNIT" --no-pager 2>/dev/null | sed -n 's/.*exposure level for .*: \([0-9.]*\) .*/\1/p')
