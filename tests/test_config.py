@@ -416,3 +416,26 @@ def test_check_config_refuses_a_world_readable_secret_and_exits_78(
     assert f"config error: {f}:2:3: ami.secret_file: secret file '{secret}' is readable by every local user" in err
     secret.chmod(0o600)
     assert main(["check-config", "-c", str(f)]) == 0
+
+
+def test_the_configured_zones_exist_on_a_host_without_a_zone_database(tmp_path: Path) -> None:
+    """Slim images ship no /usr/share/zoneinfo: the shipped configuration was refused there with
+    "unknown time zone 'Europe/Bucharest' (expected an IANA name such as Europe/Bucharest)". The
+    tzdata package is zoneinfo's fallback; days must stay DST-correct with it."""
+    env = {**os.environ, "PYTHONTZPATH": str(tmp_path / "no-zoneinfo")}
+    checked = subprocess.run(
+        [sys.executable, "-m", "clickphone_agi", "check-config", "-c", str(SHIPPED_CONFIG)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "configuration OK" in checked.stderr + checked.stdout
+    offsets = subprocess.run(
+        [
+            sys.executable, "-c",
+            "from datetime import datetime; from zoneinfo import ZoneInfo, TZPATH; z = ZoneInfo('Europe/Bucharest');"
+            " print(TZPATH, z.utcoffset(datetime(2026, 1, 15)), z.utcoffset(datetime(2026, 7, 15)))",
+        ],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert offsets.stdout.split()[-2:] == ["2:00:00", "3:00:00"]  # EET in winter, EEST in summer
+    assert "no-zoneinfo" in offsets.stdout  # the host's database was really out of reach
