@@ -204,6 +204,17 @@ check_booted() {
     journal_has '"event": "config.reloaded"' "$since" && [ "$(prop MainPID)" = "$pid" ] && [ "$(prop ActiveState)" = active ]
     check "systemctl reload: SIGHUP reloads in place (same PID, still active)" $?
 
+    printf 'smtp:\n  port: abc\n' > /etc/clickphone-agi/conf.d/60-typo.yaml
+    since=$(date '+%Y-%m-%d %H:%M:%S')
+    systemctl reload "$UNIT" && sleep 1
+    [ "$(prop MainPID)" = "$pid" ] && [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ] \
+        && [[ "$(prop StatusText)" == "reload failed, running on previous configuration"* ]] \
+        && journal_has '60-typo.yaml:2:3: smtp.port' "$since"
+    check "a refused reload: the daemon runs on, active (READY=1 after RELOADING=1), STATUS= and journal say why" $? \
+        "$(prop ActiveState)/$(prop SubState): $(prop StatusText)"
+    rm -f /etc/clickphone-agi/conf.d/60-typo.yaml
+    systemctl reload "$UNIT" && sleep 1
+
     local restarts; restarts=$(prop NRestarts)
     kill -KILL "$pid"
     wait_for 30 main_pid_ok "$pid"
