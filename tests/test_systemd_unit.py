@@ -101,6 +101,9 @@ def test_secrets_come_from_load_credential(unit: dict[str, list[tuple[str, str]]
 def test_unit_is_installable_and_ordered(unit: dict[str, list[tuple[str, str]]]) -> None:
     after = " ".join(values(unit["Unit"], "After")).split()
     assert {"network-online.target", "asterisk.service"} <= set(after)
+    # the default relay is the local MTA: up before the first mail (seen under systemd: the mail
+    # found at start met a refused connection and waited retry_min)
+    assert {"postfix.service", "exim4.service"} <= set(after)
     assert "network-online.target" in " ".join(values(unit["Unit"], "Wants")).split()
     assert one(unit["Install"], "WantedBy") == "multi-user.target"
 

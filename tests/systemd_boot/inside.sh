@@ -67,6 +67,31 @@ api:
 YAML
     clickphone-agi check-config
     systemctl enable "$UNIT"  # as an operator would; the boot's start finds no Asterisk: fine
+    # --- Postfix as the README's "Delivery, bounces and the outbox" sets it up, for the bounce
+    # check (the daemon mails through the SMTP sink on 2525 until then) -----------------------
+    echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections
+    echo "postfix postfix/mailname string pbx1.clickphone.example" | debconf-set-selections
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
+    # shellcheck disable=SC2016  # Postfix's own $mydestination
+    postconf -e 'relay_domains = $mydestination, bounces.clickphone.example' \
+        'transport_maps = hash:/etc/postfix/transport' 'recipient_delimiter = +' \
+        'clickphone-bounce_destination_recipient_limit = 1'
+    echo 'bounces.clickphone.example    clickphone-bounce:' > /etc/postfix/transport
+    postmap /etc/postfix/transport
+    cat >> /etc/postfix/master.cf <<'MASTER'
+clickphone-bounce unix  -       n       n       -       4       pipe
+  flags=Rq user=clickphone-agi argv=/usr/bin/clickphone-agi bounce --recipient ${recipient}
+MASTER
+    # the lab's part: example.ro is local here and any local recipient passes RCPT, so an unknown
+    # one becomes a DSN to the envelope sender, as a remote domain's MX would send back
+    # shellcheck disable=SC2016
+    postconf -e 'mydestination = $myhostname, localhost, example.ro' 'local_recipient_maps ='
+    cat > /root/70-postfix.yaml <<'YAML'  # not /tmp: a tmpfs once booted
+smtp:
+  port: 25
+  bounce_domain: bounces.clickphone.example
+YAML
     # --- the lab's data: a database gone live before the recorded calls (2026-11-28), the
     # subscriber, and the voicemail message and fax Asterisk left in its spool ----------------
     install -d -o clickphone-agi -g clickphone-agi -m 0750 /var/lib/clickphone-agi
@@ -204,16 +229,30 @@ check_booted() {
     journal_has '"event": "config.reloaded"' "$since" && [ "$(prop MainPID)" = "$pid" ] && [ "$(prop ActiveState)" = active ]
     check "systemctl reload: SIGHUP reloads in place (same PID, still active)" $?
 
-    printf 'smtp:\n  port: abc\n' > /etc/clickphone-agi/conf.d/60-typo.yaml
+    # 90-: last in name order (70-postfix.yaml, later, sets smtp.port and would hide the typo)
+    printf 'smtp:\n  port: abc\n' > /etc/clickphone-agi/conf.d/90-typo.yaml
     since=$(date '+%Y-%m-%d %H:%M:%S')
     systemctl reload "$UNIT" && sleep 1
     [ "$(prop MainPID)" = "$pid" ] && [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ] \
         && [[ "$(prop StatusText)" == "reload failed, running on previous configuration"* ]] \
-        && journal_has '60-typo.yaml:2:3: smtp.port' "$since"
+        && journal_has '90-typo.yaml:2:3: smtp.port' "$since"
     check "a refused reload: the daemon runs on, active (READY=1 after RELOADING=1), STATUS= and journal say why" $? \
         "$(prop ActiveState)/$(prop SubState): $(prop StatusText)"
-    rm -f /etc/clickphone-agi/conf.d/60-typo.yaml
+    rm -f /etc/clickphone-agi/conf.d/90-typo.yaml
     systemctl reload "$UNIT" && sleep 1
+
+    # --- a bounce through a real Postfix: the VERP sender, the DSN, the pipe, `bounce` ------
+    install -m 0644 /root/70-postfix.yaml /etc/clickphone-agi/conf.d/70-postfix.yaml
+    systemctl restart "$UNIT"
+    clickphone-agi mail-test ion.popescu@example.ro >/dev/null
+    bounced() {
+        clickphone-agi outbox list --status bounced 2>/dev/null | python3 -c \
+            'import json, sys; rows = json.load(sys.stdin); sys.exit(not any(r["kind"] == "mail_test" for r in rows))'
+    }
+    wait_for 60 bounced
+    check "a DSN from Postfix (5.1.1 unknown user) reaches 'bounce' through the README's pipe transport: the row is bounced" $? \
+        "$(journalctl -t postfix/local -t postfix/pipe -o cat --no-pager | tail -3)"
+    pid=$(prop MainPID)
 
     local restarts; restarts=$(prop NRestarts)
     kill -KILL "$pid"
@@ -234,17 +273,17 @@ check_booted() {
     [ "$(prop ExecMainStatus)" = 0 ] && ! pgrep -u clickphone-agi >/dev/null
     check "systemctl stop: graceful exit 0, no process left" $? "status $(prop ExecMainStatus)"
 
-    printf 'smtp:\n  port: abc\n' > /etc/clickphone-agi/conf.d/60-typo.yaml
+    printf 'smtp:\n  port: abc\n' > /etc/clickphone-agi/conf.d/90-typo.yaml
     since=$(date '+%Y-%m-%d %H:%M:%S')
     systemctl start "$UNIT" 2>/dev/null
     sleep 7  # longer than RestartSec: a restart would have happened by now
     # (not NRestarts: a manual start sets it back to 0)
     [ "$(prop ExecMainStatus)" = 78 ] && [ "$(prop ActiveState)" = failed ] \
-        && ! journal_has "Scheduled restart job" "$since" && journal_has '60-typo.yaml:2:3: smtp.port' "$since"
+        && ! journal_has "Scheduled restart job" "$since" && journal_has '90-typo.yaml:2:3: smtp.port' "$since"
     check "a refused configuration: exit 78 named FILE:LINE:COL in the journal, no restart loop" $? \
         "status $(prop ExecMainStatus), state $(prop ActiveState);
 $(journalctl -u "$UNIT" --since "$since" -o cat --no-pager)"
-    rm -f /etc/clickphone-agi/conf.d/60-typo.yaml
+    rm -f /etc/clickphone-agi/conf.d/90-typo.yaml
     systemctl reset-failed "$UNIT"
 
     echo "FAILED=$FAILED"

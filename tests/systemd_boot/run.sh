@@ -8,6 +8,7 @@
 # systemd of their own.
 #
 #   sudo tests/systemd_boot/run.sh [CACHE_DIR]      (default /var/lib/machines/clickphone-base)
+#   sudo KEEP=1 tests/systemd_boot/run.sh           (stop after the first boot, leave it running)
 #
 # Needs: systemd-nspawn (apt-get install systemd-container) and debootstrap; the Debian mirror
 # and PyPI reachable. CACHE_DIR keeps the bare Debian tree between runs; each run works on a
@@ -47,6 +48,10 @@ poweroff() {  # the booted container, if any: shut down, then gone
 }
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
+    if [ -n "${KEEP:-}" ] && [ -n "${LEADER:-}" ]; then
+        echo "KEEP: the container runs on: nsenter -t $LEADER -a bash; then kill $BOOT and rm -rf $RUN"
+        return
+    fi
     poweroff
     rm -rf "$RUN" "$RUN.console.log"
 }
@@ -58,7 +63,9 @@ boot() {  # boot [NSPAWN OPTION...]: systemd as the container's PID 1; sets LEAD
     LEADER=""
     for _ in $(seq 120); do
         LEADER=$(pgrep -P "$BOOT" | head -1 || true)
-        [ -n "$LEADER" ] && [ "$(cat /proc/"$LEADER"/comm 2>/dev/null)" = systemd ] && return 0
+        # PID 1 up, and its bus too: systemctl fails with "Failed to connect to bus" before that
+        [ -n "$LEADER" ] && [ "$(cat /proc/"$LEADER"/comm 2>/dev/null)" = systemd ] \
+            && nsenter -t "$LEADER" -m test -S /run/systemd/private && return 0
         sleep 0.5
     done
     echo "run.sh: the container did not boot, see $RUN.console.log" >&2
@@ -80,6 +87,7 @@ boot
 nsenter -t "$LEADER" -a systemctl --version | head -1
 status=0
 nsenter -t "$LEADER" -a /src/tests/systemd_boot/inside.sh check || status=$?
+[ -n "${KEEP:-}" ] && exit "$status"  # KEEP=1: leave this boot running to look around
 poweroff
 
 # nspawn refuses bpf() to a container by default, and this host's cgroups may not be unified:
