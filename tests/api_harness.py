@@ -5,6 +5,7 @@ plugin in conftest, so the ``api`` fixture serves every API test module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -50,11 +51,11 @@ class Api:
             return resp.status, await resp.json()
 
     def ledger_sum(self, code: str) -> int:
-        with sqlite3.connect(self.db) as conn:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
             return int(conn.execute("SELECT SUM(amount) FROM ledger WHERE account = ?", (code,)).fetchone()[0])
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.db) as conn:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
             return conn.execute(sql, params).fetchall()
 
 

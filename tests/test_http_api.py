@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.message
 import email.policy
@@ -116,7 +117,7 @@ async def test_a_notice_key_reused_after_its_request_row_is_purged_is_409(api: A
     body = {"type": "password_changed", "data": {"source_ip": "192.0.2.7"}}
     assert (await api.call("POST", "/v1/accounts/acct1001/events", body, key="pw-old"))[0] in (200, 202)
     await _settle(smtp_sink, 1)
-    with sqlite3.connect(api.db) as conn:
+    with contextlib.closing(sqlite3.connect(api.db)) as conn, conn:
         assert conn.execute("DELETE FROM api_requests WHERE key = 'pw-old'").rowcount == 1
     status, reply = await api.call("POST", "/v1/accounts/acct1001/events", body, key="pw-old")
     assert (status, reply["field"]) == (409, "Idempotency-Key"), reply
@@ -131,7 +132,7 @@ async def test_topup_key_reused_after_its_request_row_is_purged_is_409(api: Api,
     body = {"type": "topup", "data": {"amount": "12.50"}}
     assert (await api.call("POST", "/v1/accounts/acct1001/events", body, key="top-old"))[0] == 200
     await _settle(smtp_sink, 1)
-    with sqlite3.connect(api.db) as conn:
+    with contextlib.closing(sqlite3.connect(api.db)) as conn, conn:
         assert conn.execute("DELETE FROM api_requests WHERE key = 'top-old'").rowcount == 1
     before = await store.write(lambda tx: tx.balance("acct1002"))
     status, reply = await api.call("POST", "/v1/accounts/acct1002/events", body, key="top-old")

@@ -4,6 +4,7 @@ on loopback against the in-process daemon, a real SQLite file and an aiosmtpd si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -289,7 +290,11 @@ async def test_policy_archive_and_one_notice_per_account(api: Api, smtp_sink: Sm
         if f"{PUBLIC}/v1/policies/2/text" in parsed(m.data).get_body(("plain",)).get_content()
     ]
     assert len(linked) == 2
-    with pytest.raises(sqlite3.IntegrityError, match="immutable"), sqlite3.connect(api.db) as conn:
+    with (
+        contextlib.closing(sqlite3.connect(api.db)) as conn,
+        pytest.raises(sqlite3.IntegrityError, match="immutable"),
+        conn,
+    ):
         conn.execute("UPDATE policies SET text = 'x' WHERE version = '1'")
 
 
@@ -354,13 +359,13 @@ async def test_broadcast_interrupted_then_retried_completes_without_doubles(
         with pytest.raises(OSError, match="disk gone"):
             await services.broadcasts.post("crashy", digest, body)
         store.write = real_write  # type: ignore[method-assign]
-        with sqlite3.connect(d.config.database.path) as conn:
+        with contextlib.closing(sqlite3.connect(d.config.database.path)) as conn, conn:
             assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (1,)
         reply = await services.broadcasts.post("crashy", digest, body)
         assert (reply.status, reply.body["recipients"], reply.body["queued"]) == (202, 2, 1)
         again = await services.broadcasts.post("crashy", digest, body)
         assert again == reply
-        with sqlite3.connect(d.config.database.path) as conn:
+        with contextlib.closing(sqlite3.connect(d.config.database.path)) as conn, conn:
             rows = conn.execute("SELECT account, COUNT(*) FROM outbox GROUP BY account").fetchall()
         assert sorted(rows) == [("acct1001", 1), ("acct1002", 1)]
     finally:

@@ -115,7 +115,7 @@ async def test_migration_9_moves_only_the_archives_own_policy_keys(
     await s.close()
     monkeypatch.undo()
     sha = "ab" * 32
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("INSERT INTO policies VALUES ('3', ?, x'41', 's', '2027-01-01', 'x')", (sha,))
         conn.execute("INSERT INTO policies VALUES ('4', ?, x'42', 's', '2027-01-01', 'x')", ("cd" * 32,))
         for key, body_hash in (("policy:3", sha), ("policy:4", "ef" * 32), ("other", sha)):
@@ -123,7 +123,7 @@ async def test_migration_9_moves_only_the_archives_own_policy_keys(
     conn.close()
     s = await db.SqliteStore.open(path, FakeClock(NOW))
     await s.close()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         keys = [row[0] for row in conn.execute("SELECT key FROM api_requests ORDER BY key")]
     conn.close()
     assert keys == ["other", "policy 3", "policy:4"]
