@@ -297,13 +297,17 @@ class Daemon:
             if reconciler is not None:
                 reconciler.request(reason)
 
+        def storage_recovered() -> None:
+            gap("the database takes writes again")  # events the full queue dropped meanwhile
+            notifier.wake()  # voicemail and missed calls held back by the full disk: now, not at its next pass
+
         queue = EventQueue(cfg.ami.queue_size, on_overflow=lambda: gap("ingest queue overflow"))
         worker = IngestWorker(
             queue,
             processor,
             TranslateContext(cfg.asterisk.system_name, zone),
             on_connected=lambda: gap("AMI connected"),
-            on_storage_recovered=lambda: gap("the database takes writes again"),
+            on_storage_recovered=storage_recovered,
         )
         sender = OutboxSender(
             store,

@@ -47,7 +47,7 @@ from clickphone_agi.domain.outbox import OutboxMessage
 from clickphone_agi.faults import crash_point
 from clickphone_agi.notices.kinds import KINDS
 from clickphone_agi.notices.render import Attachment, Renderer, build_message
-from clickphone_agi.ports import StorageRetry, StorageUnavailable, Store, WriteTx
+from clickphone_agi.ports import STORAGE_RETRY_MAX, StorageRetry, StorageUnavailable, Store, WriteTx
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +106,10 @@ class Notifier:
         self.queued: dict[str, int] = {}
         self.boxes_nearly_full: dict[str, int] = {}
         self.errors = 0
+
+    def wake(self) -> None:
+        """Make the next pass now (the database takes writes again after a full disk)."""
+        self._wake.set()
 
     # ---- event intake (called by the ingest worker; never blocks) ------------------------------
 
@@ -227,26 +231,41 @@ class Notifier:
         """Start-up scan, then: boxes named by events at once, missed calls after their grace,
         and a full rescan every ``scan_interval`` seconds."""
         last_scan = -1e18
+        pause = min(5.0, self.settings.scan_interval)
+        # a full disk: the next pass waits longer each time (one warning a wait, not one every 5 s
+        # for as long as the disk stays full); a box or an event, or the disk freed, wakes it early
+        deferred = StorageRetry(pause, max(pause, STORAGE_RETRY_MAX))
         while not stop.is_set():
             self._wake.clear()
+            refused: str | None = None
             try:
                 if self._clock.monotonic() - last_scan >= self.settings.scan_interval:
                     last_scan = self._clock.monotonic()
-                    await self.scan_all()
-                boxes, self._boxes_due = self._boxes_due, set()
-                for context, mailbox in sorted(boxes):
-                    async with self._boxes_again((context, mailbox), boxes):
-                        await self.voicemail_box(context, mailbox)
-                await self._missed_calls(self._clock.now())
+                    if not await self.scan_all():  # counted and logged there, box by box
+                        last_scan, refused = -1e18, "a write of the spool scan was refused"  # all again next pass
+                if refused is None:
+                    boxes, self._boxes_due = self._boxes_due, set()
+                    for context, mailbox in sorted(boxes):
+                        async with self._boxes_again((context, mailbox), boxes):
+                            await self.voicemail_box(context, mailbox)
+                    await self._missed_calls(self._clock.now())
             except StorageUnavailable as exc:  # a full disk: what is due stays due for the next pass
                 self.errors += 1
-                log.warning("notices.pass_deferred", error=str(exc), note="the database takes no writes now")
+                refused = str(exc)
             except Exception:
                 self.errors += 1
                 log.exception("notices.pass_failed")
+            if refused is None:
+                deferred.reset()
+                wait = pause
+            else:
+                wait = deferred.take()
+                log.warning(
+                    "notices.pass_deferred", error=refused, retry_in=wait, note="the database takes no writes now"
+                )
             if stop.is_set():
                 break
-            await wait_any(self._clock, min(5.0, self.settings.scan_interval), stop, self._wake)
+            await wait_any(self._clock, wait, stop, self._wake)
 
         # stopping: decide pending missed calls now rather than lose them with the process
         try:
@@ -272,18 +291,21 @@ class Notifier:
                 await self._missed(decision.missed)
             del self._missed_due[linked_id]
 
-    async def scan_all(self) -> None:
+    async def scan_all(self) -> bool:
         """Every voicemail box and the fax directory: what arrived while we were not looking.
+        False if the database refused a box's writes (a full disk): that box is due again.
 
         One box or fax that fails is counted and logged and the scan goes on: it is tried again
         at the next scan, and must not keep every later box and every fax from being mailed."""
+        writable = True
         boxes = await asyncio.to_thread(self._spool.boxes)
         for context, mailbox in boxes:
             try:
                 async with self._boxes_again((context, mailbox)):
                     await self.voicemail_box(context, mailbox)
             except StorageUnavailable:
-                pass  # counted and logged by _boxes_again; the box is due at the next pass
+                self.errors += 1  # logged by _boxes_again; the box is due at the next pass
+                writable = False
             except Exception:
                 self.errors += 1
                 log.exception("notices.voicemail_box_failed", box=f"{mailbox}@{context}")
@@ -294,10 +316,15 @@ class Notifier:
                 continue  # incomplete, or older than the go-live baseline (or the key floor)
             try:
                 await self._fax(fax.sidecar, fax.path, at=fax.written_at)
+            except StorageUnavailable as exc:
+                self.errors += 1
+                writable = False
+                log.warning("notices.fax_deferred", uniqueid=fax.sidecar.uniqueid, error=str(exc))
             except Exception:
                 self.errors += 1
                 log.exception("notices.fax_failed", uniqueid=fax.sidecar.uniqueid)
             crash_point("notices.scan_item")
+        return writable
 
     # ---- voicemail -------------------------------------------------------------------------------
 
@@ -308,8 +335,7 @@ class Notifier:
         next full scan of the spool (``scan_interval``); the error goes on to the caller."""
         try:
             yield
-        except StorageUnavailable as exc:
-            self.errors += 1
+        except StorageUnavailable as exc:  # counted by the caller, once per pass
             self._boxes_due.add(box)
             self._boxes_due.update(more)
             log.warning("notices.voicemail_deferred", box=f"{box[1]}@{box[0]}", error=str(exc))

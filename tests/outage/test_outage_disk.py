@@ -32,11 +32,13 @@ from clickphone_agi.domain.ami_translate import TranslateContext
 from clickphone_agi.domain.charging import BillingRule
 from clickphone_agi.domain.events import CallEnded
 from clickphone_agi.domain.outbox import OutboxMessage, OutboxStatus
+from clickphone_agi.notices.render import Renderer
 from clickphone_agi.ports import StorageRetry, StorageUnavailable
 from clickphone_agi.services.accounts import import_unit
 from clickphone_agi.services.health import database_writable, health
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
 from clickphone_agi.services.money import MoneyService, MoneySettings
+from clickphone_agi.services.notices import NoticeSettings, Notifier
 from clickphone_agi.sim.agi_client import agi_call
 from clickphone_agi.sim.ami_server import AmiReplayServer, load_transcript, packaged_scenarios
 from clickphone_agi.sim.smtp_sink import SmtpSink
@@ -419,3 +421,57 @@ def test_the_wait_before_a_refused_write_is_tried_again_doubles_to_its_cap_and_r
     assert retry.delay == 30.0
     retry.reset()
     assert retry.take() == 0.5
+
+
+async def test_voicemail_held_by_a_full_disk_is_tried_again_less_often_counted_once_a_pass_and_sent_when_woken(
+    disk: FullDisk, store: db.SqliteStore, short_tmp: Path
+) -> None:
+    """A voicemail found while the disk is full: each refused pass counts one error (it counted
+    two), the passes back off 5, 10, 20, 30, 30 s (they came every 5 s, two warnings each, for as
+    long as the disk stayed full), and the ingest's "writes again" wakes the loop at once."""
+    vm, fax = short_tmp / "spool" / "voicemail", short_tmp / "spool" / "fax"
+    shutil.copytree(SPOOL / "voicemail", vm)
+    fax.mkdir()
+    settings = NoticeSettings(
+        system_name="pbx1", sender="ClickPhone <no-reply@clickphone.example>",
+        message_id_domain="clickphone.example", voicemail_root=vm, fax_root=fax,
+    )  # fmt: skip
+    clock = FakeClock(NOW)
+    notifier = Notifier(store, clock, Renderer(), settings, SINCE)
+    await _truncate_wal(store)
+    disk.fill()
+    stop = asyncio.Event()
+
+    async def sleeping_until(deadline: float) -> None:
+        async with asyncio.timeout(10):
+            while not clock.sleeps_until(deadline):
+                await asyncio.sleep(0.01)
+
+    with capture_logs() as logs:
+        run = asyncio.create_task(notifier.run(stop))
+        try:
+            await sleeping_until(5.0)  # the start-up scan: refused
+            assert notifier.errors == 1
+            deadlines = []
+            for wait in (5.0, 10.0, 20.0, 30.0):
+                deadline = clock.monotonic() + wait
+                await sleeping_until(deadline)
+                deadlines.append(deadline)
+                await clock.advance(wait)
+            await sleeping_until(clock.monotonic() + 30.0)  # capped
+            assert deadlines == [5.0, 15.0, 35.0, 65.0]
+            assert notifier.errors == 5  # the start-up scan and four passes, each counted once
+            assert await store.outbox_rows() == []
+
+            disk.free()
+            notifier.wake()  # what the composition root does when the ingest's writes commit again
+            await sleeping_until(clock.monotonic() + 5.0)  # a normal pass, the backoff reset
+            assert [r.kind for r in await store.outbox_rows()] == ["voicemail"]
+            assert notifier.errors == 5
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 10)
+    deferred = [e for e in logs if e["event"] == "notices.voicemail_deferred"]
+    assert len(deferred) == 5
+    assert {e["box"] for e in deferred} == {"100@default"}
+    assert [e["retry_in"] for e in logs if e["event"] == "notices.pass_deferred"] == [5.0, 10.0, 20.0, 30.0, 30.0]
