@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shutil
 import socket
@@ -174,6 +175,32 @@ def test_the_ip_fence_probe_sees_no_fence_here() -> None:
     address, refused = probe
     assert not address.startswith("127.")
     assert refused is False
+
+
+def _global_ipv6() -> str | None:
+    """One global IPv6 address of this host, from /proc/net/if_inet6 (scope 00), or None."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hexaddr, _index, _plen, scope, *_ = line.split()
+        if scope == "00":
+            return str(ipaddress.IPv6Address(bytes.fromhex(hexaddr)))
+    return None
+
+
+def test_the_ip_fence_probe_falls_back_to_ipv6_when_ipv4_has_no_way_out() -> None:
+    """An IPv6-only host: IPv4 finds no route (a loopback-only target stands in), so the probe's
+    datagram goes to the host's own IPv6 address, and nothing fences this test process."""
+    own = _global_ipv6()
+    if own is None:
+        pytest.skip("this machine has no global IPv6 address")
+    probe = ip_fence_probe(((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, own)))
+    assert probe == (own, False)
+    # loopback and link-local sources are never probed: no route out, nothing to say
+    assert ip_fence_probe(((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))) is None
+    assert ip_fence_probe(((socket.AF_INET6, "fe80::1"),)) is None
 
 
 @pytest.mark.parametrize(

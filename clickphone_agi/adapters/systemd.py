@@ -7,6 +7,7 @@ raises: losing the notify socket must not take the daemon down with it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -101,13 +102,35 @@ def _watchdog_usec(environ: Mapping[str, str], pid: int) -> int | None:
     return usec if usec > 0 else None
 
 
-# TEST-NET-1 (RFC 5737): never routed; a UDP connect() to it only asks the kernel which source
-# address it would use, and sends nothing
-_PROBE_ROUTE = ("192.0.2.1", 9)
+# documentation addresses (RFC 5737, RFC 3849): a UDP connect() to one only asks the kernel
+# which source address it would use to go out, and sends nothing; IPv6 is asked when IPv4 has
+# no way out (an IPv6-only host): the unit's fence covers both families alike
+PROBE_ROUTES: tuple[tuple[socket.AddressFamily, str], ...] = (
+    (socket.AF_INET, "192.0.2.1"),
+    (socket.AF_INET6, "2001:db8::1"),
+)
 _DISCARD_PORT = 9
 
 
-def ip_fence_probe() -> tuple[str, bool] | None:
+def _outward_address(family: socket.AddressFamily, route: str) -> str | None:
+    """This host's own source address towards ``route``; None without a route, or when it is
+    loopback, unspecified or link-local (the last needs a scope a bare address cannot carry)."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((route, _DISCARD_PORT))
+            address = str(sock.getsockname()[0])
+    except OSError:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+        return None
+    return str(ip)
+
+
+def ip_fence_probe(routes: tuple[tuple[socket.AddressFamily, str], ...] = PROBE_ROUTES) -> tuple[str, bool] | None:
     """Whether the unit's ``IPAddressDeny=``/``IPAddressAllow=`` hold: ``(address, refused)``.
 
     systemd enforces them with BPF programs on the unit's cgroup, and silently does not where it
@@ -115,23 +138,20 @@ def ip_fence_probe() -> tuple[str, bool] | None:
     (both seen under systemd 252: ``tests/systemd_boot/``). Whether this host is such a place is
     not readable anywhere; it is measured: one empty UDP datagram to this host's own outward
     address (delivered locally, to the discard port) is refused with EPERM by a fence that
-    allows only localhost, and goes otherwise. None when there is no such address or the send
-    fails for another reason.
+    allows only localhost, and goes otherwise. The first family of ``routes`` with such an
+    address is probed; None when none has one or the send fails for another reason.
     """
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as route:
-            route.connect(_PROBE_ROUTE)
-            address = str(route.getsockname()[0])
-    except OSError:
-        return None  # no IPv4 route out: nothing to fence
-    if address.startswith("127.") or address == "0.0.0.0":  # noqa: S104 - compared, not bound
-        return None
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.setblocking(False)
-            probe.sendto(b"", (address, _DISCARD_PORT))
-    except PermissionError:
-        return address, True
-    except OSError:
-        return None
-    return address, False
+    for family, route in routes:
+        address = _outward_address(family, route)
+        if address is None:
+            continue  # no way out in this family: nothing to fence there
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.setblocking(False)
+                probe.sendto(b"", (address, _DISCARD_PORT))
+        except PermissionError:
+            return address, True
+        except OSError:
+            return None
+        return address, False
+    return None
