@@ -3,8 +3,8 @@ names and AGI script names. The one place to change them.
 
 The ``.conf`` files spell these names literally (the dialplan cannot import Python), so
 ``tests/test_agi.py`` parses ``dialplan/*.conf`` and fails when a ``CLICKPHONE_*`` variable or a
-``ClickPhone*`` UserEvent used there is missing here, or when a :class:`Reason` has no branch in
-``[clickphone-deny]``.
+``ClickPhone*`` UserEvent used there is missing here, or when a :class:`Reason` has no
+``CLICKPHONE_CAUSE_<reason>`` hangup cause in its ``[globals]``.
 
 Variables read by the dialplan after ``AGI(agi://127.0.0.1:4573/authorize,...)``
 (``dialplan/clickphone-outbound.conf``):
@@ -13,7 +13,8 @@ Variables read by the dialplan after ``AGI(agi://127.0.0.1:4573/authorize,...)``
   authorisation did not happen and the dialplan fails closed. (A FastAGI server that closes the
   connection early still leaves ``AGISTATUS=SUCCESS``, so the dialplan clears these variables
   before the AGI call and tests ``AUTH`` itself.)
-* :data:`REASON`: a :class:`Reason` value; with :data:`DENY` it selects the hangup cause.
+* :data:`REASON`: a :class:`Reason` value; with :data:`DENY` it selects the hangup cause, the
+  global ``CLICKPHONE_CAUSE_<reason>`` (:data:`CAUSE_PREFIX`).
 * :data:`MAXSEC`: with :data:`ALLOW`, the longest the call may last, in whole seconds, ``>= 1``.
   The dialplan turns it into ``Dial(...,L(<ms>))`` and fails closed when it is not a positive
   integer (``L(0)`` makes Dial hang up, and "no limit" is never what an exhausted balance means).
@@ -28,6 +29,7 @@ __all__ = [
     "ALLOW",
     "AUTH",
     "AUTHORIZE_SCRIPT",
+    "CAUSE_PREFIX",
     "DENY",
     "FAX_FILE",
     "FAX_RESULT_EVENT",
@@ -49,12 +51,14 @@ MAXSEC: Final = "CLICKPHONE_MAXSEC"
 
 ALLOW: Final = "ALLOW"
 DENY: Final = "DENY"
+CAUSE_PREFIX: Final = "CLICKPHONE_CAUSE_"
+"""Dialplan globals ``CLICKPHONE_CAUSE_<reason>``: the hangup cause of a DENY for that :class:`Reason`."""
 
 
 class Reason(StrEnum):
     """Why a call was allowed or denied; the value of :data:`REASON`.
 
-    Each value has an extension in ``[clickphone-deny]`` that hangs up with its cause code.
+    Each value has a hangup cause, the global ``CLICKPHONE_CAUSE_<value>`` in the dialplan.
     """
 
     NO_ACCOUNT = "no_account"
