@@ -1,0 +1,408 @@
+"""The host side of ``tests/asterisk_live/run.sh``: the daemon from this checkout beside a real
+Asterisk 22, real SIP calls through the shipped outbound dialplan.
+
+run.sh has started Asterisk (sharing this host's network) with the README's AMI user, CDR
+settings and ``dialplan/``; this script provisions two accounts, starts the daemon
+(``clickphone-agi run``), a carrier (sipp answering on 127.0.0.3:5070) and an SMTP sink, places
+calls with sipp and prints one ``PASS``/``FAIL`` line per check; the exit status is the number
+of failures. Not collected by pytest (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
+
+ACCOUNTS = """\
+accounts:
+  - code: acct1001
+    name: Ion Popescu
+    email: ion.popescu@example.ro
+    allowed_ips: ["127.0.0.2"]
+    blocked_classes: [premium]
+    max_concurrent_calls: 1
+    opening_balance: "25.00"
+  - code: acct1002
+    name: Maria Dobre
+    email: maria.dobre@example.org
+    allowed_ips: ["127.0.0.5"]
+    max_call_seconds: 4
+    opening_balance: "25.00"
+"""
+
+INVITE = """\
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+"""
+
+ACK = """\
+  <send>
+    <![CDATA[
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      [last_To:]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+"""
+
+# the call is refused with one final response (the INVITE transaction's ACK reuses its branch)
+REJECTED = """\
+<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="rejected with {code}">
+{invite}  <recv response="{code}"/>
+{ack}</scenario>
+""".replace("{ack}", ACK.replace(";branch=[branch]", ";branch=[branch-1]"))
+
+# answered, then cut by Asterisk (Dial's L()): the BYE comes from the network, not from us
+CUT = """\
+<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="answered, then cut by the network">
+{invite}  <recv response="200" rtd="true"/>
+{ack}  <recv request="BYE" timeout="30000"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+</scenario>
+""".replace("{ack}", ACK)
+
+
+KIND = re.compile(rb"^X-ClickPhone-Kind: ([a-z_]+)\r?$", re.MULTILINE)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.mails: list[Envelope] = []
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        self.mails.append(envelope)
+        return "250 2.0.0 Ok: queued"
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def check(self, name: str, ok: bool, detail: object = "") -> bool:
+        self.failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name}{f': {detail}' if detail != '' else ''}", flush=True)
+        return ok
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+class Lab:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.root: Path = args.root
+        self.repo: Path = args.repo
+        self.work = work
+        self.cli = [str(self.repo / ".venv" / "bin" / "clickphone-agi")]
+        self.config = work / "clickphone-agi.yaml"
+        self.db = work / "clickphone-agi.db"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = work / "daemon.log"
+        self.sipp_port = 5080
+        secret = work / "ami-secret"
+        secret.write_text(args.secret + "\n")
+        secret.chmod(0o600)
+        (work / "fax").mkdir()
+        self.config.write_text(
+            "ami:\n  host: 127.0.0.1\n  port: 5038\n  username: clickphone\n"
+            f"  secret_file: {secret}\n  backoff_initial: 0.2\n  backoff_max: 1\n"
+            "agi:\n  enabled: true\n"
+            "smtp:\n  port: 2526\n  retry_min: 1\n"
+            f"database:\n  path: {self.db}\n"
+            f"asterisk:\n  system_name: pbx1\n  voicemail_spool: {self.root}/var/spool/asterisk/voicemail\n"
+            f"  fax_spool: {work}/fax\n  master_csv: {self.root}/var/log/asterisk/cdr-csv/Master.csv\n"
+            "  reconcile_interval: 2\n"
+            f"billing:\n  tariffs_file: {self.repo}/etc/tariffs.yaml\n"
+            "  billing_cdr:\n    destination_contexts: [clickphone-outbound]\n"
+            "notifications:\n  inbound_contexts: [from-trunk]\n  missed_call_grace: 1\n"
+            f"daemon:\n  control_socket: {work}/control.sock\n"
+            "logging:\n  format: json\n"
+        )
+
+    def run_cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.cli, *argv, "-c", str(self.config)], capture_output=True, text=True, check=False)
+
+    def start_daemon(self) -> None:
+        log = self.daemon_log.open("ab")
+        self.daemon = subprocess.Popen([*self.cli, "run", "-c", str(self.config)], stdout=log, stderr=log)
+
+    def stop_daemon(self) -> int:
+        assert self.daemon is not None
+        self.daemon.send_signal(signal.SIGTERM)
+        code = self.daemon.wait(30)
+        self.daemon = None
+        return code
+
+    def status(self) -> dict[str, Any]:
+        done = self.run_cli("status", "--json")
+        try:
+            parsed: dict[str, Any] = json.loads(done.stdout)
+        except ValueError:
+            return {}
+        return parsed
+
+    def ami_connected(self) -> bool:
+        ami = self.status().get("ami") or {}
+        return bool(ami.get("connected"))
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def sipp(
+        self, source: str, number: str, *, scenario: str | None = None, hold_ms: int = 2000
+    ) -> subprocess.Popen[bytes]:
+        """One call from ``source`` (its own address: PJSIP identifies the endpoint by it)."""
+        self.sipp_port += 1
+        argv = ["sipp", "-i", source, "-p", str(self.sipp_port), "-s", number, "-m", "1", "-timeout", "40s"]
+        argv += ["-nostdin", "-trace_err", "-error_file", str(self.work / f"sipp-{self.sipp_port}.err")]
+        if scenario is None:
+            argv += ["-sn", "uac", "-d", str(hold_ms)]
+        else:
+            path = self.work / f"scenario-{self.sipp_port}.xml"
+            path.write_text(scenario.replace("{invite}", INVITE))
+            argv += ["-sf", str(path)]
+        out = (self.work / f"sipp-{self.sipp_port}.out").open("wb")
+        return subprocess.Popen([*argv, "127.0.0.1:5060"], stdout=out, stderr=subprocess.STDOUT)
+
+    def call(self, source: str, number: str, **kwargs: Any) -> int:
+        return self.sipp(source, number, **kwargs).wait(60)
+
+    def calls_of(self, account: str) -> list[tuple[Any, ...]]:
+        return self.rows(
+            "SELECT c.destination, c.billable_seconds, c.disposition, c.destination_context, l.amount"
+            " FROM cdrs c JOIN ledger l ON l.ref = c.key WHERE c.account = ? AND l.kind = 'call' ORDER BY l.id",
+            account,
+        )
+
+    def cost(self, number: str, seconds: int) -> int:
+        """What ``tariffs rate`` says the call costs, in bani."""
+        done = self.run_cli("tariffs", "rate", number, str(seconds))
+        return int(json.loads(done.stdout)["cost_bani"])
+
+
+def main(args: argparse.Namespace) -> int:
+    checks = Checks()
+    keep = bool(os.environ.get("KEEP"))
+    work = Path(tempfile.mkdtemp(prefix="cpagi-live-"))
+    lab = Lab(args, work)
+    sink = Sink()
+    smtp = Controller(sink, hostname="127.0.0.1", port=2526)
+    smtp.start()
+    carrier = subprocess.Popen(
+        ["sipp", "-sn", "uas", "-i", "127.0.0.3", "-p", "5070", "-nostdin"],
+        stdout=(work / "carrier.out").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        return run_checks(checks, lab, sink)
+    finally:
+        if lab.daemon is not None:
+            lab.daemon.kill()
+        carrier.kill()
+        smtp.stop()
+        if checks.failed:
+            print("---- daemon log (last 40 lines)")
+            print("\n".join(lab.daemon_log.read_text(errors="replace").splitlines()[-40:]))
+            full = args.root / "var/log/asterisk/full"
+            if full.exists():
+                print("---- Asterisk's log (last 60 lines)")
+                print("\n".join(full.read_text(errors="replace").splitlines()[-60:]))
+            for err in sorted(work.glob("sipp-*.err")):
+                if err.stat().st_size:
+                    print(f"---- {err.name}\n{err.read_text(errors='replace')[-1500:]}")
+        if keep:
+            print(f"KEEP: the daemon's files stay in {work}")
+        else:
+            shutil.rmtree(work)
+
+
+def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
+    check = checks.check
+    for argv in (("db", "migrate"), ("accounts", "import", str(lab.work / "accounts.yaml"))):
+        if argv[0] == "accounts":
+            (lab.work / "accounts.yaml").write_text(ACCOUNTS)
+        done = lab.run_cli(*argv)
+        if not check(f"clickphone-agi {' '.join(argv[:2])}", done.returncode == 0, done.stderr.strip()):
+            return checks.failed
+
+    lab.start_daemon()
+    check(
+        "AMI: the daemon logs in with the README's user (read = system,call,cdr,user; write = nothing)",
+        wait_for("ami", lab.ami_connected, 30),
+    )
+
+    # 1. an ordinary call, answered by the carrier, hung up by the caller after 2 s
+    code = lab.call("127.0.0.2", "0212345678", hold_ms=2000)
+    check("ALLOW: acct1001 calls 0212345678 from its allowed address, the carrier answers", code == 0, f"sipp {code}")
+    rated = wait_for("charge", lambda: lab.calls_of("acct1001"))
+    if check("the call's CDR comes back over AMI and is charged once", len(rated) == 1, rated):
+        dest, billsec, disposition, context, amount = rated[0]
+        check(
+            "charged what `tariffs rate` says for its billable seconds",
+            -amount == lab.cost(dest, billsec) and 1 <= billsec <= 3 and disposition == "ANSWERED",
+            f"{dest} {billsec} s {disposition} in {context}: {amount} bani",
+        )
+    held = lab.rows("SELECT COUNT(*) FROM reservations")
+    check("its reservation is released by the CDR", held == [(0,)], held)
+
+    # 2. MAXSEC: acct1002 may talk 4 s (max_call_seconds); the carrier never hangs up, Dial's L() does
+    started = time.monotonic()
+    code = lab.call("127.0.0.5", "0212345679", scenario=CUT)
+    took = time.monotonic() - started
+    check(
+        "ALLOW with MAXSEC 4: Asterisk itself ends the call (BYE to the caller)",
+        code == 0,
+        f"sipp {code}, {took:.1f} s",
+    )
+    rated = wait_for("charge", lambda: lab.calls_of("acct1002"))
+    if check("the cut call is charged once", len(rated) == 1, rated):
+        dest, billsec, _, _, amount = rated[0]
+        check(
+            "it lasted no longer than MAXSEC, charged as rated",
+            3 <= billsec <= 4 and -amount == lab.cost(dest, billsec),
+            f"{billsec} s billable, {amount} bani",
+        )
+
+    # 3. DENY, each with the dialplan's hangup cause as the SIP caller sees it
+    denials = [
+        ("127.0.0.4", "0212345678", 403, "ip_not_allowed: acct1001 from an address not on its list"),
+        ("127.0.0.2", "0900123456", 403, "blocked_class: acct1001 may not call premium numbers"),
+        ("127.0.0.2", "0991234567", 404, "no_route: no tariff for the number"),
+        ("127.0.0.2", "0212a45678", 484, "not digits only: refused before the AGI"),
+    ]
+    for source, number, status, what in denials:
+        code = lab.call(source, number, scenario=REJECTED.replace("{code}", str(status)))
+        check(f"DENY {what} -> SIP {status}", code == 0, f"sipp {code}")
+    dialled = wait_for("cdrs", lambda: lab.rows("SELECT destination FROM cdrs WHERE disposition != 'ANSWERED'"))
+    check(
+        "the refused calls' CDRs keep the numbers dialled (fraud reviews need them)",
+        sorted(d for (d,) in dialled) == sorted(number for _, number, _, _ in denials),
+        dialled,
+    )
+    alert = wait_for("alert", lambda: lab.rows("SELECT kind, recipient FROM outbox WHERE kind = 'ip_denied'"), 10)
+    check(
+        "the refused address raised a security alert to the account",
+        alert == [("ip_denied", "ion.popescu@example.ro")],
+        alert,
+    )
+
+    # 4. too_many_calls: acct1001 may have one call at a time
+    first = lab.sipp("127.0.0.2", "0212345678", hold_ms=5000)
+    time.sleep(1.5)
+    code = lab.call("127.0.0.2", "0212345670", scenario=REJECTED.replace("{code}", "503"))
+    check("DENY too_many_calls: a second call while the first talks -> SIP 503", code == 0, f"sipp {code}")
+    code = first.wait(30)
+    check("the first call goes on and ends normally", code == 0, f"sipp {code}")
+    rated = wait_for("charge", lambda: len(lab.calls_of("acct1001")) == 2 and lab.calls_of("acct1001"))
+    check("acct1001 is charged for its two answered calls, nothing for the refused ones", len(rated or []) == 2, rated)
+
+    agi = lab.status().get("agi") or {}
+    figures = {k: agi.get(k) for k in ("sessions", "completed", "header_errors", "protocol_errors", "timeouts")}
+    check(
+        "FastAGI: 7 sessions with Asterisk's res_agi, each completed, no header or protocol error",
+        figures == {"sessions": 7, "completed": 7, "header_errors": 0, "protocol_errors": 0, "timeouts": 0},
+        figures,
+    )
+
+    # 5. the daemon down: fail closed, except emergency numbers
+    code = lab.stop_daemon()
+    check("the daemon stops cleanly (SIGTERM)", code == 0, f"exit {code}")
+    code = lab.call("127.0.0.2", "0212345678", scenario=REJECTED.replace("{code}", "503"))
+    check("daemon down: AGISTATUS FAILURE, the call fails closed -> SIP 503", code == 0, f"sipp {code}")
+    code = lab.call("127.0.0.2", "112", hold_ms=1000)
+    check("daemon down: 112 is still connected (dialled before any AGI)", code == 0, f"sipp {code}")
+    time.sleep(1)  # Asterisk writes the calls' rows to Master.csv
+
+    # 6. back up: what AMI carried while it was down comes from Master.csv, charged never twice
+    lab.start_daemon()
+    check("restarted, the daemon logs in again", wait_for("ami", lab.ami_connected, 30))
+    recovered = wait_for("reconcile", lambda: (lab.status().get("reconcile") or {}).get("recovered", 0), 20)
+    check("the calls made while it was down are recovered from Master.csv", bool(recovered), f"{recovered} CDRs")
+    emergency = lab.rows("SELECT COUNT(*) FROM cdrs WHERE destination = '112'")
+    check("the 112 call is recorded", emergency == [(1,)], emergency)
+    charged = lab.rows("SELECT COUNT(*) FROM ledger WHERE kind = 'call'")
+    check("and never charged; no call charged twice", charged == [(3,)], charged)
+    done = lab.run_cli("accounts", "check")
+    check("every balance equals its ledger's sum (accounts check)", done.returncode == 0, done.stdout.strip()[-200:])
+    code = lab.stop_daemon()
+    check("the daemon stops cleanly again", code == 0, f"exit {code}")
+    kinds = sorted(m.group(1).decode() for e in sink.mails if (m := KIND.search(e.original_content or b"")))
+    check("the security alert was mailed", "ip_denied" in kinds, kinds)
+    return checks.failed
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, required=True, help="the container's root directory")
+    parser.add_argument("--secret", required=True, help="the AMI secret run.sh wrote into manager.conf")
+    parser.add_argument("--repo", type=Path, required=True)
+    os.umask(0o077)
+    sys.exit(min(main(parser.parse_args()), 100))
