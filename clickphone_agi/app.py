@@ -688,6 +688,7 @@ class Daemon:
             "events": dict(worker.events_by_type),
             "translated": dict(worker.translated),
             "translate_errors": worker.translate_errors,
+            "cdr_clock_skew_seconds": worker.cdr_clock_skew,
             "correlation": worker.correlation(),
             "effects": {"applied": dict(proc.applied), "duplicates": dict(proc.duplicates)},
             "cdrs": {"recorded": proc.applied["cdr"], "duplicates": proc.duplicates["cdr"]},

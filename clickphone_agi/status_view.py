@@ -96,6 +96,16 @@ def format_status(status: dict[str, Any]) -> str:
                 f" next try in {outage.get('retry_in_seconds')} s ({outage.get('error')})",
             ),
         )
+    skew = status.get("cdr_clock_skew_seconds")
+    if skew is not None:
+        rows.insert(
+            3,
+            (
+                "CDR CLOCK",
+                f"Cdrs end {abs(skew) / 3600:.1f} h {'before' if skew > 0 else 'after'} they arrive: is"
+                " asterisk.timezone the zone Asterisk runs in?",
+            ),
+        )
     if status.get("restart_required"):
         rows.append(("RESTART REQUIRED", f"changed and not applied: {', '.join(status['restart_required'])}"))
     width = max(len(name) for name, _ in rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 from zoneinfo import ZoneInfo
@@ -15,7 +15,13 @@ from structlog.testing import capture_logs
 from clickphone_agi.adapters.ami.protocol import AmiMessage, FrameParser
 from clickphone_agi.adapters.storage.sqlite import SqliteStore
 from clickphone_agi.clock import FakeClock
-from clickphone_agi.domain.ami_translate import HANDLED_EVENTS, TranslateContext, TranslateError, translate
+from clickphone_agi.domain.ami_translate import (
+    HANDLED_EVENTS,
+    TranslateContext,
+    TranslateError,
+    cdr_clock_skew,
+    translate,
+)
 from clickphone_agi.domain.correlation import LinkedIdCorrelator
 from clickphone_agi.domain.events import (
     AccountEvent,
@@ -30,7 +36,7 @@ from clickphone_agi.domain.events import (
 )
 from clickphone_agi.services import ingest
 from clickphone_agi.services.ingest import EventProcessor, EventQueue, IngestWorker
-from clickphone_agi.sim.ami_server import AmiReplayServer, packaged_scenarios
+from clickphone_agi.sim.ami_server import AmiReplayServer, load_transcript, packaged_scenarios
 
 TZ = ZoneInfo("Europe/Bucharest")
 
@@ -297,3 +303,54 @@ async def test_get_waits_for_an_offer_and_returns_none_once_closed() -> None:
     assert queue.depth == 2  # the end marker counts, as before
     assert await queue.get() is second
     assert await queue.get() is None
+
+
+def test_cdr_clock_skew_is_a_zone_sized_gap_between_a_cdrs_end_and_its_arrival() -> None:
+    end = datetime(2026, 11, 28, 14, 21, 50, tzinfo=UTC)
+    assert cdr_clock_skew(end, end + timedelta(seconds=3)) is None  # posted at the hangup
+    assert cdr_clock_skew(end, end + timedelta(minutes=29)) is None  # cdr.conf batch, a backlog
+    assert cdr_clock_skew(end, end + timedelta(hours=2)) == timedelta(hours=2)  # Asterisk on UTC
+    assert cdr_clock_skew(end, end - timedelta(hours=5, minutes=30)) == -timedelta(hours=5, minutes=30)
+    assert cdr_clock_skew(end, end + timedelta(days=2)) is None  # history replayed, not a zone
+
+
+async def test_worker_says_once_an_hour_when_cdr_times_are_read_in_the_wrong_zone() -> None:
+    """Asterisk in a container on UTC, the daemon on Europe/Bucharest (seen: tests/asterisk_live):
+    the recorded Cdrs end 16:21 wall time; arriving at 16:21Z they were UTC, not Bucharest."""
+    cdrs = [
+        f.raw for f in load_transcript(packaged_scenarios()["answered_call"]).frames if f.raw.startswith(b"Event: Cdr")
+    ]
+    assert len(cdrs) >= 2
+    arrival = [datetime(2026, 11, 28, 16, 21, 52, tzinfo=UTC)]
+
+    async def feed(frames: list[bytes]) -> IngestWorker:
+        queue = EventQueue(100, on_overflow=lambda: None)
+        worker = IngestWorker(
+            queue, cast(EventProcessor, ListProcessor()), TranslateContext("pbx1", TZ), now=lambda: arrival[0]
+        )
+        for message in FrameParser(expect_banner=False).feed(b"".join(frames)):
+            assert isinstance(message, AmiMessage)
+            queue.offer(message)
+        queue.close()
+        await worker.run()
+        return worker
+
+    with capture_logs() as logs:
+        worker = await feed(cdrs)
+    skews = [e for e in logs if e["event"] == "ami.cdr_clock_skew"]
+    assert len(skews) == 1  # once for all the Cdrs of the hour
+    assert skews[0]["skew_hours"] == 2.0
+    assert skews[0]["timezone"] == "Europe/Bucharest"
+    assert worker.cdr_clock_skew is not None
+    assert 7150 < worker.cdr_clock_skew < 7250
+
+    arrival[0] = datetime(2026, 11, 28, 14, 21, 52, tzinfo=UTC)  # the zones agree
+    with capture_logs() as logs:
+        worker = await feed(cdrs)
+    assert worker.cdr_clock_skew is None
+    assert not [e for e in logs if e["event"] == "ami.cdr_clock_skew"]
+    arrival[0] = datetime(2026, 12, 5, tzinfo=UTC)  # a week-old recording replayed: not a zone
+    with capture_logs() as logs:
+        worker = await feed(cdrs)
+    assert worker.cdr_clock_skew is None
+    assert not [e for e in logs if e["event"] == "ami.cdr_clock_skew"]

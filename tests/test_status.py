@@ -130,6 +130,10 @@ def test_human_view_of_a_connected_link_and_a_failed_retention() -> None:
     assert "Cdr 12, DialEnd 3" in text
     assert "2026-11-28: 3 calls, 12,50 lei" in text
     assert "LAST RUN FAILED at 2026-11-28T01:00:00+00:00: disk I/O error" in text
+    assert "CDR CLOCK" not in text
+    status["cdr_clock_skew_seconds"] = 7203  # Asterisk on UTC, the daemon on Europe/Bucharest
+    clock = next(line for line in format_status(status).splitlines() if line.startswith("CDR CLOCK"))
+    assert "Cdrs end 2.0 h before they arrive: is asterisk.timezone the zone Asterisk runs in?" in clock
 
 
 def test_retention_metrics_parse() -> None:

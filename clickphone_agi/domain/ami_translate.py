@@ -41,7 +41,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -210,6 +210,27 @@ class TranslateContext:
 
     system_name: str
     timezone: ZoneInfo
+
+
+#: A live Cdr is posted at the hangup (cdr.conf ``batch = no``; within the batch's time with
+#: ``yes``), so its EndTime is seconds old when it arrives. Read in ``asterisk.timezone``, it is
+#: further off than this only when that is not Asterisk's zone (or one of the clocks is wrong).
+CDR_CLOCK_TOLERANCE: Final = timedelta(minutes=30)
+_ZONES_DIFFER_AT_MOST: Final = timedelta(hours=26)  # UTC-12 to UTC+14
+
+
+def cdr_clock_skew(end: datetime, received: datetime) -> timedelta | None:
+    """How far a live Cdr's end (Asterisk's wall time read in the configured zone) lies before
+    ``received``, when that points to a wrong zone: more than :data:`CDR_CLOCK_TOLERANCE` and
+    no more than two zones can differ (older is history replayed, not a zone). None otherwise.
+
+    Why it matters: a wrong zone moves every call by the difference (the spend's local day, the
+    tariff in force), and calls recovered from Master.csv look older than the go-live and are
+    skipped (seen with Asterisk in a container left on UTC: tests/asterisk_live)."""
+    skew = received - end
+    if CDR_CLOCK_TOLERANCE < abs(skew) <= _ZONES_DIFFER_AT_MOST:
+        return skew
+    return None
 
 
 # --- text -------------------------------------------------------------------------------------

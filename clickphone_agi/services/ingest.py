@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -23,6 +23,7 @@ from clickphone_agi.domain.ami_translate import (
     HANDLED_EVENTS,
     TranslateContext,
     TranslateError,
+    cdr_clock_skew,
     is_money_user_event,
     translate,
     unsupported_user_event,
@@ -347,8 +348,14 @@ class IngestWorker:
         max_in_flight: int = 256,
         correlator: LinkedIdCorrelator | None = None,
         storage_retry: tuple[float, float] = (STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX),
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._queue = queue
+        self._now = now
+        # seconds a live Cdr's end lay before its arrival, when that says asterisk.timezone is
+        # not Asterisk's zone (cdr_clock_skew); None while the Cdrs agree with the clock
+        self.cdr_clock_skew: int | None = None
+        self._skew_logged_at: float | None = None
         self._processor = processor
         self._context = context
         self._on_connected = on_connected
@@ -475,9 +482,35 @@ class IngestWorker:
             self.translated[type(event).__name__] += 1
             if isinstance(event, CallEnded):
                 self._correlator.end(event.unique_id)
+                self._check_clock(event)
         elif name == "UserEvent":
             self._unsupported(message)
         return event
+
+    def _check_clock(self, call: CallEnded) -> None:
+        """Say (at most once an hour) when live Cdrs end hours before they arrive: the configured
+        zone is not Asterisk's. ``status`` shows the skew while it lasts."""
+        received = self._now()
+        if received - call.end > timedelta(hours=26):
+            return  # history (a replay), not a zone: changes nothing
+        skew = cdr_clock_skew(call.end, received)
+        if skew is None:
+            self.cdr_clock_skew = None
+            return
+        self.cdr_clock_skew = round(skew.total_seconds())
+        now = time.monotonic()
+        if self._skew_logged_at is not None and now - self._skew_logged_at < 3600:
+            return
+        self._skew_logged_at = now
+        log.warning(
+            "ami.cdr_clock_skew",
+            end=call.end.isoformat(),
+            skew_hours=round(skew.total_seconds() / 3600, 2),
+            timezone=str(self._context.timezone),
+            note="Cdr times are Asterisk's wall-clock times read in asterisk.timezone: set it to the zone"
+            " Asterisk runs in (a container is often on UTC), or fix the clock; calls are dated wrong and"
+            " CDRs recovered from Master.csv may be taken for history before the go-live and skipped",
+        )
 
     def _unsupported(self, message: AmiMessage) -> None:
         """Unknown ClickPhone* UserEvents are counted; money ones are a security event."""
