@@ -22,8 +22,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -186,9 +188,10 @@ class Lab:
     def run_cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.cli, *argv, "-c", str(self.config)], capture_output=True, text=True, check=False)
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, *options: str) -> None:
         log = self.daemon_log.open("ab")
-        self.daemon = subprocess.Popen([*self.cli, "run", "-c", str(self.config)], stdout=log, stderr=log)
+        argv = [*self.cli, "run", "-c", str(self.config), *options]
+        self.daemon = subprocess.Popen(argv, stdout=log, stderr=log)
 
     def stop_daemon(self) -> int:
         assert self.daemon is not None
@@ -392,8 +395,26 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     check("and never charged; no call charged twice", charged == [(3,)], charged)
     done = lab.run_cli("accounts", "check")
     check("every balance equals its ledger's sum (accounts check)", done.returncode == 0, done.stdout.strip()[-200:])
+    skews = lab.daemon_log.read_text().count('"ami.cdr_clock_skew"')
+    check("Asterisk's zone and asterisk.timezone agree: no ami.cdr_clock_skew", skews == 0, f"{skews} warnings")
     code = lab.stop_daemon()
     check("the daemon stops cleanly again", code == 0, f"exit {code}")
+
+    # 7. asterisk.timezone set wrong (UTC; Asterisk runs on Bucharest time): the daemon says so
+    lab.start_daemon("--set", "asterisk.timezone=Etc/UTC")
+    wait_for("ami", lab.ami_connected, 30)
+    code = lab.call("127.0.0.2", "0212345678", hold_ms=1000)
+    skew = wait_for("skew", lambda: lab.status().get("cdr_clock_skew_seconds"), 15)
+    offset = -round(datetime.now(ZoneInfo("Europe/Bucharest")).utcoffset().total_seconds())  # type: ignore[union-attr]
+    check(
+        "a wrong asterisk.timezone shows: status' cdr_clock_skew_seconds is minus Bucharest's offset",
+        code == 0 and isinstance(skew, int) and abs(skew - offset) < 60,
+        f"sipp {code}, skew {skew} s, expected {offset}",
+    )
+    warned = lab.daemon_log.read_text().count('"ami.cdr_clock_skew"')
+    check("and the log says it once (ami.cdr_clock_skew)", warned == 1, f"{warned} warnings")
+    code = lab.stop_daemon()
+    check("the daemon stops cleanly a third time", code == 0, f"exit {code}")
     kinds = sorted(m.group(1).decode() for e in sink.mails if (m := KIND.search(e.original_content or b"")))
     check("the security alert was mailed", "ip_denied" in kinds, kinds)
     return checks.failed
