@@ -11,6 +11,8 @@ of failures. Not collected by pytest (no ``test_`` prefix).
 from __future__ import annotations
 
 import argparse
+import email
+import email.policy
 import json
 import os
 import re
@@ -23,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -37,6 +40,9 @@ accounts:
     name: Ion Popescu
     email: ion.popescu@example.ro
     allowed_ips: ["127.0.0.2"]
+    dids: ["+40212345600", "+40212345601"]
+    mailboxes:
+      - box: 100@default
     blocked_classes: [premium]
     max_concurrent_calls: 1
     opening_balance: "25.00"
@@ -124,9 +130,126 @@ CUT = """\
 KIND = re.compile(rb"^X-ClickPhone-Kind: ([a-z_]+)\r?$", re.MULTILINE)
 
 
+SIPP = "sipp <sip:sipp@"  # the From of the scenarios below
+MARIA = '"Maria Dobre" <sip:0721000002@'  # a caller from the network, with a name and a number
+
+# the carrier calls a DID with an A-law offer, says sipp's recorded 7 s of speech after the beep
+# and hangs up
+CALL_IN = """\
+<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="a caller leaves a message">
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Maria Dobre" <sip:0721000002@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: sip:0721000002@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 8
+      a=rtpmap:8 PCMA/8000
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true"/>
+{ack}  <pause milliseconds="500"/>
+  <nop><action><exec play_pcap_audio="/usr/share/sip-tester/g711a.pcap"/></action></nop>
+  <pause milliseconds="7500"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Maria Dobre" <sip:0721000002@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      [last_To:]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Contact: sip:0721000002@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv response="200"/>
+</scenario>
+""".replace("{ack}", ACK.replace(SIPP, MARIA))
+
+# acct1001's desk phone: rings, never answers; Asterisk gives up after Dial's 3 s (CANCEL)
+NO_ANSWER = """\
+<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="rings, nobody answers">
+  <recv request="INVITE">
+    <action><ereg regexp="CSeq: ([0-9]+)" search_in="msg" assign_to="whole,cseq"/></action>
+  </recv>
+  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv request="CANCEL"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <send>
+    <![CDATA[
+      SIP/2.0 487 Request Terminated
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      CSeq: [$cseq] INVITE
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv request="ACK"/>
+  <Reference variables="whole"/>
+</scenario>
+"""
+
+
+def plain_text(msg: EmailMessage) -> str:
+    body = msg.get_body(("plain",))
+    return "" if body is None else str(body.get_content())
+
+
 class Sink:
     def __init__(self) -> None:
         self.mails: list[Envelope] = []
+
+    def kinds(self) -> list[str]:
+        return sorted(m.group(1).decode() for e in self.mails if (m := KIND.search(e.original_content or b"")))
+
+    def mail(self, kind: str) -> EmailMessage | None:
+        for envelope in self.mails:
+            msg = email.message_from_bytes(envelope.original_content or b"", policy=email.policy.default)
+            if isinstance(msg, EmailMessage) and msg["X-ClickPhone-Kind"] == kind:
+                return msg
+        return None
 
     async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
         self.mails.append(envelope)
@@ -220,7 +343,7 @@ class Lab:
             conn.close()
 
     def sipp(
-        self, source: str, number: str, *, scenario: str | None = None, hold_ms: int = 2000
+        self, source: str, number: str, *, scenario: str | None = None, hold_ms: int = 2000, caller: str = SIPP
     ) -> subprocess.Popen[bytes]:
         """One call from ``source`` (its own address: PJSIP identifies the endpoint by it)."""
         self.sipp_port += 1
@@ -230,7 +353,7 @@ class Lab:
             argv += ["-sn", "uac", "-d", str(hold_ms)]
         else:
             path = self.work / f"scenario-{self.sipp_port}.xml"
-            path.write_text(scenario.replace("{invite}", INVITE))
+            path.write_text(scenario.replace("{invite}", INVITE).replace(SIPP, caller))
             argv += ["-sf", str(path)]
         out = (self.work / f"sipp-{self.sipp_port}.out").open("wb")
         return subprocess.Popen([*argv, "127.0.0.1:5060"], stdout=out, stderr=subprocess.STDOUT)
@@ -264,12 +387,19 @@ def main(args: argparse.Namespace) -> int:
         stdout=(work / "carrier.out").open("wb"),
         stderr=subprocess.STDOUT,
     )
+    (work / "desk-phone.xml").write_text(NO_ANSWER)
+    desk_phone = subprocess.Popen(
+        ["sipp", "-sf", str(work / "desk-phone.xml"), "-i", "127.0.0.6", "-p", "5090", "-nostdin"],
+        stdout=(work / "desk-phone.out").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         return run_checks(checks, lab, sink)
     finally:
         if lab.daemon is not None:
             lab.daemon.kill()
         carrier.kill()
+        desk_phone.kill()
         smtp.stop()
         if checks.failed:
             print("---- daemon log (last 40 lines)")
@@ -367,6 +497,36 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     rated = wait_for("charge", lambda: len(lab.calls_of("acct1001")) == 2 and lab.calls_of("acct1001"))
     check("acct1001 is charged for its two answered calls, nothing for the refused ones", len(rated or []) == 2, rated)
 
+    # calls in from the carrier: a voicemail left (real app_voicemail, real spool) and a missed call
+    code = lab.call("127.0.0.3", "0212345601", scenario=REJECTED.replace("{code}", "603"), caller=MARIA)
+    check("a call to acct1001's second DID rings 3 s, unanswered (SIP 603)", code == 0, f"sipp {code}")
+    code = lab.call("127.0.0.3", "0212345600", scenario=CALL_IN)
+    check("a call to its first DID goes to voicemail 100@default and leaves a 7 s message", code == 0, f"sipp {code}")
+    inbox = lab.root / "var/spool/asterisk/voicemail/default/100/INBOX"
+    listed = sorted(os.listdir(inbox)) if inbox.exists() else "no INBOX"
+    check("Asterisk wrote the message to the spool", (inbox / "msg0000.txt").exists(), listed)
+    mails = wait_for("mails", lambda: {"voicemail", "missed_call"} <= set(sink.kinds()) and sink.kinds(), 30)
+    expected = ["ip_denied", "missed_call", "voicemail"]
+    check("one voicemail and one missed-call mail, nothing else so far", sorted(mails or []) == expected, mails)
+    voicemail = sink.mail("voicemail")
+    if voicemail is not None:
+        audio = [(p.get_content_type(), len(p.get_payload(decode=True) or b"")) for p in voicemail.iter_attachments()]
+        check(
+            "the voicemail mail carries the recording (WAV: 16 KB a second of 8 kHz audio, 6-8 s)",
+            len(audio) == 1 and audio[0][0] in {"audio/wav", "audio/x-wav"} and 96_000 < audio[0][1] < 130_000,
+            audio,
+        )
+        check(
+            "to the account's address, naming the caller",
+            voicemail["To"] == "ion.popescu@example.ro" and "0721000002" in plain_text(voicemail),
+            voicemail["To"],
+        )
+    missed = sink.mail("missed_call")
+    if missed is not None:
+        check("the missed-call mail names the caller", "0721000002" in plain_text(missed), missed["Subject"])
+    charged = lab.rows("SELECT COUNT(*) FROM ledger WHERE kind = 'call'")
+    check("calls in, rung or to voicemail, are never charged", charged == [(3,)], charged)
+
     agi = lab.status().get("agi") or {}
     figures = {k: agi.get(k) for k in ("sessions", "completed", "header_errors", "protocol_errors", "timeouts")}
     check(
@@ -415,7 +575,7 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     check("and the log says it once (ami.cdr_clock_skew)", warned == 1, f"{warned} warnings")
     code = lab.stop_daemon()
     check("the daemon stops cleanly a third time", code == 0, f"exit {code}")
-    kinds = sorted(m.group(1).decode() for e in sink.mails if (m := KIND.search(e.original_content or b"")))
+    kinds = sink.kinds()
     check("the security alert was mailed", "ip_denied" in kinds, kinds)
     return checks.failed
 
