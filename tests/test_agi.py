@@ -871,3 +871,13 @@ def test_outbound_dialplan_calls_the_registered_script_and_fails_closed() -> Non
     emergency = _sections(DIALPLAN / "clickphone-outbound.conf")["clickphone-emergency"]
     assert emergency[0].startswith("exten => 112,1,")
     assert not any("AGI(" in line or ",L(" in line for line in emergency)
+
+
+def test_the_fax_sidecar_appends_name_their_line_format() -> None:
+    """Asterisk 22's FILE() appends nothing to a new, empty file unless the line format is given
+    ("not in line format": every sidecar came out empty, seen with tests/asterisk_live)."""
+    lines = _sections(DIALPLAN / "clickphone-fax.conf")["clickphone-fax-result"]
+    appends = [line for line in lines if "FILE(" in line and ",,,a" in line]
+    assert len(appends) == 13  # direction ... linkedid, end=1
+    assert all(",,,al,u)=" in line for line in appends), appends
+    assert appends[-1].endswith("=end=1)")
