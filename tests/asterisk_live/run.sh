@@ -68,6 +68,8 @@ ln -sf /usr/share/zoneinfo/Europe/Bucharest "$RUN/etc/localtime"
 echo Europe/Bucharest > "$RUN/etc/timezone"
 # the README: systemname = pbx1 in asterisk.conf's [options]
 sed -i 's/^\[options\]$/[options]\nsystemname = pbx1/' "$ETC/asterisk.conf"
+install -d "$RUN/var/spool/asterisk/fax"  # CLICKPHONE_FAX_SPOOL of dialplan/clickphone-fax.conf
+install -m 0644 "$REPO/tests/fixtures/spool/fax/test-fax.tiff" "$RUN/var/spool/asterisk/fax/"
 rm -f "$RUN"/var/log/asterisk/full "$RUN"/var/log/asterisk/cdr-csv/Master.csv
 
 # shellcheck disable=SC2016  # dpkg-query's own ${Version}
