@@ -59,7 +59,7 @@ install -m 0644 "$REPO/etc/asterisk/cdr.conf.clickphone" "$ETC/cdr.conf"
 { cat "$HERE/asterisk/manager-general.conf"; echo
   sed "s/^secret = CHANGE-ME$/secret = $SECRET/" "$REPO/etc/asterisk/manager.conf.clickphone"; } > "$ETC/manager.conf"
 grep -q "^secret = $SECRET$" "$ETC/manager.conf" || { echo "run.sh: the shipped manager.conf has no 'secret = CHANGE-ME' line" >&2; exit 1; }
-install -m 0644 "$HERE"/asterisk/{pjsip,extensions,logger,voicemail}.conf "$ETC/"
+install -m 0644 "$HERE"/asterisk/{pjsip,extensions,logger,voicemail,queues}.conf "$ETC/"
 # Debian ships app_voicemail_odbc and _imap beside app_voicemail: with autoload, the odbc one
 # fails to load and takes the VoiceMail application away with it ("No application 'VoiceMail'")
 sed -i 's/^\[modules\]$/[modules]\nnoload => app_voicemail_odbc.so\nnoload => app_voicemail_imap.so/' "$ETC/modules.conf"
