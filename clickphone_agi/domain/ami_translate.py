@@ -216,7 +216,7 @@ class TranslateContext:
 #: ``yes``), so its EndTime is seconds old when it arrives. Read in ``asterisk.timezone``, it is
 #: further off than this only when that is not Asterisk's zone (or one of the clocks is wrong).
 CDR_CLOCK_TOLERANCE: Final = timedelta(minutes=30)
-_ZONES_DIFFER_AT_MOST: Final = timedelta(hours=26)  # UTC-12 to UTC+14
+ZONES_DIFFER_AT_MOST: Final = timedelta(hours=26)  # UTC-12 to UTC+14
 
 
 def cdr_clock_skew(end: datetime, received: datetime) -> timedelta | None:
@@ -228,7 +228,7 @@ def cdr_clock_skew(end: datetime, received: datetime) -> timedelta | None:
     tariff in force), and calls recovered from Master.csv look older than the go-live and are
     skipped (seen with Asterisk in a container left on UTC: tests/asterisk_live)."""
     skew = received - end
-    if CDR_CLOCK_TOLERANCE < abs(skew) <= _ZONES_DIFFER_AT_MOST:
+    if CDR_CLOCK_TOLERANCE < abs(skew) <= ZONES_DIFFER_AT_MOST:
         return skew
     return None
 

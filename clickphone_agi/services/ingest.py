@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -21,6 +21,7 @@ from clickphone_agi.adapters.ami.protocol import AmiMessage
 from clickphone_agi.adapters.logging import debug_enabled
 from clickphone_agi.domain.ami_translate import (
     HANDLED_EVENTS,
+    ZONES_DIFFER_AT_MOST,
     TranslateContext,
     TranslateError,
     cdr_clock_skew,
@@ -488,10 +489,10 @@ class IngestWorker:
         return event
 
     def _check_clock(self, call: CallEnded) -> None:
-        """Say (at most once an hour) when live Cdrs end hours before they arrive: the configured
-        zone is not Asterisk's. ``status`` shows the skew while it lasts."""
+        """Say (at most once an hour) when live Cdrs end hours before or after they arrive: the
+        configured zone is not Asterisk's. ``status`` shows the skew while it lasts."""
         received = self._now()
-        if received - call.end > timedelta(hours=26):
+        if received - call.end > ZONES_DIFFER_AT_MOST:
             return  # history (a replay), not a zone: changes nothing
         skew = cdr_clock_skew(call.end, received)
         if skew is None:
