@@ -53,6 +53,11 @@ accounts:
     allowed_ips: ["127.0.0.5"]
     max_call_seconds: 4
     opening_balance: "25.00"
+  - code: acct1003
+    name: Andrei Ionescu
+    email: andrei.ionescu@example.ro
+    allowed_ips: ["::1"]
+    opening_balance: "25.00"
 """
 
 INVITE = """\
@@ -340,7 +345,14 @@ class Lab:
             conn.close()
 
     def sipp(
-        self, source: str, number: str, *, scenario: str | None = None, hold_ms: int = 2000, caller: str = SIPP
+        self,
+        source: str,
+        number: str,
+        *,
+        scenario: str | None = None,
+        hold_ms: int = 2000,
+        caller: str = SIPP,
+        remote: str = "127.0.0.1:5060",
     ) -> subprocess.Popen[bytes]:
         """One call from ``source`` (its own address: PJSIP identifies the endpoint by it)."""
         self.sipp_port += 1
@@ -353,7 +365,7 @@ class Lab:
             path.write_text(scenario.replace("{invite}", INVITE).replace(SIPP, caller))
             argv += ["-sf", str(path)]
         out = (self.work / f"sipp-{self.sipp_port}.out").open("wb")
-        return subprocess.Popen([*argv, "127.0.0.1:5060"], stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([*argv, remote], stdout=out, stderr=subprocess.STDOUT)
 
     def call(self, source: str, number: str, **kwargs: Any) -> int:
         return self.sipp(source, number, **kwargs).wait(60)
@@ -575,11 +587,24 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     charged = lab.rows("SELECT COUNT(*) FROM ledger WHERE kind = 'call'")
     check("calls in, rung or to voicemail, and fax legs are never charged", charged == [(3,)], charged)
 
+    # acct1003 calls over IPv6: remote_addr is "[::1]:port", which the dialplan must not cut on ":"
+    code = lab.call("::1", "0212345678", hold_ms=1000, remote="[::1]:5060")
+    check("ALLOW over IPv6: acct1003 from ::1, on its list, gets through", code == 0, f"sipp {code}")
+    full = (lab.root / "var/log/asterisk/full").read_text(errors="replace")
+    asked = [line.split('", "', 1)[-1] for line in full.splitlines() if "AGI(" in line and ",acct1003," in line]
+    check(
+        "the dialplan passed the source address as ::1 (not '[' or a port)",
+        len(asked) == 1 and asked[0].endswith(',acct1003,0212345678,::1") in new stack'),
+        asked,
+    )
+    rated = wait_for(lambda: lab.calls_of("acct1003"))
+    check("and the call is charged once", len(rated) == 1, rated)
+
     agi = lab.status().get("agi") or {}
     figures = {k: agi.get(k) for k in ("sessions", "completed", "header_errors", "protocol_errors", "timeouts")}
     check(
-        "FastAGI: 7 sessions with Asterisk's res_agi, each completed, no header or protocol error",
-        figures == {"sessions": 7, "completed": 7, "header_errors": 0, "protocol_errors": 0, "timeouts": 0},
+        "FastAGI: 8 sessions with Asterisk's res_agi, each completed, no header or protocol error",
+        figures == {"sessions": 8, "completed": 8, "header_errors": 0, "protocol_errors": 0, "timeouts": 0},
         figures,
     )
 
@@ -612,7 +637,7 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     received = wait_for(lambda: sink.kinds().count("fax_received") == 2 and sink.kinds(), 30)
     check("the fax received while it was down is found in the spool and mailed", bool(received), sink.kinds())
     charged = lab.rows("SELECT COUNT(*) FROM ledger WHERE kind = 'call'")
-    check("and never charged; no call charged twice", charged == [(3,)], charged)
+    check("and never charged; no call charged twice", charged == [(4,)], charged)
     done = lab.run_cli("accounts", "check")
     check("every balance equals its ledger's sum (accounts check)", done.returncode == 0, done.stdout.strip()[-200:])
     skews = lab.daemon_log.read_text().count('"ami.cdr_clock_skew"')
