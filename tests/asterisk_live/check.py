@@ -642,6 +642,15 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     check("every balance equals its ledger's sum (accounts check)", done.returncode == 0, done.stdout.strip()[-200:])
     skews = lab.daemon_log.read_text().count('"ami.cdr_clock_skew"')
     check("Asterisk's zone and asterisk.timezone agree: no ami.cdr_clock_skew", skews == 0, f"{skews} warnings")
+
+    # Asterisk restarts under the running daemon: it reconnects and the next call is charged
+    connects = (lab.status().get("ami") or {}).get("connects", 0)
+    lab.asterisk("core restart now")
+    back = wait_for(lambda: lab.ami_connected() and (lab.status().get("ami") or {}).get("connects", 0) > connects, 60)
+    check("Asterisk restarted ('core restart now'): the daemon logs in again", bool(back), lab.status().get("ami"))
+    code = lab.call("127.0.0.2", "0212345678", hold_ms=1000)
+    rated = wait_for(lambda: len(lab.calls_of("acct1001")) == 3 and lab.calls_of("acct1001"))
+    check("and the first call after it is charged once", code == 0 and bool(rated), f"sipp {code}, {rated}")
     code = lab.stop_daemon()
     check("the daemon stops cleanly again", code == 0, f"exit {code}")
 
