@@ -669,6 +669,31 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     check("and the log says it once (ami.cdr_clock_skew)", warned == 1, f"{warned} warnings")
     code = lab.stop_daemon()
     check("the daemon stops cleanly a third time", code == 0, f"exit {code}")
+
+    # 8. voicemail_remove_after_send with the README's 'write = user': Asterisk's own
+    # VoicemailRemove empties the box of what was mailed, the one mailed earlier first
+    manager = lab.root / "etc/asterisk/manager.conf"
+    manager.write_text(manager.read_text().replace("\nwrite =\n", "\nwrite = user\n"))
+    lab.asterisk("manager reload")
+    lab.start_daemon("--set", "notifications.voicemail_remove_after_send=true")
+    wait_for(lab.ami_connected, 30)
+    inbox = lab.root / "var/spool/asterisk/voicemail/default/100/INBOX"
+    emptied = wait_for(lambda: inbox.exists() and not list(inbox.glob("msg*")), 30)
+    check(
+        "the message mailed earlier is removed by VoicemailRemove at the start-up scan",
+        bool(emptied),
+        sorted(os.listdir(inbox)),
+    )
+    code = lab.call("127.0.0.3", "0212345600", scenario=CALL_IN, caller=MARIA)
+    mailed = wait_for(lambda: sink.kinds().count("voicemail") == 2, 30)
+    emptied = wait_for(lambda: not list(inbox.glob("msg*")), 30)
+    check(
+        "a new message is mailed, then removed from the box",
+        code == 0 and bool(mailed) and bool(emptied),
+        f"sipp {code}, mails {sink.kinds().count('voicemail')}, box {sorted(os.listdir(inbox))}",
+    )
+    code = lab.stop_daemon()
+    check("the daemon stops cleanly a fourth time", code == 0, f"exit {code}")
     kinds = sink.kinds()
     check("the security alert was mailed", "ip_denied" in kinds, kinds)
     return checks.failed
