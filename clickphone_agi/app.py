@@ -380,9 +380,13 @@ class Daemon:
             log.info("voicemail.removed", key=key, box=box, folder=args["Folder"], msg_id=args["ID"])
         else:
             self.voicemail_remove_failures += 1
+            # Asterisk checks an action against the user's write classes: VoicemailRemove is 'user'
+            hint = (
+                "the AMI user needs 'write = user' in manager.conf" if "permission denied" in reason.lower() else None
+            )
             log.warning(
                 "voicemail.remove_failed", key=key, box=box, folder=args["Folder"],
-                msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures,
+                msg_id=args["ID"], reason=reason, failures=self.voicemail_remove_failures, note=hint,
             )  # fmt: skip
 
     @staticmethod

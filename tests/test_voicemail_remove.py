@@ -153,6 +153,7 @@ async def test_refused_removal_is_logged_and_counted_and_the_row_stays_sent(
     assert row.smtp_reply.startswith("250")
     (failed,) = [e for e in logs if e["event"] == "voicemail.remove_failed"]
     assert failed["reason"] == "Permission denied"
+    assert failed["note"] == "the AMI user needs 'write = user' in manager.conf"
     assert failed["msg_id"] == MSG_ID
 
 
