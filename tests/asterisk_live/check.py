@@ -670,14 +670,29 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
     code = lab.stop_daemon()
     check("the daemon stops cleanly a third time", code == 0, f"exit {code}")
 
-    # 8. voicemail_remove_after_send with the README's 'write = user': Asterisk's own
-    # VoicemailRemove empties the box of what was mailed, the one mailed earlier first
+    # 8. voicemail_remove_after_send: refused with the least-privilege user ('write =' nothing),
+    # then with the README's 'write = user' Asterisk's own VoicemailRemove empties the box
+    inbox = lab.root / "var/spool/asterisk/voicemail/default/100/INBOX"
+    lab.start_daemon("--set", "notifications.voicemail_remove_after_send=true")
+    wait_for(lab.ami_connected, 30)
+    refused = wait_for(
+        lambda: [line for line in lab.daemon_log.read_text().splitlines() if '"voicemail.remove_failed"' in line], 20
+    )
+    check(
+        "with 'write =' (nothing) Asterisk refuses VoicemailRemove; the daemon says why, the box stays",
+        len(refused) == 1
+        and '"Permission denied"' in refused[0]
+        and "write = user" in refused[0]
+        and bool(list(inbox.glob("msg0000.*"))),
+        [line[:300] for line in refused],
+    )
+    code = lab.stop_daemon()
+    check("the daemon stops cleanly a fourth time", code == 0, f"exit {code}")
     manager = lab.root / "etc/asterisk/manager.conf"
     manager.write_text(manager.read_text().replace("\nwrite =\n", "\nwrite = user\n"))
     lab.asterisk("manager reload")
     lab.start_daemon("--set", "notifications.voicemail_remove_after_send=true")
     wait_for(lab.ami_connected, 30)
-    inbox = lab.root / "var/spool/asterisk/voicemail/default/100/INBOX"
     emptied = wait_for(lambda: inbox.exists() and not list(inbox.glob("msg*")), 30)
     check(
         "the message mailed earlier is removed by VoicemailRemove at the start-up scan",
@@ -693,7 +708,7 @@ def run_checks(checks: Checks, lab: Lab, sink: Sink) -> int:
         f"sipp {code}, mails {sink.kinds().count('voicemail')}, box {sorted(os.listdir(inbox))}",
     )
     code = lab.stop_daemon()
-    check("the daemon stops cleanly a fourth time", code == 0, f"exit {code}")
+    check("the daemon stops cleanly a fifth time", code == 0, f"exit {code}")
     kinds = sink.kinds()
     check("the security alert was mailed", "ip_denied" in kinds, kinds)
     return checks.failed
